@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite: starts what the tests need (PostgreSQL; later the
+# Kubernetes control plane), builds every binary, runs every test.
+# Called by `make test` and by .ci/run.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+state=$repo/.cache/test-state
+mkdir -p "$state"
+pg_dir=$state/pg
+cleanup() { "$repo/.ci/postgres.sh" stop "$pg_dir" || true; }
+trap cleanup EXIT
+
+port=${TEST_PG_PORT:-55432}
+export TEST_DATABASE_URL=$("$repo/.ci/postgres.sh" start "$pg_dir" "$port")
+echo "PostgreSQL for tests: $TEST_DATABASE_URL"
+
+cargo build --release --workspace --bins
+cargo test --release --workspace -- --test-threads="${TEST_THREADS:-2}"

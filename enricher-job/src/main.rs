@@ -1,0 +1,140 @@
+//! `enricher-job`: enriches one shard of an import (DESIGN.md "Shape", step 2).
+//!
+//! Exit codes: 0 shard finished; 3 the import's request budget is spent
+//! (unfinished rows stay pending); 2 bad configuration; 1 anything else (retry).
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use clap::Parser;
+use pipeline::{
+    db::Store,
+    enrich::{run_shard, Finish, Provider, ShardConfig},
+    lookup::SearchPlan,
+    offline::OfflineIndex,
+    postcodes_io::PostcodesIo,
+    retry::RetryPolicy,
+    EXIT_PERMANENT, EXIT_QUOTA_EXHAUSTED,
+};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Enrich one shard of an import with the nearest UK postcodes")]
+struct Args {
+    /// The import's uid.
+    #[arg(long, env = "IMPORT_UID")]
+    import_uid: String,
+    /// This Job's shard, 0-based.
+    #[arg(long, env = "SHARD_INDEX")]
+    shard: i32,
+    /// `postgres://…` or a SQLite file path / `sqlite://…` URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// postcodes.io base URL.
+    #[arg(long, env = "POSTCODES_API_URL", default_value = "https://api.postcodes.io", conflicts_with = "offline_postcodes")]
+    api_url: String,
+    /// Answer from an ONS postcode file instead of the API (no requests, no quota).
+    #[arg(long, env = "OFFLINE_POSTCODES")]
+    offline_postcodes: Option<PathBuf>,
+    /// First search radius, metres.
+    #[arg(long, default_value_t = 100.0)]
+    radius_m: f64,
+    /// Second search radius, metres (postcodes.io clamps to 2000).
+    #[arg(long, default_value_t = 2000.0)]
+    max_radius_m: f64,
+    /// Finally search up to 20 km (postcodes.io widesearch).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    widesearch: bool,
+    /// External API requests per second, all shards together (used when the import has no quota yet).
+    #[arg(long, default_value_t = 5.0)]
+    quota_rps: f64,
+    /// Total request budget of the import (used when the import has no quota yet).
+    #[arg(long)]
+    max_requests: Option<i64>,
+    /// Timeout of one API request, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    timeout_s: f64,
+    /// Attempts per request before its rows are marked failed.
+    #[arg(long, default_value_t = 8)]
+    max_attempts: u32,
+}
+
+#[tokio::main]
+async fn main() {
+    pipeline::init_tracing();
+    let args = Args::parse();
+    match run(&args).await {
+        Ok(Finish::Done) => {}
+        Ok(Finish::QuotaExhausted) => {
+            eprintln!("enricher-job: shard {}: the import's request budget is spent; unfinished rows stay pending", args.shard);
+            std::process::exit(EXIT_QUOTA_EXHAUSTED);
+        }
+        Err((code, e)) => {
+            eprintln!("enricher-job: shard {}: {e:#}", args.shard);
+            std::process::exit(code);
+        }
+    }
+}
+
+async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
+    let permanent = |e: anyhow::Error| (EXIT_PERMANENT, e);
+    let retryable = |e: anyhow::Error| (1, e);
+    if !(args.quota_rps > 0.0 && args.quota_rps.is_finite()) {
+        return Err(permanent(anyhow::anyhow!("--quota-rps must be a positive number")));
+    }
+    let store = Store::connect(&args.database_url).await.map_err(retryable)?;
+    let import = store
+        .import(&args.import_uid)
+        .await
+        .map_err(retryable)?
+        .ok_or_else(|| permanent(anyhow::anyhow!("import {} does not exist; run the reader first", args.import_uid)))?;
+    if import.phase != "Loaded" {
+        return Err(permanent(anyhow::anyhow!("import {} is {}, not Loaded", import.name, import.phase)));
+    }
+    if args.shard < 0 || args.shard >= import.shards {
+        return Err(permanent(anyhow::anyhow!("shard {} is outside 0..{}", args.shard, import.shards)));
+    }
+    let provider = match &args.offline_postcodes {
+        Some(path) => {
+            let started = std::time::Instant::now();
+            let index = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || OfflineIndex::load(&path)
+            })
+            .await
+            .map_err(|e| retryable(e.into()))?
+            .map_err(|e| permanent(e.into()))?;
+            tracing::info!(postcodes = index.postcodes(), seconds = started.elapsed().as_secs_f64(), "offline index loaded");
+            Provider::Offline(Arc::new(index))
+        }
+        None => {
+            store.ensure_quota(import.id, args.quota_rps, args.max_requests).await.map_err(retryable)?;
+            Provider::Api(PostcodesIo::new(&args.api_url, Duration::from_secs_f64(args.timeout_s)))
+        }
+    };
+    let cfg = ShardConfig {
+        import_id: import.id,
+        shard: args.shard,
+        plan: SearchPlan { radius_m: args.radius_m, max_radius_m: args.max_radius_m, widesearch: args.widesearch },
+        retry: RetryPolicy { max_attempts: args.max_attempts, ..RetryPolicy::default() },
+    };
+    let started = std::time::Instant::now();
+    let mut last = RunStatsLog::default();
+    let finish = run_shard(&store, &provider, &cfg, |s| last.maybe_log(args.shard, s)).await.map_err(retryable)?;
+    tracing::info!(shard = args.shard, seconds = started.elapsed().as_secs_f64(), ?finish, "shard run ended");
+    store.close().await;
+    Ok(finish)
+}
+
+/// Logs progress at most every 10 seconds.
+#[derive(Default)]
+struct RunStatsLog {
+    at: Option<std::time::Instant>,
+}
+
+impl RunStatsLog {
+    fn maybe_log(&mut self, shard: i32, s: &pipeline::enrich::RunStats) {
+        if self.at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            self.at = Some(std::time::Instant::now());
+            tracing::info!(shard, coordinates = s.coordinates, requests = s.requests, retries = s.retries, "progress");
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The Jobs an import needs: one planning function, two runtimes (DESIGN.md
+//! "One plan, two runtimes"). The Kubernetes runtime turns a [`JobSpec`] into a
+//! `batch/v1` Job; the local runtime runs its command as a child process.
+
+use pipeline::lookup::SearchPlan;
+
+/// Where enrichers get answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderSpec {
+    /// postcodes.io (or a compatible server) at this base URL.
+    Api { base_url: String },
+    /// An ONS postcode file readable by the enricher.
+    Offline { postcodes: String },
+}
+
+/// Everything the Jobs of one import are built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportPlan {
+    pub uid: String,
+    pub name: String,
+    /// `upload:<id>`, an URL or a path.
+    pub source: String,
+    /// Parallel enricher Jobs, 1..=64.
+    pub shards: u32,
+    pub provider: ProviderSpec,
+    pub search: SearchPlan,
+    /// External API requests per second, all shards together.
+    pub quota_rps: f64,
+    /// Optional request budget for the whole import.
+    pub max_requests: Option<i64>,
+    pub lat_column: Option<String>,
+    pub lon_column: Option<String>,
+    pub delimiter: Option<String>,
+    /// Retries of a Job before it counts as failed (Kubernetes `backoffLimit`).
+    pub backoff_limit: i32,
+}
+
+/// What the reader or an enricher Job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Reader,
+    Enricher { shard: u32 },
+}
+
+/// A Job to run: its deterministic name, binary, arguments and environment.
+/// The database URL is not in here: each runtime passes it as `DATABASE_URL`
+/// (a Secret in Kubernetes), so it never lands in a Job spec or a log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    pub name: String,
+    pub role: Role,
+    /// Binary name, found beside `postcode-operator` locally and on `PATH` in the image.
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub backoff_limit: i32,
+}
+
+/// Kubernetes names are at most 63 characters; keeps room for `-enricher-63`.
+fn job_name(import: &str, suffix: &str) -> String {
+    let base: String = import.chars().take(63 - suffix.len() - 1).collect();
+    format!("{}-{suffix}", base.trim_end_matches('-'))
+}
+
+/// The reader Job of an import.
+pub fn reader_job(p: &ImportPlan) -> JobSpec {
+    let mut args = vec!["--source".into(), p.source.clone(), "--shards".into(), p.shards.to_string()];
+    for (flag, v) in [("--lat-column", &p.lat_column), ("--lon-column", &p.lon_column), ("--delimiter", &p.delimiter)] {
+        if let Some(v) = v {
+            args.extend([flag.to_string(), v.clone()]);
+        }
+    }
+    JobSpec {
+        name: job_name(&p.name, "reader"),
+        role: Role::Reader,
+        command: "reader-job".into(),
+        args,
+        env: vec![("IMPORT_UID".into(), p.uid.clone()), ("IMPORT_NAME".into(), p.name.clone())],
+        backoff_limit: p.backoff_limit,
+    }
+}
+
+/// The enricher Jobs of an import, one per shard.
+pub fn enricher_jobs(p: &ImportPlan) -> Vec<JobSpec> {
+    (0..p.shards).map(|shard| enricher_job(p, shard)).collect()
+}
+
+/// The enricher Job of one shard.
+pub fn enricher_job(p: &ImportPlan, shard: u32) -> JobSpec {
+    let mut args = vec![
+        "--shard".to_string(),
+        shard.to_string(),
+        "--radius-m".into(),
+        p.search.radius_m.to_string(),
+        "--max-radius-m".into(),
+        p.search.max_radius_m.to_string(),
+        "--widesearch".into(),
+        p.search.widesearch.to_string(),
+        "--quota-rps".into(),
+        p.quota_rps.to_string(),
+    ];
+    match &p.provider {
+        ProviderSpec::Api { base_url } => args.extend(["--api-url".into(), base_url.clone()]),
+        ProviderSpec::Offline { postcodes } => args.extend(["--offline-postcodes".into(), postcodes.clone()]),
+    }
+    if let Some(m) = p.max_requests {
+        args.extend(["--max-requests".into(), m.to_string()]);
+    }
+    JobSpec {
+        name: job_name(&p.name, &format!("enricher-{shard}")),
+        role: Role::Enricher { shard },
+        command: "enricher-job".into(),
+        args,
+        env: vec![("IMPORT_UID".into(), p.uid.clone())],
+        backoff_limit: p.backoff_limit,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> ImportPlan {
+        ImportPlan {
+            uid: "u-1".into(),
+            name: "trips".into(),
+            source: "upload:abc".into(),
+            shards: 3,
+            provider: ProviderSpec::Api { base_url: "http://x".into() },
+            search: SearchPlan::default(),
+            quota_rps: 5.0,
+            max_requests: Some(10),
+            lat_column: Some("Lat".into()),
+            lon_column: None,
+            delimiter: None,
+            backoff_limit: 3,
+        }
+    }
+
+    #[test]
+    fn one_reader_and_one_enricher_per_shard_with_deterministic_names() {
+        let p = plan();
+        let r = reader_job(&p);
+        assert_eq!(r.name, "trips-reader");
+        assert_eq!(r.args, ["--source", "upload:abc", "--shards", "3", "--lat-column", "Lat"]);
+        let e = enricher_jobs(&p);
+        assert_eq!(e.iter().map(|j| j.name.as_str()).collect::<Vec<_>>(), ["trips-enricher-0", "trips-enricher-1", "trips-enricher-2"]);
+        assert!(e[2].args.windows(2).any(|w| w == ["--shard", "2"]));
+        assert!(e[0].args.windows(2).any(|w| w == ["--max-requests", "10"]));
+        assert_eq!(e, enricher_jobs(&p));
+    }
+
+    #[test]
+    fn long_names_stay_within_63_characters() {
+        let mut p = plan();
+        p.name = "a".repeat(80);
+        assert!(enricher_job(&p, 63).name.len() <= 63);
+        assert!(reader_job(&p).name.ends_with("-reader"));
+    }
+}

@@ -1,0 +1,30 @@
+//! Shared pieces of the postcode enrichment pipeline, used by `reader-job`,
+//! `enricher-job` and `postcode-operator`: the CSV input rules, storage, the
+//! providers (postcodes.io and the offline ONS index), quota and retry policy,
+//! and the enriched-CSV export.
+
+pub mod csv_input;
+pub mod db;
+pub mod enrich;
+pub mod export;
+pub mod geo;
+pub mod load;
+pub mod lookup;
+pub mod offline;
+pub mod postcode;
+pub mod postcodes_io;
+pub mod quota;
+pub mod retry;
+pub mod test_server;
+
+/// Exit code of a Job that failed for a reason a retry will not fix (bad input,
+/// bad configuration): the operator fails the import without burning retries.
+pub const EXIT_PERMANENT: i32 = 2;
+/// Exit code of an enricher that stopped because the import's request budget is spent.
+pub const EXIT_QUOTA_EXHAUSTED: i32 = 3;
+
+/// Installs the `tracing` subscriber used by all binaries (`RUST_LOG`, default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

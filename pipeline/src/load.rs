@@ -1,0 +1,196 @@
+//! The reader: one import's CSV (a file, a URL or an upload stored in the
+//! database) streamed through the CSV input rules into `points` and `lookups`.
+
+use std::{
+    io::Read,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use futures::TryStreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use crate::{
+    csv_input::{open_maybe_gzip, CsvOptions, InputError, Layout, Row, RowReader},
+    db::{ImportRecord, LoadCounts, Store},
+};
+
+/// Where an import's CSV comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A local file (plain or gzip).
+    File(PathBuf),
+    /// An `http://` or `https://` URL, streamed.
+    Url(String),
+    /// An upload stored in the database by the upload API (`upload:<id>`).
+    Upload(String),
+}
+
+impl Source {
+    /// Parses `upload:<id>`, `http(s)://…`, `file://…` or a plain path.
+    pub fn parse(s: &str) -> Self {
+        if let Some(id) = s.strip_prefix("upload:") {
+            Source::Upload(id.to_string())
+        } else if s.starts_with("http://") || s.starts_with("https://") {
+            Source::Url(s.to_string())
+        } else {
+            Source::File(PathBuf::from(s.strip_prefix("file://").unwrap_or(s)))
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Url(u) => f.write_str(u),
+            Source::Upload(id) => write!(f, "upload:{id}"),
+        }
+    }
+}
+
+/// Why a load failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The input cannot be read as CSV of coordinates: retrying will not help.
+    #[error("{0}")]
+    Input(#[from] InputError),
+    /// The source could not be opened (missing file, HTTP error…).
+    #[error("{0}")]
+    Source(String),
+    /// Anything else (database, I/O): worth retrying.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+impl LoadError {
+    /// Whether a retry of the reader Job could succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, LoadError::Input(_) | LoadError::Source(_))
+    }
+}
+
+/// Counts bytes and hashes them (SHA-256) as they are read.
+struct Hashing<R> {
+    inner: R,
+    state: Arc<Mutex<(Sha256, u64)>>,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut s = self.state.lock().expect("hash state");
+        s.0.update(&buf[..n]);
+        s.1 += n as u64;
+        Ok(n)
+    }
+}
+
+async fn open(store: &Store, source: &Source) -> Result<Box<dyn Read + Send>, LoadError> {
+    Ok(match source {
+        Source::File(p) => Box::new(std::fs::File::open(p).map_err(|e| LoadError::Source(format!("cannot open {}: {e}", p.display())))?),
+        Source::Url(u) => {
+            let resp = reqwest::get(u).await.map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
+            if !resp.status().is_success() {
+                return Err(LoadError::Source(format!("cannot fetch {u}: HTTP {}", resp.status())));
+            }
+            let stream = resp.bytes_stream().map_err(std::io::Error::other);
+            Box::new(SyncIoBridge::new(StreamReader::new(Box::pin(stream))))
+        }
+        Source::Upload(id) => {
+            store.upload_chunk(id, 0).await.map_err(|e| LoadError::Source(e.to_string()))?;
+            let (store, id) = (store.clone(), id.clone());
+            let stream = futures::stream::try_unfold(0i32, move |seq| {
+                let (store, id) = (store.clone(), id.clone());
+                async move {
+                    match store.upload_chunk(&id, seq).await {
+                        Ok(Some(data)) => Ok(Some((bytes::Bytes::from(data), seq + 1))),
+                        Ok(None) => Ok(None),
+                        Err(e) => Err(std::io::Error::other(e.to_string())),
+                    }
+                }
+            });
+            Box::new(SyncIoBridge::new(StreamReader::new(Box::pin(stream))))
+        }
+    })
+}
+
+/// Rows sent to the database per batch.
+const BATCH_ROWS: usize = 8192;
+
+/// Loads `source` into the import, replacing any earlier load: every data row
+/// ends `pending` or `invalid`. Parsing runs on a blocking thread, writing on
+/// the async side, with a bounded channel between them, so memory stays flat.
+pub async fn load(store: &Store, import: &ImportRecord, source: &Source, opts: &CsvOptions) -> Result<LoadCounts, LoadError> {
+    let input = open(store, source).await?;
+    let state = Arc::new(Mutex::new((Sha256::new(), 0u64)));
+    let hashing: Box<dyn Read + Send> = Box::new(Hashing { inner: input, state: state.clone() });
+    let (layout_tx, layout_rx) = oneshot::channel::<Result<(Layout, usize), InputError>>();
+    let (rows_tx, rows_rx) = mpsc::channel::<Vec<Row>>(8);
+    let opts = opts.clone();
+    let parser = tokio::task::spawn_blocking(move || -> Result<(), InputError> {
+        let input = match open_maybe_gzip(hashing) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = layout_tx.send(Err(InputError::Io(e.to_string())));
+                return Ok(());
+            }
+        };
+        let mut reader = match RowReader::new(input, &opts) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = layout_tx.send(Err(e));
+                return Ok(());
+            }
+        };
+        let _ = layout_tx.send(Ok((reader.layout().clone(), reader.width())));
+        let mut batch = Vec::with_capacity(BATCH_ROWS);
+        while let Some(row) = reader.next_row()? {
+            batch.push(row);
+            if batch.len() == BATCH_ROWS {
+                if rows_tx.blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS))).is_err() {
+                    return Ok(()); // the writer failed; its error is reported
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = rows_tx.blocking_send(batch);
+        }
+        Ok(())
+    });
+    let (layout, width) = layout_rx.await.map_err(|_| anyhow::anyhow!("CSV parser stopped"))??;
+    let done = async move {
+        match parser.await {
+            Ok(Ok(())) => {
+                let s = state.lock().expect("hash state");
+                Ok(hex::encode(s.0.clone().finalize()))
+            }
+            Ok(Err(e)) => Err(anyhow::Error::new(e)),
+            Err(e) => Err(anyhow::anyhow!("CSV parser panicked: {e}")),
+        }
+    };
+    match store.load(import, &layout, width, done, rows_rx).await {
+        Ok(c) => Ok(c),
+        Err(e) => match e.downcast::<InputError>() {
+            Ok(ie) => Err(LoadError::Input(ie)),
+            Err(e) => Err(LoadError::Other(e)),
+        },
+    }
+}
+
+/// SHA-256 (hex) of a file, for deciding whether a local re-run may resume.
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}

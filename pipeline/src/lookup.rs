@@ -1,0 +1,109 @@
+//! What a provider answers: the nearest postcode to a coordinate within a radius,
+//! and the search stages (radius, maximum radius, widesearch) of DESIGN.md
+//! "Enrichment rules".
+
+use serde::{Deserialize, Serialize};
+
+/// postcodes.io's widesearch range in metres ("search up to 20km radius").
+pub const WIDESEARCH_RADIUS_M: f64 = 20_000.0;
+/// postcodes.io clamps a reverse-geocoding radius above this to this (metres).
+pub const MAX_API_RADIUS_M: f64 = 2_000.0;
+/// postcodes.io caps a bulk reverse-geocoding request at this many geolocations.
+pub const MAX_BULK_GEOLOCATIONS: usize = 100;
+
+/// How far one request searches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Radius {
+    /// A radius in metres (postcodes.io clamps to 2000).
+    Metres(f64),
+    /// postcodes.io `widesearch`: up to 20 km.
+    Widesearch,
+}
+
+impl Radius {
+    pub fn metres(self) -> f64 {
+        match self {
+            Radius::Metres(m) => m.min(MAX_API_RADIUS_M),
+            Radius::Widesearch => WIDESEARCH_RADIUS_M,
+        }
+    }
+}
+
+/// The search ladder: `radius_m` first, then `max_radius_m`, then widesearch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SearchPlan {
+    pub radius_m: f64,
+    pub max_radius_m: f64,
+    pub widesearch: bool,
+}
+
+impl Default for SearchPlan {
+    fn default() -> Self {
+        Self { radius_m: 100.0, max_radius_m: 2000.0, widesearch: true }
+    }
+}
+
+impl SearchPlan {
+    /// The radius of stage 0 (radius), 1 (maximum radius) or 2 (widesearch).
+    pub fn radius(&self, stage: i16) -> Radius {
+        match stage {
+            0 => Radius::Metres(self.radius_m),
+            1 => Radius::Metres(self.max_radius_m),
+            _ => Radius::Widesearch,
+        }
+    }
+
+    /// The stage to try after `stage` found nothing, `None` when the row is `no_match`.
+    pub fn next_stage(&self, stage: i16) -> Option<i16> {
+        let mut s = stage + 1;
+        if s == 1 && self.max_radius_m.min(MAX_API_RADIUS_M) <= self.radius_m.min(MAX_API_RADIUS_M) {
+            s = 2;
+        }
+        (s == 1 || (s == 2 && self.widesearch)).then_some(s)
+    }
+}
+
+/// Area data that comes with a postcode (postcodes.io field names; `None` when the
+/// provider does not know it, e.g. the offline provider for everything but the
+/// outcode and incode).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Area {
+    pub outcode: Option<String>,
+    pub incode: Option<String>,
+    pub country: Option<String>,
+    pub region: Option<String>,
+    pub admin_district: Option<String>,
+    pub admin_county: Option<String>,
+    pub admin_ward: Option<String>,
+    pub parish: Option<String>,
+    pub parliamentary_constituency: Option<String>,
+    pub lsoa: Option<String>,
+    pub msoa: Option<String>,
+}
+
+impl Area {
+    /// Column names of the area data, in export order.
+    pub const COLUMNS: [&'static str; 11] = [
+        "outcode", "incode", "country", "region", "admin_district", "admin_county", "admin_ward", "parish",
+        "parliamentary_constituency", "lsoa", "msoa",
+    ];
+
+    pub fn values(&self) -> [&Option<String>; 11] {
+        [
+            &self.outcode, &self.incode, &self.country, &self.region, &self.admin_district, &self.admin_county,
+            &self.admin_ward, &self.parish, &self.parliamentary_constituency, &self.lsoa, &self.msoa,
+        ]
+    }
+}
+
+/// The nearest postcode to a query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Match {
+    /// Postcode in `pcds` form (`AB10 1AA`).
+    pub postcode: String,
+    /// Distance from the query to the postcode's centroid, metres.
+    pub distance_m: f64,
+    pub area: Area,
+    /// The provider's raw result object (postcodes.io JSON), when there is one.
+    pub raw: Option<String>,
+}

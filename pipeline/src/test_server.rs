@@ -1,0 +1,397 @@
+//! A postcodes.io-compatible HTTP server for tests and benchmarks, answering
+//! from the offline index, with fault injection and request accounting.
+//!
+//! Endpoints as postcodes.io: `POST /postcodes` (bulk reverse geocoding, at most
+//! 100 geolocations; 400 when a coordinate is not a number, 500 when out of range),
+//! `GET /postcodes?lon=&lat=` (single). Radius clamped to 2000 m, limit to 100,
+//! widesearch 20 km and at most 10 results; `result: null` when nothing is in
+//! range. Test endpoints: `GET /__stats`, `PUT /__faults`.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    body::Body,
+    extract::{Query, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post, put},
+    Json, Router,
+};
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::{
+    geo::LatLon,
+    lookup::{MAX_API_RADIUS_M, MAX_BULK_GEOLOCATIONS, WIDESEARCH_RADIUS_M},
+    offline::{Nearest, OfflineIndex},
+    postcode::outcode_incode,
+};
+
+/// Faults to inject; probabilities are per request, checked in field order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// Answer 429 when this many requests were accepted in the last second.
+    pub rate_limit: Option<u32>,
+    /// `Retry-After` seconds sent with a 429 (none when `None`).
+    pub retry_after_s: Option<u32>,
+    pub p_500: f64,
+    pub p_502: f64,
+    pub p_503: f64,
+    /// 200 with a non-JSON body.
+    pub p_garbage: f64,
+    /// 200 with the JSON cut in half.
+    pub p_truncated: f64,
+    /// Reset the connection after the headers.
+    pub p_reset: f64,
+    /// Drop the last answer of the result list.
+    pub p_fewer: f64,
+    /// Answer in reverse order.
+    pub p_reorder: f64,
+    /// Delay an answer by `slow_ms`.
+    pub p_slow: f64,
+    pub slow_ms: u64,
+}
+
+/// What the server has seen.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub requests: u64,
+    /// Responses by HTTP status (a reset counts as 0).
+    pub by_status: BTreeMap<u16, u64>,
+    /// Geolocations asked in bulk requests.
+    pub geolocations: u64,
+    /// The largest number of requests that arrived within any one-second window.
+    pub max_per_second: u64,
+    /// Bulk requests answered 200 whose every geolocation had been answered 200 before at the same radius.
+    pub repeated_batches: u64,
+    /// (latitude, longitude, radius) answered 200 more than once.
+    pub repeated_queries: u64,
+    /// Bulk requests answered 200, by the search radius of their first geolocation in metres.
+    pub answered_by_radius: BTreeMap<String, u64>,
+}
+
+struct Inner {
+    faults: Faults,
+    stats: Stats,
+    started: Instant,
+    arrivals: Vec<f64>,
+    accepted: VecDeque<Instant>,
+    answered: HashMap<(u64, u64, u64), u32>,
+    rng: rand::rngs::StdRng,
+}
+
+/// Shared state of a running server.
+#[derive(Clone)]
+pub struct ServerState {
+    index: Arc<OfflineIndex>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl ServerState {
+    pub fn new(index: Arc<OfflineIndex>, faults: Faults, seed: u64) -> Self {
+        let inner = Inner {
+            faults,
+            stats: Stats::default(),
+            started: Instant::now(),
+            arrivals: Vec::new(),
+            accepted: VecDeque::new(),
+            answered: HashMap::new(),
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        };
+        Self { index, inner: Arc::new(Mutex::new(inner)) }
+    }
+
+    /// A snapshot of the statistics, with `max_per_second` computed over all arrivals.
+    pub fn stats(&self) -> Stats {
+        let g = self.inner.lock().expect("server state");
+        let mut s = g.stats.clone();
+        let a = &g.arrivals;
+        let mut j = 0;
+        let mut best = 0;
+        for i in 0..a.len() {
+            while a[i] - a[j] >= 1.0 {
+                j += 1;
+            }
+            best = best.max(i - j + 1);
+        }
+        s.max_per_second = best as u64;
+        s
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.inner.lock().expect("server state").faults = faults;
+    }
+}
+
+/// The decision for one request.
+enum Fate {
+    Throttle(Option<u32>),
+    Status(StatusCode),
+    Garbage,
+    Truncated,
+    Reset,
+    Answer { fewer: bool, reorder: bool, slow: Option<Duration> },
+}
+
+fn decide(state: &ServerState) -> Fate {
+    let mut g = state.inner.lock().expect("server state");
+    let now = Instant::now();
+    let t = now.duration_since(g.started).as_secs_f64();
+    g.arrivals.push(t);
+    g.stats.requests += 1;
+    let f = g.faults.clone();
+    if let Some(limit) = f.rate_limit {
+        while g.accepted.front().is_some_and(|&a| now.duration_since(a) >= Duration::from_secs(1)) {
+            g.accepted.pop_front();
+        }
+        if g.accepted.len() >= limit as usize {
+            return Fate::Throttle(f.retry_after_s);
+        }
+        g.accepted.push_back(now);
+    }
+    let mut roll = |p: f64| p > 0.0 && g.rng.random::<f64>() < p;
+    if roll(f.p_500) {
+        return Fate::Status(StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    if roll(f.p_502) {
+        return Fate::Status(StatusCode::BAD_GATEWAY);
+    }
+    if roll(f.p_503) {
+        return Fate::Status(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    if roll(f.p_garbage) {
+        return Fate::Garbage;
+    }
+    if roll(f.p_truncated) {
+        return Fate::Truncated;
+    }
+    if roll(f.p_reset) {
+        return Fate::Reset;
+    }
+    let fewer = roll(f.p_fewer);
+    let reorder = roll(f.p_reorder);
+    let slow = roll(f.p_slow).then(|| Duration::from_millis(f.slow_ms));
+    Fate::Answer { fewer, reorder, slow }
+}
+
+fn count_status(state: &ServerState, code: u16) {
+    *state.inner.lock().expect("server state").stats.by_status.entry(code).or_default() += 1;
+}
+
+fn error_body(code: StatusCode, msg: &str) -> Response {
+    (code, Json(json!({"status": code.as_u16(), "error": msg}))).into_response()
+}
+
+/// A postcodes.io postcode object for an offline answer.
+fn postcode_json(n: &Nearest<'_>) -> Value {
+    let (out, inc) = outcode_incode(n.postcode);
+    json!({
+        "postcode": n.postcode, "quality": 1, "eastings": null, "northings": null, "country": null,
+        "nhs_ha": null, "longitude": n.centroid.lon, "latitude": n.centroid.lat,
+        "european_electoral_region": null, "primary_care_trust": null, "region": null, "lsoa": null,
+        "msoa": null, "incode": inc, "outcode": out, "parliamentary_constituency": null,
+        "parliamentary_constituency_2024": null, "admin_district": null, "parish": null,
+        "admin_county": null, "date_of_introduction": null, "admin_ward": null, "ced": null,
+        "ccg": null, "nuts": null, "pfa": null, "codes": {}, "distance": n.distance_m
+    })
+}
+
+fn as_number(v: Option<&Value>) -> Option<f64> {
+    match v? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn truthy(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => true, // postcodes.io: present means on
+    }
+}
+
+/// Search parameters of one geolocation, with postcodes.io's defaults and clamps.
+fn search_params(radius: Option<f64>, limit: Option<f64>, widesearch: bool) -> (f64, usize) {
+    if widesearch {
+        (WIDESEARCH_RADIUS_M, limit.unwrap_or(10.0).clamp(1.0, 10.0) as usize)
+    } else {
+        (radius.unwrap_or(100.0).clamp(0.0, MAX_API_RADIUS_M), limit.unwrap_or(10.0).clamp(1.0, 100.0) as usize)
+    }
+}
+
+async fn bulk(State(state): State<ServerState>, body: axum::body::Bytes) -> Response {
+    let fate = decide(&state);
+    let (fewer, reorder, slow) = match fate {
+        Fate::Throttle(ra) => {
+            count_status(&state, 429);
+            let mut r = error_body(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
+            if let Some(s) = ra {
+                r.headers_mut().insert(header::RETRY_AFTER, s.into());
+            }
+            return r;
+        }
+        Fate::Status(code) => {
+            count_status(&state, code.as_u16());
+            return error_body(code, "injected fault");
+        }
+        Fate::Garbage => {
+            count_status(&state, 200);
+            return (StatusCode::OK, "<html><body>502 upstream hiccup</body></html>").into_response();
+        }
+        Fate::Truncated => {
+            count_status(&state, 200);
+            return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"status\":200,\"result\":[{\"query\":{\"lat").into_response();
+        }
+        Fate::Reset => {
+            count_status(&state, 0);
+            let stream = futures::stream::once(async { Err::<bytes::Bytes, std::io::Error>(std::io::Error::other("injected reset")) });
+            return Response::builder().status(200).body(Body::from_stream(stream)).expect("response");
+        }
+        Fate::Answer { fewer, reorder, slow } => (fewer, reorder, slow),
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        count_status(&state, 400);
+        return error_body(StatusCode::BAD_REQUEST, "Invalid JSON submitted. You need to submit a JSON object with an array of geolocation objects");
+    };
+    let Some(list) = v.get("geolocations").and_then(Value::as_array) else {
+        count_status(&state, 400);
+        return error_body(StatusCode::BAD_REQUEST, "Invalid data submitted. You need to provide a JSON array");
+    };
+    if list.len() > MAX_BULK_GEOLOCATIONS {
+        count_status(&state, 400);
+        return error_body(StatusCode::BAD_REQUEST, "Too many locations submitted. Up to 100 locations can be bulk requested at a time");
+    }
+    let mut results = Vec::with_capacity(list.len());
+    let mut keys = Vec::with_capacity(list.len());
+    let mut first_radius = None;
+    for g in list {
+        let (Some(lat), Some(lon)) = (as_number(g.get("latitude")), as_number(g.get("longitude"))) else {
+            count_status(&state, 400);
+            return error_body(StatusCode::BAD_REQUEST, "Invalid longitude/latitude submitted");
+        };
+        if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+            count_status(&state, 500);
+            return error_body(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error");
+        }
+        let (radius, limit) = search_params(as_number(g.get("radius")), as_number(g.get("limit")), truthy(g.get("widesearch")));
+        let found = state.index.nearest_n(LatLon { lat, lon }, radius, limit);
+        let result = if found.is_empty() { Value::Null } else { Value::Array(found.iter().map(postcode_json).collect()) };
+        first_radius.get_or_insert_with(|| format!("{radius}"));
+        keys.push(((lat + 0.0).to_bits(), (lon + 0.0).to_bits(), radius.to_bits()));
+        results.push(json!({"query": g, "result": result}));
+    }
+    if let Some(d) = slow {
+        tokio::time::sleep(d).await;
+    }
+    {
+        let mut g = state.inner.lock().expect("server state");
+        g.stats.geolocations += list.len() as u64;
+        let mut all_repeated = !keys.is_empty();
+        for k in keys {
+            let n = {
+                let n = g.answered.entry(k).or_default();
+                *n += 1;
+                *n
+            };
+            if n == 2 {
+                g.stats.repeated_queries += 1;
+            }
+            all_repeated &= n > 1;
+        }
+        if all_repeated {
+            g.stats.repeated_batches += 1;
+        }
+        *g.stats.by_status.entry(200).or_default() += 1;
+        if let Some(r) = first_radius {
+            *g.stats.answered_by_radius.entry(r).or_default() += 1;
+        }
+    }
+    if fewer {
+        results.pop();
+    }
+    if reorder {
+        results.reverse();
+    }
+    Json(json!({"status": 200, "result": results})).into_response()
+}
+
+#[derive(Deserialize)]
+struct SingleQuery {
+    lon: Option<String>,
+    lat: Option<String>,
+    radius: Option<f64>,
+    limit: Option<f64>,
+    widesearch: Option<String>,
+}
+
+async fn single(State(state): State<ServerState>, Query(q): Query<SingleQuery>) -> Response {
+    let _ = decide(&state);
+    let (Some(lat), Some(lon)) = (q.lat.and_then(|s| s.parse::<f64>().ok()), q.lon.and_then(|s| s.parse::<f64>().ok())) else {
+        count_status(&state, 400);
+        return error_body(StatusCode::BAD_REQUEST, "Invalid longitude/latitude submitted");
+    };
+    let (radius, limit) = search_params(q.radius, q.limit, q.widesearch.is_some());
+    let found = state.index.nearest_n(LatLon { lat, lon }, radius, limit);
+    count_status(&state, 200);
+    let result = if found.is_empty() { Value::Null } else { Value::Array(found.iter().map(postcode_json).collect()) };
+    Json(json!({"status": 200, "result": result})).into_response()
+}
+
+async fn get_stats(State(state): State<ServerState>) -> Json<Stats> {
+    Json(state.stats())
+}
+
+async fn put_faults(State(state): State<ServerState>, Json(f): Json<Faults>) -> StatusCode {
+    state.set_faults(f);
+    StatusCode::NO_CONTENT
+}
+
+/// The server's routes.
+pub fn router(state: ServerState) -> Router {
+    Router::new()
+        .route("/postcodes", post(bulk).get(single))
+        .route("/__stats", get(get_stats))
+        .route("/__faults", put(put_faults))
+        .with_state(state)
+}
+
+/// A server running on a loopback port in this process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: ServerState,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    /// Starts on 127.0.0.1 with an OS-chosen port.
+    pub async fn start(index: Arc<OfflineIndex>, faults: Faults) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = ServerState::new(index, faults, 42);
+        let app = router(state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    /// Base URL, as given to `--api-url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,0 +1,174 @@
+//! Storage against a real PostgreSQL (`TEST_DATABASE_URL`, started by `make test`):
+//! COPY load and reload, claims with SKIP LOCKED, resume after a lost batch, and
+//! four concurrent shards drawing on one quota.
+
+use std::{io::Write, sync::Arc};
+
+use pipeline::{
+    csv_input::CsvOptions,
+    db::{Outcome, Saved, Store},
+    enrich::{run_shard, Provider, ShardConfig},
+    load::{load, Source},
+    lookup::SearchPlan,
+    offline::OfflineIndex,
+    postcodes_io::PostcodesIo,
+    quota::Slot,
+    retry::RetryPolicy,
+    test_server::{Faults, TestServer},
+};
+use sqlx::Connection;
+
+async fn fresh_pg() -> Store {
+    let base = std::env::var("TEST_DATABASE_URL").expect("TEST_DATABASE_URL is not set: run the tests with `make test`, which starts PostgreSQL");
+    let name = format!("s_{:x}_{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos(), std::process::id());
+    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    let store = Store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+fn csv_file(text: &str) -> tempfile_path::Path {
+    tempfile_path::Path::with(text)
+}
+
+/// A tiny self-deleting temp file.
+mod tempfile_path {
+    pub struct Path(pub std::path::PathBuf);
+    impl Path {
+        pub fn with(text: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("pg-store-{:x}.csv", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+            std::fs::write(&p, text).unwrap();
+            Self(p)
+        }
+    }
+    impl Drop for Path {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+fn tiny_index() -> Arc<OfflineIndex> {
+    let text = "pcd,lat,long\nAB1 0AA,51.5000,-0.1000\nAB1 0AB,51.5100,-0.1000\nAB1 0AD,52.0000,-1.0000\n";
+    Arc::new(OfflineIndex::from_reader(Box::new(std::io::Cursor::new(text.as_bytes().to_vec())), "tiny").unwrap())
+}
+
+#[tokio::test]
+async fn copy_load_counts_every_row_and_a_reload_replaces() {
+    let store = fresh_pg().await;
+    let mut text = String::from("id;lat;lon;note\n");
+    for i in 0..25_000 {
+        text.push_str(&format!("{i};{};{};\"tab\there, back\\slash\"\n", 51.0 + (i % 1000) as f64 * 1e-3, -0.5));
+    }
+    text.push_str("x;abc;1;bad\n");
+    let f = csv_file(&text);
+    let imp = store.ensure_import("u1", "t", "file", 4).await.unwrap();
+    let c = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
+    assert_eq!((c.rows, c.invalid, c.coordinates), (25_001, 1, 1000));
+    // reload: replaced, not duplicated
+    let c2 = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
+    assert_eq!(c, c2);
+    let imp = store.import("u1").await.unwrap().unwrap();
+    assert_eq!((imp.phase.as_str(), imp.rows_total, imp.rows_invalid), ("Loaded", 25_001, 1));
+    let counts = store.counts(&imp).await.unwrap();
+    assert_eq!((counts.rows_pending, counts.coordinates_total), (25_000, 1000));
+    // the user's fields survive COPY escaping
+    let mut first = None;
+    store
+        .for_each_result(imp.id, |r| {
+            if first.is_none() {
+                first = Some(r);
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(first.unwrap().fields, "0,51,-0.5,\"tab\there, back\\slash\"");
+}
+
+#[tokio::test]
+async fn a_failed_parse_leaves_the_previous_load_alone() {
+    let store = fresh_pg().await;
+    let good = csv_file("lat,lon\n51.5,-0.1\n");
+    let imp = store.ensure_import("u2", "t", "file", 1).await.unwrap();
+    load(&store, &imp, &Source::File(good.0.clone()), &CsvOptions::default()).await.unwrap();
+    let err = load(&store, &imp, &Source::File("/nonexistent.csv".into()), &CsvOptions::default()).await.unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert_eq!(store.import("u2").await.unwrap().unwrap().rows_total, 1);
+}
+
+#[tokio::test]
+async fn claims_skip_locked_rows_and_a_lost_batch_is_claimed_again() {
+    let store = fresh_pg().await;
+    let mut text = String::from("lat,lon\n");
+    for i in 0..300 {
+        text.push_str(&format!("{},{}\n", 50.0 + i as f64 * 1e-3, -1.0));
+    }
+    let f = csv_file(&text);
+    let imp = store.ensure_import("u3", "t", "file", 1).await.unwrap();
+    load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
+    let a = store.claim(imp.id, 0, 0, 100).await.unwrap();
+    let b = store.claim(imp.id, 0, 0, 100).await.unwrap();
+    let sa: Vec<_> = a.items.iter().map(|c| c.lat.to_bits()).collect();
+    assert_eq!(a.items.len(), 100);
+    assert_eq!(b.items.len(), 100);
+    assert!(b.items.iter().all(|c| !sa.contains(&c.lat.to_bits())), "claims overlap");
+    // a is saved, b is lost (its enricher died): b's rows are pending again
+    let saved: Vec<Saved> = a.items.iter().map(|c| Saved { lat: c.lat, lon: c.lon, attempts: 1, outcome: Outcome::NoMatch }).collect();
+    store.save(a, &saved).await.unwrap();
+    drop(b);
+    assert_eq!(store.pending(imp.id, Some(0)).await.unwrap(), 200);
+    let c = store.claim(imp.id, 0, 0, 500).await.unwrap();
+    assert_eq!(c.items.len(), 200);
+    assert!(c.items.iter().all(|x| !sa.contains(&x.lat.to_bits())), "a finished batch was claimed again");
+}
+
+#[tokio::test]
+async fn four_shards_share_one_quota_and_finish_every_row() {
+    let store = fresh_pg().await;
+    let mut text = String::from("lat,lon\n");
+    for i in 0..4_000 {
+        text.push_str(&format!("{},{}\n", 51.5 + (i % 2000) as f64 * 1e-5, -0.1));
+    }
+    let f = csv_file(&text);
+    let imp = store.ensure_import("u4", "t", "file", 4).await.unwrap();
+    let c = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
+    assert_eq!(c.coordinates, 2000);
+    // server limit = quota: any overshoot would show as a 429
+    let server = TestServer::start(tiny_index(), Faults { rate_limit: Some(10), retry_after_s: Some(1), ..Faults::default() }).await.unwrap();
+    store.set_quota(imp.id, 10.0, None).await.unwrap();
+    let api = PostcodesIo::new(&server.url(), std::time::Duration::from_secs(10));
+    let mut tasks = vec![];
+    for shard in 0..4 {
+        let (store, provider) = (store.clone(), Provider::Api(api.clone()));
+        let cfg = ShardConfig { import_id: imp.id, shard, plan: SearchPlan::default(), retry: RetryPolicy::default() };
+        tasks.push(tokio::spawn(async move { run_shard(&store, &provider, &cfg, |_| {}).await.unwrap() }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let st = server.state.stats();
+    assert_eq!(st.by_status.get(&429), None, "{st:?}");
+    assert!(st.max_per_second <= 10, "{st:?}");
+    let counts = store.counts(&imp).await.unwrap();
+    assert_eq!(counts.rows_pending, 0);
+    assert_eq!(counts.rows_enriched + counts.rows_no_match, 4_000);
+    assert_eq!(store.quota_counters(imp.id).await.unwrap().requests as u64, st.requests);
+}
+
+#[tokio::test]
+async fn the_budget_stops_reservations() {
+    let store = fresh_pg().await;
+    let imp = store.ensure_import("u5", "t", "file", 1).await.unwrap();
+    store.set_quota(imp.id, 1000.0, Some(3)).await.unwrap();
+    for _ in 0..3 {
+        assert!(matches!(store.reserve(imp.id).await.unwrap(), Slot::At { .. }));
+    }
+    assert_eq!(store.reserve(imp.id).await.unwrap(), Slot::Exhausted);
+    assert!(store.budget_spent(imp.id).await.unwrap());
+    store.set_quota(imp.id, 1000.0, Some(4)).await.unwrap();
+    assert!(matches!(store.reserve(imp.id).await.unwrap(), Slot::At { .. }));
+    let _ = std::io::stdout().flush();
+}

@@ -13,8 +13,16 @@ pg_dir=$state/pg
 cleanup() { "$repo/.ci/postgres.sh" stop "$pg_dir" || true; }
 trap cleanup EXIT
 
-port=${TEST_PG_PORT:-55432}
-export TEST_DATABASE_URL=$("$repo/.ci/postgres.sh" start "$pg_dir" "$port")
+free_port() {
+  local p
+  for p in $(seq "$1" $(($1 + 200))); do
+    if ! ss -ltnH "sport = :$p" | grep -q .; then echo "$p"; return 0; fi
+  done
+  return 1
+}
+port=$(free_port "${TEST_PG_PORT:-55432}")
+TEST_DATABASE_URL=$("$repo/.ci/postgres.sh" start "$pg_dir" "$port")
+export TEST_DATABASE_URL
 echo "PostgreSQL for tests: $TEST_DATABASE_URL"
 
 cargo build --release --workspace --bins

@@ -105,7 +105,7 @@ fn real_file_offline_every_row_once_with_the_true_nearest_postcode() {
                 assert_eq!(r["outcode"], r["postcode"].split(' ').next().unwrap());
             }
             ("no_match", best) => {
-                assert!(best.is_none_or(|(d, _)| d > 20_000.0), "row {}: a postcode within 20 km exists: {best:?}", i + 1);
+                assert!(best.as_ref().is_none_or(|(d, _)| *d > 20_000.0), "row {}: a postcode within 20 km exists: {best:?}", i + 1);
             }
             other => panic!("row {}: {other:?}", i + 1),
         }
@@ -194,9 +194,8 @@ async fn a_killed_enricher_resumes_without_asking_a_finished_batch_twice() {
     assert!(!first.status.success(), "the run with a killed enricher (backoff limit 0) must not succeed");
     let before = server.state.stats();
 
-    let o = tokio::task::spawn_blocking(move || run_local(&argv.iter().map(|s| s.to_string()).collect::<Vec<_>>().iter().map(String::as_str).collect::<Vec<_>>()))
-        .await
-        .unwrap();
+    let again = args.clone();
+    let o = tokio::task::spawn_blocking(move || run_local(&again.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
     assert!(o.status.success());
     let after = server.state.stats();
     eprintln!("before resume {before:?}\nafter resume {after:?}");

@@ -10,7 +10,11 @@ export PATH="$HOME/.cargo/bin:$PATH"
 state=$repo/.cache/test-state
 mkdir -p "$state"
 pg_dir=$state/pg
-cleanup() { "$repo/.ci/postgres.sh" stop "$pg_dir" || true; }
+cp_dir=$state/controlplane
+cleanup() {
+  "$repo/.ci/controlplane.sh" stop "$cp_dir" >/dev/null 2>&1 || true
+  "$repo/.ci/postgres.sh" stop "$pg_dir" || true
+}
 trap cleanup EXIT
 
 free_port() {
@@ -24,6 +28,15 @@ port=$(free_port "${TEST_PG_PORT:-55432}")
 TEST_DATABASE_URL=$("$repo/.ci/postgres.sh" start "$pg_dir" "$port")
 export TEST_DATABASE_URL
 echo "PostgreSQL for tests: $TEST_DATABASE_URL"
+
+# The Kubernetes test control plane (etcd, kube-apiserver, the garbage
+# collector) and helm, built from Go module sources on first use and cached.
+"$repo/.ci/install-tools.sh"
+rm -rf "$cp_dir"
+CONTROLPLANE_APPLY=$repo/crds "$repo/.ci/controlplane.sh" start "$cp_dir"
+set -a; . "$cp_dir/env"; set +a
+export HELM=${TOOLS_CACHE:-$repo/.cache}/bin/helm
+echo "Kubernetes API server for tests: $APISERVER_URL"
 
 cargo build --release --workspace --bins
 cargo test --release --workspace -- --test-threads="${TEST_THREADS:-2}"

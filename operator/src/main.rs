@@ -1,8 +1,13 @@
 //! `postcode-operator`: the Kubernetes operator for `PostcodeImport`s, its
 //! upload API, and the `local` runner that runs the same Jobs on one machine.
 
+mod api;
+mod controller;
+mod crd;
+mod jobs;
 mod local;
 mod plan;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -17,13 +22,28 @@ struct Cli {
 enum Cmd {
     /// Run an import on this machine: reader and enricher Jobs as local processes, SQLite by default.
     Local(local::LocalArgs),
+    /// Print the PostcodeImport CRD as YAML.
+    Crd,
+    /// Run the operator: controller and upload API (configured by flags or environment).
+    Run(run::RunArgs),
 }
 
 #[tokio::main]
 async fn main() {
-    pipeline::init_tracing();
+    pipeline::init_process();
     let cli = Cli::parse();
     let code = match cli.command {
+        Cmd::Crd => {
+            print!("{}", crd::crd_yaml());
+            0
+        }
+        Cmd::Run(args) => match run::run(args).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        },
         Cmd::Local(args) => match local::run(args).await {
             Ok(code) => code,
             Err(e) => {

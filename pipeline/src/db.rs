@@ -708,6 +708,14 @@ impl Store {
         Ok(n)
     }
 
+    /// Up to `limit` rows after row number `after`, in row order (keyset
+    /// pagination on the primary key, for streaming an export in pages).
+    pub async fn results_page(&self, import_id: i64, after: i64, limit: i64) -> anyhow::Result<Vec<ResultRow>> {
+        const SQL: &str = "SELECT row_number, fields, status, postcode, distance_m, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, error FROM point_results WHERE import_id = $1 AND row_number > $2 ORDER BY row_number LIMIT $3";
+        let rows = on_pool!(self, p => sqlx::query_as::<_, ResultRow>(SQL).bind(import_id).bind(after).bind(limit).fetch_all(p).await?);
+        Ok(rows)
+    }
+
     // ---------------------------------------------------------------- uploads
 
     /// Starts an upload with this id.

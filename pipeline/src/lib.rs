@@ -23,8 +23,11 @@ pub const EXIT_PERMANENT: i32 = 2;
 /// Exit code of an enricher that stopped because the import's request budget is spent.
 pub const EXIT_QUOTA_EXHAUSTED: i32 = 3;
 
-/// Installs the `tracing` subscriber used by all binaries (`RUST_LOG`, default `info`).
-pub fn init_tracing() {
+/// Process-wide setup of every binary: the `tracing` subscriber (`RUST_LOG`,
+/// default `info`) and the TLS crypto provider. Two rustls providers are linked
+/// (kube uses ring, reqwest aws-lc-rs), so rustls cannot pick one by itself.
+pub fn init_process() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

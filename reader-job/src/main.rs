@@ -42,7 +42,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    pipeline::init_tracing();
+    pipeline::init_process();
     let args = Args::parse();
     match run(&args).await {
         Ok(()) => {}

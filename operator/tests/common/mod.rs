@@ -108,3 +108,4 @@ pub fn head_of_real_file(n: usize, dir: &Path) -> PathBuf {
     std::fs::write(&out, body.join("\n") + "\n").unwrap();
     out
 }
+pub mod kube_harness;

@@ -28,7 +28,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    pipeline::init_tracing();
+    pipeline::init_process();
     let args = Args::parse();
     let faults: Faults = serde_json::from_str(&args.faults)?;
     let index = Arc::new(OfflineIndex::load(&args.postcodes)?);

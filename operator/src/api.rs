@@ -1,0 +1,322 @@
+//! The upload API (axum): `POST /v1/imports` stores a CSV in the database and
+//! creates its `PostcodeImport`; `GET /v1/imports/{ns}/{name}` and
+//! `…/results.csv` read it back; `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Uploads stream into the database in 1 MiB chunks (never whole in memory),
+//! with a size limit (413 past it) and a SHA-256. Names and namespaces are
+//! checked against Kubernetes naming rules before they reach the API server,
+//! and every SQL query binds its values.
+
+use std::sync::Arc;
+
+use axum::{
+    body::Body,
+    extract::{FromRequest, Multipart, Path, Query, Request, State},
+    http::{header, HeaderMap, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use futures::StreamExt;
+use kube::{api::PostParams, Api, Client, ResourceExt};
+use metrics_exporter_prometheus::PrometheusHandle;
+use pipeline::{db::Store, export::LineEncoder};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::crd::{CsvSpec, ImportSource, PostcodeImport, PostcodeImportSpec, QuotaSpec};
+
+/// Upload API settings.
+#[derive(Clone)]
+pub struct ApiConfig {
+    /// Largest accepted CSV, bytes.
+    pub max_upload_bytes: u64,
+    /// Bearer token required on `/v1/*` when set.
+    pub token: Option<String>,
+    /// Namespace of imports created without one.
+    pub default_namespace: String,
+    pub default_shards: u32,
+    pub default_quota_rps: f64,
+    pub default_api_url: String,
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub client: Client,
+    pub store: Store,
+    pub config: Arc<ApiConfig>,
+    pub metrics: PrometheusHandle,
+}
+
+/// An error answered as `{"error": …}` with a status code.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<kube::Error> for ApiError {
+    fn from(e: kube::Error) -> Self {
+        match e {
+            kube::Error::Api(s) => ApiError(StatusCode::from_u16(s.code).unwrap_or(StatusCode::BAD_GATEWAY), s.message),
+            other => ApiError(StatusCode::BAD_GATEWAY, other.to_string()),
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!("upload API: {e}");
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+/// A DNS-1123 label (Kubernetes namespace, and our import names, which end up in
+/// Job names): 1..=63 lower-case alphanumerics or `-`, alphanumeric at both ends.
+/// Import names are limited to 40 so `-enricher-63` still fits a Job name.
+pub fn valid_label(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// The routes of the upload API.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/v1/imports", post(create_import))
+        .route("/v1/imports/{ns}/{name}", get(get_import))
+        .route("/v1/imports/{ns}/{name}/results.csv", get(results_csv))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
+        .merge(v1)
+        .with_state(state)
+}
+
+async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.config.token {
+        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            None => return ApiError(StatusCode::UNAUTHORIZED, "bearer token required".into()).into_response(),
+            Some(t) if !constant_time_eq(t.as_bytes(), token.as_bytes()) => {
+                return ApiError(StatusCode::FORBIDDEN, "invalid token".into()).into_response()
+            }
+            Some(_) => {}
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    let db = s.store.import("readyz-probe").await.is_ok();
+    let kube = s.client.apiserver_version().await.is_ok();
+    let code = if db && kube { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(json!({"database": db, "kubernetes": kube}))).into_response()
+}
+
+/// Options of `POST /v1/imports` (query string).
+#[derive(Debug, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateOptions {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub shards: Option<u32>,
+    pub quota_rps: Option<f64>,
+    pub max_requests: Option<i64>,
+    pub lat_column: Option<String>,
+    pub lon_column: Option<String>,
+    pub delimiter: Option<String>,
+    pub offline_postcodes: Option<String>,
+    pub api_url: Option<String>,
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// Streams bytes into an upload; 413 past the limit (the partial upload is deleted).
+struct UploadWriter<'a> {
+    store: &'a Store,
+    id: String,
+    buf: Vec<u8>,
+    seq: i32,
+    size: u64,
+    max: u64,
+    sha: Sha256,
+}
+
+impl<'a> UploadWriter<'a> {
+    async fn push(&mut self, data: &[u8]) -> Result<(), ApiError> {
+        self.size += data.len() as u64;
+        if self.size > self.max {
+            let _ = self.store.delete_upload(&self.id).await;
+            return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("upload larger than the limit of {} bytes", self.max)));
+        }
+        self.sha.update(data);
+        self.buf.extend_from_slice(data);
+        while self.buf.len() >= CHUNK {
+            let rest = self.buf.split_off(CHUNK);
+            let chunk = std::mem::replace(&mut self.buf, rest);
+            self.store.append_upload_chunk(&self.id, self.seq, &chunk).await.map_err(internal)?;
+            self.seq += 1;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<(u64, String), ApiError> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::take(&mut self.buf);
+            self.store.append_upload_chunk(&self.id, self.seq, &chunk).await.map_err(internal)?;
+        }
+        let sha = hex::encode(self.sha.finalize());
+        self.store.finish_upload(&self.id, self.size as i64, &sha).await.map_err(internal)?;
+        Ok((self.size, sha))
+    }
+}
+
+async fn create_import(State(s): State<AppState>, Query(opts): Query<CreateOptions>, req: Request) -> Result<Response, ApiError> {
+    let ns = opts.namespace.clone().unwrap_or_else(|| s.config.default_namespace.clone());
+    if !valid_label(&ns, 63) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("invalid namespace {ns:?}")));
+    }
+    let name = match &opts.name {
+        Some(n) if valid_label(n, 40) => n.clone(),
+        Some(n) => return Err(ApiError(StatusCode::BAD_REQUEST, format!("invalid name {n:?}: 1 to 40 lower-case letters, digits or '-'"))),
+        None => format!("import-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+    };
+    if let Some(sh) = opts.shards {
+        if !(1..=64).contains(&sh) {
+            return Err(ApiError(StatusCode::BAD_REQUEST, "shards must be 1..=64".into()));
+        }
+    }
+    if let Some(q) = opts.quota_rps {
+        if !(q > 0.0 && q.is_finite()) {
+            return Err(ApiError(StatusCode::BAD_REQUEST, "quotaRps must be positive".into()));
+        }
+    }
+    let upload_id = uuid::Uuid::new_v4().to_string();
+    s.store.create_upload(&upload_id).await.map_err(internal)?;
+    let mut w = UploadWriter { store: &s.store, id: upload_id.clone(), buf: Vec::with_capacity(CHUNK), seq: 0, size: 0, max: s.config.max_upload_bytes, sha: Sha256::new() };
+    let multipart = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("multipart/form-data"));
+    let streamed: Result<(), ApiError> = async {
+        if multipart {
+            let mut mp = Multipart::from_request(req, &()).await.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+            let mut got = false;
+            while let Some(mut field) = mp.next_field().await.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))? {
+                if field.name() != Some("file") {
+                    continue;
+                }
+                got = true;
+                while let Some(chunk) = field.chunk().await.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))? {
+                    w.push(&chunk).await?;
+                }
+            }
+            if !got {
+                return Err(ApiError(StatusCode::BAD_REQUEST, "multipart upload without a `file` field".into()));
+            }
+        } else {
+            let mut body = req.into_body().into_data_stream();
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading the upload failed: {e}")))?;
+                w.push(&chunk).await?;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = streamed {
+        let _ = s.store.delete_upload(&upload_id).await;
+        return Err(e);
+    }
+    if w.size == 0 {
+        let _ = s.store.delete_upload(&upload_id).await;
+        return Err(ApiError(StatusCode::BAD_REQUEST, "the upload is empty: send the CSV as the request body or a multipart `file` field".into()));
+    }
+    let (bytes, sha256) = w.finish().await?;
+
+    let mut spec: PostcodeImportSpec = serde_json::from_value(json!({"source": {"uploadId": upload_id}})).expect("minimal spec");
+    spec.source = ImportSource { upload_id: Some(upload_id.clone()), url: None };
+    spec.shards = opts.shards.unwrap_or(s.config.default_shards);
+    spec.quota = QuotaSpec { requests_per_second: opts.quota_rps.unwrap_or(s.config.default_quota_rps), max_requests: opts.max_requests };
+    spec.csv = CsvSpec { lat_column: opts.lat_column.clone(), lon_column: opts.lon_column.clone(), delimiter: opts.delimiter.clone() };
+    spec.offline_postcodes = opts.offline_postcodes.clone();
+    spec.api.base_url = opts.api_url.clone().unwrap_or_else(|| s.config.default_api_url.clone());
+    let imp = PostcodeImport::new(&name, spec);
+    let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
+    let created = match api.create(&PostParams::default(), &imp).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = s.store.delete_upload(&upload_id).await;
+            return Err(e.into());
+        }
+    };
+    let body = json!({"namespace": ns, "name": created.name_any(), "uid": created.uid(), "uploadId": upload_id, "bytes": bytes, "sha256": sha256});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+async fn get_import(State(s): State<AppState>, Path((ns, name)): Path<(String, String)>) -> Result<Response, ApiError> {
+    if !valid_label(&ns, 63) || !valid_label(&name, 63) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "invalid namespace or name".into()));
+    }
+    let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
+    let imp = api.get(&name).await?;
+    Ok(Json(json!({"namespace": ns, "name": name, "uid": imp.uid(), "spec": imp.spec, "status": imp.status})).into_response())
+}
+
+async fn results_csv(State(s): State<AppState>, Path((ns, name)): Path<(String, String)>) -> Result<Response, ApiError> {
+    if !valid_label(&ns, 63) || !valid_label(&name, 63) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, "invalid namespace or name".into()));
+    }
+    let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
+    let imp = api.get(&name).await?;
+    let uid = imp.uid().unwrap_or_default();
+    let record = s.store.import(&uid).await.map_err(internal)?;
+    let Some(record) = record.filter(|r| r.phase == "Loaded") else {
+        return Err(ApiError(StatusCode::CONFLICT, format!("import {ns}/{name} has not loaded yet")));
+    };
+    let store = s.store.clone();
+    let header = LineEncoder::default().header(&record);
+    // Pages of rows by primary key: memory stays flat whatever the import size.
+    let pages = futures::stream::try_unfold((Some(0i64), LineEncoder::default()), move |(after, mut enc)| {
+        let store = store.clone();
+        async move {
+            let Some(after) = after else { return Ok(None) };
+            let rows = store.results_page(record.id, after, 10_000).await.map_err(|e| std::io::Error::other(e.to_string()))?;
+            let next = if rows.len() < 10_000 { None } else { rows.last().map(|r| r.row_number) };
+            let mut buf = Vec::with_capacity(rows.len() * 96);
+            for r in &rows {
+                buf.extend_from_slice(enc.row(r));
+            }
+            Ok::<_, std::io::Error>(Some((buf, (next, enc))))
+        }
+    });
+    let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(header) }).chain(pages);
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/csv; charset=utf-8")
+        .header(header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}.enriched.csv\""))
+        .body(Body::from_stream(stream))
+        .map_err(internal)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_kubernetes_rules() {
+        assert!(valid_label("trips-2024", 40));
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "a b", "x'; DROP TABLE points; --", &"a".repeat(41)] {
+            assert!(!valid_label(bad, 40), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! The `PostcodeImport` custom resource (`postcodes.dev/v1alpha1`): what a user
+//! asks for (spec) and what the operator and the enricher Jobs report (status).
+//! The CRD YAML in `crds/` and the chart is generated from these types
+//! (`postcode-operator crd`); a test fails when it is stale.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// apiVersion of the product's resources.
+pub const API_VERSION: &str = "postcodes.dev/v1alpha1";
+/// Finalizer that deletes an import's rows before the resource goes.
+pub const FINALIZER: &str = "postcodes.dev/cleanup";
+
+/// A CSV of coordinates to enrich with the nearest UK postcode.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "postcodes.dev",
+    version = "v1alpha1",
+    kind = "PostcodeImport",
+    plural = "postcodeimports",
+    shortname = "pcimport",
+    namespaced,
+    status = "PostcodeImportStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Rows","type":"integer","jsonPath":".status.rowsTotal"}"#,
+    printcolumn = r#"{"name":"Enriched","type":"integer","jsonPath":".status.rowsEnriched"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("has(self.source.uploadId) != has(self.source.url)").message("exactly one of source.uploadId and source.url must be set"))]
+#[serde(rename_all = "camelCase")]
+pub struct PostcodeImportSpec {
+    /// Where the CSV comes from. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("source is immutable"))]
+    pub source: ImportSource,
+    /// How to read the CSV; everything is detected when absent. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("csv is immutable"))]
+    pub csv: CsvSpec,
+    /// Parallel enricher Jobs, 1..=64. Immutable.
+    #[serde(default = "default_shards")]
+    #[schemars(range(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("shards is immutable"))]
+    pub shards: u32,
+    /// postcodes.io endpoint and search radii. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("api is immutable"))]
+    pub api: ApiSpec,
+    /// Path, inside the Job pods, of an ONS postcode file (NSPL/ONSPD CSV, plain or
+    /// gzip); when set the enrichers answer offline instead of calling the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_postcodes: Option<String>,
+    /// External API quota for the whole import; may change mid-run.
+    #[serde(default)]
+    pub quota: QuotaSpec,
+    /// Stops the enricher Jobs (Job `.spec.suspend`); `false` resumes where the shards stopped.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Deletes the import (and its Jobs) this many seconds after it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i64>,
+    /// Bump to requeue the import's `failed` rows and re-run only the shards that have some.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub retry_failed: i32,
+    /// Keep the rows in the database after the resource is deleted.
+    #[serde(default)]
+    pub keep_results: bool,
+    /// Retries of each Job before it counts as failed.
+    #[serde(default = "default_backoff_limit")]
+    #[schemars(range(min = 0, max = 20))]
+    pub backoff_limit: i32,
+    /// `priorityClassName` of the Job pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+}
+
+fn default_shards() -> u32 {
+    4
+}
+
+fn default_backoff_limit() -> i32 {
+    3
+}
+
+/// Exactly one of `uploadId` and `url`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportSource {
+    /// An upload stored by the upload API (`POST /v1/imports`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
+    /// An http(s) URL the reader Job can fetch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+}
+
+impl ImportSource {
+    /// The source as `reader-job --source` takes it.
+    pub fn as_arg(&self) -> Option<String> {
+        match (&self.upload_id, &self.url) {
+            (Some(id), None) => Some(format!("upload:{id}")),
+            (None, Some(url)) => Some(url.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// CSV reading options; `None` means detect.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CsvSpec {
+    /// Latitude column: header name or 1-based number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lat_column: Option<String>,
+    /// Longitude column: header name or 1-based number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lon_column: Option<String>,
+    /// One of `,` `;` `tab` `|`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delimiter: Option<String>,
+}
+
+/// postcodes.io endpoint and search radii.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiSpec {
+    #[serde(default = "default_base_url")]
+    pub base_url: String,
+    /// First search radius in metres.
+    #[serde(default = "default_radius")]
+    #[schemars(range(min = 1, max = 2000))]
+    pub radius_meters: u32,
+    /// Second search radius in metres (postcodes.io clamps to 2000).
+    #[serde(default = "default_max_radius")]
+    #[schemars(range(min = 1, max = 2000))]
+    pub max_radius_meters: u32,
+    /// Finally search up to 20 km (postcodes.io widesearch).
+    #[serde(default = "default_true")]
+    pub widesearch: bool,
+}
+
+impl Default for ApiSpec {
+    fn default() -> Self {
+        Self { base_url: default_base_url(), radius_meters: default_radius(), max_radius_meters: default_max_radius(), widesearch: true }
+    }
+}
+
+fn default_base_url() -> String {
+    "https://api.postcodes.io".into()
+}
+fn default_radius() -> u32 {
+    100
+}
+fn default_max_radius() -> u32 {
+    2000
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The external API quota of the import, all shards together.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaSpec {
+    /// Requests per second to the external API.
+    #[serde(default = "default_rps")]
+    #[x_kube(validation = Rule::new("self > 0.0").message("requestsPerSecond must be positive"))]
+    pub requests_per_second: f64,
+    /// Request budget for the whole import; when spent the import stops with the
+    /// `QuotaExhausted` condition and unfinished rows stay pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_requests: Option<i64>,
+}
+
+impl Default for QuotaSpec {
+    fn default() -> Self {
+        Self { requests_per_second: default_rps(), max_requests: None }
+    }
+}
+
+fn default_rps() -> f64 {
+    5.0
+}
+
+/// Phase of an import: a summary of its conditions.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Loading,
+    Enriching,
+    Succeeded,
+    Failed,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+/// Progress of one shard, written by its enricher Job (server-side apply, field
+/// manager `enricher-<index>`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Rows of the shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<i64>,
+    /// Rows of the shard with a final status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<i64>,
+    /// Requests retried by this run of the shard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<i64>,
+}
+
+/// What the operator observed; counts only, never per row.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostcodeImportStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_total: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_invalid: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_enriched: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_no_match: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_failed: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_pending: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_requests: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_retries: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttled: Option<i64>,
+    /// Per-shard progress, keyed by `index`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["index"]))]
+    pub shards: Vec<ShardStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The `retryFailed` value last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_failed_observed: Option<i32>,
+    /// Kubernetes API conventions; keyed by `type`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// The CRD as YAML, as `postcode-operator crd` prints it.
+pub fn crd_yaml() -> String {
+    let crd = PostcodeImport::crd();
+    format!("# Generated by `postcode-operator crd`; do not edit.\n{}", serde_yaml::to_string(&crd).expect("CRD serialises"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crds_in_the_repo_are_current() {
+        let want = crd_yaml();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        for path in ["crds/postcodeimports.postcodes.dev.yaml", "charts/postcode-operator/crds/postcodeimports.postcodes.dev.yaml"] {
+            let have = std::fs::read_to_string(root.join(path)).unwrap_or_default();
+            assert!(have == want, "{path} is stale: run `cargo run -p postcode-operator -- crd > {path}`");
+        }
+    }
+
+    #[test]
+    fn crd_has_cel_rules_list_maps_and_printer_columns() {
+        let y = crd_yaml();
+        for want in [
+            "has(self.source.uploadId) != has(self.source.url)",
+            "x-kubernetes-list-map-keys",
+            "jsonPath: .status.rowsEnriched",
+            "source is immutable",
+            "maximum: 64",
+        ] {
+            assert!(y.contains(want), "missing {want:?} in\n{y}");
+        }
+    }
+
+    #[test]
+    fn spec_defaults() {
+        let spec: PostcodeImportSpec = serde_json::from_value(serde_json::json!({"source": {"uploadId": "a"}})).unwrap();
+        assert_eq!(spec.shards, 4);
+        assert_eq!(spec.api.radius_meters, 100);
+        assert_eq!(spec.quota.requests_per_second, 5.0);
+        assert_eq!(spec.source.as_arg().as_deref(), Some("upload:a"));
+    }
+}

@@ -1,0 +1,178 @@
+//! The Kubernetes runtime of the Job plan: a [`JobSpec`] becomes a `batch/v1`
+//! Job owned by its `PostcodeImport`, with a deterministic name, so a restarted
+//! operator finds the Jobs it created instead of creating them again.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        batch::v1::{Job, JobSpec as K8sJobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule},
+        core::v1::{
+            Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+            SeccompProfile, SecretKeySelector, SecurityContext,
+        },
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{Resource, ResourceExt};
+use pipeline::{EXIT_PERMANENT, EXIT_QUOTA_EXHAUSTED};
+
+use crate::{
+    crd::PostcodeImport,
+    plan::{JobSpec, Role},
+};
+
+/// Label on everything the operator creates.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "postcode-operator");
+/// Label naming the import a Job belongs to.
+pub const IMPORT_LABEL: &str = "postcodes.dev/import";
+/// Labels copied from the import to its Jobs, for Kueue and similar admission controllers.
+pub const PASS_THROUGH_LABELS: [&str; 1] = ["kueue.x-k8s.io/queue-name"];
+
+/// How the operator's Jobs are run.
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    pub image: String,
+    pub image_pull_policy: String,
+    pub service_account: String,
+    /// Secret (in the import's namespace) and key holding the database URL.
+    pub database_secret: String,
+    pub database_secret_key: String,
+    pub rust_log: String,
+}
+
+/// The per-import copy of the database Secret, in the import's namespace.
+pub fn database_secret_name(import: &PostcodeImport) -> String {
+    format!("{}-database", import.name_any())
+}
+
+/// Builds the `batch/v1` Job for a planned Job of `import`.
+pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, suspend: bool) -> Job {
+    let mut labels = BTreeMap::from([
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (IMPORT_LABEL.to_string(), import.name_any()),
+    ]);
+    match spec.role {
+        Role::Reader => {
+            labels.insert("postcodes.dev/role".into(), "reader".into());
+        }
+        Role::Enricher { shard } => {
+            labels.insert("postcodes.dev/role".into(), "enricher".into());
+            labels.insert("postcodes.dev/shard".into(), shard.to_string());
+        }
+    }
+    for key in PASS_THROUGH_LABELS {
+        if let Some(v) = import.labels().get(key) {
+            labels.insert(key.to_string(), v.clone());
+        }
+    }
+    let mut env: Vec<EnvVar> = spec.env.iter().map(|(k, v)| EnvVar { name: k.clone(), value: Some(v.clone()), ..EnvVar::default() }).collect();
+    env.push(EnvVar {
+        name: "DATABASE_URL".into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector { name: settings.database_secret.clone(), key: settings.database_secret_key.clone(), optional: Some(false) }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    });
+    env.push(EnvVar {
+        name: "IMPORT_NAMESPACE".into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: "metadata.namespace".into(), ..ObjectFieldSelector::default() }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    });
+    env.push(EnvVar { name: "IMPORT_NAME".into(), value: Some(import.name_any()), ..EnvVar::default() });
+    env.push(EnvVar { name: "REPORT_STATUS".into(), value: Some("true".into()), ..EnvVar::default() });
+    env.push(EnvVar { name: "RUST_LOG".into(), value: Some(settings.rust_log.clone()), ..EnvVar::default() });
+    env.dedup_by(|a, b| a.name == b.name);
+
+    let container = Container {
+        name: "job".into(),
+        image: Some(settings.image.clone()),
+        image_pull_policy: Some(settings.image_pull_policy.clone()),
+        command: Some(vec![spec.command.clone()]),
+        args: Some(spec.args.clone()),
+        env: Some(env),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    Job {
+        metadata: ObjectMeta {
+            name: Some(spec.name.clone()),
+            namespace: import.namespace(),
+            labels: Some(labels.clone()),
+            owner_references: Some(vec![import.controller_owner_ref(&()).expect("import has a uid")]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(K8sJobSpec {
+            backoff_limit: Some(spec.backoff_limit),
+            suspend: Some(suspend),
+            // A bad input or a spent budget is not fixed by a retry (DESIGN.md).
+            pod_failure_policy: Some(PodFailurePolicy {
+                rules: vec![PodFailurePolicyRule {
+                    action: "FailJob".into(),
+                    on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                        operator: "In".into(),
+                        values: vec![EXIT_PERMANENT, EXIT_QUOTA_EXHAUSTED],
+                        container_name: None,
+                    }),
+                    on_pod_conditions: None,
+                }],
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".into()),
+                    service_account_name: Some(settings.service_account.clone()),
+                    priority_class_name: import.spec.priority_class_name.clone(),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    ..PodSpec::default()
+                }),
+            },
+            ..K8sJobSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// What a Job's status says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    Running,
+    Succeeded,
+    /// Failed for good; the condition's reason and message.
+    Failed { reason: String, message: String },
+}
+
+/// Reads a Job's state from its conditions (`Complete`, `Failed`).
+pub fn job_state(job: &Job) -> JobState {
+    let conds = job.status.as_ref().and_then(|s| s.conditions.as_ref());
+    for c in conds.into_iter().flatten() {
+        if c.status == "True" && c.type_ == "Complete" {
+            return JobState::Succeeded;
+        }
+        if c.status == "True" && c.type_ == "Failed" {
+            return JobState::Failed { reason: c.reason.clone().unwrap_or_default(), message: c.message.clone().unwrap_or_default() };
+        }
+    }
+    JobState::Running
+}
+
+/// The owner of a Job, as the controller's `owns` relation sees it.
+pub fn is_owned_by(job: &Job, import: &PostcodeImport) -> bool {
+    job.owner_references().iter().any(|o| Some(&o.uid) == import.meta().uid.as_ref())
+}

@@ -1,0 +1,148 @@
+//! `postcode-operator run`: the controller and the upload API in one process,
+//! configured from flags or environment (the chart sets the environment).
+//! With leader election on, every replica serves the upload API and only the
+//! holder of the `Lease` reconciles.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Args;
+use kube::Client;
+use pipeline::db::Store;
+
+use crate::{
+    api::{router, ApiConfig, AppState},
+    controller::{self, Context},
+    jobs::JobSettings,
+};
+
+/// Options of `postcode-operator run`.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Upload API and probes listen here.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Secret (in POD_NAMESPACE) holding the database URL, copied per import for the Job pods.
+    #[arg(long, env = "DATABASE_SECRET_NAME", default_value = "postcode-operator-database")]
+    pub database_secret_name: String,
+    /// Key of the database URL in that Secret.
+    #[arg(long, env = "DATABASE_SECRET_KEY", default_value = "url")]
+    pub database_secret_key: String,
+    /// Namespace the operator runs in.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub pod_namespace: String,
+    /// This replica's name (leader election identity).
+    #[arg(long, env = "POD_NAME", default_value = "postcode-operator")]
+    pub pod_name: String,
+    /// Only watch this namespace (all when empty).
+    #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
+    pub watch_namespace: String,
+    /// Image of the reader and enricher Jobs.
+    #[arg(long, env = "JOB_IMAGE", default_value = "postcode-operator:latest")]
+    pub job_image: String,
+    #[arg(long, env = "JOB_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    pub job_image_pull_policy: String,
+    /// ServiceAccount of the Job pods (may patch postcodeimports/status only).
+    #[arg(long, env = "JOB_SERVICE_ACCOUNT", default_value = "postcode-operator-job")]
+    pub job_service_account: String,
+    /// RUST_LOG of the Job pods.
+    #[arg(long, env = "JOB_RUST_LOG", default_value = "info,sqlx=warn")]
+    pub job_rust_log: String,
+    /// Bearer token required by the upload API (none when empty).
+    #[arg(long, env = "UPLOAD_TOKEN", default_value = "", hide_env_values = true)]
+    pub upload_token: String,
+    /// Largest accepted upload, bytes.
+    #[arg(long, env = "MAX_UPLOAD_BYTES", default_value_t = 2 << 30)]
+    pub max_upload_bytes: u64,
+    #[arg(long, env = "DEFAULT_SHARDS", default_value_t = 4)]
+    pub default_shards: u32,
+    #[arg(long, env = "DEFAULT_QUOTA_RPS", default_value_t = 5.0)]
+    pub default_quota_rps: f64,
+    #[arg(long, env = "DEFAULT_API_URL", default_value = "https://api.postcodes.io")]
+    pub default_api_url: String,
+    /// Reconcile only while holding the `postcode-operator` Lease (for more than one replica).
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
+    let client = Client::try_default().await.context("connecting to Kubernetes")?;
+    let store = Store::connect(&args.database_url).await?;
+    if !store.is_postgres() {
+        tracing::warn!("the operator is using SQLite: fine for a try-out, use PostgreSQL in a cluster");
+    }
+    store.migrate().await.context("migrating the database")?;
+
+    let api_state = AppState {
+        client: client.clone(),
+        store: store.clone(),
+        config: Arc::new(ApiConfig {
+            max_upload_bytes: args.max_upload_bytes,
+            token: (!args.upload_token.is_empty()).then(|| args.upload_token.clone()),
+            default_namespace: args.pod_namespace.clone(),
+            default_shards: args.default_shards,
+            default_quota_rps: args.default_quota_rps,
+            default_api_url: args.default_api_url.clone(),
+        }),
+        metrics,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!("upload API listening on http://{}", listener.local_addr()?);
+    let app = router(api_state).layer(tower_http::trace::TraceLayer::new_for_http());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        store,
+        jobs: JobSettings {
+            image: args.job_image.clone(),
+            image_pull_policy: args.job_image_pull_policy.clone(),
+            service_account: args.job_service_account.clone(),
+            database_secret: String::new(),
+            database_secret_key: args.database_secret_key.clone(),
+            rust_log: args.job_rust_log.clone(),
+        },
+        database_secret: (args.pod_namespace.clone(), args.database_secret_name.clone()),
+        recorder: controller::recorder(client.clone()),
+    });
+    let namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
+
+    if args.leader_election {
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "postcode-operator")
+            .with_namespace(&args.pod_namespace)
+            .with_identity(&args.pod_name)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await
+            .context("creating the leader-election Lease manager")?;
+        let (mut leader, _task) = manager.watch().await;
+        tracing::info!(identity = %args.pod_name, "waiting for the leader Lease");
+        while !*leader.borrow_and_update() {
+            leader.changed().await.context("leader election stopped")?;
+        }
+        tracing::info!(identity = %args.pod_name, "leading: starting the controller");
+        tokio::select! {
+            () = controller::run(ctx, namespace) => {}
+            lost = async {
+                loop {
+                    if leader.changed().await.is_err() || !*leader.borrow() { break; }
+                }
+            } => {
+                let _ = lost;
+                // Another replica may already be reconciling: stop at once and let the Deployment restart us.
+                tracing::error!("lost the leader Lease; exiting");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        controller::run(ctx, namespace).await;
+    }
+    server.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! The operator against a real kube-apiserver (started by `make test`), with a
+//! real PostgreSQL, the real binaries as "pods" (the fake kubelet runs each Job's
+//! container command as a local process), and the upload API over HTTP.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::{kube_harness::*, *};
+use k8s_openapi::api::{batch::v1::Job, core::v1::Secret};
+use kube::{
+    api::{ApiResource, DeleteParams, DynamicObject, ListParams, PostParams},
+    Api, Client,
+};
+use pipeline::test_server::{Faults, TestServer};
+use serde_json::{json, Value};
+
+/// A `postcode-operator run` process.
+struct Operator {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Operator {
+    fn start(ns: &str, db: &str, extra_env: &[(&str, &str)]) -> Self {
+        let log = temp_dir("operator").join("operator.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_postcode-operator"))
+            .arg("run")
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("DATABASE_URL", db)
+            .env("POD_NAMESPACE", ns)
+            .env("WATCH_NAMESPACE", ns)
+            .env("DATABASE_SECRET_NAME", "postcode-operator-database")
+            .env("RUST_LOG", "info,kube=warn,sqlx=warn,tower_http=warn")
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start postcode-operator run");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let log_path = log.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&log_path).unwrap();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("listening on http://") {
+                    let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
+                }
+                let _ = writeln!(f, "{line}");
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("operator did not start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        Self { child, url, log }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn imports_api(client: &Client, ns: &str) -> Api<DynamicObject> {
+    let ar = ApiResource {
+        group: "postcodes.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "postcodes.dev/v1alpha1".into(),
+        kind: "PostcodeImport".into(),
+        plural: "postcodeimports".into(),
+    };
+    Api::namespaced_with(client.clone(), ns, &ar)
+}
+
+fn phase(o: &DynamicObject) -> String {
+    o.data.pointer("/status/phase").and_then(Value::as_str).unwrap_or("").to_string()
+}
+
+fn status_i64(o: &DynamicObject, key: &str) -> i64 {
+    o.data.pointer(&format!("/status/{key}")).and_then(Value::as_i64).unwrap_or(-1)
+}
+
+/// A namespace with the database Secret the operator copies for its Jobs, and a kubelet.
+async fn setup() -> (Client, String, String, FakeKubelet) {
+    let client = test_client().await;
+    let ns = fresh_namespace(&client).await;
+    let db = fresh_pg().await;
+    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": "postcode-operator-database"}, "stringData": {"url": db}})).unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await.unwrap();
+    let kubeconfig = std::env::var("KUBECONFIG").unwrap();
+    let kubelet = FakeKubelet::start(client.clone(), &ns, bin_dir(), vec![("KUBECONFIG".into(), kubeconfig)]);
+    (client, ns, db, kubelet)
+}
+
+async fn upload(url: &str, file: &std::path::Path, query: &str) -> Value {
+    let body = tokio::fs::read(file).await.unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/v1/imports?{query}"))
+        .header("content-type", "text/csv")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(status.as_u16(), 201, "{v}");
+    v
+}
+
+async fn results(url: &str, ns: &str, name: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let text = reqwest::get(format!("{url}/v1/imports/{ns}/{name}/results.csv")).await.unwrap().text().await.unwrap();
+    let dir = temp_dir("results");
+    let p = dir.join("r.csv");
+    std::fs::write(&p, text).unwrap();
+    read_output(&p).1
+}
+
+fn kubectl_get(ns: &str) -> String {
+    let out = Command::new("kubectl").args(["get", "postcodeimports", "-n", ns]).output();
+    match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout).to_string(),
+        Err(e) => format!("(kubectl not available: {e})"),
+    }
+}
+
+/// The `make e2e` run: the real 100,000-row file uploaded, 4 shards, offline provider.
+/// Prints `E2E PASSED …` (or panics with `E2E FAILED …`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_upload_the_real_file_and_read_the_results() {
+    let started = Instant::now();
+    let (client, ns, db, kubelet) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    let nspl = shared("nspl-latlon.csv.gz");
+    let created = upload(&op.url, &shared("postcodesgeo.csv"), &format!("name=trips&namespace={ns}&shards=4&offlinePostcodes={}", nspl.display())).await;
+    assert_eq!(created["name"], "trips");
+    let api = imports_api(&client, &ns);
+    // Live progress as a user sees it, while it runs.
+    let watcher_ns = ns.clone();
+    let progress = tokio::spawn(async move {
+        let mut seen = vec![];
+        loop {
+            let out = tokio::task::spawn_blocking({
+                let ns = watcher_ns.clone();
+                move || kubectl_get(&ns)
+            })
+            .await
+            .unwrap();
+            if seen.last() != Some(&out) {
+                eprintln!("$ kubectl get postcodeimports -n {watcher_ns}\n{out}");
+                seen.push(out.clone());
+            }
+            if out.contains("Succeeded") || out.contains("Failed") {
+                break seen;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let done = wait_for(&api, "trips", Duration::from_secs(600), |o| matches!(phase(o).as_str(), "Succeeded" | "Failed")).await;
+    let _ = progress.await;
+    let rows = results(&op.url, &ns, "trips").await;
+    let s = by_status(&rows);
+    let get = |k: &str| s.get(k).copied().unwrap_or(0);
+    let line = format!(
+        "import=trips phase={} rows={} enriched={} no_match={} invalid={} failed={} seconds={:.0}",
+        phase(&done),
+        rows.len(),
+        get("enriched"),
+        get("no_match"),
+        get("invalid"),
+        get("failed"),
+        started.elapsed().as_secs_f64()
+    );
+    let ok = phase(&done) == "Succeeded" && rows.len() == 100_000 && get("enriched") == 99_648 && get("no_match") == 352 && get("invalid") == 0 && get("failed") == 0;
+    assert_eq!(status_i64(&done, "rowsEnriched"), 99_648, "status counts: {:#?}", done.data["status"]);
+    for shard in 0..4 {
+        assert_eq!(kubelet.runs(&format!("trips-enricher-{shard}")), 1);
+    }
+    assert_eq!(kubelet.runs("trips-reader"), 1);
+    if !ok {
+        panic!("E2E FAILED {line}\noperator log:\n{}", op.log());
+    }
+    println!("E2E PASSED {line}");
+    kubelet.stop().await;
+    op.kill();
+}
+
+/// A small import over the HTTP path, slow enough (quota) to act on mid-run.
+async fn start_slow_import(op_url: &str, ns: &str, name: &str, server: &TestServer, rows: usize) {
+    let dir = temp_dir("slow");
+    let file = head_of_real_file(rows, &dir);
+    upload(op_url, &file, &format!("name={name}&namespace={ns}&shards=2&quotaRps=8&apiUrl={}", server.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_import_mid_run_removes_its_jobs_and_rows() {
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let (client, ns, db, kubelet) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    start_slow_import(&op.url, &ns, "doomed", &server, 5_000).await;
+    let api = imports_api(&client, &ns);
+    let running = wait_for(&api, "doomed", Duration::from_secs(120), |o| phase(o) == "Enriching").await;
+    let uid = running.metadata.uid.clone().unwrap();
+    kubelet.wait_until(Duration::from_secs(60), "an enricher runs", |k| k.running("doomed-enricher-0") || k.running("doomed-enricher-1")).await;
+    api.delete("doomed", &DeleteParams::default()).await.unwrap();
+    kube::runtime::wait::await_condition(api.clone(), "doomed", kube::runtime::wait::conditions::is_deleted(&uid)).await.unwrap();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let left = jobs.list(&ListParams::default().labels("postcodes.dev/import=doomed")).await.unwrap();
+    assert!(left.items.is_empty(), "Jobs left: {:?}", left.items.iter().map(|j| j.metadata.name.clone()).collect::<Vec<_>>());
+    kubelet.wait_idle("doomed-enricher-0", Duration::from_secs(30)).await;
+    kubelet.wait_idle("doomed-enricher-1", Duration::from_secs(30)).await;
+    let store = pipeline::db::Store::connect(&db).await.unwrap();
+    assert!(store.import(&uid).await.unwrap().is_none(), "rows of the deleted import remain");
+    drop(op);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_operator_reattaches_and_a_killed_pod_is_retried() {
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let (client, ns, db, kubelet) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    start_slow_import(&op.url, &ns, "sturdy", &server, 8_000).await;
+    let api = imports_api(&client, &ns);
+    wait_for(&api, "sturdy", Duration::from_secs(120), |o| phase(o) == "Enriching").await;
+    kubelet.wait_until(Duration::from_secs(60), "enricher 1 runs", |k| k.running("sturdy-enricher-1")).await;
+    // The operator dies mid-run; a new one takes over.
+    op.kill();
+    let before = server.state.stats().requests;
+    // A "pod" dies too: its Job runs it again and the shard resumes.
+    assert!(kubelet.kill("sturdy-enricher-1"));
+    let op2 = Operator::start(&ns, &db, &[]);
+    let done = wait_for(&api, "sturdy", Duration::from_secs(300), |o| matches!(phase(o).as_str(), "Succeeded" | "Failed")).await;
+    assert_eq!(phase(&done), "Succeeded", "{:#?}\n{}", done.data["status"], op2.log());
+    assert_eq!(kubelet.runs("sturdy-reader"), 1, "the reader ran twice");
+    assert_eq!(kubelet.runs("sturdy-enricher-0"), 1, "a Job was created again");
+    assert_eq!(kubelet.runs("sturdy-enricher-1"), 2, "the killed pod was not retried exactly once");
+    let st = server.state.stats();
+    assert!(st.repeated_batches <= 1, "finished batches asked twice: {st:?}");
+    assert!(st.requests > before);
+    let rows = results(&op2.url, &ns, "sturdy").await;
+    assert_eq!(rows.len(), 8_000);
+    assert_eq!(by_status(&rows).get("pending"), None);
+    let shards = done.data.pointer("/status/shards").and_then(Value::as_array).cloned().unwrap_or_default();
+    assert_eq!(shards.len(), 2, "per-shard progress from the enrichers: {shards:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_with_leader_election_reconcile_each_import_once() {
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let (client, ns, db, kubelet) = setup().await;
+    let a = Operator::start(&ns, &db, &[("LEADER_ELECTION", "true"), ("POD_NAME", "replica-a")]);
+    let b = Operator::start(&ns, &db, &[("LEADER_ELECTION", "true"), ("POD_NAME", "replica-b")]);
+    start_slow_import(&b.url, &ns, "shared", &server, 3_000).await;
+    let api = imports_api(&client, &ns);
+    let done = wait_for(&api, "shared", Duration::from_secs(300), |o| matches!(phase(o).as_str(), "Succeeded" | "Failed")).await;
+    assert_eq!(phase(&done), "Succeeded");
+    for j in ["shared-reader", "shared-enricher-0", "shared-enricher-1"] {
+        assert_eq!(kubelet.runs(j), 1, "{j}");
+    }
+    let leading: Vec<bool> = [&a, &b].iter().map(|o| o.log().contains("leading: starting the controller")).collect();
+    assert_eq!(leading.iter().filter(|l| **l).count(), 1, "exactly one replica leads: {leading:?}");
+}

@@ -1,5 +1,5 @@
 # Entry points; see README.md.
-.PHONY: build test sample
+.PHONY: build test e2e sample
 
 build:
 	cargo build --release --workspace --bins
@@ -11,3 +11,7 @@ test:
 # Enrich the shipped sample offline.
 sample: build
 	./target/release/postcode-operator local samples/trips.csv --offline-postcodes samples/postcodes-sample.csv
+
+# The operator end to end on a real API server with the real 100,000-row file.
+e2e:
+	bash .ci/e2e.sh

@@ -276,3 +276,101 @@ async fn two_replicas_with_leader_election_reconcile_each_import_once() {
     let leading: Vec<bool> = [&a, &b].iter().map(|o| o.log().contains("leading: starting the controller")).collect();
     assert_eq!(leading.iter().filter(|l| **l).count(), 1, "exactly one replica leads: {leading:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_upload_fails_the_import_with_the_reason_and_no_retries() {
+    let (client, ns, db, kubelet) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    let dir = temp_dir("binary");
+    let file = dir.join("sheet.xlsx");
+    std::fs::write(&file, b"PK\x03\x04\x14\x00\x06\x00binary spreadsheet").unwrap();
+    upload(&op.url, &file, &format!("name=sheet&namespace={ns}")).await;
+    let api = imports_api(&client, &ns);
+    let done = wait_for(&api, "sheet", Duration::from_secs(120), |o| phase(o) == "Failed").await;
+    let msg = done.data.pointer("/status/message").and_then(Value::as_str).unwrap_or("");
+    assert!(msg.contains("looks binary"), "{msg}");
+    let failed = done.data.pointer("/status/conditions").and_then(Value::as_array).unwrap().iter().find(|c| c["type"] == "Failed").cloned().unwrap();
+    assert_eq!(failed["status"], "True");
+    assert_eq!(kubelet.runs("sheet-reader"), 1, "a permanent input error must not be retried");
+    assert_eq!(kubelet.runs("sheet-enricher-0"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_api_checks_tokens_sizes_and_names() {
+    let client = test_client().await;
+    let ns = fresh_namespace(&client).await;
+    let db = fresh_pg().await;
+    let op = Operator::start(&ns, &db, &[("UPLOAD_TOKEN", "s3cret"), ("MAX_UPLOAD_BYTES", "1000")]);
+    let http = reqwest::Client::new();
+    let post = |q: String, body: Vec<u8>, token: Option<&str>| {
+        let mut r = http.post(format!("{}/v1/imports?{q}", op.url)).header("content-type", "text/csv").body(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let small = b"lat,lon\n51.5,-0.1\n".to_vec();
+    assert_eq!(post(format!("namespace={ns}"), small.clone(), None).await.unwrap().status().as_u16(), 401);
+    assert_eq!(post(format!("namespace={ns}"), small.clone(), Some("wrong")).await.unwrap().status().as_u16(), 403);
+    assert_eq!(post(format!("namespace={ns}"), vec![b'1'; 5000], Some("s3cret")).await.unwrap().status().as_u16(), 413);
+    let bad_queries = [
+        format!("name=Bad_Name&namespace={ns}"),
+        format!("name=a%27%3B%20DROP%20TABLE%20points&namespace={ns}"),
+        "namespace=..%2Fkube-system".to_string(),
+        format!("shards=0&namespace={ns}"),
+        format!("shards=65&namespace={ns}"),
+        format!("quotaRps=0&namespace={ns}"),
+    ];
+    for q in bad_queries {
+        let r = post(q.clone(), small.clone(), Some("s3cret")).await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{q}: {}", r.text().await.unwrap());
+    }
+    assert_eq!(post(format!("namespace={ns}"), vec![], Some("s3cret")).await.unwrap().status().as_u16(), 400);
+    // multipart works, and nothing was left behind by the refused uploads
+    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(small.clone()).file_name("x.csv"));
+    let r = http.post(format!("{}/v1/imports?name=multi&namespace={ns}", op.url)).bearer_auth("s3cret").multipart(form).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
+    let store = pipeline::db::Store::connect(&db).await.unwrap();
+    let pipeline::db::Store::Postgres(pool) = &store else { unreachable!() };
+    let (uploads,): (i64,) = sqlx::query_as("SELECT count(*) FROM uploads").fetch_one(pool).await.unwrap();
+    assert_eq!(uploads, 1, "refused uploads must not stay in the database");
+    let r = http.get(format!("{}/v1/imports/{ns}/multi", op.url)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = http.get(format!("{}/v1/imports/{ns}/multi", op.url)).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(http.get(format!("{}/healthz", op.url)).send().await.unwrap().status().as_u16(), 200);
+    let ready = http.get(format!("{}/readyz", op.url)).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200, "{}", ready.text().await.unwrap());
+    let metrics = http.get(format!("{}/metrics", op.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("postcode_operator_reconciles_total"), "{metrics}");
+    assert!(!op.log().contains("s3cret"), "the token leaked into the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_stops_the_enrichers_and_resume_finishes_the_import() {
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let (client, ns, db, kubelet) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    start_slow_import(&op.url, &ns, "pausable", &server, 6_000).await;
+    let api = imports_api(&client, &ns);
+    wait_for(&api, "pausable", Duration::from_secs(120), |o| phase(o) == "Enriching").await;
+    kubelet.wait_until(Duration::from_secs(60), "an enricher runs", |k| k.running("pausable-enricher-0") || k.running("pausable-enricher-1")).await;
+    let patch = kube::api::Patch::Merge(json!({"spec": {"suspend": true}}));
+    api.patch("pausable", &kube::api::PatchParams::default(), &patch).await.unwrap();
+    let suspended = wait_for(&api, "pausable", Duration::from_secs(60), |o| {
+        o.data.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|cs| cs.iter().any(|c| c["type"] == "Suspended" && c["status"] == "True"))
+    })
+    .await;
+    assert_eq!(phase(&suspended), "Enriching");
+    kubelet.wait_idle("pausable-enricher-0", Duration::from_secs(30)).await;
+    kubelet.wait_idle("pausable-enricher-1", Duration::from_secs(30)).await;
+    let paused_at = server.state.stats().requests;
+    api.patch("pausable", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(json!({"spec": {"suspend": false}}))).await.unwrap();
+    let done = wait_for(&api, "pausable", Duration::from_secs(300), |o| matches!(phase(o).as_str(), "Succeeded" | "Failed")).await;
+    assert_eq!(phase(&done), "Succeeded", "{:#?}", done.data["status"]);
+    assert!(server.state.stats().requests > paused_at);
+    assert!(server.state.stats().repeated_batches <= 2, "{:?}", server.state.stats());
+    // immutable spec fields are refused by the API server (CEL)
+    let err = api.patch("pausable", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(json!({"spec": {"shards": 3}}))).await.unwrap_err();
+    assert!(err.to_string().contains("shards is immutable"), "{err}");
+}

@@ -166,7 +166,20 @@ pub fn parse_bulk(text: &str, queries: &[(f64, f64)]) -> Result<Vec<Answer>, Cal
         let (Some(lat), Some(lon)) = (q.get("latitude").and_then(number), q.get("longitude").and_then(number)) else {
             return Err(malformed("query without latitude/longitude"));
         };
-        let Some(&i) = index.get(&key(lat, lon)) else { continue };
+        // Exact match on the echoed numbers; a server that re-formats numbers may
+        // be off in the last bits, so fall back to the nearest query within 1e-9°.
+        let i = match index.get(&key(lat, lon)) {
+            Some(&i) => i,
+            None => match queries
+                .iter()
+                .enumerate()
+                .filter(|(_, &(qa, qo))| (qa - lat).abs() < 1e-9 && (qo - lon).abs() < 1e-9)
+                .min_by(|a, b| ((a.1 .0 - lat).abs() + (a.1 .1 - lon).abs()).total_cmp(&((b.1 .0 - lat).abs() + (b.1 .1 - lon).abs())))
+            {
+                Some((i, _)) => i,
+                None => continue,
+            },
+        };
         answers[i] = match item.get("result") {
             None | Some(Value::Null) => Answer::NoPostcode,
             Some(Value::Array(list)) if list.is_empty() => Answer::NoPostcode,
@@ -219,6 +232,18 @@ mod tests {
         }
         assert_eq!(a[1], Answer::NoPostcode);
         assert_eq!(a[2], Answer::Missing);
+    }
+
+    #[test]
+    fn long_decimals_round_trip_through_the_echo() {
+        let q: Vec<(f64, f64)> = (0..100).map(|k| (51.3 + f64::from(k) * 0.01 + 0.00002 * f64::from(k / 7), -0.4 + f64::from(k) * 0.0103)).collect();
+        let items: Vec<serde_json::Value> = q.iter().map(|&(la, lo)| serde_json::json!({"query": {"latitude": la, "longitude": lo}, "result": null})).collect();
+        let body = serde_json::json!({"status": 200, "result": items}).to_string();
+        let a = parse_bulk(&body, &q).unwrap();
+        assert!(a.iter().all(|x| *x == Answer::NoPostcode));
+        // a server printing fewer digits still matches its query
+        let a = parse_bulk(r#"{"status":200,"result":[{"query":{"latitude":51.30002000000001,"longitude":-0.4},"result":null}]}"#, &[(51.300020000000004, -0.4)]).unwrap();
+        assert_eq!(a[0], Answer::NoPostcode);
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub struct Faults {
     /// Delay an answer by `slow_ms`.
     pub p_slow: f64,
     pub slow_ms: u64,
+    /// Fates of the next requests, in order, before any probability is rolled:
+    /// `"429"`, `"500"`, `"502"`, `"503"`, `"garbage"`, `"truncated"`, `"reset"`,
+    /// `"fewer"`, `"reorder"`, `"slow"`, `"ok"`.
+    pub script: Vec<String>,
 }
 
 /// What the server has seen.
@@ -75,6 +79,10 @@ pub struct Stats {
     pub repeated_queries: u64,
     /// Bulk requests answered 200, by the search radius of their first geolocation in metres.
     pub answered_by_radius: BTreeMap<String, u64>,
+    /// Every request: (seconds since the server started, HTTP status; 0 for a reset).
+    pub log: Vec<(f64, u16)>,
+    /// Arrival time of every request, seconds since the server started.
+    pub arrivals: Vec<f64>,
 }
 
 struct Inner {
@@ -122,6 +130,7 @@ impl ServerState {
             best = best.max(i - j + 1);
         }
         s.max_per_second = best as u64;
+        s.arrivals = a.clone();
         s
     }
 
@@ -147,6 +156,22 @@ fn decide(state: &ServerState) -> Fate {
     g.arrivals.push(t);
     g.stats.requests += 1;
     let f = g.faults.clone();
+    if !g.faults.script.is_empty() {
+        let next = g.faults.script.remove(0);
+        return match next.as_str() {
+            "429" => Fate::Throttle(f.retry_after_s),
+            "500" => Fate::Status(StatusCode::INTERNAL_SERVER_ERROR),
+            "502" => Fate::Status(StatusCode::BAD_GATEWAY),
+            "503" => Fate::Status(StatusCode::SERVICE_UNAVAILABLE),
+            "garbage" => Fate::Garbage,
+            "truncated" => Fate::Truncated,
+            "reset" => Fate::Reset,
+            "fewer" => Fate::Answer { fewer: true, reorder: false, slow: None },
+            "reorder" => Fate::Answer { fewer: false, reorder: true, slow: None },
+            "slow" => Fate::Answer { fewer: false, reorder: false, slow: Some(Duration::from_millis(f.slow_ms)) },
+            _ => Fate::Answer { fewer: false, reorder: false, slow: None },
+        };
+    }
     if let Some(limit) = f.rate_limit {
         while g.accepted.front().is_some_and(|&a| now.duration_since(a) >= Duration::from_secs(1)) {
             g.accepted.pop_front();
@@ -182,7 +207,10 @@ fn decide(state: &ServerState) -> Fate {
 }
 
 fn count_status(state: &ServerState, code: u16) {
-    *state.inner.lock().expect("server state").stats.by_status.entry(code).or_default() += 1;
+    let mut g = state.inner.lock().expect("server state");
+    *g.stats.by_status.entry(code).or_default() += 1;
+    let t = g.started.elapsed().as_secs_f64();
+    g.stats.log.push((t, code));
 }
 
 fn error_body(code: StatusCode, msg: &str) -> Response {
@@ -311,6 +339,8 @@ async fn bulk(State(state): State<ServerState>, body: axum::body::Bytes) -> Resp
             g.stats.repeated_batches += 1;
         }
         *g.stats.by_status.entry(200).or_default() += 1;
+        let t = g.started.elapsed().as_secs_f64();
+        g.stats.log.push((t, 200));
         if let Some(r) = first_radius {
             *g.stats.answered_by_radius.entry(r).or_default() += 1;
         }

@@ -308,8 +308,9 @@ async fn enrich(store: &Store, import: &ImportRecord, plan: &ImportPlan, db: &st
                 None => break,
             },
             _ = tick.tick() => {
-                let c = store.counts(import).await?;
-                let q = store.quota_counters(import.id).await?;
+                // The database may be away for a moment (a restart): the Jobs
+                // retry on their own, the progress display just waits.
+                let (Ok(c), Ok(q)) = (store.counts(import).await, store.quota_counters(import.id).await) else { continue };
                 match &bar {
                     Some(bar) => {
                         bar.set_length(c.coordinates_total.max(1) as u64);

@@ -293,11 +293,16 @@ struct LineIndexed<R> {
     inner: R,
     offset: u64,
     newlines: Arc<Mutex<VecDeque<u64>>>,
+    /// Total bytes once the source is exhausted.
+    end: Arc<Mutex<Option<u64>>>,
 }
 
 impl<R: Read> Read for LineIndexed<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            *self.end.lock().expect("line index") = Some(self.offset);
+        }
         let mut q = self.newlines.lock().expect("line index");
         q.extend(memchr::memchr_iter(b'\n', &buf[..n]).map(|p| self.offset + p as u64));
         self.offset += n as u64;
@@ -314,6 +319,7 @@ pub struct RowReader {
     skip_header: bool,
     width: usize,
     newlines: Arc<Mutex<VecDeque<u64>>>,
+    end: Arc<Mutex<Option<u64>>>,
     lines_before: u64,
 }
 
@@ -329,7 +335,8 @@ impl RowReader {
         let layout = detect(&sample, opts)?;
         let width = layout.header.as_ref().map_or(2, Vec::len);
         let newlines = Arc::new(Mutex::new(VecDeque::new()));
-        let indexed = LineIndexed { inner: Cursor::new(sample).chain(input), offset: 0, newlines: newlines.clone() };
+        let end = Arc::new(Mutex::new(None));
+        let indexed = LineIndexed { inner: Cursor::new(sample).chain(input), offset: 0, newlines: newlines.clone(), end: end.clone() };
         let source: Source = BufReader::with_capacity(256 * 1024, indexed);
         let csv = csv::ReaderBuilder::new()
             .delimiter(layout.delimiter)
@@ -337,7 +344,7 @@ impl RowReader {
             .flexible(true)
             .from_reader(source);
         let skip_header = layout.header.is_some();
-        Ok(Self { layout, csv, record: csv::ByteRecord::new(), next_row: 1, skip_header, width, newlines, lines_before: 0 })
+        Ok(Self { layout, csv, record: csv::ByteRecord::new(), next_row: 1, skip_header, width, newlines, end, lines_before: 0 })
     }
 
     pub fn layout(&self) -> &Layout {
@@ -387,7 +394,13 @@ impl RowReader {
             q.pop_front();
             self.lines_before += 1;
         }
-        let inside: u64 = self.record.iter().map(|f| memchr::memchr_iter(b'\n', f).count() as u64).sum();
+        let mut inside: u64 = self.record.iter().map(|f| memchr::memchr_iter(b'\n', f).count() as u64).sum();
+        // A quote left open at the end of the file swallows the last line end
+        // into the field: that newline is the one at `last`, not before it.
+        let at_eof = *self.end.lock().expect("line index") == Some(self.csv.position().byte());
+        if at_eof && self.record.iter().last().is_some_and(|f| f.ends_with(b"\n")) {
+            inside = inside.saturating_sub(1);
+        }
         self.lines_before + 1 - inside.min(self.lines_before)
     }
 
@@ -548,6 +561,15 @@ mod tests {
         assert_eq!(r[0].line, 2);
         assert_eq!(r[1].line, 4);
         assert_eq!(r[0].fields, "\"a\nb\",51,0");
+    }
+
+    #[test]
+    fn an_unterminated_quote_at_the_end_keeps_its_line() {
+        let (_, r) = ok("lat,lon\n\n\"\"\"\n");
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].line, 3);
+        let (_, r) = ok("lat,lon\r\n51,0\r\n\r\n52,0\r\n");
+        assert_eq!(r.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 4]);
     }
 
     #[test]

@@ -220,11 +220,16 @@ async fn a_postgres_restart_mid_run_ends_correct() {
     }
     let pg_ctl = std::fs::read_dir("/usr/lib/postgresql").unwrap().flatten().map(|e| e.path().join("bin/pg_ctl")).find(|p| p.exists()).unwrap();
     let data = pg_dir.join("data");
+    // The restarted server logs to a file: with inherited pipes, waiting for
+    // pg_ctl's output would wait for the server to exit.
     let restart = Command::new("runuser")
-        .args(["-u", "postgres", "--", pg_ctl.to_str().unwrap(), "-D", data.to_str().unwrap(), "-m", "immediate", "-w", "restart"])
-        .output()
+        .args(["-u", "postgres", "--", pg_ctl.to_str().unwrap(), "-D", data.to_str().unwrap(), "-l", pg_dir.join("restart.log").to_str().unwrap(), "-m", "immediate", "-w", "restart"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
         .unwrap();
-    assert!(restart.status.success(), "{}", String::from_utf8_lossy(&restart.stderr));
+    assert!(restart.success(), "pg_ctl restart failed");
     let o = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
     let log = String::from_utf8_lossy(&o.stderr).to_string();
     let _ = std::io::stderr().write_all(log.as_bytes());

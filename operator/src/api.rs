@@ -40,6 +40,8 @@ pub struct ApiConfig {
     pub default_shards: u32,
     pub default_quota_rps: f64,
     pub default_api_url: String,
+    /// An upload that sends nothing for this long is refused with 408.
+    pub idle_timeout: std::time::Duration,
 }
 
 /// Shared state of the handlers.
@@ -217,7 +219,11 @@ async fn create_import(State(s): State<AppState>, Query(opts): Query<CreateOptio
                     continue;
                 }
                 got = true;
-                while let Some(chunk) = field.chunk().await.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))? {
+                loop {
+                    let next = tokio::time::timeout(s.config.idle_timeout, field.chunk())
+                        .await
+                        .map_err(|_| ApiError(StatusCode::REQUEST_TIMEOUT, format!("the upload stalled: nothing received for {}s", s.config.idle_timeout.as_secs())))?;
+                    let Some(chunk) = next.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))? else { break };
                     w.push(&chunk).await?;
                 }
             }
@@ -226,7 +232,11 @@ async fn create_import(State(s): State<AppState>, Query(opts): Query<CreateOptio
             }
         } else {
             let mut body = req.into_body().into_data_stream();
-            while let Some(chunk) = body.next().await {
+            loop {
+                let next = tokio::time::timeout(s.config.idle_timeout, body.next())
+                    .await
+                    .map_err(|_| ApiError(StatusCode::REQUEST_TIMEOUT, format!("the upload stalled: nothing received for {}s", s.config.idle_timeout.as_secs())))?;
+                let Some(chunk) = next else { break };
                 let chunk = chunk.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading the upload failed: {e}")))?;
                 w.push(&chunk).await?;
             }

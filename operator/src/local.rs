@@ -109,7 +109,7 @@ async fn run_job(spec: &JobSpec, db: &str, log_dir: &Path) -> anyhow::Result<Job
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .env("DATABASE_URL", db)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()))
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=error".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

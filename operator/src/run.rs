@@ -49,7 +49,7 @@ pub struct RunArgs {
     #[arg(long, env = "JOB_SERVICE_ACCOUNT", default_value = "postcode-operator-job")]
     pub job_service_account: String,
     /// RUST_LOG of the Job pods.
-    #[arg(long, env = "JOB_RUST_LOG", default_value = "info,sqlx=warn")]
+    #[arg(long, env = "JOB_RUST_LOG", default_value = "info,sqlx=error")]
     pub job_rust_log: String,
     /// Bearer token required by the upload API (none when empty).
     #[arg(long, env = "UPLOAD_TOKEN", default_value = "", hide_env_values = true)]
@@ -63,6 +63,9 @@ pub struct RunArgs {
     pub default_quota_rps: f64,
     #[arg(long, env = "DEFAULT_API_URL", default_value = "https://api.postcodes.io")]
     pub default_api_url: String,
+    /// Seconds an upload may send nothing before it is refused (408).
+    #[arg(long, env = "UPLOAD_IDLE_TIMEOUT_S", default_value_t = 60)]
+    pub upload_idle_timeout_s: u64,
     /// Reconcile only while holding the `postcode-operator` Lease (for more than one replica).
     #[arg(long, env = "LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub leader_election: bool,
@@ -87,6 +90,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             default_shards: args.default_shards,
             default_quota_rps: args.default_quota_rps,
             default_api_url: args.default_api_url.clone(),
+            idle_timeout: Duration::from_secs(args.upload_idle_timeout_s.max(1)),
         }),
         metrics,
     };

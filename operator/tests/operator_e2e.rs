@@ -13,6 +13,7 @@ use std::{
 };
 
 use common::{kube_harness::*, *};
+use futures::StreamExt;
 use k8s_openapi::api::{batch::v1::Job, core::v1::Secret};
 use kube::{
     api::{ApiResource, DeleteParams, DynamicObject, ListParams, PostParams},
@@ -300,7 +301,7 @@ async fn upload_api_checks_tokens_sizes_and_names() {
     let client = test_client().await;
     let ns = fresh_namespace(&client).await;
     let db = fresh_pg().await;
-    let op = Operator::start(&ns, &db, &[("UPLOAD_TOKEN", "s3cret"), ("MAX_UPLOAD_BYTES", "1000")]);
+    let op = Operator::start(&ns, &db, &[("UPLOAD_TOKEN", "s3cret"), ("MAX_UPLOAD_BYTES", "1000"), ("UPLOAD_IDLE_TIMEOUT_S", "1")]);
     let http = reqwest::Client::new();
     let post = |q: String, body: Vec<u8>, token: Option<&str>| {
         let mut r = http.post(format!("{}/v1/imports?{q}", op.url)).header("content-type", "text/csv").body(body);
@@ -326,6 +327,16 @@ async fn upload_api_checks_tokens_sizes_and_names() {
         assert_eq!(r.status().as_u16(), 400, "{q}: {}", r.text().await.unwrap());
     }
     assert_eq!(post(format!("namespace={ns}"), vec![], Some("s3cret")).await.unwrap().status().as_u16(), 400);
+    // a stalled upload: one chunk, then nothing
+    let stalled = futures::stream::once(async { Ok::<_, std::io::Error>(b"lat,lon\n".to_vec()) }).chain(futures::stream::pending());
+    let r = http
+        .post(format!("{}/v1/imports?namespace={ns}", op.url))
+        .bearer_auth("s3cret")
+        .body(reqwest::Body::wrap_stream(stalled))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 408);
     // multipart works, and nothing was left behind by the refused uploads
     let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(small.clone()).file_name("x.csv"));
     let r = http.post(format!("{}/v1/imports?name=multi&namespace={ns}", op.url)).bearer_auth("s3cret").multipart(form).send().await.unwrap();

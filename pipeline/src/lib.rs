@@ -28,6 +28,6 @@ pub const EXIT_QUOTA_EXHAUSTED: i32 = 3;
 /// (kube uses ring, reqwest aws-lc-rs), so rustls cannot pick one by itself.
 pub fn init_process() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=error".into());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

@@ -175,7 +175,7 @@ async fn a_killed_enricher_resumes_without_asking_a_finished_batch_twice() {
     .map(|s| s.to_string())
     .collect();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut child = local_cmd(&argv).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = local_cmd(&argv).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Wait (on the server's own count, not a clock) until the enrichers are well under way.
     let mut killed = None;
     for _ in 0..600 {

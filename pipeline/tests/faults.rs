@@ -2,6 +2,10 @@
 //! still ends `enriched`, `no_match` or `failed` with a reason, and `failed`
 //! rows can be retried later.
 
+mod common;
+
+use common::fresh_pg;
+
 use std::{sync::Arc, time::Duration};
 
 use pipeline::{
@@ -15,17 +19,7 @@ use pipeline::{
     retry::RetryPolicy,
     test_server::{Faults, TestServer},
 };
-use sqlx::Connection;
 
-async fn fresh_pg() -> Store {
-    let base = std::env::var("TEST_DATABASE_URL").expect("TEST_DATABASE_URL is not set: run the tests with `make test`, which starts PostgreSQL");
-    let name = format!("f_{:x}_{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos(), std::process::id());
-    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
-    let store = Store::connect(&format!("{}/{name}", base.rsplit_once('/').unwrap().0)).await.unwrap();
-    store.migrate().await.unwrap();
-    store
-}
 
 /// Postcodes on a 0.01° grid around London: every test point has one within 100 m.
 fn grid_index() -> Arc<OfflineIndex> {
@@ -114,7 +108,7 @@ async fn read_timeouts_are_retried() {
 
 #[tokio::test]
 async fn slow_answers_within_the_timeout_are_waited_for() {
-    let st = survives(&["slow", "slow"], Faults { slow_ms: 500, ..Faults::default() }, 3).await;
+    survives(&["slow", "slow"], Faults { slow_ms: 500, ..Faults::default() }, 3).await;
 }
 
 #[tokio::test]

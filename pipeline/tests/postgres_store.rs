@@ -2,11 +2,15 @@
 //! COPY load and reload, claims with SKIP LOCKED, resume after a lost batch, and
 //! four concurrent shards drawing on one quota.
 
+mod common;
+
+use common::fresh_pg;
+
 use std::{io::Write, sync::Arc};
 
 use pipeline::{
     csv_input::CsvOptions,
-    db::{Outcome, Saved, Store},
+    db::{Outcome, Saved},
     enrich::{run_shard, Provider, ShardConfig},
     load::{load, Source},
     lookup::SearchPlan,
@@ -16,18 +20,7 @@ use pipeline::{
     retry::RetryPolicy,
     test_server::{Faults, TestServer},
 };
-use sqlx::Connection;
 
-async fn fresh_pg() -> Store {
-    let base = std::env::var("TEST_DATABASE_URL").expect("TEST_DATABASE_URL is not set: run the tests with `make test`, which starts PostgreSQL");
-    let name = format!("s_{:x}_{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos(), std::process::id());
-    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
-    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
-    let store = Store::connect(&url).await.unwrap();
-    store.migrate().await.unwrap();
-    store
-}
 
 fn csv_file(text: &str) -> tempfile_path::Path {
     tempfile_path::Path::with(text)

@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 exec .ci/with-services.sh bash -c '
   set -euo pipefail
   cargo build --release --workspace --bins
-  cargo test --release --workspace -- --test-threads="${TEST_THREADS:-2}"
+  cargo test --release --workspace -- --test-threads="${TEST_THREADS:-1}"
 '

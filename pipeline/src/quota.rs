@@ -9,8 +9,9 @@
 //! `paused_until`, which every shard's next reservation honours. The optional
 //! budget (`max_requests`) is checked in the same atomic statement.
 
-/// Slots are this much further apart than 1/rps, to absorb scheduling jitter.
-pub const SPACING_MARGIN: f64 = 1.03;
+/// Slots are this much further apart than 1/rps, to absorb scheduling jitter
+/// (3 % was not enough on a loaded 2-core machine: 21 requests in one second at 20 rps).
+pub const SPACING_MARGIN: f64 = 1.06;
 
 /// Seconds between two request slots at `requests_per_second`.
 pub fn interval_s(requests_per_second: f64) -> f64 {

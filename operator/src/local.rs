@@ -167,7 +167,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     let store = Store::connect(&args.db).await?;
     store.migrate().await?;
     let path_str = path.to_string_lossy().to_string();
-    let uid = format!("local-{}", &pipeline_sha(&path_str)[..16]);
+    let uid = format!("local-{}", &path_id(&path_str)[..16]);
     let sha = tokio::task::spawn_blocking({
         let path = path.clone();
         move || sha256_file(&path)
@@ -264,7 +264,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn pipeline_sha(s: &str) -> String {
+fn path_id(s: &str) -> String {
     use std::fmt::Write;
     // FNV-1a 64 twice with different offsets: a stable, dependency-free id for a path.
     let mut out = String::new();

@@ -1,5 +1,5 @@
 # Entry points; see README.md.
-.PHONY: build test e2e sample
+.PHONY: build test e2e sample bench
 
 build:
 	cargo build --release --workspace --bins
@@ -15,3 +15,7 @@ sample: build
 # The operator end to end on a real API server with the real 100,000-row file.
 e2e:
 	bash .ci/e2e.sh
+
+# Benchmarks against psql \copy, sqlite3 .import, scipy and the quota floor; writes BENCHMARKS.md.
+bench:
+	bash bench/run.sh

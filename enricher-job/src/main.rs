@@ -34,6 +34,10 @@ struct Args {
     /// Answer from an ONS postcode file instead of the API (no requests, no quota).
     #[arg(long, env = "OFFLINE_POSTCODES")]
     offline_postcodes: Option<PathBuf>,
+    /// Where the parsed postcode file is cached between enricher processes
+    /// (default: `postcode-operator-index` in the temporary directory).
+    #[arg(long, env = "OFFLINE_INDEX_CACHE_DIR")]
+    index_cache_dir: Option<PathBuf>,
     /// First search radius, metres.
     #[arg(long, default_value_t = 100.0)]
     radius_m: f64,
@@ -97,7 +101,8 @@ async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
             let started = std::time::Instant::now();
             let index = tokio::task::spawn_blocking({
                 let path = path.clone();
-                move || OfflineIndex::load(&path)
+                let cache = args.index_cache_dir.clone().unwrap_or_else(pipeline::offline::default_cache_dir);
+                move || OfflineIndex::load_cached(&path, &cache)
             })
             .await
             .map_err(|e| retryable(e.into()))?

@@ -199,6 +199,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     let log_dir = std::env::temp_dir().join(format!("postcode-operator-{uid}"));
     std::fs::create_dir_all(&log_dir)?;
 
+    // Parse the postcode file once, into the cache every enricher reads, while the reader loads.
+    let warm_index = offline.clone().map(|p| {
+        tokio::task::spawn_blocking(move || pipeline::offline::OfflineIndex::ensure_cache(&p, &pipeline::offline::default_cache_dir()))
+    });
     if resumed {
         eprintln!("resuming {}: {} rows already loaded", path.display(), import.rows_total);
     } else {
@@ -227,6 +231,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
         eprintln!("retrying {n} failed coordinates");
     }
 
+    if let Some(warm) = warm_index {
+        warm.await?.with_context(|| format!("cannot read the postcode file {}", offline.as_ref().map_or(String::new(), |p| p.display().to_string())))?;
+    }
     let ends = enrich(&store, &import, &plan, &args.db, &log_dir).await?;
     let counts = store.counts(&import).await?;
     let q = store.quota_counters(import.id).await?;
@@ -291,7 +298,7 @@ async fn enrich(store: &Store, import: &ImportRecord, plan: &ImportPlan, db: &st
     let bar = if tty {
         let bar = indicatif::ProgressBar::new(1);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} coordinates {msg}")
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows {msg}")
                 .expect("template")
                 .progress_chars("=> "),
         );
@@ -313,11 +320,11 @@ async fn enrich(store: &Store, import: &ImportRecord, plan: &ImportPlan, db: &st
                 let (Ok(c), Ok(q)) = (store.counts(import).await, store.quota_counters(import.id).await) else { continue };
                 match &bar {
                     Some(bar) => {
-                        bar.set_length(c.coordinates_total.max(1) as u64);
-                        bar.set_position(c.coordinates_done as u64);
+                        bar.set_length((c.rows_total - c.rows_invalid).max(1) as u64);
+                        bar.set_position((c.rows_enriched + c.rows_no_match + c.rows_failed) as u64);
                         bar.set_message(format!("| rows enriched {} no_match {} failed {} | requests {}", c.rows_enriched, c.rows_no_match, c.rows_failed, q.requests));
                     }
-                    None => eprintln!("progress: {}/{} coordinates, rows enriched {} no_match {} failed {}, requests {}", c.coordinates_done, c.coordinates_total, c.rows_enriched, c.rows_no_match, c.rows_failed, q.requests),
+                    None => eprintln!("progress: {}/{} rows, enriched {} no_match {} failed {}, requests {}", c.rows_enriched + c.rows_no_match + c.rows_failed, c.rows_total - c.rows_invalid, c.rows_enriched, c.rows_no_match, c.rows_failed, q.requests),
                 }
             }
             _ = tokio::signal::ctrl_c() => {

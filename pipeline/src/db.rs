@@ -12,7 +12,7 @@ use futures::TryStreamExt;
 use sqlx::{
     postgres::{PgPool, PgPoolOptions},
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
-    Postgres, QueryBuilder, Row as _, Sqlite,
+    Postgres, Row as _,
 };
 use tokio::sync::mpsc;
 
@@ -21,6 +21,7 @@ use crate::{
     geo::shard_of,
     lookup::{Area, Match},
     quota::{interval_s, Slot},
+    sqlite_bulk,
 };
 
 /// A database connection pool of either kind.
@@ -128,12 +129,27 @@ pub struct QuotaCounters {
     pub throttled: i64,
 }
 
+/// The lookups of one planned shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardPlan {
+    /// Distinct coordinates (lookups) in the shard.
+    pub coordinates: i64,
+    /// Valid rows in the shard.
+    pub rows: i64,
+}
+
+pub(crate) const PLANNED: &str = "SELECT coordinates, rows FROM shard_plans WHERE import_id = $1 AND shard = $2";
+/// Inserts the shard's lookups (`$1` import, `$2` shard).
+pub(crate) const PLAN: &str = "INSERT INTO lookups (import_id, lat, lon, shard, rows) SELECT import_id, lat, lon, shard, COUNT(*) FROM points WHERE import_id = $1 AND shard = $2 AND status = 'pending' GROUP BY import_id, shard, lat, lon ON CONFLICT DO NOTHING";
+/// (coordinates, rows) of the shard's lookups.
+pub(crate) const PLAN_COUNT: &str = "SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM lookups WHERE import_id = $1 AND shard = $2";
+pub(crate) const RECORD_PLAN: &str = "INSERT INTO shard_plans (import_id, shard, coordinates, rows) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
+
 /// Rows written by a load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadCounts {
     pub rows: i64,
     pub invalid: i64,
-    pub coordinates: i64,
 }
 
 fn now_s() -> f64 {
@@ -174,7 +190,7 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(60))
-            .pragma("cache_size", "-65536");
+            .pragma("cache_size", "-16384");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(60))
@@ -262,7 +278,7 @@ impl Store {
         let Some(imp) = self.import(uid).await? else { return Ok(()) };
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
-            for sql in ["DELETE FROM points WHERE import_id = $1", "DELETE FROM lookups WHERE import_id = $1", "DELETE FROM quotas WHERE import_id = $1", "DELETE FROM imports WHERE id = $1"] {
+            for sql in ["DELETE FROM points WHERE import_id = $1", "DELETE FROM lookups WHERE import_id = $1", "DELETE FROM shard_plans WHERE import_id = $1", "DELETE FROM quotas WHERE import_id = $1", "DELETE FROM imports WHERE id = $1"] {
                 sqlx::query(sql).bind(imp.id).execute(&mut *tx).await?;
             }
             tx.commit().await?;
@@ -273,10 +289,11 @@ impl Store {
     // ---------------------------------------------------------------- load
 
     /// Replaces the import's rows with the batches received on `rows`: deletes
-    /// what an earlier load wrote, writes every row (PostgreSQL `COPY` in one
-    /// transaction; SQLite batched inserts, committed in chunks while the phase
-    /// says `Loading`), then creates one lookup per distinct valid coordinate
-    /// (shard = [`shard_of`]) and sets the phase to `Loaded`.
+    /// what an earlier load wrote (rows, lookups, shard plans), writes every row
+    /// (PostgreSQL `COPY` in one transaction; SQLite prepared inserts, committed
+    /// in chunks while the phase says `Loading`) with its shard ([`shard_of`]),
+    /// and sets the phase to `Loaded`. The lookups (one per distinct coordinate)
+    /// are made by each shard's enricher: see [`Store::plan_shard`].
     pub async fn load(
         &self,
         import: &ImportRecord,
@@ -290,8 +307,7 @@ impl Store {
         let header = layout.header.as_ref().map(serde_json::to_string).transpose()?;
         let delim = (layout.delimiter as char).to_string();
         const START: &str = "UPDATE imports SET phase = 'Loading', error = NULL, delimiter = $2, header = $3, width = $4, lat_index = $5, lon_index = $6, rows_total = 0, rows_invalid = 0 WHERE id = $1";
-        const DELETES: [&str; 2] = ["DELETE FROM points WHERE import_id = $1", "DELETE FROM lookups WHERE import_id = $1"];
-        const LOOKUPS: &str = "INSERT INTO lookups (import_id, lat, lon, shard, rows) SELECT import_id, lat, lon, MIN(shard), COUNT(*) FROM points WHERE import_id = $1 AND status = 'pending' GROUP BY import_id, lat, lon";
+        const DELETES: [&str; 3] = ["DELETE FROM points WHERE import_id = $1", "DELETE FROM lookups WHERE import_id = $1", "DELETE FROM shard_plans WHERE import_id = $1"];
         const DONE: &str = "UPDATE imports SET phase = 'Loaded', rows_total = $2, rows_invalid = $3, source_sha256 = $4 WHERE id = $1";
         let mut counts = LoadCounts::default();
         let count = |counts: &mut LoadCounts, r: &Row| {
@@ -340,8 +356,6 @@ impl Store {
                     copy.finish().await?;
                 }
                 let sha = done.await?;
-                let inserted = sqlx::query(LOOKUPS).bind(id).execute(&mut *tx).await?;
-                counts.coordinates = inserted.rows_affected() as i64;
                 sqlx::query(DONE).bind(id).bind(counts.rows).bind(counts.invalid).bind(sha).execute(&mut *tx).await?;
                 tx.commit().await?;
             }
@@ -352,41 +366,16 @@ impl Store {
                     sqlx::query(sql).bind(id).execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
-                let mut tx = p.begin().await?;
-                let mut in_tx = 0usize;
-                while let Some(batch) = rows.recv().await {
-                    // 9 parameters a row; SQLite allows 32766 a statement.
-                    for chunk in batch.chunks(3000) {
-                        let mut qb: QueryBuilder<Sqlite> =
-                            QueryBuilder::new("INSERT INTO points (import_id, row_number, line, fields, lat, lon, shard, status, error) ");
-                        qb.push_values(chunk, |mut b, r| {
-                            b.push_bind(id).push_bind(r.row_number as i64).push_bind(r.line as i64).push_bind(r.fields.as_str());
-                            match &r.coordinate {
-                                Ok((lat, lon)) => {
-                                    b.push_bind(*lat).push_bind(*lon).push_bind(shard_of(*lat, *lon, shards) as i32).push_bind("pending").push_bind(None::<&str>);
-                                }
-                                Err(e) => {
-                                    b.push_bind(None::<f64>).push_bind(None::<f64>).push_bind(None::<i32>).push_bind("invalid").push_bind(e.as_str());
-                                }
-                            }
-                        });
-                        qb.build().execute(&mut *tx).await?;
-                    }
-                    for r in &batch {
-                        count(&mut counts, r);
-                    }
-                    in_tx += batch.len();
-                    if in_tx >= 200_000 {
-                        tx.commit().await?;
-                        tx = p.begin().await?;
-                        in_tx = 0;
-                    }
-                }
+                let path = sqlite_bulk::path_of(p);
+                let (conn, written) = tokio::task::spawn_blocking(move || sqlite_bulk::insert_points(&path, id, shards, rows)).await??;
+                counts = written;
                 let sha = done.await?;
-                let inserted = sqlx::query(LOOKUPS).bind(id).execute(&mut *tx).await?;
-                counts.coordinates = inserted.rows_affected() as i64;
-                sqlx::query(DONE).bind(id).bind(counts.rows).bind(counts.invalid).bind(sha).execute(&mut *tx).await?;
-                tx.commit().await?;
+                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    // `$n` are named parameters in SQLite, numbered by first appearance: bind by name.
+                    conn.execute(DONE, rusqlite::named_params! {"$1": id, "$2": counts.rows, "$3": counts.invalid, "$4": sha})?;
+                    Ok(())
+                })
+                .await??;
             }
         }
         Ok(counts)
@@ -445,6 +434,14 @@ impl Store {
         })
     }
 
+    /// Gives back a reserved slot that was not used (its request was not sent):
+    /// the request counter and budget get it back; the slot's time stays spent.
+    pub async fn release_slot(&self, import_id: i64) -> anyhow::Result<()> {
+        const SQL: &str = "UPDATE quotas SET requests = requests - 1 WHERE import_id = $1 AND requests > 0";
+        on_pool!(self, p => sqlx::query(SQL).bind(import_id).execute(p).await.map(drop))?;
+        Ok(())
+    }
+
     /// Pauses every shard of the import for `seconds` (a 429's Retry-After).
     pub async fn pause(&self, import_id: i64, seconds: f64) -> anyhow::Result<()> {
         match self {
@@ -483,6 +480,55 @@ impl Store {
 
     // ---------------------------------------------------------------- enrichment
 
+    /// [`Store::plan_shard`] for a provider that answers at once (the offline
+    /// index): on SQLite the shard's coordinates are written already answered
+    /// (see [`sqlite_bulk::plan_shard_answered`]); elsewhere this just plans.
+    pub async fn plan_shard_answered(
+        &self,
+        import_id: i64,
+        shard: i32,
+        answer: impl Fn(&[Claimed]) -> Vec<Saved> + Send + 'static,
+    ) -> anyhow::Result<ShardPlan> {
+        match self {
+            Store::Sqlite(p) => {
+                let path = sqlite_bulk::path_of(p);
+                let done = tokio::task::spawn_blocking(move || sqlite_bulk::plan_shard_answered(&path, import_id, shard, answer)).await??;
+                match done {
+                    Some(plan) => Ok(plan),
+                    None => self.plan_shard(import_id, shard).await,
+                }
+            }
+            Store::Postgres(_) => self.plan_shard(import_id, shard).await,
+        }
+    }
+
+    /// Plans a shard once: creates one pending lookup per distinct coordinate of
+    /// the shard's valid rows (with its row count) and records the plan, in one
+    /// transaction. Later calls (a resumed enricher) return the recorded plan.
+    pub async fn plan_shard(&self, import_id: i64, shard: i32) -> anyhow::Result<ShardPlan> {
+        match self {
+            Store::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                // Serialises two enrichers of one shard (a Job's replacement pod) until commit.
+                sqlx::query("SELECT pg_advisory_xact_lock($1, $2)").bind(import_id as i32).bind(shard).execute(&mut *tx).await?;
+                let planned: Option<(i64, i64)> = sqlx::query_as(PLANNED).bind(import_id).bind(shard).fetch_optional(&mut *tx).await?;
+                if let Some((coordinates, rows)) = planned {
+                    return Ok(ShardPlan { coordinates, rows });
+                }
+                sqlx::query(PLAN).bind(import_id).bind(shard).execute(&mut *tx).await?;
+                let (coordinates, rows): (i64, i64) =
+                    sqlx::query_as(sqlx::AssertSqlSafe(PLAN_COUNT.replace("SUM(rows)", "SUM(rows)::int8"))).bind(import_id).bind(shard).fetch_one(&mut *tx).await?;
+                sqlx::query(RECORD_PLAN).bind(import_id).bind(shard).bind(coordinates).bind(rows).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(ShardPlan { coordinates, rows })
+            }
+            Store::Sqlite(p) => {
+                let path = sqlite_bulk::path_of(p);
+                tokio::task::spawn_blocking(move || sqlite_bulk::plan_shard(&path, import_id, shard)).await?
+            }
+        }
+    }
+
     /// How many pending coordinates of the shard are at `stage`, counting at most `cap`.
     pub async fn pending_at_stage(&self, import_id: i64, shard: i32, stage: i16, cap: i64) -> anyhow::Result<i64> {
         const SQL: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM lookups WHERE import_id = $1 AND shard = $2 AND status = 'pending' AND stage = $3 LIMIT $4) t";
@@ -503,7 +549,10 @@ impl Store {
                 Ok(Claim { tx: Some(tx), import_id, items })
             }
             Store::Sqlite(p) => {
-                let rows: Vec<(f64, f64, i16, i32)> = sqlx::query_as(SQL).bind(import_id).bind(shard).bind(stage).bind(limit).fetch_all(p).await?;
+                // Without table statistics SQLite walks the primary key for the ORDER BY,
+                // scanning every finished row on each claim; the claim index gives the same order.
+                let sql = SQL.replace("FROM lookups", "FROM lookups INDEXED BY lookups_claim");
+                let rows: Vec<(f64, f64, i16, i32)> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(import_id).bind(shard).bind(stage).bind(limit).fetch_all(p).await?;
                 let items = rows.into_iter().map(|(lat, lon, stage, attempts)| Claimed { lat, lon, stage, attempts }).collect();
                 Ok(Claim { tx: None, import_id, items })
             }
@@ -555,40 +604,8 @@ impl Store {
                 tx.commit().await?;
             }
             Store::Sqlite(p) => {
-                let mut tx = p.begin().await?;
-                // VALUES columns: 1 lat, 2 lon, 3 attempts, 4 status, 5 stage, 6 postcode,
-                // 7 distance_m, 8 result, 9 error, 10.. area columns.
-                let mut sql = String::from(
-                    "UPDATE lookups SET status = v.column4, stage = COALESCE(v.column5, lookups.stage), attempts = v.column3, postcode = v.column6, distance_m = v.column7, result = v.column8, error = v.column9",
-                );
-                for (i, a) in Area::COLUMNS.iter().enumerate() {
-                    sql.push_str(&format!(", {a} = v.column{}", 10 + i));
-                }
-                sql.push_str(" FROM (");
-                // 20 parameters a row; SQLite allows 32766 a statement.
-                for chunk in results.chunks(1500) {
-                    let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(sql.clone());
-                    qb.push_values(chunk, |mut b, s| {
-                        let c = Cols::of(s);
-                        b.push_bind(s.lat)
-                            .push_bind(s.lon)
-                            .push_bind(s.attempts)
-                            .push_bind(c.status.to_string())
-                            .push_bind(c.stage)
-                            .push_bind(c.m.map(|m| m.postcode.clone()))
-                            .push_bind(c.m.map(|m| m.distance_m))
-                            .push_bind(c.m.and_then(|m| m.raw.clone()))
-                            .push_bind(c.error.map(str::to_string));
-                        for i in 0..Area::COLUMNS.len() {
-                            b.push_bind(c.area(i).map(str::to_string));
-                        }
-                    });
-                    qb.push(") AS v WHERE lookups.import_id = ");
-                    qb.push_bind(import_id);
-                    qb.push(" AND lookups.lat = v.column1 AND lookups.lon = v.column2");
-                    qb.build().execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
+                let (path, results) = (sqlite_bulk::path_of(p), results.to_vec());
+                tokio::task::spawn_blocking(move || sqlite_bulk::save(&path, import_id, &results)).await??;
             }
         }
         Ok(())
@@ -596,15 +613,15 @@ impl Store {
 }
 
 /// The columns a [`Saved`] result writes.
-struct Cols<'a> {
-    status: &'static str,
-    stage: Option<i16>,
-    m: Option<&'a Match>,
-    error: Option<&'a str>,
+pub(crate) struct Cols<'a> {
+    pub(crate) status: &'static str,
+    pub(crate) stage: Option<i16>,
+    pub(crate) m: Option<&'a Match>,
+    pub(crate) error: Option<&'a str>,
 }
 
 impl<'a> Cols<'a> {
-    fn of(s: &'a Saved) -> Self {
+    pub(crate) fn of(s: &'a Saved) -> Self {
         match &s.outcome {
             Outcome::Enriched(m) => Cols { status: "enriched", stage: None, m: Some(m), error: None },
             Outcome::NextStage(st) => Cols { status: "pending", stage: Some(*st), m: None, error: None },
@@ -614,7 +631,7 @@ impl<'a> Cols<'a> {
         }
     }
 
-    fn area(&self, i: usize) -> Option<&'a str> {
+    pub(crate) fn area(&self, i: usize) -> Option<&'a str> {
         self.m.and_then(|m| m.area.values()[i].as_deref())
     }
 }
@@ -654,7 +671,7 @@ impl Store {
         for (status, coords, rows) in rows {
             c.coordinates_total += coords;
             match status.as_str() {
-                "pending" => c.rows_pending += rows,
+                "pending" => {}
                 "enriched" => c.rows_enriched += rows,
                 "no_match" => c.rows_no_match += rows,
                 _ => c.rows_failed += rows,
@@ -663,6 +680,8 @@ impl Store {
                 c.coordinates_done += coords;
             }
         }
+        // Rows of shards not planned yet have no lookup: count them as pending too.
+        c.rows_pending = (total - invalid - c.rows_enriched - c.rows_no_match - c.rows_failed).max(0);
         Ok(c)
     }
 
@@ -676,8 +695,17 @@ impl Store {
         Ok(rows.into_iter().map(|(shard, rows, done, failed)| ShardCounts { shard, rows, done, failed }).collect())
     }
 
-    /// Number of pending coordinates in the shard (all of them when `shard` is `None`).
+    /// Number of pending coordinates in the shard (all of them when `shard` is
+    /// `None`); for a shard not planned yet, its pending rows.
     pub async fn pending(&self, import_id: i64, shard: Option<i32>) -> anyhow::Result<i64> {
+        if let Some(shard) = shard {
+            let planned: Option<(i64, i64)> = on_pool!(self, p => sqlx::query_as(PLANNED).bind(import_id).bind(shard).fetch_optional(p).await)?;
+            if planned.is_none() {
+                const ROWS: &str = "SELECT COUNT(*) FROM points WHERE import_id = $1 AND shard = $2 AND status = 'pending'";
+                let (n,): (i64,) = on_pool!(self, p => sqlx::query_as(ROWS).bind(import_id).bind(shard).fetch_one(p).await)?;
+                return Ok(n);
+            }
+        }
         const SQL: &str = "SELECT COUNT(*) FROM lookups WHERE import_id = $1 AND status = 'pending' AND ($2 IS NULL OR shard = $2)";
         let (n,): (i64,) = match self {
             Store::Postgres(p) => sqlx::query_as(sqlx::AssertSqlSafe(SQL.replace("$2 IS NULL", "$2::int4 IS NULL"))).bind(import_id).bind(shard).fetch_one(p).await?,
@@ -698,13 +726,27 @@ impl Store {
     pub async fn for_each_result(&self, import_id: i64, mut sink: impl FnMut(ResultRow) -> anyhow::Result<()>) -> anyhow::Result<u64> {
         const SQL: &str = "SELECT row_number, fields, status, postcode, distance_m, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, error FROM point_results WHERE import_id = $1 ORDER BY row_number";
         let mut n = 0u64;
-        on_pool!(self, p => {
-            let mut stream = sqlx::query_as::<_, ResultRow>(SQL).bind(import_id).fetch(p);
-            while let Some(row) = stream.try_next().await? {
-                sink(row)?;
-                n += 1;
+        match self {
+            Store::Postgres(p) => {
+                let mut stream = sqlx::query_as::<_, ResultRow>(SQL).bind(import_id).fetch(p);
+                while let Some(row) = stream.try_next().await? {
+                    sink(row)?;
+                    n += 1;
+                }
             }
-        });
+            Store::Sqlite(p) => {
+                let path = sqlite_bulk::path_of(p);
+                let (tx, mut pages) = mpsc::channel(4);
+                let reader = tokio::task::spawn_blocking(move || sqlite_bulk::results(&path, import_id, tx));
+                while let Some(page) = pages.recv().await {
+                    for row in page {
+                        sink(row)?;
+                        n += 1;
+                    }
+                }
+                reader.await??;
+            }
+        }
         Ok(n)
     }
 

@@ -17,7 +17,7 @@ use crate::{
     lookup::{SearchPlan, MAX_BULK_GEOLOCATIONS},
     offline::OfflineIndex,
     postcodes_io::{Answer, CallError, PostcodesIo},
-    quota::Slot,
+    quota::{Slot, LATE_TOLERANCE_S},
     retry::RetryPolicy,
 };
 
@@ -56,6 +56,8 @@ pub struct RunStats {
     pub requests: u64,
     pub retries: u64,
     pub throttled: u64,
+    /// Request slots given back because the sender woke too late for them.
+    pub late_slots: u64,
 }
 
 /// Coordinates a batch of the offline provider (no request limit applies).
@@ -77,10 +79,19 @@ async fn next_stage(store: &Store, cfg: &ShardConfig, batch: i64) -> anyhow::Res
     Ok(None)
 }
 
-/// Runs the shard to completion (or until the budget is spent), calling
-/// `progress` after every saved batch.
+/// Plans the shard if no run has yet ([`Store::plan_shard`]), then runs it to
+/// completion (or until the budget is spent), calling `progress` after every saved batch.
 pub async fn run_shard(store: &Store, provider: &Provider, cfg: &ShardConfig, mut progress: impl FnMut(&RunStats)) -> anyhow::Result<Finish> {
     let mut stats = RunStats::default();
+    match provider {
+        Provider::Offline(index) => {
+            let (index, plan) = (index.clone(), cfg.plan.clone());
+            store.plan_shard_answered(cfg.import_id, cfg.shard, move |items| offline_batch(&index, &plan, items)).await?;
+        }
+        Provider::Api(_) => {
+            store.plan_shard(cfg.import_id, cfg.shard).await?;
+        }
+    }
     let batch = match provider {
         Provider::Api(_) => MAX_BULK_GEOLOCATIONS as i64,
         Provider::Offline(_) => OFFLINE_BATCH,
@@ -151,8 +162,14 @@ async fn api_batch(
                 return Ok(None);
             }
             Slot::At { at, now } => {
-                if at > now {
-                    tokio::time::sleep(Duration::from_secs_f64(at - now)).await;
+                let due = tokio::time::Instant::now() + Duration::from_secs_f64((at - now).max(0.0));
+                tokio::time::sleep_until(due).await;
+                if tokio::time::Instant::now().duration_since(due).as_secs_f64() > LATE_TOLERANCE_S {
+                    // Woke too late for this slot: sending now could crowd the next
+                    // second (see crate::quota). Give it back and take a new one.
+                    store.release_slot(cfg.import_id).await?;
+                    stats.late_slots += 1;
+                    continue;
                 }
             }
         }

@@ -8,6 +8,7 @@ pub mod db;
 pub mod enrich;
 pub mod export;
 pub mod geo;
+pub mod grid;
 pub mod load;
 pub mod lookup;
 pub mod offline;
@@ -15,6 +16,7 @@ pub mod postcode;
 pub mod postcodes_io;
 pub mod quota;
 pub mod retry;
+pub mod sqlite_bulk;
 pub mod test_server;
 
 /// Exit code of a Job that failed for a reason a retry will not fix (bad input,

@@ -59,12 +59,22 @@ async fn copy_load_counts_every_row_and_a_reload_replaces() {
     let f = csv_file(&text);
     let imp = store.ensure_import("u1", "t", "file", 4).await.unwrap();
     let c = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
-    assert_eq!((c.rows, c.invalid, c.coordinates), (25_001, 1, 1000));
+    assert_eq!((c.rows, c.invalid), (25_001, 1));
     // reload: replaced, not duplicated
     let c2 = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
     assert_eq!(c, c2);
     let imp = store.import("u1").await.unwrap().unwrap();
     assert_eq!((imp.phase.as_str(), imp.rows_total, imp.rows_invalid), ("Loaded", 25_001, 1));
+    let counts = store.counts(&imp).await.unwrap();
+    assert_eq!((counts.rows_pending, counts.coordinates_total), (25_000, 0), "no shard planned yet");
+    let mut planned = pipeline::db::ShardPlan::default();
+    for shard in 0..4 {
+        let p = store.plan_shard(imp.id, shard).await.unwrap();
+        assert_eq!(store.plan_shard(imp.id, shard).await.unwrap(), p, "planned once");
+        planned.coordinates += p.coordinates;
+        planned.rows += p.rows;
+    }
+    assert_eq!((planned.coordinates, planned.rows), (1000, 25_000));
     let counts = store.counts(&imp).await.unwrap();
     assert_eq!((counts.rows_pending, counts.coordinates_total), (25_000, 1000));
     // the user's fields survive COPY escaping
@@ -102,6 +112,7 @@ async fn claims_skip_locked_rows_and_a_lost_batch_is_claimed_again() {
     let f = csv_file(&text);
     let imp = store.ensure_import("u3", "t", "file", 1).await.unwrap();
     load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
+    store.plan_shard(imp.id, 0).await.unwrap();
     let a = store.claim(imp.id, 0, 0, 100).await.unwrap();
     let b = store.claim(imp.id, 0, 0, 100).await.unwrap();
     let sa: Vec<_> = a.items.iter().map(|c| c.lat.to_bits()).collect();
@@ -128,7 +139,7 @@ async fn four_shards_share_one_quota_and_finish_every_row() {
     let f = csv_file(&text);
     let imp = store.ensure_import("u4", "t", "file", 4).await.unwrap();
     let c = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
-    assert_eq!(c.coordinates, 2000);
+    assert_eq!(c.rows, 4000);
     // server limit = quota: any overshoot would show as a 429
     let server = TestServer::start(tiny_index(), Faults { rate_limit: Some(10), retry_after_s: Some(1), ..Faults::default() }).await.unwrap();
     store.set_quota(imp.id, 10.0, None).await.unwrap();

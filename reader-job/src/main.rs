@@ -70,7 +70,6 @@ async fn run(args: &Args) -> Result<(), (i32, anyhow::Error)> {
             tracing::info!(
                 rows = c.rows,
                 invalid = c.invalid,
-                coordinates = c.coordinates,
                 seconds = started.elapsed().as_secs_f64(),
                 "loaded {source}"
             );

@@ -1,0 +1,529 @@
+//! `postcode-bench run`: every benchmark of issue #5 next to its reference, on
+//! this machine, in one run, written as Markdown (BENCHMARKS.md).
+//!
+//! Each measured command runs as a child process; wall time is taken around
+//! it and peak RSS is the kernel's `ru_maxrss` from `wait4`, which for a
+//! process that ran children (`postcode-operator local`) is the largest of the
+//! process and its descendants.
+
+use std::{
+    fmt::Write as _,
+    fs::File,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use pipeline::{db::Store, test_server};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The shared data folder (postcodesgeo.csv, nspl-latlon.csv.gz).
+    #[arg(long, default_value = "../shared/data")]
+    data: PathBuf,
+    /// Scratch folder for synthetic files and databases.
+    #[arg(long, default_value = "/tmp/postcode-bench")]
+    work: PathBuf,
+    /// PostgreSQL to load into (a throwaway server: tables are created and dropped).
+    #[arg(long, env = "BENCH_DATABASE_URL")]
+    database_url: String,
+    /// Python with numpy and scipy, for the reference script.
+    #[arg(long, default_value = "python3")]
+    python: PathBuf,
+    /// Where the workspace's release binaries are.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Row counts of the load and memory runs (the first is the real file).
+    #[arg(long, value_delimiter = ',', default_value = "100000,1000000,10000000")]
+    sizes: Vec<u64>,
+    /// Quotas (requests a second) of the API runs.
+    #[arg(long, value_delimiter = ',', default_value = "20,50")]
+    quotas: Vec<f64>,
+    /// The Markdown report to write.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+}
+
+/// One measured child process.
+#[derive(Debug, Clone)]
+struct Measured {
+    seconds: f64,
+    peak_rss_kib: u64,
+    stdout: String,
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Runs `cmd` to completion with stdout captured to a file and stderr to `log`;
+/// fails when it exits non-zero.
+fn measure(cmd: &mut Command, log: &Path) -> Result<Measured> {
+    let out_path = log.with_extension("stdout");
+    cmd.stdin(Stdio::null()).stdout(File::create(&out_path)?).stderr(File::create(log)?);
+    let started = Instant::now();
+    let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let seconds = started.elapsed().as_secs_f64();
+    if r < 0 {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        let err = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = err.lines().rev().take(15).collect();
+        bail!("{cmd:?} failed (status {status}):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
+    Ok(Measured { seconds, peak_rss_kib: usage.ru_maxrss as u64, stdout })
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(if o.stdout.is_empty() { &o.stderr } else { &o.stdout }).trim().to_string())
+        .unwrap_or_else(|| "not found".into())
+}
+
+fn size_name(n: u64) -> String {
+    match n {
+        n if n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n % 1_000 == 0 => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "meets" } else { "**misses**" }
+}
+
+struct Ctx {
+    args: RunArgs,
+    rt: tokio::runtime::Runtime,
+    work: PathBuf,
+    real: PathBuf,
+    nspl: PathBuf,
+    bin: PathBuf,
+    index_cache: PathBuf,
+}
+
+impl Ctx {
+    fn bin(&self, name: &str) -> Command {
+        Command::new(self.bin.join(name))
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.work.join("logs").join(format!("{name}.log"))
+    }
+
+    fn input(&self, rows: u64) -> Result<PathBuf> {
+        let real_rows = BufReader::new(File::open(&self.real)?).lines().count() as u64 - 1;
+        if rows == real_rows {
+            return Ok(self.real.clone());
+        }
+        let path = self.work.join(format!("synthetic-{}.csv", size_name(rows)));
+        crate::synth(&self.real, rows, &path, 20261129)?;
+        Ok(path)
+    }
+
+    fn psql(&self, sql: &str) -> Result<()> {
+        let out = Command::new("psql").args([&self.args.database_url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql]).output()?;
+        if !out.status.success() {
+            bail!("psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    fn sqlite_store(&self, path: &Path) -> Result<()> {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        self.rt.block_on(async {
+            let store = Store::connect(&path.display().to_string()).await?;
+            store.migrate().await?;
+            store.close().await;
+            anyhow::Ok(())
+        })
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let work = args.work.clone();
+    std::fs::create_dir_all(work.join("logs"))?;
+    // The cache `local` builds (its TMPDIR is work/tmp): enricher runs share it.
+    let index_cache = work.join("tmp").join("postcode-operator-index");
+    let ctx = Ctx {
+        real: args.data.join("postcodesgeo.csv"),
+        nspl: args.data.join("nspl-latlon.csv.gz"),
+        bin: std::fs::canonicalize(&args.bin_dir).context("--bin-dir")?,
+        rt: tokio::runtime::Runtime::new()?,
+        work,
+        index_cache,
+        args,
+    };
+    for f in [&ctx.real, &ctx.nspl] {
+        if !f.exists() {
+            bail!("{} is missing (see --data)", f.display());
+        }
+    }
+    let started = Instant::now();
+    let mut md = String::new();
+    writeln!(md, "# Benchmarks\n")?;
+    writeln!(md, "Written by `make bench` (`bench/run.sh` → `postcode-bench run`); every figure in one run, next to its reference, on this machine.")?;
+    writeln!(md, "Wall times are whole commands; peak RSS is the kernel's `ru_maxrss` of the process (for `local`, the largest of it and its Jobs).\n")?;
+    machine(&ctx, &mut md)?;
+    let (inputs, loads) = load_section(&ctx, &mut md)?;
+    lookups_section(&ctx, &inputs, &mut md)?;
+    let e2e = e2e_section(&ctx, &inputs, &mut md)?;
+    memory_section(&ctx, &inputs, &loads, &e2e, &mut md)?;
+    api_section(&ctx, &mut md)?;
+    writeln!(md, "\nThe whole run took {:.0} s.", started.elapsed().as_secs_f64())?;
+    std::fs::write(&ctx.args.out, &md)?;
+    eprintln!("wrote {}", ctx.args.out.display());
+    Ok(())
+}
+
+fn machine(ctx: &Ctx, md: &mut String) -> Result<()> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = meminfo.lines().find(|l| l.starts_with("MemTotal")).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0)).unwrap_or(0);
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    writeln!(md, "## Machine\n")?;
+    writeln!(md, "| | |\n|---|---|")?;
+    writeln!(md, "| CPU | {cpu}, {cores} cores |")?;
+    writeln!(md, "| memory | {:.1} GiB |", mem as f64 / 1024.0 / 1024.0)?;
+    writeln!(md, "| kernel | {} |", command_output("uname", &["-sr"]))?;
+    writeln!(md, "| commit | {} |", command_output("git", &["rev-parse", "--short", "HEAD"]))?;
+    writeln!(md, "| rustc | {} |", command_output("rustc", &["--version"]))?;
+    writeln!(md, "| PostgreSQL | {} |", command_output("psql", &["-At", &ctx.args.database_url, "-c", "SHOW server_version"]))?;
+    writeln!(md, "| sqlite3 | {} |", command_output("sqlite3", &["--version"]).split_whitespace().next().unwrap_or("?"))?;
+    let py = ctx.args.python.display().to_string();
+    writeln!(md, "| Python | {} |", command_output(&py, &["-c", "import sys, numpy, scipy; print(sys.version.split()[0], 'numpy', numpy.__version__, 'scipy', scipy.__version__)"]))?;
+    writeln!(md, "| command | `make bench` |\n")?;
+    Ok(())
+}
+
+struct Load {
+    rows: u64,
+    pg: Measured,
+    pg_ref: Measured,
+    sqlite: Measured,
+    sqlite_ref: Measured,
+    enricher: Measured,
+}
+
+fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<Load>)> {
+    let mut inputs = Vec::new();
+    for &n in &ctx.args.sizes {
+        inputs.push((n, ctx.input(n)?));
+    }
+    ctx.rt.block_on(async {
+        let store = Store::connect(&ctx.args.database_url).await?;
+        store.migrate().await?;
+        store.close().await;
+        anyhow::Ok(())
+    })?;
+    // The harness itself stays small: a child's ru_maxrss starts from its parent's
+    // resident size at exec, so the postcode index is never loaded in this process.
+    let index_cache = ctx.index_cache.clone();
+    std::fs::create_dir_all(&index_cache)?;
+
+    let mut loads = Vec::new();
+    for (n, file) in &inputs {
+        let name = size_name(*n);
+        eprintln!("load {name}");
+        let file_s = file.display().to_string();
+        // PostgreSQL: psql \copy into a table keyed by row number, then the reader.
+        ctx.psql("DROP TABLE IF EXISTS bench_ref; CREATE TABLE bench_ref (row_number bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, lat double precision, lon double precision)")?;
+        let pg_ref = measure(
+            Command::new("psql").args([&ctx.args.database_url, "-v", "ON_ERROR_STOP=1", "-c", &format!("\\copy bench_ref (lat, lon) FROM '{file_s}' WITH (FORMAT csv, HEADER true)")]),
+            &ctx.log(&format!("psql-copy-{name}")),
+        )?;
+        ctx.psql("DROP TABLE bench_ref")?;
+        let uid = format!("bench-load-{name}");
+        let pg = measure(
+            ctx.bin("reader-job").args(["--import-uid", &uid, "--import-name", "bench", "--source", &file_s, "--shards", "4", "--database-url", &ctx.args.database_url]),
+            &ctx.log(&format!("reader-pg-{name}")),
+        )?;
+        ctx.rt.block_on(async {
+            let store = Store::connect(&ctx.args.database_url).await?;
+            store.delete_import(&uid).await?;
+            store.close().await;
+            anyhow::Ok(())
+        })?;
+        ctx.psql("VACUUM")?;
+        // SQLite: sqlite3 .import into a rowid table, then the reader.
+        let ref_db = ctx.work.join("bench-ref.db");
+        let _ = std::fs::remove_file(&ref_db);
+        let sqlite_ref = measure(
+            Command::new("sqlite3").arg(&ref_db).args(["CREATE TABLE bench_ref (lat DOUBLE PRECISION, lon DOUBLE PRECISION)", &format!(".import --csv --skip 1 {file_s} bench_ref")]),
+            &ctx.log(&format!("sqlite3-import-{name}")),
+        )?;
+        let _ = std::fs::remove_file(&ref_db);
+        let db = ctx.work.join("bench-load.db");
+        ctx.sqlite_store(&db)?;
+        let db_s = db.display().to_string();
+        let sqlite = measure(
+            ctx.bin("reader-job").args(["--import-uid", &uid, "--import-name", "bench", "--source", &file_s, "--shards", "4", "--database-url", &db_s]),
+            &ctx.log(&format!("reader-sqlite-{name}")),
+        )?;
+        // One enricher (shard 0 of 4) on what the reader loaded, for its memory.
+        let enricher = measure(
+            ctx.bin("enricher-job")
+                .args(["--import-uid", &uid, "--shard", "0", "--database-url", &db_s, "--offline-postcodes"])
+                .arg(&ctx.nspl)
+                .arg("--index-cache-dir")
+                .arg(&index_cache),
+            &ctx.log(&format!("enricher-sqlite-{name}")),
+        )?;
+        ctx.sqlite_store(&db)?;
+        loads.push(Load { rows: *n, pg, pg_ref, sqlite, sqlite_ref, enricher });
+    }
+
+    writeln!(md, "## 1. Load\n")?;
+    writeln!(md, "`reader-job` (detect, validate, store every row with its line and fields, then one lookup per distinct coordinate) against the database's own bulk loader putting the same file into a table keyed by row number: `psql \\copy` and `sqlite3 .import`.")?;
+    writeln!(md, "Inputs: the real file (100k rows), and synthetic files made from it by `postcode-bench synth` (copies after the first moved by up to ±0.001°).\n")?;
+    writeln!(md, "| rows | reader → PostgreSQL | `psql \\copy` | ratio (target ≤ 1.3) | reader → SQLite | `sqlite3 .import` | ratio (target ≤ 1.5) |")?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
+    for l in &loads {
+        let (rp, rs) = (l.pg.seconds / l.pg_ref.seconds, l.sqlite.seconds / l.sqlite_ref.seconds);
+        writeln!(
+            md,
+            "| {} | {:.2} s ({:.0} rows/s) | {:.2} s | {:.2} {} | {:.2} s ({:.0} rows/s) | {:.2} s | {:.2} {} |",
+            size_name(l.rows),
+            l.pg.seconds,
+            l.rows as f64 / l.pg.seconds,
+            l.pg_ref.seconds,
+            rp,
+            verdict(rp <= 1.3),
+            l.sqlite.seconds,
+            l.rows as f64 / l.sqlite.seconds,
+            l.sqlite_ref.seconds,
+            rs,
+            verdict(rs <= 1.5)
+        )?;
+    }
+    writeln!(md)?;
+    Ok((inputs, loads))
+}
+
+fn lookups_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], md: &mut String) -> Result<()> {
+    eprintln!("lookups");
+    let queries = inputs.iter().find(|(n, _)| *n == 1_000_000).or(inputs.last()).map(|(_, p)| p.clone()).context("no input")?;
+    let ours = measure(
+        ctx.bin("postcode-bench").args(["lookups", "--postcodes"]).arg(&ctx.nspl).arg("--queries").arg(&queries),
+        &ctx.log("lookups-rust"),
+    )?;
+    let theirs = measure(
+        Command::new(&ctx.args.python).arg("bench/reference.py").arg("lookups").arg(&ctx.nspl).arg(&queries),
+        &ctx.log("lookups-python"),
+    )?;
+    let o: serde_json::Value = serde_json::from_str(ours.stdout.trim())?;
+    let t: serde_json::Value = serde_json::from_str(theirs.stdout.trim())?;
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    writeln!(md, "## 2. Offline lookups\n")?;
+    writeln!(
+        md,
+        "The {:.0} postcodes of `nspl-latlon.csv.gz` ({:.0} distinct centroids in our index); {:.0} queries (the 1M input's coordinates, in file order), one thread. Both index unit vectors on the sphere (exact great-circle nearest). Build excludes reading the CSV, which is listed apart.\n",
+        f(&o, "postcodes"),
+        f(&o, "centroids"),
+        f(&o, "queries")
+    )?;
+    writeln!(md, "| | postcode-operator (kiddo k-d tree) | scipy cKDTree (`workers=1`) | target |")?;
+    writeln!(md, "|---|---:|---:|---|")?;
+    let qps = f(&o, "queries_per_s");
+    writeln!(md, "| queries/s, file order | {:.0} | {:.0} | ≥ 1,000,000: {} |", qps, f(&t, "queries_per_s"), verdict(qps >= 1e6))?;
+    writeln!(md, "| queries/s, sorted in batches of 4096 as the enricher claims them | {:.0} | | |", f(&o, "batch_sorted_queries_per_s"))?;
+    writeln!(md, "| index build | {:.2} s | {:.2} s | ≤ 5 s: {} |", f(&o, "build_s"), f(&t, "build_s"), verdict(f(&o, "build_s") <= 5.0))?;
+    writeln!(md, "| reading the postcode CSV | {:.2} s | {:.2} s | |", f(&o, "parse_s"), f(&t, "parse_s"))?;
+    writeln!(md, "| index memory | {:.0} MiB (RSS growth) | {:.0} MiB (tree arrays) | |", mib(f(&o, "index_rss_kib") as u64), f(&t, "tree_bytes") / 1048576.0)?;
+    writeln!(md, "| process peak RSS | {:.0} MiB | {:.0} MiB | |\n", mib(ours.peak_rss_kib), mib(theirs.peak_rss_kib))?;
+    Ok(())
+}
+
+struct E2e {
+    rows: u64,
+    cold: Measured,
+}
+
+fn local_offline(ctx: &Ctx, input: &Path, name: &str, cold: bool) -> Result<(Measured, PathBuf)> {
+    let db = ctx.work.join(format!("e2e-{name}.db"));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    let tmp = ctx.work.join("tmp");
+    if cold {
+        let _ = std::fs::remove_dir_all(&ctx.index_cache);
+    }
+    std::fs::create_dir_all(&tmp)?;
+    let out = ctx.work.join(format!("e2e-{name}.csv"));
+    let m = measure(
+        ctx.bin("postcode-operator")
+            .arg("local")
+            .arg(input)
+            .arg("--offline-postcodes")
+            .arg(&ctx.nspl)
+            .arg("--db")
+            .arg(&db)
+            .arg("--out")
+            .arg(&out)
+            .env("TMPDIR", &tmp),
+        &ctx.log(&format!("local-{name}")),
+    )?;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    Ok((m, out))
+}
+
+/// Rows where both outputs name a postcode, and how many at the same distance
+/// (both written to 0.1 m): the same nearest centroid, or one as near. Postcodes
+/// sharing a centroid may differ: the script takes any of them, in `pcd` form.
+fn agreement(ours: &Path, theirs: &Path) -> Result<(u64, u64)> {
+    let (mut a, mut b) = (csv::Reader::from_path(ours)?, csv::Reader::from_path(theirs)?);
+    let col = |h: &csv::StringRecord, name: &str| h.iter().position(|c| c == name).with_context(|| format!("{name} column"));
+    let (ha, hb) = (a.headers()?.clone(), b.headers()?.clone());
+    let (pa, pb, da, db) = (col(&ha, "postcode")?, col(&hb, "postcode")?, col(&ha, "distance_m")?, col(&hb, "distance_m")?);
+    let (mut both, mut same) = (0, 0);
+    for (x, y) in a.records().zip(b.records()) {
+        let (x, y) = (x?, y?);
+        if !x[pa].is_empty() && !y[pb].is_empty() {
+            both += 1;
+            same += u64::from(x[da] == y[db]);
+        }
+    }
+    Ok((both, same))
+}
+
+fn e2e_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], md: &mut String) -> Result<Vec<E2e>> {
+    let (rows, input) = inputs.iter().find(|(n, _)| *n == 1_000_000).or(inputs.last()).cloned().context("no input")?;
+    let name = size_name(rows);
+    eprintln!("end to end {name}");
+    let (cold, ours) = local_offline(ctx, &input, &name, true)?;
+    let (warm, _) = local_offline(ctx, &input, &format!("{name}-warm"), false)?;
+    let py_out = ctx.work.join(format!("python-{name}.csv"));
+    let python = measure(
+        Command::new(&ctx.args.python).arg("bench/reference.py").arg("e2e").arg(&ctx.nspl).arg(&input).arg(&py_out),
+        &ctx.log(&format!("python-e2e-{name}")),
+    )?;
+    let (both, same) = agreement(&ours, &py_out)?;
+    let ratio = cold.seconds / python.seconds;
+    writeln!(md, "## 3. End to end\n")?;
+    writeln!(md, "`postcode-operator local FILE --offline-postcodes nspl-latlon.csv.gz` (SQLite; reader, 4 enricher Jobs, export; every row stored) against `bench/reference.py e2e`, the script a user would write (csv module, scipy cKDTree, csv writer; no database), on the {name}-row input.\n")?;
+    writeln!(md, "| | wall | peak RSS |\n|---|---:|---:|")?;
+    writeln!(md, "| `local`, first run (parses the postcode file, caching it) | {:.1} s | {:.0} MiB |", cold.seconds, mib(cold.peak_rss_kib))?;
+    writeln!(md, "| `local`, postcode cache warm | {:.1} s | {:.0} MiB |", warm.seconds, mib(warm.peak_rss_kib))?;
+    writeln!(md, "| Python script | {:.1} s | {:.0} MiB |", python.seconds, mib(python.peak_rss_kib))?;
+    writeln!(md, "\nRatio, first run / Python: **{ratio:.2}** (target ≤ 0.5: {}); warm: {:.2}.", verdict(ratio <= 0.5), warm.seconds / python.seconds)?;
+    writeln!(md, "Same nearest distance (to 0.1 m) as the script on {same} of the {both} rows where both name a postcode ({:.3} %). Where postcodes share a centroid the script names any of them; we name the alphabetically first, as postcodes.io does.\n", 100.0 * same as f64 / both.max(1) as f64)?;
+    Ok(vec![E2e { rows, cold }])
+}
+
+fn memory_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], loads: &[Load], e2e: &[E2e], md: &mut String) -> Result<()> {
+    let mut locals: Vec<(u64, Measured)> = e2e.iter().map(|e| (e.rows, e.cold.clone())).collect();
+    for (n, input) in inputs {
+        if *n >= 10_000_000 {
+            eprintln!("local {}", size_name(*n));
+            let (m, out) = local_offline(ctx, input, &size_name(*n), false)?;
+            let _ = std::fs::remove_file(out);
+            locals.push((*n, m));
+        }
+    }
+    writeln!(md, "## 4. Memory\n")?;
+    writeln!(md, "Peak RSS by component and input size (target ≤ 256 MiB for any component at 10M rows). The enricher is shard 0 of 4 with the offline provider on SQLite.\n")?;
+    writeln!(md, "| rows | reader → PostgreSQL | reader → SQLite | enricher | `local` (largest process) | `local` wall |")?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|")?;
+    for l in loads {
+        let local = locals.iter().find(|(n, _)| *n == l.rows);
+        let ok = |kib: u64| if l.rows >= 10_000_000 && mib(kib) > 256.0 { " **over**" } else { "" };
+        writeln!(
+            md,
+            "| {} | {:.0} MiB{} | {:.0} MiB{} | {:.0} MiB{} | {} | {} |",
+            size_name(l.rows),
+            mib(l.pg.peak_rss_kib),
+            ok(l.pg.peak_rss_kib),
+            mib(l.sqlite.peak_rss_kib),
+            ok(l.sqlite.peak_rss_kib),
+            mib(l.enricher.peak_rss_kib),
+            ok(l.enricher.peak_rss_kib),
+            local.map_or("".into(), |(_, m)| format!("{:.0} MiB{}", mib(m.peak_rss_kib), ok(m.peak_rss_kib))),
+            local.map_or("".into(), |(_, m)| format!("{:.1} s", m.seconds)),
+        )?;
+    }
+    writeln!(md)?;
+    Ok(())
+}
+
+fn api_section(ctx: &Ctx, md: &mut String) -> Result<()> {
+    writeln!(md, "## 5. API efficiency\n")?;
+    writeln!(md, "`postcode-operator local` on the real 100k-row file against `postcodes-io-test-server` (answers from the NSPL file; no faults), 4 shards, SQLite. The floor is one request per 100 distinct coordinates at the first radius; widened requests (2000 m, widesearch) are listed apart. The quota is checked by the server: its busiest one-second window.\n")?;
+    writeln!(md, "| quota Q | distinct coordinates | requests at 100 m | floor ⌈coords/100⌉ | ratio (≤ 1.02) | at 2000 m | widesearch | busiest second | wall | 1.05 × requests/Q + 5 s | |")?;
+    writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")?;
+    for &q in &ctx.args.quotas {
+        eprintln!("api at {q} rps");
+        let mut server = Command::new(ctx.bin.join("postcodes-io-test-server"))
+            .arg("--postcodes")
+            .arg(&ctx.nspl)
+            .stdout(Stdio::piped())
+            .stderr(File::create(ctx.log(&format!("test-server-{q}")))?)
+            .spawn()?;
+        let mut first = String::new();
+        BufReader::new(server.stdout.take().context("server stdout")?).read_line(&mut first)?;
+        let base = first.trim().strip_prefix("listening on ").context("test server did not start")?.to_string();
+        let db = ctx.work.join("api.db");
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
+        let out = ctx.work.join("api.csv");
+        let m = measure(
+            ctx.bin("postcode-operator")
+                .arg("local")
+                .arg(&ctx.real)
+                .args(["--api-url", &base, "--quota-rps", &q.to_string()])
+                .arg("--db")
+                .arg(&db)
+                .arg("--out")
+                .arg(&out),
+            &ctx.log(&format!("api-{q}")),
+        )?;
+        let stats: test_server::Stats = ctx.rt.block_on(async { reqwest::get(format!("{base}/__stats")).await?.json().await })?;
+        let _ = server.kill();
+        let _ = server.wait();
+        let coords: u64 = Command::new("sqlite3")
+            .arg(&db)
+            .arg("SELECT COUNT(*) FROM lookups")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(0);
+        let by = |r: &str| stats.answered_by_radius.get(r).copied().unwrap_or(0);
+        let first = by("100");
+        let floor = coords.div_ceil(100);
+        let wide = stats.answered_by_radius.iter().filter(|(k, _)| k.as_str() != "100" && k.as_str() != "2000").map(|(_, v)| v).sum::<u64>();
+        let limit = 1.05 * stats.requests as f64 / q + 5.0;
+        let ratio = first as f64 / floor.max(1) as f64;
+        writeln!(
+            md,
+            "| {q} | {coords} | {first} | {floor} | {ratio:.3} {} | {} | {wide} | {} {} | {:.1} s | {limit:.1} s | {} |",
+            verdict(ratio <= 1.02),
+            by("2000"),
+            stats.max_per_second,
+            if stats.max_per_second as f64 <= q { "(≤ Q)" } else { "**(over Q)**" },
+            m.seconds,
+            verdict(m.seconds <= limit)
+        )?;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
+        let _ = std::fs::remove_file(out);
+    }
+    writeln!(md)?;
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! The SQLite store's bulk paths (load, save, export) on rusqlite: prepared
+//! statements stepped row by row on a blocking thread, which is what SQLite is
+//! fast at. sqlx's SQLite driver hands every statement and every row across a
+//! channel to its worker thread, which made these paths 4–10× slower
+//! (measured in BENCHMARKS.md). Both use the same SQLite library
+//! (libsqlite3-sys 0.37) and the same database file; the file's WAL journal
+//! lets the connections of several processes share it.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::mpsc;
+
+use crate::{
+    csv_input::Row,
+    db::{Claimed, Cols, LoadCounts, ResultRow, Saved, ShardPlan, PLAN, PLANNED, PLAN_COUNT, RECORD_PLAN},
+    geo::shard_of,
+    lookup::Area,
+};
+
+/// Opens a connection to the store's file with the pragmas every bulk path wants:
+/// a 60 s busy timeout (other processes' writes), memory-mapped reads (joins
+/// without a syscall a page), a 16 MiB page cache (bounded memory at any file size).
+pub fn open(path: &Path) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
+    conn.busy_timeout(std::time::Duration::from_secs(60))?;
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -16384; PRAGMA mmap_size = 17179869184; PRAGMA temp_store = FILE;")?;
+    Ok(conn)
+}
+
+/// The database file behind a sqlx SQLite pool.
+pub fn path_of(pool: &sqlx::SqlitePool) -> PathBuf {
+    pool.connect_options().get_filename().to_path_buf()
+}
+
+/// Step 1 of a SQLite load: in chunks of committed transactions, inserts every
+/// row received on `rows` into `points`. Returns the connection so the caller can
+/// finish the load (lookups, phase) in a last transaction.
+pub fn insert_points(path: &Path, import_id: i64, shards: u32, mut rows: mpsc::Receiver<Vec<Row>>) -> anyhow::Result<(Connection, LoadCounts)> {
+    const SQL: &str = "INSERT INTO points (import_id, row_number, line, fields, lat, lon, shard, status, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+    let conn = open(path)?;
+    let mut counts = LoadCounts::default();
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let mut in_tx = 0usize;
+    {
+        let mut stmt = conn.prepare(SQL)?;
+        while let Some(batch) = rows.blocking_recv() {
+            for r in &batch {
+                counts.rows += 1;
+                match &r.coordinate {
+                    Ok((lat, lon)) => {
+                        stmt.execute(params![import_id, r.row_number as i64, r.line as i64, r.fields, lat, lon, shard_of(*lat, *lon, shards) as i32, "pending", None::<&str>])?;
+                    }
+                    Err(e) => {
+                        counts.invalid += 1;
+                        stmt.execute(params![import_id, r.row_number as i64, r.line as i64, r.fields, None::<f64>, None::<f64>, None::<i32>, "invalid", e])?;
+                    }
+                }
+            }
+            in_tx += batch.len();
+            if in_tx >= 500_000 {
+                conn.execute_batch("COMMIT; BEGIN IMMEDIATE")?;
+                in_tx = 0;
+            }
+        }
+    }
+    conn.execute_batch("COMMIT")?;
+    Ok((conn, counts))
+}
+
+/// [`crate::db::Store::plan_shard`] on SQLite, in one `BEGIN IMMEDIATE` transaction
+/// (a deferred one could not wait for the write lock it upgrades to).
+pub fn plan_shard(path: &Path, import_id: i64, shard: i32) -> anyhow::Result<ShardPlan> {
+    let mut conn = open(path)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let planned = tx.query_row(PLANNED, params![import_id, shard], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+    if let Some((coordinates, rows)) = planned {
+        return Ok(ShardPlan { coordinates, rows });
+    }
+    tx.execute(PLAN, params![import_id, shard])?;
+    let (coordinates, rows): (i64, i64) = tx.query_row(PLAN_COUNT, params![import_id, shard], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    tx.execute(RECORD_PLAN, params![import_id, shard, coordinates, rows])?;
+    tx.commit()?;
+    Ok(ShardPlan { coordinates, rows })
+}
+
+/// Plans a shard and answers it in the same pass, for a provider that answers at
+/// once (the offline index): the shard's distinct coordinates are read in
+/// (latitude, longitude) order and written as finished lookups, 4096 a
+/// transaction, then the plan is recorded. Half the writes of planning pending
+/// lookups and updating each. Killed midway, the next run's
+/// [`plan_shard`] adds the coordinates not written yet as pending. Returns
+/// `None` when the shard was already planned.
+pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl Fn(&[Claimed]) -> Vec<Saved>) -> anyhow::Result<Option<ShardPlan>> {
+    const DISTINCT: &str = "SELECT lat, lon, COUNT(*) FROM points WHERE import_id = ?1 AND shard = ?2 AND status = 'pending' GROUP BY lat, lon ORDER BY lat, lon";
+    const BATCH: usize = 4096;
+    let reader = open(path)?;
+    let mut writer = open(path)?;
+    if writer.query_row(PLANNED, params![import_id, shard], |_| Ok(())).optional()?.is_some() {
+        return Ok(None);
+    }
+    let mut sql = String::from("INSERT INTO lookups (import_id, shard, lat, lon, rows, attempts, status, postcode, distance_m, result, error");
+    for a in Area::COLUMNS {
+        sql.push_str(&format!(", {a}"));
+    }
+    sql.push_str(") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11");
+    for i in 0..Area::COLUMNS.len() {
+        sql.push_str(&format!(", ?{}", 12 + i));
+    }
+    sql.push_str(") ON CONFLICT DO NOTHING");
+    let mut stmt = reader.prepare(DISTINCT)?;
+    let mut rows = stmt.query(params![import_id, shard])?;
+    let (mut batch, mut counts) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH));
+    let mut write = |batch: &mut Vec<Claimed>, counts: &mut Vec<i64>| -> anyhow::Result<()> {
+        let results = answer(batch);
+        let tx = writer.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut ins = tx.prepare_cached(&sql)?;
+            for (s, n) in results.iter().zip(counts.iter()) {
+                let c = Cols::of(s);
+                ins.raw_bind_parameter(1, import_id)?;
+                ins.raw_bind_parameter(2, shard)?;
+                ins.raw_bind_parameter(3, s.lat)?;
+                ins.raw_bind_parameter(4, s.lon)?;
+                ins.raw_bind_parameter(5, n)?;
+                ins.raw_bind_parameter(6, s.attempts)?;
+                ins.raw_bind_parameter(7, c.status)?;
+                ins.raw_bind_parameter(8, c.m.map(|m| m.postcode.as_str()))?;
+                ins.raw_bind_parameter(9, c.m.map(|m| m.distance_m))?;
+                ins.raw_bind_parameter(10, c.m.and_then(|m| m.raw.as_deref()))?;
+                ins.raw_bind_parameter(11, c.error)?;
+                for i in 0..Area::COLUMNS.len() {
+                    ins.raw_bind_parameter(12 + i, c.area(i))?;
+                }
+                ins.raw_execute()?;
+            }
+        }
+        tx.commit()?;
+        batch.clear();
+        counts.clear();
+        Ok(())
+    };
+    while let Some(r) = rows.next()? {
+        batch.push(Claimed { lat: r.get(0)?, lon: r.get(1)?, stage: 0, attempts: 0 });
+        counts.push(r.get(2)?);
+        if batch.len() == BATCH {
+            write(&mut batch, &mut counts)?;
+        }
+    }
+    if !batch.is_empty() {
+        write(&mut batch, &mut counts)?;
+    }
+    drop(rows);
+    drop(stmt);
+    drop(reader);
+    plan_shard(path, import_id, shard).map(Some)
+}
+
+/// Writes a batch of results in one transaction (one prepared UPDATE a coordinate).
+pub fn save(path: &Path, import_id: i64, results: &[Saved]) -> anyhow::Result<()> {
+    let mut sql = String::from("UPDATE lookups SET status = ?4, stage = COALESCE(?5, stage), attempts = ?3, postcode = ?6, distance_m = ?7, result = ?8, error = ?9");
+    for (i, a) in Area::COLUMNS.iter().enumerate() {
+        sql.push_str(&format!(", {a} = ?{}", 10 + i));
+    }
+    sql.push_str(&format!(" WHERE import_id = ?{} AND lat = ?1 AND lon = ?2", 10 + Area::COLUMNS.len()));
+    let mut conn = open(path)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut stmt = tx.prepare(&sql)?;
+        for s in results {
+            let c = Cols::of(s);
+            stmt.raw_bind_parameter(1, s.lat)?;
+            stmt.raw_bind_parameter(2, s.lon)?;
+            stmt.raw_bind_parameter(3, s.attempts)?;
+            stmt.raw_bind_parameter(4, c.status)?;
+            stmt.raw_bind_parameter(5, c.stage)?;
+            stmt.raw_bind_parameter(6, c.m.map(|m| m.postcode.as_str()))?;
+            stmt.raw_bind_parameter(7, c.m.map(|m| m.distance_m))?;
+            stmt.raw_bind_parameter(8, c.m.and_then(|m| m.raw.as_deref()))?;
+            stmt.raw_bind_parameter(9, c.error)?;
+            for i in 0..Area::COLUMNS.len() {
+                stmt.raw_bind_parameter(10 + i, c.area(i))?;
+            }
+            stmt.raw_bind_parameter(10 + Area::COLUMNS.len(), import_id)?;
+            stmt.raw_execute()?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Reads the import's rows in row order (the `point_results` view) and sends
+/// them in pages to `pages`; stops early when the receiver is gone.
+pub fn results(path: &Path, import_id: i64, pages: mpsc::Sender<Vec<ResultRow>>) -> anyhow::Result<()> {
+    const SQL: &str = "SELECT row_number, fields, status, postcode, distance_m, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, error FROM point_results WHERE import_id = ?1 ORDER BY row_number";
+    const PAGE: usize = 4096;
+    let conn = open(path)?;
+    let mut stmt = conn.prepare(SQL)?;
+    let mut rows = stmt.query([import_id])?;
+    let mut page = Vec::with_capacity(PAGE);
+    while let Some(r) = rows.next()? {
+        page.push(ResultRow {
+            row_number: r.get(0)?,
+            fields: r.get(1)?,
+            status: r.get(2)?,
+            postcode: r.get(3)?,
+            distance_m: r.get(4)?,
+            outcode: r.get(5)?,
+            incode: r.get(6)?,
+            country: r.get(7)?,
+            region: r.get(8)?,
+            admin_district: r.get(9)?,
+            admin_county: r.get(10)?,
+            admin_ward: r.get(11)?,
+            parish: r.get(12)?,
+            parliamentary_constituency: r.get(13)?,
+            lsoa: r.get(14)?,
+            msoa: r.get(15)?,
+            error: r.get(16)?,
+        });
+        if page.len() == PAGE {
+            if pages.blocking_send(std::mem::replace(&mut page, Vec::with_capacity(PAGE))).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    if !page.is_empty() {
+        let _ = pages.blocking_send(page);
+    }
+    Ok(())
+}

@@ -288,7 +288,7 @@ fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<
     }
 
     writeln!(md, "## 1. Load\n")?;
-    writeln!(md, "`reader-job` (detect, validate, store every row with its line and fields, then one lookup per distinct coordinate) against the database's own bulk loader putting the same file into a table keyed by row number: `psql \\copy` and `sqlite3 .import`.")?;
+    writeln!(md, "`reader-job` (detect the layout, validate every row, store it with its line, fields, shard and status; the shards' lookups are planned later by the enrichers) against the database's own bulk loader putting the same file into a table keyed by row number: `psql \\copy` and `sqlite3 .import`.")?;
     writeln!(md, "Inputs: the real file (100k rows), and synthetic files made from it by `postcode-bench synth` (copies after the first moved by up to ±0.001°).\n")?;
     writeln!(md, "| rows | reader → PostgreSQL | `psql \\copy` | ratio (target ≤ 1.3) | reader → SQLite | `sqlite3 .import` | ratio (target ≤ 1.5) |")?;
     writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;

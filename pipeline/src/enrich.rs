@@ -60,6 +60,10 @@ pub struct RunStats {
     pub late_slots: u64,
 }
 
+/// Slots given back in a row before a request is sent late anyway: a database
+/// whose round trips always exceed the tolerance must not stop the import.
+const MAX_LATE_STREAK: u32 = 20;
+
 /// Coordinates a batch of the offline provider (no request limit applies).
 const OFFLINE_BATCH: i64 = 4096;
 
@@ -155,22 +159,37 @@ async fn api_batch(
     let radius = cfg.plan.radius(stage);
     let (mut attempt, mut throttles) = (0u32, 0u32);
     let (mut retries, mut throttled) = (0i64, 0i64);
+    let mut late_streak = 0u32;
     let answer = loop {
-        match store.reserve(cfg.import_id).await? {
+        let asked = tokio::time::Instant::now();
+        let slot = store.reserve(cfg.import_id).await?;
+        let answered = tokio::time::Instant::now();
+        match slot {
             Slot::Exhausted => {
                 store.count_retries(cfg.import_id, retries, throttled).await?;
                 return Ok(None);
             }
             Slot::At { at, now } => {
-                let due = tokio::time::Instant::now() + Duration::from_secs_f64((at - now).max(0.0));
-                tokio::time::sleep_until(due).await;
-                if tokio::time::Instant::now().duration_since(due).as_secs_f64() > LATE_TOLERANCE_S {
-                    // Woke too late for this slot: sending now could crowd the next
-                    // second (see crate::quota). Give it back and take a new one.
+                // `now` was read by the clock that reserved, somewhere between
+                // `asked` and `answered`: the slot is at least `wait` after `asked`
+                // and at most `wait` after `answered`. Sleep to the latter (never
+                // early); the send is late by at most the time since the former.
+                let wait = Duration::from_secs_f64((at - now).max(0.0));
+                tokio::time::sleep_until(answered + wait).await;
+                let late = tokio::time::Instant::now().duration_since(asked + wait).as_secs_f64();
+                if late > LATE_TOLERANCE_S && late_streak < MAX_LATE_STREAK {
+                    // Too late for this slot (a slow wake-up or a slow reservation):
+                    // sending now could crowd the next second (see crate::quota).
+                    // Give it back and take a new one.
                     store.release_slot(cfg.import_id).await?;
                     stats.late_slots += 1;
+                    late_streak += 1;
                     continue;
                 }
+                if late_streak >= MAX_LATE_STREAK {
+                    tracing::warn!(shard = cfg.shard, late_s = late, "quota slots keep arriving late (slow database round trips?); sending anyway");
+                }
+                late_streak = 0;
             }
         }
         attempt += 1;

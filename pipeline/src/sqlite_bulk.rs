@@ -19,12 +19,14 @@ use crate::{
 };
 
 /// Opens a connection to the store's file with the pragmas every bulk path wants:
-/// a 60 s busy timeout (other processes' writes), memory-mapped reads (joins
-/// without a syscall a page), a 16 MiB page cache (bounded memory at any file size).
+/// a 60 s busy timeout (other processes' writes) and a 32 MiB page cache, so
+/// memory stays flat at any file size. No memory-mapped I/O: mapped pages of
+/// the file count as the process's resident memory, which then grew with the
+/// file (+100 MB for an enricher at 1M rows), for about 0.5 s less export time.
 pub fn open(path: &Path) -> anyhow::Result<Connection> {
     let conn = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
     conn.busy_timeout(std::time::Duration::from_secs(60))?;
-    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -16384; PRAGMA mmap_size = 17179869184; PRAGMA temp_store = FILE;")?;
+    conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -32768; PRAGMA mmap_size = 0; PRAGMA temp_store = FILE;")?;
     Ok(conn)
 }
 

@@ -336,7 +336,7 @@ fn lookups_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], md: &mut String) -> Res
         f(&o, "centroids"),
         f(&o, "queries")
     )?;
-    writeln!(md, "| | postcode-operator (kiddo k-d tree) | scipy cKDTree (`workers=1`) | target |")?;
+    writeln!(md, "| | postcode-operator (grid, `pipeline/src/grid.rs`) | scipy cKDTree (`workers=1`) | target |")?;
     writeln!(md, "|---|---:|---:|---|")?;
     let qps = f(&o, "queries_per_s");
     writeln!(md, "| queries/s, file order | {:.0} | {:.0} | ≥ 1,000,000: {} |", qps, f(&t, "queries_per_s"), verdict(qps >= 1e6))?;

@@ -30,6 +30,27 @@ pub fn open(path: &Path) -> anyhow::Result<Connection> {
     Ok(conn)
 }
 
+/// The result columns of a lookup, in this order from parameter `first`:
+/// status, postcode, distance_m, result, error, then [`Area::COLUMNS`].
+const ANSWER_COLUMNS: [&str; 5] = ["status", "postcode", "distance_m", "result", "error"];
+
+fn bind_answer(stmt: &mut rusqlite::Statement<'_>, first: usize, c: &Cols<'_>) -> rusqlite::Result<()> {
+    stmt.raw_bind_parameter(first, c.status)?;
+    stmt.raw_bind_parameter(first + 1, c.m.map(|m| m.postcode.as_str()))?;
+    stmt.raw_bind_parameter(first + 2, c.m.map(|m| m.distance_m))?;
+    stmt.raw_bind_parameter(first + 3, c.m.and_then(|m| m.raw.as_deref()))?;
+    stmt.raw_bind_parameter(first + 4, c.error)?;
+    for i in 0..Area::COLUMNS.len() {
+        stmt.raw_bind_parameter(first + 5 + i, c.area(i))?;
+    }
+    Ok(())
+}
+
+/// `name = ?n, …` for the answer columns from parameter `first`.
+fn answer_assignments(first: usize) -> String {
+    ANSWER_COLUMNS.iter().chain(Area::COLUMNS.iter()).enumerate().map(|(i, c)| format!("{c} = ?{}", first + i)).collect::<Vec<_>>().join(", ")
+}
+
 /// The database file behind a sqlx SQLite pool.
 pub fn path_of(pool: &sqlx::SqlitePool) -> PathBuf {
     pool.connect_options().get_filename().to_path_buf()
@@ -41,6 +62,9 @@ pub fn path_of(pool: &sqlx::SqlitePool) -> PathBuf {
 pub fn insert_points(path: &Path, import_id: i64, shards: u32, mut rows: mpsc::Receiver<Vec<Row>>) -> anyhow::Result<(Connection, LoadCounts)> {
     const SQL: &str = "INSERT INTO points (import_id, row_number, line, fields, lat, lon, shard, status, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
     let conn = open(path)?;
+    // One checkpoint at the end instead of one every 1000 pages: each page is
+    // then copied from the WAL into the database once.
+    conn.execute_batch("PRAGMA wal_autocheckpoint = 0")?;
     let mut counts = LoadCounts::default();
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let mut in_tx = 0usize;
@@ -67,6 +91,7 @@ pub fn insert_points(path: &Path, import_id: i64, shards: u32, mut rows: mpsc::R
         }
     }
     conn.execute_batch("COMMIT")?;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
     Ok((conn, counts))
 }
 
@@ -98,18 +123,20 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
     const BATCH: usize = 4096;
     let reader = open(path)?;
     let mut writer = open(path)?;
+    // This process also holds the postcode index: smaller caches keep it flat
+    // (the reader's sort spills to disk; the writer appends in key order).
+    reader.execute_batch("PRAGMA cache_size = -8192")?;
+    writer.execute_batch("PRAGMA cache_size = -8192")?;
     if writer.query_row(PLANNED, params![import_id, shard], |_| Ok(())).optional()?.is_some() {
         return Ok(None);
     }
-    let mut sql = String::from("INSERT INTO lookups (import_id, shard, lat, lon, rows, attempts, status, postcode, distance_m, result, error");
-    for a in Area::COLUMNS {
-        sql.push_str(&format!(", {a}"));
-    }
-    sql.push_str(") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11");
-    for i in 0..Area::COLUMNS.len() {
-        sql.push_str(&format!(", ?{}", 12 + i));
-    }
-    sql.push_str(") ON CONFLICT DO NOTHING");
+    let columns: Vec<&str> = ANSWER_COLUMNS.iter().chain(Area::COLUMNS.iter()).copied().collect();
+    let values: Vec<String> = (1..=6 + columns.len()).map(|i| format!("?{i}")).collect();
+    let sql = format!(
+        "INSERT INTO lookups (import_id, shard, lat, lon, rows, attempts, {}) VALUES ({}) ON CONFLICT DO NOTHING",
+        columns.join(", "),
+        values.join(", ")
+    );
     let mut stmt = reader.prepare(DISTINCT)?;
     let mut rows = stmt.query(params![import_id, shard])?;
     let (mut batch, mut counts) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH));
@@ -126,14 +153,7 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
                 ins.raw_bind_parameter(4, s.lon)?;
                 ins.raw_bind_parameter(5, n)?;
                 ins.raw_bind_parameter(6, s.attempts)?;
-                ins.raw_bind_parameter(7, c.status)?;
-                ins.raw_bind_parameter(8, c.m.map(|m| m.postcode.as_str()))?;
-                ins.raw_bind_parameter(9, c.m.map(|m| m.distance_m))?;
-                ins.raw_bind_parameter(10, c.m.and_then(|m| m.raw.as_deref()))?;
-                ins.raw_bind_parameter(11, c.error)?;
-                for i in 0..Area::COLUMNS.len() {
-                    ins.raw_bind_parameter(12 + i, c.area(i))?;
-                }
+                bind_answer(&mut ins, 7, &c)?;
                 ins.raw_execute()?;
             }
         }
@@ -160,30 +180,23 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
 
 /// Writes a batch of results in one transaction (one prepared UPDATE a coordinate).
 pub fn save(path: &Path, import_id: i64, results: &[Saved]) -> anyhow::Result<()> {
-    let mut sql = String::from("UPDATE lookups SET status = ?4, stage = COALESCE(?5, stage), attempts = ?3, postcode = ?6, distance_m = ?7, result = ?8, error = ?9");
-    for (i, a) in Area::COLUMNS.iter().enumerate() {
-        sql.push_str(&format!(", {a} = ?{}", 10 + i));
-    }
-    sql.push_str(&format!(" WHERE import_id = ?{} AND lat = ?1 AND lon = ?2", 10 + Area::COLUMNS.len()));
+    // ?1 import, ?2 lat, ?3 lon, ?4 attempts, ?5 stage, then the answer from ?6.
+    let sql = format!(
+        "UPDATE lookups SET stage = COALESCE(?5, stage), attempts = ?4, {} WHERE import_id = ?1 AND lat = ?2 AND lon = ?3",
+        answer_assignments(6)
+    );
     let mut conn = open(path)?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let mut stmt = tx.prepare(&sql)?;
         for s in results {
             let c = Cols::of(s);
-            stmt.raw_bind_parameter(1, s.lat)?;
-            stmt.raw_bind_parameter(2, s.lon)?;
-            stmt.raw_bind_parameter(3, s.attempts)?;
-            stmt.raw_bind_parameter(4, c.status)?;
+            stmt.raw_bind_parameter(1, import_id)?;
+            stmt.raw_bind_parameter(2, s.lat)?;
+            stmt.raw_bind_parameter(3, s.lon)?;
+            stmt.raw_bind_parameter(4, s.attempts)?;
             stmt.raw_bind_parameter(5, c.stage)?;
-            stmt.raw_bind_parameter(6, c.m.map(|m| m.postcode.as_str()))?;
-            stmt.raw_bind_parameter(7, c.m.map(|m| m.distance_m))?;
-            stmt.raw_bind_parameter(8, c.m.and_then(|m| m.raw.as_deref()))?;
-            stmt.raw_bind_parameter(9, c.error)?;
-            for i in 0..Area::COLUMNS.len() {
-                stmt.raw_bind_parameter(10 + i, c.area(i))?;
-            }
-            stmt.raw_bind_parameter(10 + Area::COLUMNS.len(), import_id)?;
+            bind_answer(&mut stmt, 6, &c)?;
             stmt.raw_execute()?;
         }
     }

@@ -1,4 +1,7 @@
-//! `postcode-bench`: see bench/README.md.
+//! `postcode-bench`: the benchmark harness behind `make bench` (`run`), the
+//! synthetic inputs it measures on (`synth`) and the offline lookup timing
+//! (`lookups`). README.md "Performance" says what it measures; BENCHMARKS.md
+//! holds the last run.
 use std::{
     fs::File,
     io::{BufRead, BufReader, BufWriter, Write},

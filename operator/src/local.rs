@@ -275,13 +275,8 @@ fn path_id(s: &str) -> String {
     use std::fmt::Write;
     // FNV-1a 64 twice with different offsets: a stable, dependency-free id for a path.
     let mut out = String::new();
-    for seed in [0xcbf2_9ce4_8422_2325u64, 0x8422_2325_cbf2_9ce4u64] {
-        let mut h = seed;
-        for b in s.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x100_0000_01b3);
-        }
-        let _ = write!(out, "{h:016x}");
+    for seed in [pipeline::FNV1A_OFFSET, 0x8422_2325_cbf2_9ce4u64] {
+        let _ = write!(out, "{:016x}", pipeline::fnv1a(seed, s.as_bytes()));
     }
     out
 }

@@ -211,35 +211,34 @@ impl Grid {
         }
     }
 
-    /// The nearest point within squared chord `max_c2` as (squared chord, item);
-    /// among points equally near, the one `better` prefers (a strict "less than" on items).
-    pub fn nearest(&self, at: LatLon, max_c2: f64, better: impl Fn(u32, u32) -> bool) -> Option<(f64, u32)> {
+    /// Scans cells ring by ring, offering `found` every point of a cell whose
+    /// lower bound is within `found.limit()`, until no unscanned cell can be.
+    fn search(&self, at: LatLon, found: &mut impl Found) {
         let q = self.query(at);
-        let mut best: Option<(f64, u32)> = None;
-        let limit = |best: &Option<(f64, u32)>| best.map_or(max_c2, |b| b.0.min(max_c2));
         for k in 0.. {
             self.ring(&q, k, |r, c| {
-                if self.cell_bound(&q, r, c) > limit(&best) {
+                if self.cell_bound(&q, r, c) > found.limit() {
                     return;
                 }
                 let cell = r * self.cols + c;
                 for i in self.start[cell] as usize..self.start[cell + 1] as usize {
                     let u = &self.units[i];
                     let (dx, dy, dz) = (u[0] - q.q[0], u[1] - q.q[1], u[2] - q.q[2]);
-                    let d2 = dx * dx + dy * dy + dz * dz;
-                    let item = self.items[i];
-                    match best {
-                        Some((b, bi)) if d2 > b || (d2 == b && !better(item, bi)) => {}
-                        _ if d2 <= max_c2 => best = Some((d2, item)),
-                        _ => {}
-                    }
+                    found.offer(dx * dx + dy * dy + dz * dz, self.items[i]);
                 }
             });
-            if self.ring_bound(&q, k) > limit(&best) {
+            if self.ring_bound(&q, k) > found.limit() {
                 break;
             }
         }
-        best
+    }
+
+    /// The nearest point within squared chord `max_c2` as (squared chord, item);
+    /// among points equally near, the one `better` prefers (a strict "less than" on items).
+    pub fn nearest(&self, at: LatLon, max_c2: f64, better: impl Fn(u32, u32) -> bool) -> Option<(f64, u32)> {
+        let mut found = Nearest { max_c2, better, best: None };
+        self.search(at, &mut found);
+        found.best
     }
 
     /// Up to `n` nearest points within squared chord `max_c2`, as (squared chord, item), nearest first.
@@ -247,30 +246,56 @@ impl Grid {
         if n == 0 {
             return vec![];
         }
-        let q = self.query(at);
-        let mut found: Vec<(f64, u32)> = Vec::with_capacity(n + 1);
-        let limit = |found: &Vec<(f64, u32)>| if found.len() == n { found[n - 1].0.min(max_c2) } else { max_c2 };
-        for k in 0.. {
-            self.ring(&q, k, |r, c| {
-                if self.cell_bound(&q, r, c) > limit(&found) {
-                    return;
-                }
-                let cell = r * self.cols + c;
-                for i in self.start[cell] as usize..self.start[cell + 1] as usize {
-                    let u = &self.units[i];
-                    let d2 = (u[0] - q.q[0]).powi(2) + (u[1] - q.q[1]).powi(2) + (u[2] - q.q[2]).powi(2);
-                    if d2 <= limit(&found) {
-                        let at = found.partition_point(|f| f.0 <= d2);
-                        found.insert(at, (d2, self.items[i]));
-                        found.truncate(n);
-                    }
-                }
-            });
-            if self.ring_bound(&q, k) > limit(&found) {
-                break;
-            }
+        let mut found = NearestN { max_c2, n, found: Vec::with_capacity(n + 1) };
+        self.search(at, &mut found);
+        found.found
+    }
+}
+
+/// What a search keeps of the points it is offered.
+trait Found {
+    /// Squared chord beyond which nothing is wanted any more.
+    fn limit(&self) -> f64;
+    fn offer(&mut self, d2: f64, item: u32);
+}
+
+struct Nearest<F> {
+    max_c2: f64,
+    better: F,
+    best: Option<(f64, u32)>,
+}
+
+impl<F: Fn(u32, u32) -> bool> Found for Nearest<F> {
+    fn limit(&self) -> f64 {
+        self.best.map_or(self.max_c2, |b| b.0.min(self.max_c2))
+    }
+
+    fn offer(&mut self, d2: f64, item: u32) {
+        match self.best {
+            Some((b, bi)) if d2 > b || (d2 == b && !(self.better)(item, bi)) => {}
+            _ if d2 <= self.max_c2 => self.best = Some((d2, item)),
+            _ => {}
         }
-        found
+    }
+}
+
+struct NearestN {
+    max_c2: f64,
+    n: usize,
+    found: Vec<(f64, u32)>,
+}
+
+impl Found for NearestN {
+    fn limit(&self) -> f64 {
+        if self.found.len() == self.n { self.found[self.n - 1].0.min(self.max_c2) } else { self.max_c2 }
+    }
+
+    fn offer(&mut self, d2: f64, item: u32) {
+        if d2 <= self.limit() {
+            let at = self.found.partition_point(|f| f.0 <= d2);
+            self.found.insert(at, (d2, item));
+            self.found.truncate(self.n);
+        }
     }
 }
 

@@ -209,10 +209,6 @@ pub fn default_cache_dir() -> std::path::PathBuf {
     dir
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
-}
-
 /// Sorts entries by (latitude, longitude, postcode) and keeps the first of each centroid.
 fn distinct_centroids(mut entries: Vec<Entry>) -> (Vec<LatLon>, Vec<[u8; 8]>) {
     entries.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
@@ -231,7 +227,7 @@ fn cache_path(path: &Path, cache_dir: &Path) -> Result<std::path::PathBuf, Offli
     let meta = std::fs::metadata(path).map_err(|e| OfflineError::Open(path.display().to_string(), e))?;
     let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     let key = format!("{}\0{}\0{}", std::fs::canonicalize(path).unwrap_or(path.to_path_buf()).display(), meta.len(), mtime);
-    Ok(cache_dir.join(format!("postcode-index-{:016x}.bin", fnv1a(key.as_bytes()))))
+    Ok(cache_dir.join(format!("postcode-index-{:016x}.bin", crate::fnv1a(crate::FNV1A_OFFSET, key.as_bytes()))))
 }
 
 fn parse_into_cache(path: &Path, cache: &Path) -> Result<(Vec<LatLon>, Vec<[u8; 8]>, usize), OfflineError> {

@@ -227,7 +227,10 @@ impl Grid {
                     found.offer(dx * dx + dy * dy + dz * dz, self.items[i]);
                 }
             });
-            if self.ring_bound(&q, k) > found.limit() {
+            // Stop when nothing unscanned can be wanted, or nothing is left unscanned
+            // (with an unbounded limit and fewer points than wanted, the bound alone never stops).
+            let bound = self.ring_bound(&q, k);
+            if bound.is_infinite() || bound > found.limit() {
                 break;
             }
         }
@@ -346,6 +349,13 @@ mod tests {
                 prop_assert!(grid.nearest(at, d2 * 0.999, |a, b| a < b).is_none() || d2 == 0.0);
             }
         }
+    }
+
+    #[test]
+    fn asking_for_more_points_than_there_are_ends() {
+        let points = [LatLon { lat: 51.5, lon: -0.1 }, LatLon { lat: 52.5, lon: -1.1 }];
+        let grid = Grid::build(&points);
+        assert_eq!(grid.nearest_n(LatLon { lat: 51.0, lon: 0.0 }, f64::INFINITY, 3).len(), 2);
     }
 
     #[test]

@@ -235,33 +235,34 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
         warm.await?.with_context(|| format!("cannot read the postcode file {}", offline.as_ref().map_or(String::new(), |p| p.display().to_string())))?;
     }
     let ends = enrich(&store, &import, &plan, &args.db, &log_dir).await?;
-    let counts = store.counts(&import).await?;
     let q = store.quota_counters(import.id).await?;
 
     let file = std::fs::File::create(&out).with_context(|| format!("cannot write {}", out.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let rows = write_csv(&store, &import, &mut w).await?;
+    // The export visits every row, so its tally is the import's final count.
+    let tally = write_csv(&store, &import, &mut w).await?;
     drop(w);
     store.close().await;
 
     eprintln!(
-        "\n{rows} rows → {}\n  enriched {}  no_match {}  invalid {}  failed {}  pending {}\n  API requests {}  retries {}  429s {}  elapsed {:.1}s",
+        "\n{} rows → {}\n  enriched {}  no_match {}  invalid {}  failed {}  pending {}\n  API requests {}  retries {}  429s {}  elapsed {:.1}s",
+        tally.rows,
         out.display(),
-        counts.rows_enriched,
-        counts.rows_no_match,
-        counts.rows_invalid,
-        counts.rows_failed,
-        counts.rows_pending,
+        tally.enriched,
+        tally.no_match,
+        tally.invalid,
+        tally.failed,
+        tally.pending,
         q.requests,
         q.retries,
         q.throttled,
         started.elapsed().as_secs_f64()
     );
-    if counts.rows_failed > 0 {
-        eprintln!("  {} rows failed (reason in the error column); run the same command with --retry-failed to try them again", counts.rows_failed);
+    if tally.failed > 0 {
+        eprintln!("  {} rows failed (reason in the error column); run the same command with --retry-failed to try them again", tally.failed);
     }
     if ends.contains(&JobEnd::QuotaExhausted) {
-        eprintln!("  the request budget (--max-requests) is spent: {} rows left pending; raise it and run again to resume", counts.rows_pending);
+        eprintln!("  the request budget (--max-requests) is spent: {} rows left pending; raise it and run again to resume", tally.pending);
         return Ok(EXIT_QUOTA_EXHAUSTED);
     }
     if let Some(JobEnd::Failed(code)) = ends.iter().find(|e| matches!(e, JobEnd::Failed(_))) {

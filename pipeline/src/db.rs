@@ -735,9 +735,20 @@ impl Store {
                 }
             }
             Store::Sqlite(p) => {
+                const PAGE: usize = 4096;
                 let path = sqlite_bulk::path_of(p);
                 let (tx, mut pages) = mpsc::channel(4);
-                let reader = tokio::task::spawn_blocking(move || sqlite_bulk::results(&path, import_id, tx));
+                let reader = tokio::task::spawn_blocking(move || {
+                    let mut page = Vec::with_capacity(PAGE);
+                    crate::sqlite_export::results(&path, import_id, crate::sqlite_export::JOIN_BUDGET_BYTES, |row| {
+                        page.push(ResultRow::from(row));
+                        Ok(page.len() < PAGE || tx.blocking_send(std::mem::replace(&mut page, Vec::with_capacity(PAGE))).is_ok())
+                    })?;
+                    if !page.is_empty() {
+                        let _ = tx.blocking_send(page);
+                    }
+                    anyhow::Ok(())
+                });
                 while let Some(page) = pages.recv().await {
                     for row in page {
                         sink(row)?;

@@ -6,6 +6,7 @@ pub const EARTH_RADIUS_M: f64 = 6_371_008.8;
 
 /// A WGS84 position in degrees: latitude in -90..=90, longitude in -180..=180.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
 pub struct LatLon {
     pub lat: f64,
     pub lon: f64,

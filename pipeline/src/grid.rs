@@ -22,7 +22,7 @@
 //! make the search look at a cell more, never skip one it needs. Measured
 //! against brute force in this module's tests and `operator/tests/local_pipeline.rs`.
 
-use crate::geo::LatLon;
+use crate::{geo::LatLon, slab::Slab};
 
 /// Cell height, degrees of latitude.
 pub const CELL_LAT_DEG: f64 = 0.004;
@@ -38,9 +38,20 @@ pub struct Grid {
     rows: usize,
     cols: usize,
     /// `start[cell]..start[cell + 1]` are the cell's entries in `units`/`items`.
-    start: Vec<u32>,
-    units: Vec<[f64; 3]>,
-    items: Vec<u32>,
+    start: Slab<u32>,
+    units: Slab<[f64; 3]>,
+    items: Slab<u32>,
+}
+
+/// Where a grid lies and its size in cells: with its three arrays, all of a grid
+/// (see [`Grid::from_parts`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GridShape {
+    /// South-west corner of cell (0, 0), degrees.
+    pub lat0: f64,
+    pub lon0: f64,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 /// A zeroed vector whose memory the kernel is asked to back with transparent
@@ -105,15 +116,16 @@ impl Grid {
         }
         let rows = ((lat_max - lat_min) / CELL_LAT_DEG) as usize + 1;
         let cols = ((lon_max - lon_min) / CELL_LON_DEG) as usize + 1;
-        let mut grid = Grid { lat0: lat_min, lon0: lon_min, rows, cols, start: huge_vec(rows * cols + 1, 0), units: vec![], items: vec![] };
+        let mut grid = Grid { lat0: lat_min, lon0: lon_min, rows, cols, start: Slab::Owned(vec![]), units: Slab::Owned(vec![]), items: Slab::Owned(vec![]) };
         let cells: Vec<u32> = points.iter().map(|p| grid.cell_of(p.lat, p.lon) as u32).collect();
+        let mut start = huge_vec(rows * cols + 1, 0u32);
         for &c in &cells {
-            grid.start[c as usize + 1] += 1;
+            start[c as usize + 1] += 1;
         }
-        for i in 1..grid.start.len() {
-            grid.start[i] += grid.start[i - 1];
+        for i in 1..start.len() {
+            start[i] += start[i - 1];
         }
-        let mut next = grid.start.clone();
+        let mut next = start.clone();
         let mut units = huge_vec(points.len(), [0.0; 3]);
         let mut items = huge_vec(points.len(), 0u32);
         for (i, (&c, p)) in cells.iter().zip(points).enumerate() {
@@ -122,9 +134,36 @@ impl Grid {
             items[*slot as usize] = i as u32;
             *slot += 1;
         }
-        grid.units = units;
-        grid.items = items;
+        grid.start = start.into();
+        grid.units = units.into();
+        grid.items = items.into();
         grid
+    }
+
+    /// Where the grid lies and its size.
+    pub fn shape(&self) -> GridShape {
+        GridShape { lat0: self.lat0, lon0: self.lon0, rows: self.rows, cols: self.cols }
+    }
+
+    /// The arrays: cell starts (`rows × cols + 1`), unit vectors and item numbers (one a point).
+    pub fn arrays(&self) -> (&Slab<u32>, &Slab<[f64; 3]>, &Slab<u32>) {
+        (&self.start, &self.units, &self.items)
+    }
+
+    /// A grid from what [`Grid::shape`] and [`Grid::arrays`] gave of one built
+    /// for `points` points; `None` when the parts do not fit together (cell
+    /// starts not rising from 0 to the point count, an item out of range).
+    pub fn from_parts(shape: GridShape, start: Slab<u32>, units: Slab<[f64; 3]>, items: Slab<u32>, points: usize) -> Option<Self> {
+        let n = units.len();
+        let cells_fit = shape.rows > 0 && shape.cols > 0 && start.len() == shape.rows.checked_mul(shape.cols)?.checked_add(1)?;
+        let fits = cells_fit
+            && items.len() == n
+            && n == points
+            && start.first() == Some(&0)
+            && start.last().map(|&l| l as usize) == Some(n)
+            && start.windows(2).all(|w| w[0] <= w[1])
+            && items.iter().all(|&i| (i as usize) < points);
+        fits.then_some(Grid { lat0: shape.lat0, lon0: shape.lon0, rows: shape.rows, cols: shape.cols, start, units, items })
     }
 
     /// Bytes of memory held.

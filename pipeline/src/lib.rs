@@ -16,7 +16,9 @@ pub mod postcode;
 pub mod postcodes_io;
 pub mod quota;
 pub mod retry;
+pub mod slab;
 pub mod sqlite_bulk;
+pub mod sqlite_export;
 pub mod test_server;
 
 /// Exit code of a Job that failed for a reason a retry will not fix (bad input,

@@ -13,21 +13,31 @@ use tokio::sync::mpsc;
 
 use crate::{
     csv_input::Row,
-    db::{Claimed, Cols, LoadCounts, ResultRow, Saved, ShardPlan, PLAN, PLANNED, PLAN_COUNT, RECORD_PLAN},
+    db::{Claimed, Cols, LoadCounts, Saved, ShardPlan, PLAN, PLANNED, PLAN_COUNT, RECORD_PLAN},
     geo::shard_of,
     lookup::Area,
 };
 
 /// Opens a connection to the store's file with the pragmas every bulk path wants:
-/// a 60 s busy timeout (other processes' writes) and a 32 MiB page cache, so
+/// a 60 s wait for other processes' writes ([`wait_for_lock`]) and a 32 MiB page cache, so
 /// memory stays flat at any file size. No memory-mapped I/O: mapped pages of
 /// the file count as the process's resident memory, which then grew with the
 /// file (+100 MB for an enricher at 1M rows), for about 0.5 s less export time.
 pub fn open(path: &Path) -> anyhow::Result<Connection> {
     let conn = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
-    conn.busy_timeout(std::time::Duration::from_secs(60))?;
+    conn.busy_handler(Some(wait_for_lock))?;
     conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -32768; PRAGMA mmap_size = 0; PRAGMA temp_store = FILE;")?;
     Ok(conn)
+}
+
+/// SQLite's busy handler for the bulk connections: retry every millisecond for
+/// up to 60 s. SQLite's own `busy_timeout` sleeps in growing steps of up to
+/// 100 ms, so with four enrichers taking turns at the write lock a waiting one
+/// often slept on long after the lock was free (the enrich phase of a 1M-row
+/// run kept the 2 cores 68% busy).
+fn wait_for_lock(attempts: i32) -> bool {
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    attempts < 60_000
 }
 
 /// The result columns of a lookup, in this order from parameter `first`:
@@ -140,7 +150,10 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
     let mut stmt = reader.prepare(DISTINCT)?;
     let mut rows = stmt.query(params![import_id, shard])?;
     let (mut batch, mut counts) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH));
+    let mut plan = ShardPlan { coordinates: 0, rows: 0 };
     let mut write = |batch: &mut Vec<Claimed>, counts: &mut Vec<i64>| -> anyhow::Result<()> {
+        plan.coordinates += batch.len() as i64;
+        plan.rows += counts.iter().sum::<i64>();
         let results = answer(batch);
         let tx = writer.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
@@ -175,7 +188,15 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
     drop(rows);
     drop(stmt);
     drop(reader);
-    plan_shard(path, import_id, shard).map(Some)
+    // Every distinct coordinate of the shard now has its lookup (written by this
+    // pass or, after a kill, by an earlier one of the same set), so the counts of
+    // this pass are the plan; nothing is left for `PLAN` to add.
+    let tx = writer.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if tx.query_row(PLANNED, params![import_id, shard], |_| Ok(())).optional()?.is_none() {
+        tx.execute(RECORD_PLAN, params![import_id, shard, plan.coordinates, plan.rows])?;
+    }
+    tx.commit()?;
+    Ok(Some(plan))
 }
 
 /// Writes a batch of results in one transaction (one prepared UPDATE a coordinate).
@@ -201,49 +222,5 @@ pub fn save(path: &Path, import_id: i64, results: &[Saved]) -> anyhow::Result<()
         }
     }
     tx.commit()?;
-    Ok(())
-}
-
-/// Reads the import's rows in row order (the `point_results` view) and sends
-/// them in pages to `pages`; stops early when the receiver is gone.
-pub fn results(path: &Path, import_id: i64, pages: mpsc::Sender<Vec<ResultRow>>) -> anyhow::Result<()> {
-    const SQL: &str = "SELECT row_number, fields, status, postcode, distance_m, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, error FROM point_results WHERE import_id = ?1 ORDER BY row_number";
-    const PAGE: usize = 4096;
-    // Each row probes its coordinate's lookup at random; a 96 MiB cache measured
-    // no faster than 32 MiB (the probes are CPU in the B-tree, not reads) and took
-    // `local` over 256 MiB at 10M rows.
-    let conn = open(path)?;
-    let mut stmt = conn.prepare(SQL)?;
-    let mut rows = stmt.query([import_id])?;
-    let mut page = Vec::with_capacity(PAGE);
-    while let Some(r) = rows.next()? {
-        page.push(ResultRow {
-            row_number: r.get(0)?,
-            fields: r.get(1)?,
-            status: r.get(2)?,
-            postcode: r.get(3)?,
-            distance_m: r.get(4)?,
-            outcode: r.get(5)?,
-            incode: r.get(6)?,
-            country: r.get(7)?,
-            region: r.get(8)?,
-            admin_district: r.get(9)?,
-            admin_county: r.get(10)?,
-            admin_ward: r.get(11)?,
-            parish: r.get(12)?,
-            parliamentary_constituency: r.get(13)?,
-            lsoa: r.get(14)?,
-            msoa: r.get(15)?,
-            error: r.get(16)?,
-        });
-        if page.len() == PAGE {
-            if pages.blocking_send(std::mem::replace(&mut page, Vec::with_capacity(PAGE))).is_err() {
-                return Ok(());
-            }
-        }
-    }
-    if !page.is_empty() {
-        let _ = pages.blocking_send(page);
-    }
     Ok(())
 }

@@ -125,23 +125,32 @@ pub async fn run_shard(store: &Store, provider: &Provider, cfg: &ShardConfig, mu
     Ok(Finish::Done)
 }
 
-/// Answers a batch from the offline index, running the whole search ladder at once.
+/// Answers a batch from the offline index, running the whole search ladder at
+/// once: stage by stage, each stage's coordinates asked together
+/// ([`OfflineIndex::lookup_many`]).
 pub fn offline_batch(index: &OfflineIndex, plan: &SearchPlan, items: &[Claimed]) -> Vec<Saved> {
+    let mut stage: Vec<Option<i16>> = items.iter().map(|c| Some(c.stage)).collect();
+    let mut found: Vec<Option<crate::lookup::Match>> = vec![None; items.len()];
+    for s in 0..=2 {
+        let asked: Vec<usize> = (0..items.len()).filter(|&i| stage[i] == Some(s)).collect();
+        if asked.is_empty() {
+            continue;
+        }
+        let ats: Vec<LatLon> = asked.iter().map(|&i| LatLon { lat: items[i].lat, lon: items[i].lon }).collect();
+        for (&i, answer) in asked.iter().zip(index.lookup_many(&ats, plan.radius(s))) {
+            match answer {
+                Some(m) => {
+                    found[i] = Some(m);
+                    stage[i] = None;
+                }
+                None => stage[i] = plan.next_stage(s),
+            }
+        }
+    }
     items
         .iter()
-        .map(|c| {
-            let at = LatLon { lat: c.lat, lon: c.lon };
-            let mut stage = Some(c.stage);
-            let mut outcome = Outcome::NoMatch;
-            while let Some(s) = stage {
-                if let Some(m) = index.lookup(at, plan.radius(s)) {
-                    outcome = Outcome::Enriched(m);
-                    break;
-                }
-                stage = plan.next_stage(s);
-            }
-            Saved { lat: c.lat, lon: c.lon, attempts: c.attempts, outcome }
-        })
+        .zip(found)
+        .map(|(c, m)| Saved { lat: c.lat, lon: c.lon, attempts: c.attempts, outcome: m.map_or(Outcome::NoMatch, Outcome::Enriched) })
         .collect()
 }
 

@@ -176,6 +176,20 @@ impl OfflineIndex {
         Some(Nearest { postcode: self.code(item as usize), distance_m: distance_m(at, centroid), centroid })
     }
 
+    /// [`OfflineIndex::nearest`] for each of `ats`, in order: the same answers,
+    /// faster on many queries ([`Grid::nearest_each`] overlaps their memory reads).
+    pub fn nearest_many(&self, ats: &[LatLon], radius_m: f64) -> Vec<Option<Nearest<'_>>> {
+        let codes = &self.codes;
+        let mut out = Vec::with_capacity(ats.len());
+        self.grid.nearest_each(ats, squared_chord_for_m(radius_m), |a, b| codes[a as usize] < codes[b as usize], |i, found| {
+            out.push(found.map(|(_, item)| {
+                let centroid = self.centroids[item as usize];
+                Nearest { postcode: self.code(item as usize), distance_m: distance_m(ats[i], centroid), centroid }
+            }))
+        });
+        out
+    }
+
     /// Up to `limit` nearest postcodes within `radius_m`, nearest first (one per centroid).
     pub fn nearest_n(&self, at: LatLon, radius_m: f64, limit: usize) -> Vec<Nearest<'_>> {
         let mut out: Vec<Nearest<'_>> = self
@@ -193,15 +207,22 @@ impl OfflineIndex {
 
     /// The provider answer for one query: nearest within the radius as a [`Match`].
     pub fn lookup(&self, at: LatLon, radius: Radius) -> Option<Match> {
-        self.nearest(at, radius.metres()).map(|n| {
-            let (out, inc) = outcode_incode(n.postcode);
-            Match {
-                postcode: n.postcode.to_string(),
-                distance_m: n.distance_m,
-                area: Area { outcode: Some(out.to_string()), incode: Some(inc.to_string()), ..Area::default() },
-                raw: None,
-            }
-        })
+        self.nearest(at, radius.metres()).map(|n| Self::answer(&n))
+    }
+
+    /// [`OfflineIndex::lookup`] for each of `ats`, in order (see [`OfflineIndex::nearest_many`]).
+    pub fn lookup_many(&self, ats: &[LatLon], radius: Radius) -> Vec<Option<Match>> {
+        self.nearest_many(ats, radius.metres()).into_iter().map(|n| n.map(|n| Self::answer(&n))).collect()
+    }
+
+    fn answer(n: &Nearest<'_>) -> Match {
+        let (out, inc) = outcode_incode(n.postcode);
+        Match {
+            postcode: n.postcode.to_string(),
+            distance_m: n.distance_m,
+            area: Area { outcode: Some(out.to_string()), incode: Some(inc.to_string()), ..Area::default() },
+            raw: None,
+        }
     }
 }
 

@@ -147,8 +147,6 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
         columns.join(", "),
         values.join(", ")
     );
-    let mut stmt = reader.prepare(DISTINCT)?;
-    let mut rows = stmt.query(params![import_id, shard])?;
     let (mut batch, mut counts) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH));
     let mut plan = ShardPlan { coordinates: 0, rows: 0 };
     let mut write = |batch: &mut Vec<Claimed>, counts: &mut Vec<i64>| -> anyhow::Result<()> {
@@ -175,19 +173,32 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
         counts.clear();
         Ok(())
     };
-    while let Some(r) = rows.next()? {
-        batch.push(Claimed { lat: r.get(0)?, lon: r.get(1)?, stage: 0, attempts: 0 });
-        counts.push(r.get(2)?);
+    let mut feed = |lat: f64, lon: f64, n: i64| -> anyhow::Result<()> {
+        batch.push(Claimed { lat, lon, stage: 0, attempts: 0 });
+        counts.push(n);
         if batch.len() == BATCH {
             write(&mut batch, &mut counts)?;
+        }
+        Ok(())
+    };
+    match shard_coordinates(&reader, import_id, shard)? {
+        Some(sorted) => {
+            drop(reader); // no read transaction held open while writing
+            for run in sorted.chunk_by(|a, b| a == b) {
+                feed(run[0].0, run[0].1, run.len() as i64)?;
+            }
+        }
+        None => {
+            let mut stmt = reader.prepare(DISTINCT)?;
+            let mut rows = stmt.query(params![import_id, shard])?;
+            while let Some(r) = rows.next()? {
+                feed(r.get(0)?, r.get(1)?, r.get(2)?)?;
+            }
         }
     }
     if !batch.is_empty() {
         write(&mut batch, &mut counts)?;
     }
-    drop(rows);
-    drop(stmt);
-    drop(reader);
     // Every distinct coordinate of the shard now has its lookup (written by this
     // pass or, after a kill, by an earlier one of the same set), so the counts of
     // this pass are the plan; nothing is left for `PLAN` to add.
@@ -197,6 +208,32 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
     }
     tx.commit()?;
     Ok(Some(plan))
+}
+
+/// Rows of a shard whose coordinates [`shard_coordinates`] sorts in memory
+/// (16 bytes each: 48 MiB, a quarter of a 12M-row file); a larger shard is
+/// grouped by SQLite's sorter, which spills to disk.
+const SHARD_IN_MEMORY_ROWS: usize = 3 << 20;
+
+/// The coordinates of a shard's pending rows in (latitude, longitude) order,
+/// equal ones together, as `GROUP BY lat, lon` meets them; `None` when the
+/// shard has more than [`SHARD_IN_MEMORY_ROWS`] rows. Sorting in memory takes
+/// a tenth of the CPU of SQLite's sorter (about 0.05 s against 0.5 s for a
+/// 250k-row shard).
+fn shard_coordinates(conn: &Connection, import_id: i64, shard: i32) -> anyhow::Result<Option<Vec<(f64, f64)>>> {
+    const SQL: &str = "SELECT lat, lon FROM points WHERE import_id = ?1 AND shard = ?2 AND status = 'pending'";
+    let mut stmt = conn.prepare(SQL)?;
+    let mut rows = stmt.query(params![import_id, shard])?;
+    let mut all: Vec<(f64, f64)> = Vec::new();
+    while let Some(r) = rows.next()? {
+        if all.len() == SHARD_IN_MEMORY_ROWS {
+            return Ok(None);
+        }
+        // + 0.0 makes −0.0 +0.0: SQL groups them as one value.
+        all.push((r.get::<_, f64>(0)? + 0.0, r.get::<_, f64>(1)? + 0.0));
+    }
+    all.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    Ok(Some(all))
 }
 
 /// Writes a batch of results in one transaction (one prepared UPDATE a coordinate).

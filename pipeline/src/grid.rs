@@ -80,7 +80,7 @@ pub const POINTS_AHEAD: usize = 8;
 
 /// Asks the CPU to start loading the cache line of `p`; no effect on results.
 #[inline(always)]
-fn prefetch<T>(p: &T) {
+pub(crate) fn prefetch<T>(p: &T) {
     #[cfg(target_arch = "x86_64")]
     #[allow(unused_unsafe)]
     // SAFETY: a prefetch is a hint; it reads nothing into the program and cannot fault.
@@ -273,7 +273,7 @@ impl Grid {
     fn search(&self, at: LatLon, found: &mut impl Found) {
         let q = self.query(at);
         // The slices once, not through the `Slab` at every point.
-        let (start, units, items): (&[u32], &[[f64; 3]], &[u32]) = (&self.start, &self.units, &self.items);
+        let (start, units): (&[u32], &[[f64; 3]]) = (&self.start, &self.units);
         for k in 0.. {
             self.ring(&q, k, |r, c| {
                 if self.cell_bound(&q, r, c) > found.limit() {
@@ -283,7 +283,7 @@ impl Grid {
                 for i in start[cell] as usize..start[cell + 1] as usize {
                     let u = &units[i];
                     let (dx, dy, dz) = (u[0] - q.q[0], u[1] - q.q[1], u[2] - q.q[2]);
-                    found.offer(dx * dx + dy * dy + dz * dz, i, items);
+                    found.offer(dx * dx + dy * dy + dz * dz, i);
                 }
             });
             // Stop when nothing unscanned can be wanted, or nothing is left unscanned
@@ -298,17 +298,26 @@ impl Grid {
     /// The nearest point within squared chord `max_c2` as (squared chord, item);
     /// among points equally near, the one `better` prefers (a strict "less than" on items).
     pub fn nearest(&self, at: LatLon, max_c2: f64, better: impl Fn(u32, u32) -> bool) -> Option<(f64, u32)> {
-        let mut found = Nearest { max_c2, better, best: None };
-        self.search(at, &mut found);
-        found.best.map(|(d2, i)| (d2, self.items[i]))
+        let items: &[u32] = &self.items;
+        self.nearest_at(at, max_c2, |a, b| better(items[a], items[b])).map(|(d2, pos)| (d2, items[pos]))
     }
 
-    /// [`Grid::nearest`] for each of `ats` in order, handing `each(i, result)`
+    /// Like [`Grid::nearest`], by position: the result and `better`'s arguments
+    /// are positions in the grid's order ([`Grid::items`] maps them to items).
+    /// A caller that keeps its own per-point data in that order reads it next
+    /// to nothing else, instead of through the item array (a cache miss).
+    pub fn nearest_at(&self, at: LatLon, max_c2: f64, better: impl Fn(usize, usize) -> bool) -> Option<(f64, usize)> {
+        let mut found = Nearest { max_c2, better, best: None };
+        self.search(at, &mut found);
+        found.best
+    }
+
+    /// [`Grid::nearest_at`] for each of `ats` in order, handing `each(i, result)`
     /// the same answers. Faster on scattered queries: a search waits on memory
     /// (a cell's start, then its points, each a likely cache miss), so the
     /// starts are requested [`STARTS_AHEAD`] queries ahead and the points
     /// [`POINTS_AHEAD`] ahead, while other searches run.
-    pub fn nearest_each(&self, ats: &[LatLon], max_c2: f64, better: impl Fn(u32, u32) -> bool + Copy, mut each: impl FnMut(usize, Option<(f64, u32)>)) {
+    pub fn nearest_each(&self, ats: &[LatLon], max_c2: f64, better: impl Fn(usize, usize) -> bool + Copy, mut each: impl FnMut(usize, Option<(f64, usize)>)) {
         for (i, &at) in ats.iter().enumerate() {
             if let Some(&ahead) = ats.get(i + STARTS_AHEAD) {
                 self.prefetch_starts(ahead);
@@ -316,8 +325,14 @@ impl Grid {
             if let Some(&ahead) = ats.get(i + POINTS_AHEAD) {
                 self.prefetch_points(ahead);
             }
-            each(i, self.nearest(at, max_c2, better));
+            each(i, self.nearest_at(at, max_c2, better));
         }
+    }
+
+    /// The item at each position: `items()[pos]` is the number, in the order
+    /// given to [`Grid::build`], of the point at `pos`.
+    pub fn items(&self) -> &[u32] {
+        &self.items
     }
 
     /// Rows of the 3 × 3 cells around `at`, as (first cell, one past the last cell).
@@ -347,21 +362,25 @@ impl Grid {
 
     /// Up to `n` nearest points within squared chord `max_c2`, as (squared chord, item), nearest first.
     pub fn nearest_n(&self, at: LatLon, max_c2: f64, n: usize) -> Vec<(f64, u32)> {
+        self.nearest_n_at(at, max_c2, n).into_iter().map(|(d2, pos)| (d2, self.items[pos])).collect()
+    }
+
+    /// Like [`Grid::nearest_n`], by position (see [`Grid::nearest_at`]).
+    pub fn nearest_n_at(&self, at: LatLon, max_c2: f64, n: usize) -> Vec<(f64, usize)> {
         if n == 0 {
             return vec![];
         }
         let mut found = NearestN { max_c2, n, found: Vec::with_capacity(n + 1) };
         self.search(at, &mut found);
-        found.found.into_iter().map(|(d2, i)| (d2, self.items[i])).collect()
+        found.found
     }
 }
 
-/// What a search keeps of the points it is offered: by position in the grid's
-/// arrays (`items[pos]` is read only to break a tie, not for every point).
+/// What a search keeps of the points it is offered, by position in the grid's arrays.
 trait Found {
     /// Squared chord beyond which nothing is wanted any more.
     fn limit(&self) -> f64;
-    fn offer(&mut self, d2: f64, pos: usize, items: &[u32]);
+    fn offer(&mut self, d2: f64, pos: usize);
 }
 
 struct Nearest<F> {
@@ -370,16 +389,15 @@ struct Nearest<F> {
     best: Option<(f64, usize)>,
 }
 
-impl<F: Fn(u32, u32) -> bool> Found for Nearest<F> {
+impl<F: Fn(usize, usize) -> bool> Found for Nearest<F> {
     fn limit(&self) -> f64 {
         self.best.map_or(self.max_c2, |b| b.0.min(self.max_c2))
     }
 
     #[inline]
-    fn offer(&mut self, d2: f64, pos: usize, items: &[u32]) {
+    fn offer(&mut self, d2: f64, pos: usize) {
         match self.best {
-            Some((b, _)) if d2 > b => {}
-            Some((b, bp)) if d2 == b && !(self.better)(items[pos], items[bp]) => {}
+            Some((b, bp)) if d2 > b || (d2 == b && !(self.better)(pos, bp)) => {}
             _ if d2 <= self.max_c2 => self.best = Some((d2, pos)),
             _ => {}
         }
@@ -397,7 +415,7 @@ impl Found for NearestN {
         if self.found.len() == self.n { self.found[self.n - 1].0.min(self.max_c2) } else { self.max_c2 }
     }
 
-    fn offer(&mut self, d2: f64, pos: usize, _items: &[u32]) {
+    fn offer(&mut self, d2: f64, pos: usize) {
         if d2 <= self.limit() {
             let at = self.found.partition_point(|f| f.0 <= d2);
             self.found.insert(at, (d2, pos));

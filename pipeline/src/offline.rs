@@ -35,7 +35,7 @@ pub type Entry = (f64, f64, [u8; 8]);
 /// A loaded postcode file, ready for nearest-postcode queries.
 pub struct OfflineIndex {
     grid: Grid,
-    /// Distinct centroids, in grid item order.
+    /// Distinct centroids, in the grid's position order (see [`Grid::nearest_at`]).
     centroids: Slab<LatLon>,
     /// `pcds` postcode of each centroid (the alphabetically first one there), space padded to 8 bytes.
     codes: Slab<[u8; 8]>,
@@ -150,6 +150,9 @@ impl OfflineIndex {
     /// The tree over distinct centroids (in (latitude, longitude) order) and their postcodes.
     fn from_parts(centroids: Vec<LatLon>, codes: Vec<[u8; 8]>, postcodes: usize) -> Self {
         let grid = Grid::build(&centroids);
+        // In the grid's order: a search's result is read beside the points it scanned.
+        let by_position = |i: &u32| (centroids[*i as usize], codes[*i as usize]);
+        let (centroids, codes): (Vec<LatLon>, Vec<[u8; 8]>) = grid.items().iter().map(by_position).unzip();
         Self { grid, centroids: centroids.into(), codes: codes.into(), postcodes }
     }
 
@@ -163,43 +166,49 @@ impl OfflineIndex {
         self.centroids.len()
     }
 
-    fn code(&self, item: usize) -> &str {
-        std::str::from_utf8(&self.codes[item]).expect("ASCII postcode").trim_end()
+    fn code(&self, pos: usize) -> &str {
+        std::str::from_utf8(&self.codes[pos]).expect("ASCII postcode").trim_end()
     }
 
     /// The nearest postcode to a WGS84 position within `radius_m` metres
     /// (great-circle), or `None`.
     pub fn nearest(&self, at: LatLon, radius_m: f64) -> Option<Nearest<'_>> {
         let codes = &self.codes;
-        let (_, item) = self.grid.nearest(at, squared_chord_for_m(radius_m), |a, b| codes[a as usize] < codes[b as usize])?;
-        let centroid = self.centroids[item as usize];
-        Some(Nearest { postcode: self.code(item as usize), distance_m: distance_m(at, centroid), centroid })
+        let (_, pos) = self.grid.nearest_at(at, squared_chord_for_m(radius_m), |a, b| codes[a] < codes[b])?;
+        Some(self.found(at, pos))
     }
 
     /// [`OfflineIndex::nearest`] for each of `ats`, in order: the same answers,
     /// faster on many queries ([`Grid::nearest_each`] overlaps their memory reads).
     pub fn nearest_many(&self, ats: &[LatLon], radius_m: f64) -> Vec<Option<Nearest<'_>>> {
         let codes = &self.codes;
-        let mut out = Vec::with_capacity(ats.len());
-        self.grid.nearest_each(ats, squared_chord_for_m(radius_m), |a, b| codes[a as usize] < codes[b as usize], |i, found| {
-            out.push(found.map(|(_, item)| {
-                let centroid = self.centroids[item as usize];
-                Nearest { postcode: self.code(item as usize), distance_m: distance_m(ats[i], centroid), centroid }
-            }))
-        });
-        out
+        let mut found = Vec::with_capacity(ats.len());
+        self.grid.nearest_each(ats, squared_chord_for_m(radius_m), |a, b| codes[a] < codes[b], |_, f| found.push(f.map(|(_, pos)| pos)));
+        // Each result's centroid and postcode are requested a few results ahead.
+        (0..ats.len())
+            .map(|i| {
+                if let Some(&Some(ahead)) = found.get(i + 4) {
+                    crate::grid::prefetch(&self.centroids[ahead]);
+                    crate::grid::prefetch(&self.codes[ahead]);
+                }
+                found[i].map(|pos| self.found(ats[i], pos))
+            })
+            .collect()
+    }
+
+    /// The answer for `at` at grid position `pos`.
+    fn found(&self, at: LatLon, pos: usize) -> Nearest<'_> {
+        let centroid = self.centroids[pos];
+        Nearest { postcode: self.code(pos), distance_m: distance_m(at, centroid), centroid }
     }
 
     /// Up to `limit` nearest postcodes within `radius_m`, nearest first (one per centroid).
     pub fn nearest_n(&self, at: LatLon, radius_m: f64, limit: usize) -> Vec<Nearest<'_>> {
         let mut out: Vec<Nearest<'_>> = self
             .grid
-            .nearest_n(at, squared_chord_for_m(radius_m), limit)
+            .nearest_n_at(at, squared_chord_for_m(radius_m), limit)
             .into_iter()
-            .map(|(_, item)| {
-                let c = self.centroids[item as usize];
-                Nearest { postcode: self.code(item as usize), distance_m: distance_m(at, c), centroid: c }
-            })
+            .map(|(_, pos)| self.found(at, pos))
             .collect();
         out.sort_by(|a, b| a.distance_m.total_cmp(&b.distance_m).then(a.postcode.cmp(b.postcode)));
         out
@@ -243,7 +252,7 @@ fn distinct_centroids(mut entries: Vec<Entry>) -> (Vec<LatLon>, Vec<[u8; 8]>) {
     (centroids, codes)
 }
 
-const CACHE_MAGIC: &[u8; 8] = b"PCIDX003";
+const CACHE_MAGIC: &[u8; 8] = b"PCIDX004";
 /// Written in the header in this machine's byte order: a cache from a machine of the other order is refused.
 const BYTE_ORDER_MARK: u64 = 0x0102_0304_0506_0708;
 /// Header: magic, byte-order mark, postcodes, centroids, grid rows, grid

@@ -34,8 +34,8 @@ struct Args {
     /// Answer from an ONS postcode file instead of the API (no requests, no quota).
     #[arg(long, env = "OFFLINE_POSTCODES")]
     offline_postcodes: Option<PathBuf>,
-    /// Where the parsed postcode file is cached between enricher processes
-    /// (default: `postcode-operator-index` in the temporary directory).
+    /// Where the built postcode index is cached and mapped by every enricher
+    /// process (default: `postcode-operator-index` in the temporary directory).
     #[arg(long, env = "OFFLINE_INDEX_CACHE_DIR")]
     index_cache_dir: Option<PathBuf>,
     /// First search radius, metres.

@@ -131,11 +131,9 @@ pub async fn run_shard(store: &Store, provider: &Provider, cfg: &ShardConfig, mu
 pub fn offline_batch(index: &OfflineIndex, plan: &SearchPlan, items: &[Claimed]) -> Vec<Saved> {
     let mut stage: Vec<Option<i16>> = items.iter().map(|c| Some(c.stage)).collect();
     let mut found: Vec<Option<crate::lookup::Match>> = vec![None; items.len()];
-    for s in 0..=2 {
+    // Stages only move forward (`next_stage` > the stage, or none): the loop ends.
+    while let Some(s) = stage.iter().flatten().min().copied() {
         let asked: Vec<usize> = (0..items.len()).filter(|&i| stage[i] == Some(s)).collect();
-        if asked.is_empty() {
-            continue;
-        }
         let ats: Vec<LatLon> = asked.iter().map(|&i| LatLon { lat: items[i].lat, lon: items[i].lon }).collect();
         for (&i, answer) in asked.iter().zip(index.lookup_many(&ats, plan.radius(s))) {
             match answer {

@@ -279,9 +279,14 @@ fn parse_into_cache(path: &Path, cache: &Path) -> Result<OfflineIndex, OfflineEr
 
 /// Byte lengths of the sections after the header, each padded to 8 bytes:
 /// centroids, codes, unit vectors, cell starts, items.
-fn sections(centroids: usize, cells: usize) -> [(usize, usize); 5] {
-    let pad = |b: usize| b.next_multiple_of(8);
-    [(centroids, 16), (centroids, 8), (centroids, 24), (cells + 1, 4), (centroids, 4)].map(|(n, size)| (n, pad(n * size)))
+/// `None` when the sizes overflow (a damaged header).
+fn sections(centroids: usize, cells: usize) -> Option<[(usize, usize); 5]> {
+    let sized = [(centroids, 16), (centroids, 8), (centroids, 24), (cells.checked_add(1)?, 4), (centroids, 4)];
+    let mut out = [(0, 0); 5];
+    for (o, (n, size)) in out.iter_mut().zip(sized) {
+        *o = (n, n.checked_mul(size)?.checked_next_multiple_of(8)?);
+    }
+    Some(out)
 }
 
 /// Maps a whole cache file; `None` when missing, of another version or byte
@@ -298,14 +303,14 @@ fn read_cache(path: &Path) -> Option<OfflineIndex> {
     }
     let (postcodes, n, rows, cols) = (word(2) as usize, word(3) as usize, word(4) as usize, word(5) as usize);
     let shape = GridShape { lat0: f64::from_bits(word(6)), lon0: f64::from_bits(word(7)), rows, cols };
-    let [c, k, u, s, i] = sections(n, rows.checked_mul(cols)?);
+    let [c, k, u, s, i] = sections(n, rows.checked_mul(cols)?)?;
     let mut at = CACHE_HEADER;
     let mut next = |(_, bytes): (usize, usize)| {
         let offset = at;
-        at += bytes;
-        offset
+        at = at.checked_add(bytes)?;
+        Some(offset)
     };
-    let (c_at, k_at, u_at, s_at, i_at) = (next(c), next(k), next(u), next(s), next(i));
+    let (c_at, k_at, u_at, s_at, i_at) = (next(c)?, next(k)?, next(u)?, next(s)?, next(i)?);
     if at != map.len() || n == 0 {
         return None;
     }
@@ -320,9 +325,13 @@ fn read_cache(path: &Path) -> Option<OfflineIndex> {
 
 fn write_cache(path: &Path, index: &OfflineIndex) -> std::io::Result<()> {
     use std::io::Write as _;
-    // Written whole under a unique name, then renamed: readers never see a partial file.
-    let tmp = path.with_extension(format!("{}.partial", std::process::id()));
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+    // Written whole under a name no other writer uses (processes of other
+    // containers may share the directory and a process id), synced, then
+    // renamed: readers never see a partial file, and a mapped file is never
+    // written to.
+    let tmp = path.with_extension(format!("{}-{:016x}.partial", std::process::id(), rand::random::<u64>()));
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let shape = index.grid.shape();
     let (start, units, items) = index.grid.arrays();
     out.write_all(CACHE_MAGIC)?;
@@ -330,13 +339,21 @@ fn write_cache(path: &Path, index: &OfflineIndex) -> std::io::Result<()> {
         out.write_all(&w.to_ne_bytes())?;
     }
     let parts = [index.centroids.as_bytes(), index.codes.as_bytes(), units.as_bytes(), start.as_bytes(), items.as_bytes()];
-    for (bytes, (_, padded)) in parts.into_iter().zip(sections(index.centroids.len(), shape.rows * shape.cols)) {
+    let sizes = sections(index.centroids.len(), shape.rows * shape.cols).ok_or_else(|| std::io::Error::other("index too large to cache"))?;
+    for (bytes, (_, padded)) in parts.into_iter().zip(sizes) {
         out.write_all(bytes)?;
         out.write_all(&[0u8; 8][..padded - bytes.len()])?;
     }
-    out.flush()?;
-    drop(out);
-    std::fs::rename(&tmp, path)
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    let synced = file.sync_all();
+    drop(file);
+    match synced.and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -377,6 +394,7 @@ mod tests {
         let at = LatLon { lat: 57.19, lon: -2.2 };
         assert_eq!(cached.nearest(at, 2000.0), first.nearest(at, 2000.0));
         assert!(matches!(cached.grid.arrays().0, Slab::Mapped { .. }), "the second load maps the cache");
+        drop(cached); // unmapped before the file is changed in place below
         // a cut-short or tampered cache is not used: the file is read again
         let bin = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|x| x == "bin")).unwrap();
         let whole = std::fs::read(&bin).unwrap();

@@ -124,10 +124,11 @@ pub fn plan_shard(path: &Path, import_id: i64, shard: i32) -> anyhow::Result<Sha
 /// Plans a shard and answers it in the same pass, for a provider that answers at
 /// once (the offline index): the shard's distinct coordinates are read in
 /// (latitude, longitude) order and written as finished lookups, 4096 a
-/// transaction, then the plan is recorded. Half the writes of planning pending
-/// lookups and updating each. Killed midway, the next run's
-/// [`plan_shard`] adds the coordinates not written yet as pending. Returns
-/// `None` when the shard was already planned.
+/// transaction, then the plan is recorded from the pass's own counts. Half the
+/// writes of planning pending lookups and updating each. Killed midway, no plan
+/// is recorded: the next run repeats the pass, keeping the lookups already
+/// written (`ON CONFLICT DO NOTHING`). Returns `None` when the shard was
+/// already planned.
 pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl Fn(&[Claimed]) -> Vec<Saved>) -> anyhow::Result<Option<ShardPlan>> {
     const DISTINCT: &str = "SELECT lat, lon, COUNT(*) FROM points WHERE import_id = ?1 AND shard = ?2 AND status = 'pending' GROUP BY lat, lon ORDER BY lat, lon";
     const BATCH: usize = 4096;
@@ -224,10 +225,16 @@ fn shard_coordinates(conn: &Connection, import_id: i64, shard: i32) -> anyhow::R
     const SQL: &str = "SELECT lat, lon FROM points WHERE import_id = ?1 AND shard = ?2 AND status = 'pending'";
     let mut stmt = conn.prepare(SQL)?;
     let mut rows = stmt.query(params![import_id, shard])?;
-    let mut all: Vec<(f64, f64)> = Vec::new();
+    // Sized once from the import's rows over its shards (shards are a hash
+    // partition, so near equal), grown at most to the cap: never more than 48 MiB.
+    let estimate: i64 = conn.query_row("SELECT rows_total / MAX(shards, 1) FROM imports WHERE id = ?1", [import_id], |r| r.get(0)).optional()?.unwrap_or(0);
+    let mut all: Vec<(f64, f64)> = Vec::with_capacity((estimate.max(0) as usize + estimate.max(0) as usize / 16).min(SHARD_IN_MEMORY_ROWS));
     while let Some(r) = rows.next()? {
-        if all.len() == SHARD_IN_MEMORY_ROWS {
-            return Ok(None);
+        if all.len() == all.capacity() {
+            if all.len() >= SHARD_IN_MEMORY_ROWS {
+                return Ok(None); // read again by SQL: only shards of files over about 12M rows
+            }
+            all.reserve_exact((all.len() * 2).clamp(1024, SHARD_IN_MEMORY_ROWS) - all.len());
         }
         // + 0.0 makes −0.0 +0.0: SQL groups them as one value.
         all.push((r.get::<_, f64>(0)? + 0.0, r.get::<_, f64>(1)? + 0.0));

@@ -10,6 +10,9 @@
 //! points are scanned in row order against it. Two threads read the two
 //! halves of the lookups (split at the median latitude). Larger imports, whose table
 //! would not fit, keep the view's plan, so memory stays flat at any size.
+//!
+//! The in-memory path reads on several connections, not one snapshot: export
+//! after the enrichers end (as `local` does), or rows may mix two moments.
 
 use std::{
     collections::HashMap,
@@ -24,8 +27,9 @@ use rusqlite::{types::ValueRef, Connection, OptionalExtension};
 
 use crate::{export::RowRef, lookup::Area, sqlite_bulk::open};
 
-/// Memory the in-memory join may hold (hash table and packed answers), bytes.
-/// 128 MiB holds about 2.5 M coordinates of the offline provider's answers.
+/// Memory the in-memory join may hold (hash tables and packed answers), bytes.
+/// Each half's table is a power of two of 33-byte slots within half of it:
+/// up to about 1.8 M coordinates in all.
 pub const JOIN_BUDGET_BYTES: usize = 128 << 20;
 
 /// The packed columns of an answer: status, postcode, [`Area::COLUMNS`], error.
@@ -178,7 +182,9 @@ impl Half {
             let index = match answers.get_index_of(&found) {
                 Some(i) => i,
                 None => {
-                    bytes += text.len() + std::mem::size_of::<Answer>() + 24;
+                    // The text, the entry (answer and hash) and its index slot,
+                    // twice for the growth of both tables.
+                    bytes += text.len() + 2 * (std::mem::size_of::<Answer>() + 8 + 8);
                     if bytes > budget {
                         return Ok(None);
                     }

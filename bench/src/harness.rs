@@ -62,7 +62,9 @@ fn mib(kib: u64) -> f64 {
 /// fails when it exits non-zero.
 fn measure(cmd: &mut Command, log: &Path) -> Result<Measured> {
     let out_path = log.with_extension("stdout");
-    cmd.stdin(Stdio::null()).stdout(File::create(&out_path)?).stderr(File::create(log)?);
+    cmd.stdin(Stdio::null())
+        .stdout(File::create(&out_path)?)
+        .stderr(File::create(log)?);
     let started = Instant::now();
     let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
     let mut status = 0;
@@ -77,9 +79,16 @@ fn measure(cmd: &mut Command, log: &Path) -> Result<Measured> {
     if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
         let err = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = err.lines().rev().take(15).collect();
-        bail!("{cmd:?} failed (status {status}):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        bail!(
+            "{cmd:?} failed (status {status}):\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
-    Ok(Measured { seconds, peak_rss_kib: usage.ru_maxrss as u64, stdout })
+    Ok(Measured {
+        seconds,
+        peak_rss_kib: usage.ru_maxrss as u64,
+        stdout,
+    })
 }
 
 fn command_output(program: &str, args: &[&str]) -> String {
@@ -87,7 +96,11 @@ fn command_output(program: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .ok()
-        .map(|o| String::from_utf8_lossy(if o.stdout.is_empty() { &o.stderr } else { &o.stdout }).trim().to_string())
+        .map(|o| {
+            String::from_utf8_lossy(if o.stdout.is_empty() { &o.stderr } else { &o.stdout })
+                .trim()
+                .to_string()
+        })
         .unwrap_or_else(|| "not found".into())
 }
 
@@ -100,7 +113,11 @@ fn size_name(n: u64) -> String {
 }
 
 fn verdict(ok: bool) -> &'static str {
-    if ok { "meets" } else { "**misses**" }
+    if ok {
+        "meets"
+    } else {
+        "**misses**"
+    }
 }
 
 struct Ctx {
@@ -133,7 +150,9 @@ impl Ctx {
     }
 
     fn psql(&self, sql: &str) -> Result<()> {
-        let out = Command::new("psql").args([&self.args.database_url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql]).output()?;
+        let out = Command::new("psql")
+            .args([&self.args.database_url, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+            .output()?;
         if !out.status.success() {
             bail!("psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -183,7 +202,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     let e2e = e2e_section(&ctx, &inputs, &mut md)?;
     memory_section(&ctx, &inputs, &loads, &e2e, &mut md)?;
     api_section(&ctx, &mut md)?;
-    writeln!(md, "\nThe whole run took {:.0} s.", started.elapsed().as_secs_f64())?;
+    writeln!(
+        md,
+        "\nThe whole run took {:.0} s.",
+        started.elapsed().as_secs_f64()
+    )?;
     std::fs::write(&ctx.args.out, &md)?;
     eprintln!("wrote {}", ctx.args.out.display());
     Ok(())
@@ -191,19 +214,53 @@ pub fn run(args: RunArgs) -> Result<()> {
 
 fn machine(ctx: &Ctx, md: &mut String) -> Result<()> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).unwrap_or("?").trim().to_string();
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem = meminfo.lines().find(|l| l.starts_with("MemTotal")).map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0)).unwrap_or(0);
+    let mem = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .map(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .unwrap_or("0")
+                .parse::<u64>()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0);
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     writeln!(md, "## Machine\n")?;
     writeln!(md, "| | |\n|---|---|")?;
     writeln!(md, "| CPU | {cpu}, {cores} cores |")?;
     writeln!(md, "| memory | {:.1} GiB |", mem as f64 / 1024.0 / 1024.0)?;
     writeln!(md, "| kernel | {} |", command_output("uname", &["-sr"]))?;
-    writeln!(md, "| commit | {} |", command_output("git", &["rev-parse", "--short", "HEAD"]))?;
+    writeln!(
+        md,
+        "| commit | {} |",
+        command_output("git", &["rev-parse", "--short", "HEAD"])
+    )?;
     writeln!(md, "| rustc | {} |", command_output("rustc", &["--version"]))?;
-    writeln!(md, "| PostgreSQL | {} |", command_output("psql", &["-At", &ctx.args.database_url, "-c", "SHOW server_version"]))?;
-    writeln!(md, "| sqlite3 | {} |", command_output("sqlite3", &["--version"]).split_whitespace().next().unwrap_or("?"))?;
+    writeln!(
+        md,
+        "| PostgreSQL | {} |",
+        command_output(
+            "psql",
+            &["-At", &ctx.args.database_url, "-c", "SHOW server_version"]
+        )
+    )?;
+    writeln!(
+        md,
+        "| sqlite3 | {} |",
+        command_output("sqlite3", &["--version"])
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
+    )?;
     let py = ctx.args.python.display().to_string();
     writeln!(md, "| Python | {} |", command_output(&py, &["-c", "import sys, numpy, scipy; print(sys.version.split()[0], 'numpy', numpy.__version__, 'scipy', scipy.__version__)"]))?;
     writeln!(md, "| command | `make bench` |\n")?;
@@ -227,7 +284,10 @@ fn median(mut runs: Vec<Measured>) -> Measured {
     let peak = runs.iter().map(|m| m.peak_rss_kib).max().unwrap_or(0);
     runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
     let m = runs.swap_remove((runs.len() - 1) / 2);
-    Measured { peak_rss_kib: peak, ..m }
+    Measured {
+        peak_rss_kib: peak,
+        ..m
+    }
 }
 
 fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<Load>)> {
@@ -255,7 +315,13 @@ fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<
         let db_s = db.display().to_string();
         let uid = format!("bench-load-{name}");
         // Median of ten runs at 100k rows, of three at 1M, one run at 10M (each side alike).
-        let reps = if *n >= 10_000_000 { 1 } else if *n >= 1_000_000 { 3 } else { 10 };
+        let reps = if *n >= 10_000_000 {
+            1
+        } else if *n >= 1_000_000 {
+            3
+        } else {
+            10
+        };
         let (mut pg, mut pg_ref, mut sqlite, mut sqlite_ref) = (vec![], vec![], vec![], vec![]);
         for _ in 0..reps {
             // PostgreSQL: psql \copy into a table keyed by row number, then the reader.
@@ -263,13 +329,30 @@ fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<
             // Each side starts with no dirty pages of the other's to write back.
             ctx.psql("CHECKPOINT")?;
             let pg_ref_m = measure(
-                Command::new("psql").args([&ctx.args.database_url, "-v", "ON_ERROR_STOP=1", "-c", &format!("\\copy bench_ref (lat, lon) FROM '{file_s}' WITH (FORMAT csv, HEADER true)")]),
+                Command::new("psql").args([
+                    &ctx.args.database_url,
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    &format!("\\copy bench_ref (lat, lon) FROM '{file_s}' WITH (FORMAT csv, HEADER true)"),
+                ]),
                 &ctx.log(&format!("psql-copy-{name}")),
             )?;
             ctx.psql("DROP TABLE bench_ref")?;
             ctx.psql("CHECKPOINT")?;
             let pg_m = measure(
-                ctx.bin("reader-job").args(["--import-uid", &uid, "--import-name", "bench", "--source", &file_s, "--shards", "4", "--database-url", &ctx.args.database_url]),
+                ctx.bin("reader-job").args([
+                    "--import-uid",
+                    &uid,
+                    "--import-name",
+                    "bench",
+                    "--source",
+                    &file_s,
+                    "--shards",
+                    "4",
+                    "--database-url",
+                    &ctx.args.database_url,
+                ]),
                 &ctx.log(&format!("reader-pg-{name}")),
             )?;
             ctx.rt.block_on(async {
@@ -283,13 +366,27 @@ fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<
             let ref_db = ctx.work.join("bench-ref.db");
             let _ = std::fs::remove_file(&ref_db);
             let sqlite_ref_m = measure(
-                Command::new("sqlite3").arg(&ref_db).args(["CREATE TABLE bench_ref (lat DOUBLE PRECISION, lon DOUBLE PRECISION)", &format!(".import --csv --skip 1 {file_s} bench_ref")]),
+                Command::new("sqlite3").arg(&ref_db).args([
+                    "CREATE TABLE bench_ref (lat DOUBLE PRECISION, lon DOUBLE PRECISION)",
+                    &format!(".import --csv --skip 1 {file_s} bench_ref"),
+                ]),
                 &ctx.log(&format!("sqlite3-import-{name}")),
             )?;
             let _ = std::fs::remove_file(&ref_db);
             ctx.sqlite_store(&db)?;
             let sqlite_m = measure(
-                ctx.bin("reader-job").args(["--import-uid", &uid, "--import-name", "bench", "--source", &file_s, "--shards", "4", "--database-url", &db_s]),
+                ctx.bin("reader-job").args([
+                    "--import-uid",
+                    &uid,
+                    "--import-name",
+                    "bench",
+                    "--source",
+                    &file_s,
+                    "--shards",
+                    "4",
+                    "--database-url",
+                    &db_s,
+                ]),
                 &ctx.log(&format!("reader-sqlite-{name}")),
             )?;
             pg.push(pg_m);
@@ -297,18 +394,34 @@ fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<
             sqlite.push(sqlite_m);
             sqlite_ref.push(sqlite_ref_m);
         }
-        let (pg, pg_ref, sqlite, sqlite_ref) = (median(pg), median(pg_ref), median(sqlite), median(sqlite_ref));
+        let (pg, pg_ref, sqlite, sqlite_ref) =
+            (median(pg), median(pg_ref), median(sqlite), median(sqlite_ref));
         // One enricher (shard 0 of 4) on what the reader loaded, for its memory.
         let enricher = measure(
             ctx.bin("enricher-job")
-                .args(["--import-uid", &uid, "--shard", "0", "--database-url", &db_s, "--offline-postcodes"])
+                .args([
+                    "--import-uid",
+                    &uid,
+                    "--shard",
+                    "0",
+                    "--database-url",
+                    &db_s,
+                    "--offline-postcodes",
+                ])
                 .arg(&ctx.nspl)
                 .arg("--index-cache-dir")
                 .arg(&index_cache),
             &ctx.log(&format!("enricher-sqlite-{name}")),
         )?;
         ctx.sqlite_store(&db)?;
-        loads.push(Load { rows: *n, pg, pg_ref, sqlite, sqlite_ref, enricher });
+        loads.push(Load {
+            rows: *n,
+            pg,
+            pg_ref,
+            sqlite,
+            sqlite_ref,
+            enricher,
+        });
     }
 
     writeln!(md, "## 1. Load\n")?;
@@ -317,7 +430,10 @@ fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<
     writeln!(md, "| rows | reader → PostgreSQL | `psql \\copy` | ratio (target ≤ 1.3) | reader → SQLite | `sqlite3 .import` | ratio (target ≤ 1.5) |")?;
     writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
     for l in &loads {
-        let (rp, rs) = (l.pg.seconds / l.pg_ref.seconds, l.sqlite.seconds / l.sqlite_ref.seconds);
+        let (rp, rs) = (
+            l.pg.seconds / l.pg_ref.seconds,
+            l.sqlite.seconds / l.sqlite_ref.seconds,
+        );
         writeln!(
             md,
             "| {} | {:.2} s ({:.0} rows/s) | {:.2} s | {:.2} {} | {:.2} s ({:.0} rows/s) | {:.2} s | {:.2} {} |",
@@ -340,13 +456,26 @@ fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<
 
 fn lookups_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], md: &mut String) -> Result<()> {
     eprintln!("lookups");
-    let queries = inputs.iter().find(|(n, _)| *n == 1_000_000).or(inputs.last()).map(|(_, p)| p.clone()).context("no input")?;
+    let queries = inputs
+        .iter()
+        .find(|(n, _)| *n == 1_000_000)
+        .or(inputs.last())
+        .map(|(_, p)| p.clone())
+        .context("no input")?;
     let ours = measure(
-        ctx.bin("postcode-bench").args(["lookups", "--postcodes"]).arg(&ctx.nspl).arg("--queries").arg(&queries),
+        ctx.bin("postcode-bench")
+            .args(["lookups", "--postcodes"])
+            .arg(&ctx.nspl)
+            .arg("--queries")
+            .arg(&queries),
         &ctx.log("lookups-rust"),
     )?;
     let theirs = measure(
-        Command::new(&ctx.args.python).arg("bench/reference.py").arg("lookups").arg(&ctx.nspl).arg(&queries),
+        Command::new(&ctx.args.python)
+            .arg("bench/reference.py")
+            .arg("lookups")
+            .arg(&ctx.nspl)
+            .arg(&queries),
         &ctx.log("lookups-python"),
     )?;
     let o: serde_json::Value = serde_json::from_str(ours.stdout.trim())?;
@@ -360,16 +489,48 @@ fn lookups_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], md: &mut String) -> Res
         f(&o, "centroids"),
         f(&o, "queries")
     )?;
-    writeln!(md, "| | postcode-operator (grid, `pipeline/src/grid.rs`) | scipy cKDTree (`workers=1`) | target |")?;
+    writeln!(
+        md,
+        "| | postcode-operator (grid, `pipeline/src/grid.rs`) | scipy cKDTree (`workers=1`) | target |"
+    )?;
     writeln!(md, "|---|---:|---:|---|")?;
     let qps = f(&o, "batch_queries_per_s");
     writeln!(md, "| queries/s, file order, in batches of 4096 (`nearest_many`, as the enricher asks; scipy: one `query` call) | {:.0} | {:.0} | ≥ 1,000,000: {} |", qps, f(&t, "queries_per_s"), verdict(qps >= 1e6))?;
-    writeln!(md, "| queries/s, file order, one `nearest` call a query | {:.0} | | |", f(&o, "queries_per_s"))?;
-    writeln!(md, "| queries/s, batches of 4096 sorted as the enricher claims them | {:.0} | | |", f(&o, "batch_sorted_queries_per_s"))?;
-    writeln!(md, "| index build | {:.2} s | {:.2} s | ≤ 5 s: {} |", f(&o, "build_s"), f(&t, "build_s"), verdict(f(&o, "build_s") <= 5.0))?;
-    writeln!(md, "| reading the postcode CSV | {:.2} s | {:.2} s | |", f(&o, "parse_s"), f(&t, "parse_s"))?;
-    writeln!(md, "| index memory | {:.0} MiB (RSS growth) | {:.0} MiB (tree arrays) | |", mib(f(&o, "index_rss_kib") as u64), f(&t, "tree_bytes") / 1048576.0)?;
-    writeln!(md, "| process peak RSS | {:.0} MiB | {:.0} MiB | |\n", mib(ours.peak_rss_kib), mib(theirs.peak_rss_kib))?;
+    writeln!(
+        md,
+        "| queries/s, file order, one `nearest` call a query | {:.0} | | |",
+        f(&o, "queries_per_s")
+    )?;
+    writeln!(
+        md,
+        "| queries/s, batches of 4096 sorted as the enricher claims them | {:.0} | | |",
+        f(&o, "batch_sorted_queries_per_s")
+    )?;
+    writeln!(
+        md,
+        "| index build | {:.2} s | {:.2} s | ≤ 5 s: {} |",
+        f(&o, "build_s"),
+        f(&t, "build_s"),
+        verdict(f(&o, "build_s") <= 5.0)
+    )?;
+    writeln!(
+        md,
+        "| reading the postcode CSV | {:.2} s | {:.2} s | |",
+        f(&o, "parse_s"),
+        f(&t, "parse_s")
+    )?;
+    writeln!(
+        md,
+        "| index memory | {:.0} MiB (RSS growth) | {:.0} MiB (tree arrays) | |",
+        mib(f(&o, "index_rss_kib") as u64),
+        f(&t, "tree_bytes") / 1048576.0
+    )?;
+    writeln!(
+        md,
+        "| process peak RSS | {:.0} MiB | {:.0} MiB | |\n",
+        mib(ours.peak_rss_kib),
+        mib(theirs.peak_rss_kib)
+    )?;
     Ok(())
 }
 
@@ -413,9 +574,18 @@ fn local_offline(ctx: &Ctx, input: &Path, name: &str, cold: bool) -> Result<(Mea
 /// sharing a centroid may differ: the script takes any of them, in `pcd` form.
 fn agreement(ours: &Path, theirs: &Path) -> Result<(u64, u64)> {
     let (mut a, mut b) = (csv::Reader::from_path(ours)?, csv::Reader::from_path(theirs)?);
-    let col = |h: &csv::StringRecord, name: &str| h.iter().position(|c| c == name).with_context(|| format!("{name} column"));
+    let col = |h: &csv::StringRecord, name: &str| {
+        h.iter()
+            .position(|c| c == name)
+            .with_context(|| format!("{name} column"))
+    };
     let (ha, hb) = (a.headers()?.clone(), b.headers()?.clone());
-    let (pa, pb, da, db) = (col(&ha, "postcode")?, col(&hb, "postcode")?, col(&ha, "distance_m")?, col(&hb, "distance_m")?);
+    let (pa, pb, da, db) = (
+        col(&ha, "postcode")?,
+        col(&hb, "postcode")?,
+        col(&ha, "distance_m")?,
+        col(&hb, "distance_m")?,
+    );
     let (mut both, mut same) = (0, 0);
     for (x, y) in a.records().zip(b.records()) {
         let (x, y) = (x?, y?);
@@ -428,14 +598,24 @@ fn agreement(ours: &Path, theirs: &Path) -> Result<(u64, u64)> {
 }
 
 fn e2e_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], md: &mut String) -> Result<Vec<E2e>> {
-    let (rows, input) = inputs.iter().find(|(n, _)| *n == 1_000_000).or(inputs.last()).cloned().context("no input")?;
+    let (rows, input) = inputs
+        .iter()
+        .find(|(n, _)| *n == 1_000_000)
+        .or(inputs.last())
+        .cloned()
+        .context("no input")?;
     let name = size_name(rows);
     eprintln!("end to end {name}");
     let (cold, ours) = local_offline(ctx, &input, &name, true)?;
     let (warm, _) = local_offline(ctx, &input, &format!("{name}-warm"), false)?;
     let py_out = ctx.work.join(format!("python-{name}.csv"));
     let python = measure(
-        Command::new(&ctx.args.python).arg("bench/reference.py").arg("e2e").arg(&ctx.nspl).arg(&input).arg(&py_out),
+        Command::new(&ctx.args.python)
+            .arg("bench/reference.py")
+            .arg("e2e")
+            .arg(&ctx.nspl)
+            .arg(&input)
+            .arg(&py_out),
         &ctx.log(&format!("python-e2e-{name}")),
     )?;
     let (both, same) = agreement(&ours, &py_out)?;
@@ -443,15 +623,41 @@ fn e2e_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], md: &mut String) -> Result<
     writeln!(md, "## 3. End to end\n")?;
     writeln!(md, "`postcode-operator local FILE --offline-postcodes nspl-latlon.csv.gz` (SQLite; reader, 4 enricher Jobs, export; every row stored) against `bench/reference.py e2e`, the script a user would write (csv module, scipy cKDTree, csv writer; no database), on the {name}-row input.\n")?;
     writeln!(md, "| | wall | peak RSS |\n|---|---:|---:|")?;
-    writeln!(md, "| `local`, first run (parses the postcode file, caching it) | {:.1} s | {:.0} MiB |", cold.seconds, mib(cold.peak_rss_kib))?;
-    writeln!(md, "| `local`, postcode cache warm | {:.1} s | {:.0} MiB |", warm.seconds, mib(warm.peak_rss_kib))?;
-    writeln!(md, "| Python script | {:.1} s | {:.0} MiB |", python.seconds, mib(python.peak_rss_kib))?;
-    writeln!(md, "\nRatio, first run / Python: **{ratio:.2}** (target ≤ 0.5: {}); warm: {:.2}.", verdict(ratio <= 0.5), warm.seconds / python.seconds)?;
+    writeln!(
+        md,
+        "| `local`, first run (parses the postcode file, caching it) | {:.1} s | {:.0} MiB |",
+        cold.seconds,
+        mib(cold.peak_rss_kib)
+    )?;
+    writeln!(
+        md,
+        "| `local`, postcode cache warm | {:.1} s | {:.0} MiB |",
+        warm.seconds,
+        mib(warm.peak_rss_kib)
+    )?;
+    writeln!(
+        md,
+        "| Python script | {:.1} s | {:.0} MiB |",
+        python.seconds,
+        mib(python.peak_rss_kib)
+    )?;
+    writeln!(
+        md,
+        "\nRatio, first run / Python: **{ratio:.2}** (target ≤ 0.5: {}); warm: {:.2}.",
+        verdict(ratio <= 0.5),
+        warm.seconds / python.seconds
+    )?;
     writeln!(md, "Same nearest distance (to 0.1 m) as the script on {same} of the {both} rows where both name a postcode ({:.3} %). Where postcodes share a centroid the script names any of them; we name the alphabetically first, as postcodes.io does.\n", 100.0 * same as f64 / both.max(1) as f64)?;
     Ok(vec![E2e { rows, cold }])
 }
 
-fn memory_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], loads: &[Load], e2e: &[E2e], md: &mut String) -> Result<()> {
+fn memory_section(
+    ctx: &Ctx,
+    inputs: &[(u64, PathBuf)],
+    loads: &[Load],
+    e2e: &[E2e],
+    md: &mut String,
+) -> Result<()> {
     let mut locals: Vec<(u64, Measured)> = e2e.iter().map(|e| (e.rows, e.cold.clone())).collect();
     for (n, input) in inputs {
         if *n >= 10_000_000 {
@@ -467,7 +673,13 @@ fn memory_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], loads: &[Load], e2e: &[E
     writeln!(md, "|---:|---:|---:|---:|---:|---:|")?;
     for l in loads {
         let local = locals.iter().find(|(n, _)| *n == l.rows);
-        let ok = |kib: u64| if l.rows >= 10_000_000 && mib(kib) > 256.0 { " **over**" } else { "" };
+        let ok = |kib: u64| {
+            if l.rows >= 10_000_000 && mib(kib) > 256.0 {
+                " **over**"
+            } else {
+                ""
+            }
+        };
         writeln!(
             md,
             "| {} | {:.0} MiB{} | {:.0} MiB{} | {:.0} MiB{} | {} | {} |",
@@ -478,7 +690,11 @@ fn memory_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], loads: &[Load], e2e: &[E
             ok(l.sqlite.peak_rss_kib),
             mib(l.enricher.peak_rss_kib),
             ok(l.enricher.peak_rss_kib),
-            local.map_or("".into(), |(_, m)| format!("{:.0} MiB{}", mib(m.peak_rss_kib), ok(m.peak_rss_kib))),
+            local.map_or("".into(), |(_, m)| format!(
+                "{:.0} MiB{}",
+                mib(m.peak_rss_kib),
+                ok(m.peak_rss_kib)
+            )),
             local.map_or("".into(), |(_, m)| format!("{:.1} s", m.seconds)),
         )?;
     }
@@ -501,7 +717,11 @@ fn api_section(ctx: &Ctx, md: &mut String) -> Result<()> {
             .spawn()?;
         let mut first = String::new();
         BufReader::new(server.stdout.take().context("server stdout")?).read_line(&mut first)?;
-        let base = first.trim().strip_prefix("listening on ").context("test server did not start")?.to_string();
+        let base = first
+            .trim()
+            .strip_prefix("listening on ")
+            .context("test server did not start")?
+            .to_string();
         let db = ctx.work.join("api.db");
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
@@ -518,7 +738,9 @@ fn api_section(ctx: &Ctx, md: &mut String) -> Result<()> {
                 .arg(&out),
             &ctx.log(&format!("api-{q}")),
         )?;
-        let stats: test_server::Stats = ctx.rt.block_on(async { reqwest::get(format!("{base}/__stats")).await?.json().await })?;
+        let stats: test_server::Stats = ctx
+            .rt
+            .block_on(async { reqwest::get(format!("{base}/__stats")).await?.json().await })?;
         let _ = server.kill();
         let _ = server.wait();
         let coords: u64 = Command::new("sqlite3")
@@ -531,7 +753,12 @@ fn api_section(ctx: &Ctx, md: &mut String) -> Result<()> {
         let by = |r: &str| stats.answered_by_radius.get(r).copied().unwrap_or(0);
         let first = by("100");
         let floor = coords.div_ceil(100);
-        let wide = stats.answered_by_radius.iter().filter(|(k, _)| k.as_str() != "100" && k.as_str() != "2000").map(|(_, v)| v).sum::<u64>();
+        let wide = stats
+            .answered_by_radius
+            .iter()
+            .filter(|(k, _)| k.as_str() != "100" && k.as_str() != "2000")
+            .map(|(_, v)| v)
+            .sum::<u64>();
         let limit = 1.05 * stats.requests as f64 / q + 5.0;
         let ratio = first as f64 / floor.max(1) as f64;
         writeln!(

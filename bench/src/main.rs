@@ -55,8 +55,17 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Synth { from, rows, out, seed } => synth(&from, rows, &out, seed),
-        Cmd::Lookups { postcodes, queries, passes } => lookups(&postcodes, &queries, passes),
+        Cmd::Synth {
+            from,
+            rows,
+            out,
+            seed,
+        } => synth(&from, rows, &out, seed),
+        Cmd::Lookups {
+            postcodes,
+            queries,
+            passes,
+        } => lookups(&postcodes, &queries, passes),
         Cmd::Run(args) => harness::run(args),
     }
 }
@@ -69,7 +78,9 @@ pub(crate) fn synth(from: &PathBuf, rows: u64, out: &PathBuf, seed: u64) -> Resu
     for line in lines {
         let line = line?;
         let mut it = line.split(',');
-        let (Some(a), Some(b)) = (it.next(), it.next()) else { continue };
+        let (Some(a), Some(b)) = (it.next(), it.next()) else {
+            continue;
+        };
         if let (Ok(a), Ok(b)) = (a.trim().parse::<f64>(), b.trim().parse::<f64>()) {
             coords.push((a, b));
         }
@@ -98,7 +109,12 @@ pub(crate) fn synth(from: &PathBuf, rows: u64, out: &PathBuf, seed: u64) -> Resu
 /// Resident set size of this process now, KiB (Linux `/proc/self/statm`).
 fn rss_kib() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4
 }
 
 fn read_coords(path: &PathBuf) -> Result<Vec<pipeline::geo::LatLon>> {
@@ -107,7 +123,10 @@ fn read_coords(path: &PathBuf) -> Result<Vec<pipeline::geo::LatLon>> {
     for line in input.lines().skip(1) {
         let line = line?;
         let mut it = line.split(',');
-        if let (Some(Ok(lat)), Some(Ok(lon))) = (it.next().map(|a| a.trim().parse()), it.next().map(|b| b.trim().parse())) {
+        if let (Some(Ok(lat)), Some(Ok(lon))) = (
+            it.next().map(|a| a.trim().parse()),
+            it.next().map(|b| b.trim().parse()),
+        ) {
             out.push(pipeline::geo::LatLon { lat, lon });
         }
     }
@@ -130,14 +149,26 @@ fn lookups(postcodes: &PathBuf, queries: &PathBuf, passes: usize) -> Result<()> 
     let mut found = 0usize;
     for _ in 0..passes.max(1) {
         let t = Instant::now();
-        found = qs.iter().filter(|q| index.nearest(**q, 20_000.0).is_some()).count();
+        found = qs
+            .iter()
+            .filter(|q| index.nearest(**q, 20_000.0).is_some())
+            .count();
         best = best.min(t.elapsed().as_secs_f64());
     }
     // How the enricher asks: a batch at a time (`nearest_many`, memory reads overlapped across queries).
     let mut best_many = f64::INFINITY;
     for _ in 0..passes.max(1) {
         let t = Instant::now();
-        let n: usize = qs.chunks(4096).map(|batch| index.nearest_many(batch, 20_000.0).iter().filter(|n| n.is_some()).count()).sum();
+        let n: usize = qs
+            .chunks(4096)
+            .map(|batch| {
+                index
+                    .nearest_many(batch, 20_000.0)
+                    .iter()
+                    .filter(|n| n.is_some())
+                    .count()
+            })
+            .sum();
         assert_eq!(n, found);
         best_many = best_many.min(t.elapsed().as_secs_f64());
     }
@@ -149,7 +180,16 @@ fn lookups(postcodes: &PathBuf, queries: &PathBuf, passes: usize) -> Result<()> 
     let mut best_sorted = f64::INFINITY;
     for _ in 0..passes.max(1) {
         let t = Instant::now();
-        let n: usize = sorted.chunks(4096).map(|batch| index.nearest_many(batch, 20_000.0).iter().filter(|n| n.is_some()).count()).sum();
+        let n: usize = sorted
+            .chunks(4096)
+            .map(|batch| {
+                index
+                    .nearest_many(batch, 20_000.0)
+                    .iter()
+                    .filter(|n| n.is_some())
+                    .count()
+            })
+            .sum();
         assert_eq!(n, found);
         best_sorted = best_sorted.min(t.elapsed().as_secs_f64());
     }

@@ -17,7 +17,10 @@ use pipeline::{
 };
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Enrich one shard of an import with the nearest UK postcodes")]
+#[command(
+    version,
+    about = "Enrich one shard of an import with the nearest UK postcodes"
+)]
 struct Args {
     /// The import's uid.
     #[arg(long, env = "IMPORT_UID")]
@@ -29,7 +32,12 @@ struct Args {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
     /// postcodes.io base URL.
-    #[arg(long, env = "POSTCODES_API_URL", default_value = "https://api.postcodes.io", conflicts_with = "offline_postcodes")]
+    #[arg(
+        long,
+        env = "POSTCODES_API_URL",
+        default_value = "https://api.postcodes.io",
+        conflicts_with = "offline_postcodes"
+    )]
     api_url: String,
     /// Answer from an ONS postcode file instead of the API (no requests, no quota).
     #[arg(long, env = "OFFLINE_POSTCODES")]
@@ -68,7 +76,10 @@ async fn main() {
     match run(&args).await {
         Ok(Finish::Done) => {}
         Ok(Finish::QuotaExhausted) => {
-            eprintln!("enricher-job: shard {}: the import's request budget is spent; unfinished rows stay pending", args.shard);
+            eprintln!(
+                "enricher-job: shard {}: the import's request budget is spent; unfinished rows stay pending",
+                args.shard
+            );
             std::process::exit(EXIT_QUOTA_EXHAUSTED);
         }
         Err((code, e)) => {
@@ -82,48 +93,85 @@ async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
     let permanent = |e: anyhow::Error| (EXIT_PERMANENT, e);
     let retryable = |e: anyhow::Error| (1, e);
     if !(args.quota_rps > 0.0 && args.quota_rps.is_finite()) {
-        return Err(permanent(anyhow::anyhow!("--quota-rps must be a positive number")));
+        return Err(permanent(anyhow::anyhow!(
+            "--quota-rps must be a positive number"
+        )));
     }
     let store = Store::connect(&args.database_url).await.map_err(retryable)?;
     let import = store
         .import(&args.import_uid)
         .await
         .map_err(retryable)?
-        .ok_or_else(|| permanent(anyhow::anyhow!("import {} does not exist; run the reader first", args.import_uid)))?;
+        .ok_or_else(|| {
+            permanent(anyhow::anyhow!(
+                "import {} does not exist; run the reader first",
+                args.import_uid
+            ))
+        })?;
     if import.phase != "Loaded" {
-        return Err(permanent(anyhow::anyhow!("import {} is {}, not Loaded", import.name, import.phase)));
+        return Err(permanent(anyhow::anyhow!(
+            "import {} is {}, not Loaded",
+            import.name,
+            import.phase
+        )));
     }
     if args.shard < 0 || args.shard >= import.shards {
-        return Err(permanent(anyhow::anyhow!("shard {} is outside 0..{}", args.shard, import.shards)));
+        return Err(permanent(anyhow::anyhow!(
+            "shard {} is outside 0..{}",
+            args.shard,
+            import.shards
+        )));
     }
     let provider = match &args.offline_postcodes {
         Some(path) => {
             let started = std::time::Instant::now();
             let index = tokio::task::spawn_blocking({
                 let path = path.clone();
-                let cache = args.index_cache_dir.clone().unwrap_or_else(pipeline::offline::default_cache_dir);
+                let cache = args
+                    .index_cache_dir
+                    .clone()
+                    .unwrap_or_else(pipeline::offline::default_cache_dir);
                 move || OfflineIndex::load_cached(&path, &cache)
             })
             .await
             .map_err(|e| retryable(e.into()))?
             .map_err(|e| permanent(e.into()))?;
-            tracing::info!(postcodes = index.postcodes(), seconds = started.elapsed().as_secs_f64(), "offline index loaded");
+            tracing::info!(
+                postcodes = index.postcodes(),
+                seconds = started.elapsed().as_secs_f64(),
+                "offline index loaded"
+            );
             Provider::Offline(Arc::new(index))
         }
         None => {
-            store.ensure_quota(import.id, args.quota_rps, args.max_requests).await.map_err(retryable)?;
-            Provider::Api(PostcodesIo::new(&args.api_url, Duration::from_secs_f64(args.timeout_s)))
+            store
+                .ensure_quota(import.id, args.quota_rps, args.max_requests)
+                .await
+                .map_err(retryable)?;
+            Provider::Api(PostcodesIo::new(
+                &args.api_url,
+                Duration::from_secs_f64(args.timeout_s),
+            ))
         }
     };
     let cfg = ShardConfig {
         import_id: import.id,
         shard: args.shard,
-        plan: SearchPlan { radius_m: args.radius_m, max_radius_m: args.max_radius_m, widesearch: args.widesearch },
-        retry: RetryPolicy { max_attempts: args.max_attempts, ..RetryPolicy::default() },
+        plan: SearchPlan {
+            radius_m: args.radius_m,
+            max_radius_m: args.max_radius_m,
+            widesearch: args.widesearch,
+        },
+        retry: RetryPolicy {
+            max_attempts: args.max_attempts,
+            ..RetryPolicy::default()
+        },
     };
     let started = std::time::Instant::now();
     let reporter = StatusReporter::from_env(args.shard).await;
-    let progress = reporter.as_ref().map(|r| r.spawn_periodic(store.clone(), import.id));
+    let progress = reporter
+        .as_ref()
+        .map(|r| r.spawn_periodic(store.clone(), import.id));
     let mut last = RunStatsLog::default();
     let retries = reporter.as_ref().map(|r| r.retries.clone()).unwrap_or_default();
     let result = run_shard(&store, &provider, &cfg, |s| {
@@ -142,7 +190,12 @@ async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
         };
         r.report(&store, import.id, phase).await;
     }
-    tracing::info!(shard = args.shard, seconds = started.elapsed().as_secs_f64(), ?finish, "shard run ended");
+    tracing::info!(
+        shard = args.shard,
+        seconds = started.elapsed().as_secs_f64(),
+        ?finish,
+        "shard run ended"
+    );
     store.close().await;
     Ok(finish)
 }
@@ -157,7 +210,13 @@ impl RunStatsLog {
     fn maybe_log(&mut self, shard: i32, s: &pipeline::enrich::RunStats) {
         if self.at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             self.at = Some(std::time::Instant::now());
-            tracing::info!(shard, coordinates = s.coordinates, requests = s.requests, retries = s.retries, "progress");
+            tracing::info!(
+                shard,
+                coordinates = s.coordinates,
+                requests = s.requests,
+                retries = s.retries,
+                "progress"
+            );
         }
     }
 }
@@ -199,7 +258,12 @@ impl StatusReporter {
             plural: "postcodeimports".into(),
         };
         let api = kube::Api::namespaced_with(client, &ns, &ar);
-        Some(Self { api, name, shard, retries: Default::default() })
+        Some(Self {
+            api,
+            name,
+            shard,
+            retries: Default::default(),
+        })
     }
 
     async fn report(&self, store: &Store, import_id: i64, phase: &str) {
@@ -216,13 +280,22 @@ impl StatusReporter {
         });
         let patch = serde_json::json!({"apiVersion": "postcodes.dev/v1alpha1", "kind": "PostcodeImport", "status": {"shards": [entry]}});
         let pp = kube::api::PatchParams::apply(&format!("enricher-{}", self.shard)).force();
-        if let Err(e) = self.api.patch_status(&self.name, &pp, &kube::api::Patch::Apply(patch)).await {
+        if let Err(e) = self
+            .api
+            .patch_status(&self.name, &pp, &kube::api::Patch::Apply(patch))
+            .await
+        {
             tracing::warn!("progress not reported: {e}");
         }
     }
 
     fn spawn_periodic(&self, store: Store, import_id: i64) -> tokio::task::JoinHandle<()> {
-        let me = Self { api: self.api.clone(), name: self.name.clone(), shard: self.shard, retries: self.retries.clone() };
+        let me = Self {
+            api: self.api.clone(),
+            name: self.name.clone(),
+            shard: self.shard,
+            retries: self.retries.clone(),
+        };
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(STATUS_INTERVAL);
             loop {

@@ -65,7 +65,10 @@ impl IntoResponse for ApiError {
 impl From<kube::Error> for ApiError {
     fn from(e: kube::Error) -> Self {
         match e {
-            kube::Error::Api(s) => ApiError(StatusCode::from_u16(s.code).unwrap_or(StatusCode::BAD_GATEWAY), s.message),
+            kube::Error::Api(s) => ApiError(
+                StatusCode::from_u16(s.code).unwrap_or(StatusCode::BAD_GATEWAY),
+                s.message,
+            ),
             other => ApiError(StatusCode::BAD_GATEWAY, other.to_string()),
         }
     }
@@ -82,7 +85,8 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 pub fn valid_label(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -98,16 +102,24 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| async move { s.metrics.render() }),
+        )
         .merge(v1)
         .with_state(state)
 }
 
 async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
     if let Some(token) = &s.config.token {
-        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         match given {
-            None => return ApiError(StatusCode::UNAUTHORIZED, "bearer token required".into()).into_response(),
+            None => {
+                return ApiError(StatusCode::UNAUTHORIZED, "bearer token required".into()).into_response()
+            }
             Some(t) if !constant_time_eq(t.as_bytes(), token.as_bytes()) => {
                 return ApiError(StatusCode::FORBIDDEN, "invalid token".into()).into_response()
             }
@@ -124,7 +136,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn readyz(State(s): State<AppState>) -> Response {
     let db = s.store.import("readyz-probe").await.is_ok();
     let kube = s.client.apiserver_version().await.is_ok();
-    let code = if db && kube { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if db && kube {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(json!({"database": db, "kubernetes": kube}))).into_response()
 }
 
@@ -162,14 +178,20 @@ impl<'a> UploadWriter<'a> {
         self.size += data.len() as u64;
         if self.size > self.max {
             let _ = self.store.delete_upload(&self.id).await;
-            return Err(ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("upload larger than the limit of {} bytes", self.max)));
+            return Err(ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("upload larger than the limit of {} bytes", self.max),
+            ));
         }
         self.sha.update(data);
         self.buf.extend_from_slice(data);
         while self.buf.len() >= CHUNK {
             let rest = self.buf.split_off(CHUNK);
             let chunk = std::mem::replace(&mut self.buf, rest);
-            self.store.append_upload_chunk(&self.id, self.seq, &chunk).await.map_err(internal)?;
+            self.store
+                .append_upload_chunk(&self.id, self.seq, &chunk)
+                .await
+                .map_err(internal)?;
             self.seq += 1;
         }
         Ok(())
@@ -178,22 +200,43 @@ impl<'a> UploadWriter<'a> {
     async fn finish(mut self) -> Result<(u64, String), ApiError> {
         if !self.buf.is_empty() {
             let chunk = std::mem::take(&mut self.buf);
-            self.store.append_upload_chunk(&self.id, self.seq, &chunk).await.map_err(internal)?;
+            self.store
+                .append_upload_chunk(&self.id, self.seq, &chunk)
+                .await
+                .map_err(internal)?;
         }
         let sha = hex::encode(self.sha.finalize());
-        self.store.finish_upload(&self.id, self.size as i64, &sha).await.map_err(internal)?;
+        self.store
+            .finish_upload(&self.id, self.size as i64, &sha)
+            .await
+            .map_err(internal)?;
         Ok((self.size, sha))
     }
 }
 
-async fn create_import(State(s): State<AppState>, Query(opts): Query<CreateOptions>, req: Request) -> Result<Response, ApiError> {
-    let ns = opts.namespace.clone().unwrap_or_else(|| s.config.default_namespace.clone());
+async fn create_import(
+    State(s): State<AppState>,
+    Query(opts): Query<CreateOptions>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let ns = opts
+        .namespace
+        .clone()
+        .unwrap_or_else(|| s.config.default_namespace.clone());
     if !valid_label(&ns, 63) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("invalid namespace {ns:?}")));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("invalid namespace {ns:?}"),
+        ));
     }
     let name = match &opts.name {
         Some(n) if valid_label(n, 40) => n.clone(),
-        Some(n) => return Err(ApiError(StatusCode::BAD_REQUEST, format!("invalid name {n:?}: 1 to 40 lower-case letters, digits or '-'"))),
+        Some(n) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("invalid name {n:?}: 1 to 40 lower-case letters, digits or '-'"),
+            ))
+        }
         None => format!("import-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
     };
     if let Some(sh) = opts.shards {
@@ -203,18 +246,39 @@ async fn create_import(State(s): State<AppState>, Query(opts): Query<CreateOptio
     }
     if let Some(q) = opts.quota_rps {
         if !(q > 0.0 && q.is_finite()) {
-            return Err(ApiError(StatusCode::BAD_REQUEST, "quotaRps must be positive".into()));
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "quotaRps must be positive".into(),
+            ));
         }
     }
     let upload_id = uuid::Uuid::new_v4().to_string();
     s.store.create_upload(&upload_id).await.map_err(internal)?;
-    let mut w = UploadWriter { store: &s.store, id: upload_id.clone(), buf: Vec::with_capacity(CHUNK), seq: 0, size: 0, max: s.config.max_upload_bytes, sha: Sha256::new() };
-    let multipart = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("multipart/form-data"));
+    let mut w = UploadWriter {
+        store: &s.store,
+        id: upload_id.clone(),
+        buf: Vec::with_capacity(CHUNK),
+        seq: 0,
+        size: 0,
+        max: s.config.max_upload_bytes,
+        sha: Sha256::new(),
+    };
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("multipart/form-data"));
     let streamed: Result<(), ApiError> = async {
         if multipart {
-            let mut mp = Multipart::from_request(req, &()).await.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+            let mut mp = Multipart::from_request(req, &())
+                .await
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
             let mut got = false;
-            while let Some(mut field) = mp.next_field().await.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))? {
+            while let Some(mut field) = mp
+                .next_field()
+                .await
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?
+            {
                 if field.name() != Some("file") {
                     continue;
                 }
@@ -222,22 +286,46 @@ async fn create_import(State(s): State<AppState>, Query(opts): Query<CreateOptio
                 loop {
                     let next = tokio::time::timeout(s.config.idle_timeout, field.chunk())
                         .await
-                        .map_err(|_| ApiError(StatusCode::REQUEST_TIMEOUT, format!("the upload stalled: nothing received for {}s", s.config.idle_timeout.as_secs())))?;
-                    let Some(chunk) = next.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))? else { break };
+                        .map_err(|_| {
+                            ApiError(
+                                StatusCode::REQUEST_TIMEOUT,
+                                format!(
+                                    "the upload stalled: nothing received for {}s",
+                                    s.config.idle_timeout.as_secs()
+                                ),
+                            )
+                        })?;
+                    let Some(chunk) = next.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?
+                    else {
+                        break;
+                    };
                     w.push(&chunk).await?;
                 }
             }
             if !got {
-                return Err(ApiError(StatusCode::BAD_REQUEST, "multipart upload without a `file` field".into()));
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "multipart upload without a `file` field".into(),
+                ));
             }
         } else {
             let mut body = req.into_body().into_data_stream();
             loop {
                 let next = tokio::time::timeout(s.config.idle_timeout, body.next())
                     .await
-                    .map_err(|_| ApiError(StatusCode::REQUEST_TIMEOUT, format!("the upload stalled: nothing received for {}s", s.config.idle_timeout.as_secs())))?;
+                    .map_err(|_| {
+                        ApiError(
+                            StatusCode::REQUEST_TIMEOUT,
+                            format!(
+                                "the upload stalled: nothing received for {}s",
+                                s.config.idle_timeout.as_secs()
+                            ),
+                        )
+                    })?;
                 let Some(chunk) = next else { break };
-                let chunk = chunk.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading the upload failed: {e}")))?;
+                let chunk = chunk.map_err(|e| {
+                    ApiError(StatusCode::BAD_REQUEST, format!("reading the upload failed: {e}"))
+                })?;
                 w.push(&chunk).await?;
             }
         }
@@ -250,17 +338,34 @@ async fn create_import(State(s): State<AppState>, Query(opts): Query<CreateOptio
     }
     if w.size == 0 {
         let _ = s.store.delete_upload(&upload_id).await;
-        return Err(ApiError(StatusCode::BAD_REQUEST, "the upload is empty: send the CSV as the request body or a multipart `file` field".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "the upload is empty: send the CSV as the request body or a multipart `file` field".into(),
+        ));
     }
     let (bytes, sha256) = w.finish().await?;
 
-    let mut spec: PostcodeImportSpec = serde_json::from_value(json!({"source": {"uploadId": upload_id}})).expect("minimal spec");
-    spec.source = ImportSource { upload_id: Some(upload_id.clone()), url: None };
+    let mut spec: PostcodeImportSpec =
+        serde_json::from_value(json!({"source": {"uploadId": upload_id}})).expect("minimal spec");
+    spec.source = ImportSource {
+        upload_id: Some(upload_id.clone()),
+        url: None,
+    };
     spec.shards = opts.shards.unwrap_or(s.config.default_shards);
-    spec.quota = QuotaSpec { requests_per_second: opts.quota_rps.unwrap_or(s.config.default_quota_rps), max_requests: opts.max_requests };
-    spec.csv = CsvSpec { lat_column: opts.lat_column.clone(), lon_column: opts.lon_column.clone(), delimiter: opts.delimiter.clone() };
+    spec.quota = QuotaSpec {
+        requests_per_second: opts.quota_rps.unwrap_or(s.config.default_quota_rps),
+        max_requests: opts.max_requests,
+    };
+    spec.csv = CsvSpec {
+        lat_column: opts.lat_column.clone(),
+        lon_column: opts.lon_column.clone(),
+        delimiter: opts.delimiter.clone(),
+    };
     spec.offline_postcodes = opts.offline_postcodes.clone();
-    spec.api.base_url = opts.api_url.clone().unwrap_or_else(|| s.config.default_api_url.clone());
+    spec.api.base_url = opts
+        .api_url
+        .clone()
+        .unwrap_or_else(|| s.config.default_api_url.clone());
     let imp = PostcodeImport::new(&name, spec);
     let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
     let created = match api.create(&PostParams::default(), &imp).await {
@@ -274,25 +379,45 @@ async fn create_import(State(s): State<AppState>, Query(opts): Query<CreateOptio
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn get_import(State(s): State<AppState>, Path((ns, name)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn get_import(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     if !valid_label(&ns, 63) || !valid_label(&name, 63) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "invalid namespace or name".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid namespace or name".into(),
+        ));
     }
     let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
     let imp = api.get(&name).await?;
-    Ok(Json(json!({"namespace": ns, "name": name, "uid": imp.uid(), "spec": imp.spec, "status": imp.status})).into_response())
+    Ok(
+        Json(
+            json!({"namespace": ns, "name": name, "uid": imp.uid(), "spec": imp.spec, "status": imp.status}),
+        )
+        .into_response(),
+    )
 }
 
-async fn results_csv(State(s): State<AppState>, Path((ns, name)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn results_csv(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     if !valid_label(&ns, 63) || !valid_label(&name, 63) {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "invalid namespace or name".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid namespace or name".into(),
+        ));
     }
     let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
     let imp = api.get(&name).await?;
     let uid = imp.uid().unwrap_or_default();
     let record = s.store.import(&uid).await.map_err(internal)?;
     let Some(record) = record.filter(|r| r.phase == "Loaded") else {
-        return Err(ApiError(StatusCode::CONFLICT, format!("import {ns}/{name} has not loaded yet")));
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("import {ns}/{name} has not loaded yet"),
+        ));
     };
     let store = s.store.clone();
     let header = LineEncoder::default().header(&record);
@@ -301,8 +426,15 @@ async fn results_csv(State(s): State<AppState>, Path((ns, name)): Path<(String, 
         let store = store.clone();
         async move {
             let Some(after) = after else { return Ok(None) };
-            let rows = store.results_page(record.id, after, 10_000).await.map_err(|e| std::io::Error::other(e.to_string()))?;
-            let next = if rows.len() < 10_000 { None } else { rows.last().map(|r| r.row_number) };
+            let rows = store
+                .results_page(record.id, after, 10_000)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let next = if rows.len() < 10_000 {
+                None
+            } else {
+                rows.last().map(|r| r.row_number)
+            };
             let mut buf = Vec::with_capacity(rows.len() * 96);
             for r in &rows {
                 buf.extend_from_slice(enc.row(r));
@@ -313,7 +445,10 @@ async fn results_csv(State(s): State<AppState>, Path((ns, name)): Path<(String, 
     let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(header) }).chain(pages);
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "text/csv; charset=utf-8")
-        .header(header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}.enriched.csv\""))
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{name}.enriched.csv\""),
+        )
         .body(Body::from_stream(stream))
         .map_err(internal)?)
 }
@@ -325,7 +460,17 @@ mod tests {
     #[test]
     fn names_follow_kubernetes_rules() {
         assert!(valid_label("trips-2024", 40));
-        for bad in ["", "-a", "a-", "A", "a_b", "a.b", "a b", "x'; DROP TABLE points; --", &"a".repeat(41)] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "a b",
+            "x'; DROP TABLE points; --",
+            &"a".repeat(41),
+        ] {
             assert!(!valid_label(bad, 40), "{bad}");
         }
     }

@@ -128,7 +128,9 @@ fn error_policy(imp: Arc<PostcodeImport>, err: &Error, _ctx: Arc<Context>) -> Ac
 async fn reconcile(imp: Arc<PostcodeImport>, ctx: Arc<Context>) -> Result<Action> {
     let started = std::time::Instant::now();
     metrics::counter!("postcode_operator_reconciles_total").increment(1);
-    let ns = imp.namespace().ok_or_else(|| Error::Invalid("PostcodeImport is namespaced".into()))?;
+    let ns = imp
+        .namespace()
+        .ok_or_else(|| Error::Invalid("PostcodeImport is namespaced".into()))?;
     let api: Api<PostcodeImport> = Api::namespaced(ctx.client.clone(), &ns);
     let action = finalizer(&api, FINALIZER, imp, |event| async {
         match event {
@@ -138,7 +140,8 @@ async fn reconcile(imp: Arc<PostcodeImport>, ctx: Arc<Context>) -> Result<Action
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    metrics::histogram!("postcode_operator_reconcile_duration_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("postcode_operator_reconcile_duration_seconds")
+        .record(started.elapsed().as_secs_f64());
     action
 }
 
@@ -146,7 +149,10 @@ async fn reconcile(imp: Arc<PostcodeImport>, ctx: Arc<Context>) -> Result<Action
 pub fn plan_for(imp: &PostcodeImport) -> Result<ImportPlan> {
     let uid = imp.uid().ok_or_else(|| Error::Invalid("no uid".into()))?;
     let s = &imp.spec;
-    let source = s.source.as_arg().ok_or_else(|| Error::Invalid("exactly one of source.uploadId and source.url".into()))?;
+    let source = s
+        .source
+        .as_arg()
+        .ok_or_else(|| Error::Invalid("exactly one of source.uploadId and source.url".into()))?;
     Ok(ImportPlan {
         uid,
         name: imp.name_any(),
@@ -154,9 +160,15 @@ pub fn plan_for(imp: &PostcodeImport) -> Result<ImportPlan> {
         shards: s.shards.clamp(1, 64),
         provider: match &s.offline_postcodes {
             Some(p) => ProviderSpec::Offline { postcodes: p.clone() },
-            None => ProviderSpec::Api { base_url: s.api.base_url.clone() },
+            None => ProviderSpec::Api {
+                base_url: s.api.base_url.clone(),
+            },
         },
-        search: SearchPlan { radius_m: s.api.radius_meters.into(), max_radius_m: s.api.max_radius_meters.into(), widesearch: s.api.widesearch },
+        search: SearchPlan {
+            radius_m: s.api.radius_meters.into(),
+            max_radius_m: s.api.max_radius_meters.into(),
+            widesearch: s.api.widesearch,
+        },
         quota_rps: s.quota.requests_per_second,
         max_requests: s.quota.max_requests,
         lat_column: s.csv.lat_column.clone(),
@@ -175,7 +187,12 @@ struct Want {
 }
 
 fn want(type_: &'static str, status: bool, reason: &str, message: impl Into<String>) -> Want {
-    Want { type_, status, reason: reason.into(), message: message.into() }
+    Want {
+        type_,
+        status,
+        reason: reason.into(),
+        message: message.into(),
+    }
 }
 
 /// Conditions for the new status: `lastTransitionTime` kept unless the status flips.
@@ -203,20 +220,39 @@ fn conditions(old: &[Condition], wants: Vec<Want>, generation: Option<i64>) -> V
 
 /// Our part of the status (no `shards`: the enrichers own those entries).
 fn ours(s: &PostcodeImportStatus) -> PostcodeImportStatus {
-    PostcodeImportStatus { shards: vec![], ..s.clone() }
+    PostcodeImportStatus {
+        shards: vec![],
+        ..s.clone()
+    }
 }
 
-async fn write_status(api: &Api<PostcodeImport>, imp: &PostcodeImport, old: &PostcodeImportStatus, new: PostcodeImportStatus) -> Result<()> {
+async fn write_status(
+    api: &Api<PostcodeImport>,
+    imp: &PostcodeImport,
+    old: &PostcodeImportStatus,
+    new: PostcodeImportStatus,
+) -> Result<()> {
     if ours(old) == new {
         return Ok(());
     }
     let patch = json!({"apiVersion": API_VERSION, "kind": "PostcodeImport", "status": new});
-    api.patch_status(&imp.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
+    api.patch_status(
+        &imp.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
     Ok(())
 }
 
 async fn publish(ctx: &Context, imp: &PostcodeImport, type_: EventType, reason: &str, note: String) {
-    let ev = KubeEvent { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    let ev = KubeEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
     if let Err(e) = ctx.recorder.publish(&ev, &imp.object_ref(&())).await {
         tracing::debug!("event not published: {e}");
     }
@@ -258,7 +294,10 @@ async fn ensure_database_secret(ctx: &Context, imp: &PostcodeImport, ns: &str) -
 }
 
 fn job_settings_for(ctx: &Context, imp: &PostcodeImport) -> JobSettings {
-    JobSettings { database_secret: database_secret_name(imp), ..ctx.jobs.clone() }
+    JobSettings {
+        database_secret: database_secret_name(imp),
+        ..ctx.jobs.clone()
+    }
 }
 
 /// Creates a Job unless one of that name exists (created by an earlier run of the operator).
@@ -287,7 +326,11 @@ async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
                 phase: Some(Phase::Failed),
                 message: Some(msg.clone()),
                 observed_generation: generation,
-                conditions: conditions(&old.conditions, vec![want("Failed", true, "InvalidSpec", msg)], generation),
+                conditions: conditions(
+                    &old.conditions,
+                    vec![want("Failed", true, "InvalidSpec", msg)],
+                    generation,
+                ),
                 ..ours(&old)
             };
             write_status(&api, &imp, &old, new).await?;
@@ -315,41 +358,77 @@ async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
         let spec = reader_job(&plan);
         let reader = ensure_job(&jobs, &job(&spec, &imp, &settings, false)).await?;
         if old.phase.is_none() || old.phase == Some(Phase::Pending) {
-            publish(ctx, &imp, EventType::Normal, "Loading", format!("reader Job {} started", spec.name)).await;
+            publish(
+                ctx,
+                &imp,
+                EventType::Normal,
+                "Loading",
+                format!("reader Job {} started", spec.name),
+            )
+            .await;
         }
         match job_state(&reader) {
             JobState::Failed { reason, message } => {
-                let why = record.and_then(|r| r.error).unwrap_or(format!("{reason}: {message}"));
+                let why = record
+                    .and_then(|r| r.error)
+                    .unwrap_or(format!("{reason}: {message}"));
                 publish(ctx, &imp, EventType::Warning, "LoadFailed", why.clone()).await;
                 new.phase = Some(Phase::Failed);
                 new.message = Some(why.clone());
                 new.completed_at = Some(Time(Timestamp::now()));
-                new.conditions = conditions(&old.conditions, vec![want("Loaded", false, "ReaderFailed", why.clone()), want("Failed", true, "ReaderFailed", why)], generation);
+                new.conditions = conditions(
+                    &old.conditions,
+                    vec![
+                        want("Loaded", false, "ReaderFailed", why.clone()),
+                        want("Failed", true, "ReaderFailed", why),
+                    ],
+                    generation,
+                );
                 write_status(&api, &imp, &old, new).await?;
                 return Ok(Action::await_change());
             }
             JobState::Succeeded | JobState::Running => {
                 new.phase = Some(Phase::Loading);
                 new.message = Some(format!("reader Job {} is loading the CSV", spec.name));
-                new.conditions = conditions(&old.conditions, vec![want("Loaded", false, "Loading", "the reader Job is loading the CSV")], generation);
+                new.conditions = conditions(
+                    &old.conditions,
+                    vec![want(
+                        "Loaded",
+                        false,
+                        "Loading",
+                        "the reader Job is loading the CSV",
+                    )],
+                    generation,
+                );
                 write_status(&api, &imp, &old, new).await?;
                 return Ok(Action::requeue(PROGRESS_INTERVAL));
             }
         }
     }
     let record = record.expect("loaded");
-    ctx.store.set_quota(record.id, plan.quota_rps, plan.max_requests).await?;
+    ctx.store
+        .set_quota(record.id, plan.quota_rps, plan.max_requests)
+        .await?;
 
     // retryFailed: requeue failed rows, re-run only the shards that now have work.
     if retry_wanted {
         let n = ctx.store.requeue_failed(record.id).await?;
         for spec in enricher_jobs(&plan) {
-            let crate::plan::Role::Enricher { shard } = spec.role else { continue };
+            let crate::plan::Role::Enricher { shard } = spec.role else {
+                continue;
+            };
             if ctx.store.pending(record.id, Some(shard as i32)).await? > 0 {
                 let _ = jobs.delete(&spec.name, &DeleteParams::background()).await;
             }
         }
-        publish(ctx, &imp, EventType::Normal, "RetryFailed", format!("{n} failed coordinates requeued")).await;
+        publish(
+            ctx,
+            &imp,
+            EventType::Normal,
+            "RetryFailed",
+            format!("{n} failed coordinates requeued"),
+        )
+        .await;
         new.retry_failed_observed = Some(imp.spec.retry_failed);
         new.phase = Some(Phase::Enriching);
         new.completed_at = None;
@@ -364,9 +443,12 @@ async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
     let mut all_done = true;
     for spec in enricher_jobs(&plan) {
         let j = ensure_job(&jobs, &job(&spec, &imp, &settings, imp.spec.suspend)).await?;
-        if j.spec.as_ref().and_then(|s| s.suspend) != Some(imp.spec.suspend) && job_state(&j) == JobState::Running {
+        if j.spec.as_ref().and_then(|s| s.suspend) != Some(imp.spec.suspend)
+            && job_state(&j) == JobState::Running
+        {
             let patch = json!({"spec": {"suspend": imp.spec.suspend}});
-            jobs.patch(&spec.name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+            jobs.patch(&spec.name, &PatchParams::default(), &Patch::Merge(patch))
+                .await?;
         }
         match job_state(&j) {
             JobState::Succeeded => {}
@@ -397,13 +479,42 @@ async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
     new.throttled = Some(q.throttled);
     record_metrics(&imp, &counts, &q);
 
-    let loaded_c = want("Loaded", true, "Loaded", format!("{} rows loaded, {} invalid", counts.rows_total, counts.rows_invalid));
-    let suspended = want("Suspended", imp.spec.suspend, if imp.spec.suspend { "Suspended" } else { "Running" }, if imp.spec.suspend { "enricher Jobs suspended by spec.suspend" } else { "" });
+    let loaded_c = want(
+        "Loaded",
+        true,
+        "Loaded",
+        format!(
+            "{} rows loaded, {} invalid",
+            counts.rows_total, counts.rows_invalid
+        ),
+    );
+    let suspended = want(
+        "Suspended",
+        imp.spec.suspend,
+        if imp.spec.suspend { "Suspended" } else { "Running" },
+        if imp.spec.suspend {
+            "enricher Jobs suspended by spec.suspend"
+        } else {
+            ""
+        },
+    );
     let quota_c = want(
         "QuotaExhausted",
         quota_stopped > 0,
-        if quota_stopped > 0 { "BudgetSpent" } else { "WithinBudget" },
-        if quota_stopped > 0 { format!("request budget of {} spent; {} rows pending; raise spec.quota.maxRequests to resume", plan.max_requests.unwrap_or(0), counts.rows_pending) } else { String::new() },
+        if quota_stopped > 0 {
+            "BudgetSpent"
+        } else {
+            "WithinBudget"
+        },
+        if quota_stopped > 0 {
+            format!(
+                "request budget of {} spent; {} rows pending; raise spec.quota.maxRequests to resume",
+                plan.max_requests.unwrap_or(0),
+                counts.rows_pending
+            )
+        } else {
+            String::new()
+        },
     );
     let action;
     if !failed.is_empty() {
@@ -412,30 +523,76 @@ async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
         new.phase = Some(Phase::Failed);
         new.message = Some(msg.clone());
         new.completed_at = Some(Time(Timestamp::now()));
-        new.conditions = conditions(&old.conditions, vec![loaded_c, want("Enriched", false, "JobFailed", msg.clone()), quota_c, want("Failed", true, "JobFailed", msg)], generation);
+        new.conditions = conditions(
+            &old.conditions,
+            vec![
+                loaded_c,
+                want("Enriched", false, "JobFailed", msg.clone()),
+                quota_c,
+                want("Failed", true, "JobFailed", msg),
+            ],
+            generation,
+        );
         action = Action::await_change();
     } else if all_done && counts.rows_pending == 0 {
         let msg = format!(
             "{} rows: {} enriched, {} no_match, {} invalid, {} failed",
-            counts.rows_total, counts.rows_enriched, counts.rows_no_match, counts.rows_invalid, counts.rows_failed
+            counts.rows_total,
+            counts.rows_enriched,
+            counts.rows_no_match,
+            counts.rows_invalid,
+            counts.rows_failed
         );
         publish(ctx, &imp, EventType::Normal, "Succeeded", msg.clone()).await;
         new.phase = Some(Phase::Succeeded);
         new.message = Some(msg.clone());
         new.completed_at = Some(Time(Timestamp::now()));
-        new.conditions = conditions(&old.conditions, vec![loaded_c, want("Enriched", true, "Enriched", msg), quota_c, want("Failed", false, "Succeeded", "")], generation);
+        new.conditions = conditions(
+            &old.conditions,
+            vec![
+                loaded_c,
+                want("Enriched", true, "Enriched", msg),
+                quota_c,
+                want("Failed", false, "Succeeded", ""),
+            ],
+            generation,
+        );
         action = match imp.spec.ttl_seconds_after_finished {
             Some(ttl) => Action::requeue(Duration::from_secs(ttl.max(0) as u64)),
             None => Action::await_change(),
         };
     } else {
         if old.phase != Some(Phase::Enriching) {
-            publish(ctx, &imp, EventType::Normal, "Enriching", format!("{} enricher Jobs started", plan.shards)).await;
+            publish(
+                ctx,
+                &imp,
+                EventType::Normal,
+                "Enriching",
+                format!("{} enricher Jobs started", plan.shards),
+            )
+            .await;
         }
         new.phase = Some(Phase::Enriching);
-        new.message = Some(format!("{} of {} rows finished", counts.rows_total - counts.rows_pending - counts.rows_invalid, counts.rows_total - counts.rows_invalid));
-        new.conditions = conditions(&old.conditions, vec![loaded_c, want("Enriched", false, "Enriching", "enricher Jobs running"), suspended, quota_c], generation);
-        action = Action::requeue(if quota_stopped > 0 { Duration::from_secs(30) } else { PROGRESS_INTERVAL });
+        new.message = Some(format!(
+            "{} of {} rows finished",
+            counts.rows_total - counts.rows_pending - counts.rows_invalid,
+            counts.rows_total - counts.rows_invalid
+        ));
+        new.conditions = conditions(
+            &old.conditions,
+            vec![
+                loaded_c,
+                want("Enriched", false, "Enriching", "enricher Jobs running"),
+                suspended,
+                quota_c,
+            ],
+            generation,
+        );
+        action = Action::requeue(if quota_stopped > 0 {
+            Duration::from_secs(30)
+        } else {
+            PROGRESS_INTERVAL
+        });
     }
     write_status(&api, &imp, &old, new).await?;
     Ok(action)
@@ -443,7 +600,13 @@ async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
 
 fn record_metrics(imp: &PostcodeImport, c: &pipeline::db::Counts, q: &pipeline::db::QuotaCounters) {
     let name = format!("{}/{}", imp.namespace().unwrap_or_default(), imp.name_any());
-    for (status, n) in [("enriched", c.rows_enriched), ("no_match", c.rows_no_match), ("invalid", c.rows_invalid), ("failed", c.rows_failed), ("pending", c.rows_pending)] {
+    for (status, n) in [
+        ("enriched", c.rows_enriched),
+        ("no_match", c.rows_no_match),
+        ("invalid", c.rows_invalid),
+        ("failed", c.rows_failed),
+        ("pending", c.rows_pending),
+    ] {
         metrics::gauge!("postcode_import_rows", "import" => name.clone(), "status" => status).set(n as f64);
     }
     metrics::gauge!("postcode_import_api_requests", "import" => name.clone()).set(q.requests as f64);
@@ -451,8 +614,15 @@ fn record_metrics(imp: &PostcodeImport, c: &pipeline::db::Counts, q: &pipeline::
 }
 
 /// A finished import: delete it when its TTL has passed.
-async fn finished(imp: &PostcodeImport, _ctx: &Context, api: &Api<PostcodeImport>, old: &PostcodeImportStatus) -> Result<Action> {
-    let Some(ttl) = imp.spec.ttl_seconds_after_finished else { return Ok(Action::await_change()) };
+async fn finished(
+    imp: &PostcodeImport,
+    _ctx: &Context,
+    api: &Api<PostcodeImport>,
+    old: &PostcodeImportStatus,
+) -> Result<Action> {
+    let Some(ttl) = imp.spec.ttl_seconds_after_finished else {
+        return Ok(Action::await_change());
+    };
     let done = old.completed_at.as_ref().map_or_else(Timestamp::now, |t| t.0);
     let age = Timestamp::now().duration_since(done).as_secs_f64();
     if age >= ttl as f64 {
@@ -460,7 +630,9 @@ async fn finished(imp: &PostcodeImport, _ctx: &Context, api: &Api<PostcodeImport
         api.delete(&imp.name_any(), &DeleteParams::background()).await?;
         return Ok(Action::await_change());
     }
-    Ok(Action::requeue(Duration::from_secs_f64((ttl as f64 - age).max(1.0))))
+    Ok(Action::requeue(Duration::from_secs_f64(
+        (ttl as f64 - age).max(1.0),
+    )))
 }
 
 /// Deletes what the import owns outside Kubernetes (its rows, unless
@@ -487,13 +659,28 @@ async fn cleanup(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
             ctx.store.delete_upload(upload).await?;
         }
     }
-    publish(ctx, &imp, EventType::Normal, "Deleted", if imp.spec.keep_results { "Jobs stopped; rows kept" } else { "Jobs stopped; rows deleted" }.into()).await;
+    publish(
+        ctx,
+        &imp,
+        EventType::Normal,
+        "Deleted",
+        if imp.spec.keep_results {
+            "Jobs stopped; rows kept"
+        } else {
+            "Jobs stopped; rows deleted"
+        }
+        .into(),
+    )
+    .await;
     Ok(Action::await_change())
 }
 
 /// The event reporter of this operator instance.
 pub fn reporter() -> Reporter {
-    Reporter { controller: MANAGER.into(), instance: std::env::var("POD_NAME").ok() }
+    Reporter {
+        controller: MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    }
 }
 
 pub fn recorder(client: Client) -> Recorder {

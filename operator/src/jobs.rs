@@ -6,10 +6,13 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        batch::v1::{Job, JobSpec as K8sJobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyRule},
+        batch::v1::{
+            Job, JobSpec as K8sJobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
+            PodFailurePolicyRule,
+        },
         core::v1::{
-            Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-            SeccompProfile, SecretKeySelector, SecurityContext,
+            Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec,
+            PodTemplateSpec, SeccompProfile, SecretKeySelector, SecurityContext,
         },
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -66,11 +69,23 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
             labels.insert(key.to_string(), v.clone());
         }
     }
-    let mut env: Vec<EnvVar> = spec.env.iter().map(|(k, v)| EnvVar { name: k.clone(), value: Some(v.clone()), ..EnvVar::default() }).collect();
+    let mut env: Vec<EnvVar> = spec
+        .env
+        .iter()
+        .map(|(k, v)| EnvVar {
+            name: k.clone(),
+            value: Some(v.clone()),
+            ..EnvVar::default()
+        })
+        .collect();
     env.push(EnvVar {
         name: "DATABASE_URL".into(),
         value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector { name: settings.database_secret.clone(), key: settings.database_secret_key.clone(), optional: Some(false) }),
+            secret_key_ref: Some(SecretKeySelector {
+                name: settings.database_secret.clone(),
+                key: settings.database_secret_key.clone(),
+                optional: Some(false),
+            }),
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
@@ -78,14 +93,29 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
     env.push(EnvVar {
         name: "IMPORT_NAMESPACE".into(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: "metadata.namespace".into(), ..ObjectFieldSelector::default() }),
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.namespace".into(),
+                ..ObjectFieldSelector::default()
+            }),
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
     });
-    env.push(EnvVar { name: "IMPORT_NAME".into(), value: Some(import.name_any()), ..EnvVar::default() });
-    env.push(EnvVar { name: "REPORT_STATUS".into(), value: Some("true".into()), ..EnvVar::default() });
-    env.push(EnvVar { name: "RUST_LOG".into(), value: Some(settings.rust_log.clone()), ..EnvVar::default() });
+    env.push(EnvVar {
+        name: "IMPORT_NAME".into(),
+        value: Some(import.name_any()),
+        ..EnvVar::default()
+    });
+    env.push(EnvVar {
+        name: "REPORT_STATUS".into(),
+        value: Some("true".into()),
+        ..EnvVar::default()
+    });
+    env.push(EnvVar {
+        name: "RUST_LOG".into(),
+        value: Some(settings.rust_log.clone()),
+        ..EnvVar::default()
+    });
     env.dedup_by(|a, b| a.name == b.name);
 
     let container = Container {
@@ -99,7 +129,10 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
             ..SecurityContext::default()
         }),
         ..Container::default()
@@ -128,7 +161,10 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
                 }],
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
                     service_account_name: Some(settings.service_account.clone()),
@@ -136,7 +172,10 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),
-                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
@@ -155,7 +194,10 @@ pub enum JobState {
     Running,
     Succeeded,
     /// Failed for good; the condition's reason and message.
-    Failed { reason: String, message: String },
+    Failed {
+        reason: String,
+        message: String,
+    },
 }
 
 /// Reads a Job's state from its conditions (`Complete`, `Failed`).
@@ -166,7 +208,10 @@ pub fn job_state(job: &Job) -> JobState {
             return JobState::Succeeded;
         }
         if c.status == "True" && c.type_ == "Failed" {
-            return JobState::Failed { reason: c.reason.clone().unwrap_or_default(), message: c.message.clone().unwrap_or_default() };
+            return JobState::Failed {
+                reason: c.reason.clone().unwrap_or_default(),
+                message: c.message.clone().unwrap_or_default(),
+            };
         }
     }
     JobState::Running
@@ -174,5 +219,7 @@ pub fn job_state(job: &Job) -> JobState {
 
 /// The owner of a Job, as the controller's `owns` relation sees it.
 pub fn is_owned_by(job: &Job, import: &PostcodeImport) -> bool {
-    job.owner_references().iter().any(|o| Some(&o.uid) == import.meta().uid.as_ref())
+    job.owner_references()
+        .iter()
+        .any(|o| Some(&o.uid) == import.meta().uid.as_ref())
 }

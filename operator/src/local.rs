@@ -32,10 +32,19 @@ pub struct LocalArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub shards: u32,
     /// Database: a SQLite file path (default) or `postgres://…`.
-    #[arg(long, default_value = "postcode-operator.db", env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        default_value = "postcode-operator.db",
+        env = "DATABASE_URL",
+        hide_env_values = true
+    )]
     pub db: String,
     /// postcodes.io base URL.
-    #[arg(long, default_value = "https://api.postcodes.io", conflicts_with = "offline_postcodes")]
+    #[arg(
+        long,
+        default_value = "https://api.postcodes.io",
+        conflicts_with = "offline_postcodes"
+    )]
     pub api_url: String,
     /// Answer from an ONS postcode file (NSPL/ONSPD style CSV, plain or gzip) instead of the API.
     #[arg(long)]
@@ -79,7 +88,10 @@ pub struct LocalArgs {
 fn binary(command: &str) -> anyhow::Result<PathBuf> {
     let dir = match std::env::var_os("POSTCODE_OPERATOR_BIN_DIR") {
         Some(d) => PathBuf::from(d),
-        None => std::env::current_exe()?.parent().map(Path::to_path_buf).unwrap_or_default(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
     };
     let path = dir.join(command);
     if !path.exists() {
@@ -104,12 +116,18 @@ async fn run_job(spec: &JobSpec, db: &str, log_dir: &Path) -> anyhow::Result<Job
     let mut attempt = 0;
     loop {
         let log_path = log_dir.join(format!("{}.log", spec.name));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
         let status = Command::new(&bin)
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .env("DATABASE_URL", db)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=error".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=error".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -146,7 +164,11 @@ fn sanitise(name: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .collect();
     let s = s.trim_matches('-').to_string();
-    if s.is_empty() { "import".into() } else { s }
+    if s.is_empty() {
+        "import".into()
+    } else {
+        s
+    }
 }
 
 /// Runs an import end to end on this machine; returns the process exit code.
@@ -155,10 +177,18 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     if !(args.quota_rps > 0.0 && args.quota_rps.is_finite()) {
         bail!("--quota-rps must be a positive number");
     }
-    let path = std::fs::canonicalize(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
+    let path =
+        std::fs::canonicalize(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
     let stem = path.file_name().and_then(|s| s.to_str()).unwrap_or("import");
-    let stem = stem.trim_end_matches(".gz").trim_end_matches(".csv").trim_end_matches(".tsv").trim_end_matches(".txt");
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(format!("{stem}.enriched.csv")));
+    let stem = stem
+        .trim_end_matches(".gz")
+        .trim_end_matches(".csv")
+        .trim_end_matches(".tsv")
+        .trim_end_matches(".txt");
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{stem}.enriched.csv")));
     let offline = match &args.offline_postcodes {
         Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("cannot open {}", p.display()))?),
         None => None,
@@ -173,9 +203,15 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
         move || sha256_file(&path)
     })
     .await??;
-    let mut import = store.ensure_import(&uid, &sanitise(stem), &path_str, args.shards as i32).await?;
+    let mut import = store
+        .ensure_import(&uid, &sanitise(stem), &path_str, args.shards as i32)
+        .await?;
     let resumed = import.phase == "Loaded" && import.source_sha256.as_deref() == Some(sha.as_str());
-    let shards = if resumed { import.shards as u32 } else { args.shards };
+    let shards = if resumed {
+        import.shards as u32
+    } else {
+        args.shards
+    };
     if resumed && shards != args.shards {
         eprintln!("note: resuming with the {shards} shards this import was loaded with");
     }
@@ -185,10 +221,18 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
         source: path_str.clone(),
         shards,
         provider: match &offline {
-            Some(p) => ProviderSpec::Offline { postcodes: p.to_string_lossy().to_string() },
-            None => ProviderSpec::Api { base_url: args.api_url.clone() },
+            Some(p) => ProviderSpec::Offline {
+                postcodes: p.to_string_lossy().to_string(),
+            },
+            None => ProviderSpec::Api {
+                base_url: args.api_url.clone(),
+            },
         },
-        search: SearchPlan { radius_m: args.radius_m, max_radius_m: args.max_radius_m, widesearch: !args.no_widesearch },
+        search: SearchPlan {
+            radius_m: args.radius_m,
+            max_radius_m: args.max_radius_m,
+            widesearch: !args.no_widesearch,
+        },
         quota_rps: args.quota_rps,
         max_requests: args.max_requests,
         lat_column: args.lat_column.clone(),
@@ -201,10 +245,16 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
 
     // Parse the postcode file once, into the cache every enricher reads, while the reader loads.
     let warm_index = offline.clone().map(|p| {
-        tokio::task::spawn_blocking(move || pipeline::offline::OfflineIndex::ensure_cache(&p, &pipeline::offline::default_cache_dir()))
+        tokio::task::spawn_blocking(move || {
+            pipeline::offline::OfflineIndex::ensure_cache(&p, &pipeline::offline::default_cache_dir())
+        })
     });
     if resumed {
-        eprintln!("resuming {}: {} rows already loaded", path.display(), import.rows_total);
+        eprintln!(
+            "resuming {}: {} rows already loaded",
+            path.display(),
+            import.rows_total
+        );
     } else {
         let job = reader_job(&plan);
         let load_started = Instant::now();
@@ -214,7 +264,11 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
                 let failed = store.import(&uid).await?.and_then(|i| i.error);
                 let msg = failed.unwrap_or_else(|| last_lines(&log_dir.join(format!("{}.log", job.name)), 5));
                 eprintln!("error: loading {} failed ({end:?}):\n{msg}", path.display());
-                return Ok(if end == JobEnd::Failed(EXIT_PERMANENT) { EXIT_PERMANENT } else { 1 });
+                return Ok(if end == JobEnd::Failed(EXIT_PERMANENT) {
+                    EXIT_PERMANENT
+                } else {
+                    1
+                });
             }
         }
         import = store.import(&uid).await?.context("import vanished")?;
@@ -225,14 +279,23 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
             load_started.elapsed().as_secs_f64()
         );
     }
-    store.set_quota(import.id, args.quota_rps, args.max_requests).await?;
+    store
+        .set_quota(import.id, args.quota_rps, args.max_requests)
+        .await?;
     if args.retry_failed {
         let n = store.requeue_failed(import.id).await?;
         eprintln!("retrying {n} failed coordinates");
     }
 
     if let Some(warm) = warm_index {
-        warm.await?.with_context(|| format!("cannot read the postcode file {}", offline.as_ref().map_or(String::new(), |p| p.display().to_string())))?;
+        warm.await?.with_context(|| {
+            format!(
+                "cannot read the postcode file {}",
+                offline
+                    .as_ref()
+                    .map_or(String::new(), |p| p.display().to_string())
+            )
+        })?;
     }
     let ends = enrich(&store, &import, &plan, &args.db, &log_dir).await?;
     let q = store.quota_counters(import.id).await?;
@@ -266,7 +329,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
         return Ok(EXIT_QUOTA_EXHAUSTED);
     }
     if let Some(JobEnd::Failed(code)) = ends.iter().find(|e| matches!(e, JobEnd::Failed(_))) {
-        eprintln!("  an enricher Job failed (logs in {}); run the same command again to resume", log_dir.display());
+        eprintln!(
+            "  an enricher Job failed (logs in {}); run the same command again to resume",
+            log_dir.display()
+        );
         return Ok(*code);
     }
     Ok(0)
@@ -283,7 +349,13 @@ fn path_id(s: &str) -> String {
 }
 
 /// Runs the enricher Jobs with a progress bar; returns how each ended.
-async fn enrich(store: &Store, import: &ImportRecord, plan: &ImportPlan, db: &str, log_dir: &Path) -> anyhow::Result<Vec<JobEnd>> {
+async fn enrich(
+    store: &Store,
+    import: &ImportRecord,
+    plan: &ImportPlan,
+    db: &str,
+    log_dir: &Path,
+) -> anyhow::Result<Vec<JobEnd>> {
     let jobs = enricher_jobs(plan);
     let mut set = tokio::task::JoinSet::new();
     for job in jobs {
@@ -294,9 +366,11 @@ async fn enrich(store: &Store, import: &ImportRecord, plan: &ImportPlan, db: &st
     let bar = if tty {
         let bar = indicatif::ProgressBar::new(1);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows {msg}")
-                .expect("template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         Some(bar)
     } else {

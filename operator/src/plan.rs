@@ -64,8 +64,17 @@ fn job_name(import: &str, suffix: &str) -> String {
 
 /// The reader Job of an import.
 pub fn reader_job(p: &ImportPlan) -> JobSpec {
-    let mut args = vec!["--source".into(), p.source.clone(), "--shards".into(), p.shards.to_string()];
-    for (flag, v) in [("--lat-column", &p.lat_column), ("--lon-column", &p.lon_column), ("--delimiter", &p.delimiter)] {
+    let mut args = vec![
+        "--source".into(),
+        p.source.clone(),
+        "--shards".into(),
+        p.shards.to_string(),
+    ];
+    for (flag, v) in [
+        ("--lat-column", &p.lat_column),
+        ("--lon-column", &p.lon_column),
+        ("--delimiter", &p.delimiter),
+    ] {
         if let Some(v) = v {
             args.extend([flag.to_string(), v.clone()]);
         }
@@ -75,7 +84,10 @@ pub fn reader_job(p: &ImportPlan) -> JobSpec {
         role: Role::Reader,
         command: "reader-job".into(),
         args,
-        env: vec![("IMPORT_UID".into(), p.uid.clone()), ("IMPORT_NAME".into(), p.name.clone())],
+        env: vec![
+            ("IMPORT_UID".into(), p.uid.clone()),
+            ("IMPORT_NAME".into(), p.name.clone()),
+        ],
         backoff_limit: p.backoff_limit,
     }
 }
@@ -126,7 +138,9 @@ mod tests {
             name: "trips".into(),
             source: "upload:abc".into(),
             shards: 3,
-            provider: ProviderSpec::Api { base_url: "http://x".into() },
+            provider: ProviderSpec::Api {
+                base_url: "http://x".into(),
+            },
             search: SearchPlan::default(),
             quota_rps: 5.0,
             max_requests: Some(10),
@@ -142,9 +156,15 @@ mod tests {
         let p = plan();
         let r = reader_job(&p);
         assert_eq!(r.name, "trips-reader");
-        assert_eq!(r.args, ["--source", "upload:abc", "--shards", "3", "--lat-column", "Lat"]);
+        assert_eq!(
+            r.args,
+            ["--source", "upload:abc", "--shards", "3", "--lat-column", "Lat"]
+        );
         let e = enricher_jobs(&p);
-        assert_eq!(e.iter().map(|j| j.name.as_str()).collect::<Vec<_>>(), ["trips-enricher-0", "trips-enricher-1", "trips-enricher-2"]);
+        assert_eq!(
+            e.iter().map(|j| j.name.as_str()).collect::<Vec<_>>(),
+            ["trips-enricher-0", "trips-enricher-1", "trips-enricher-2"]
+        );
         assert!(e[2].args.windows(2).any(|w| w == ["--shard", "2"]));
         assert!(e[0].args.windows(2).any(|w| w == ["--max-requests", "10"]));
         assert_eq!(e, enricher_jobs(&p));

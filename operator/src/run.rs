@@ -26,7 +26,11 @@ pub struct RunArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// Secret (in POD_NAMESPACE) holding the database URL, copied per import for the Job pods.
-    #[arg(long, env = "DATABASE_SECRET_NAME", default_value = "postcode-operator-database")]
+    #[arg(
+        long,
+        env = "DATABASE_SECRET_NAME",
+        default_value = "postcode-operator-database"
+    )]
     pub database_secret_name: String,
     /// Key of the database URL in that Secret.
     #[arg(long, env = "DATABASE_SECRET_KEY", default_value = "url")]
@@ -72,7 +76,9 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().context("installing the metrics recorder")?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
     let client = Client::try_default().await.context("connecting to Kubernetes")?;
     let store = Store::connect(&args.database_url).await?;
     if !store.is_postgres() {
@@ -94,7 +100,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }),
         metrics,
     };
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!("upload API listening on http://{}", listener.local_addr()?);
     let app = router(api_state).layer(tower_http::trace::TraceLayer::new_for_http());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });

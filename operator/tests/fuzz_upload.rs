@@ -42,11 +42,24 @@ async fn any_upload_gets_201_or_a_4xx_and_the_server_stays_up() {
     let client = test_client().await;
     let ns = fresh_namespace(&client).await;
     let db = fresh_pg().await;
-    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": "postcode-operator-database"}, "stringData": {"url": db}})).unwrap();
-    Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await.unwrap();
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "postcode-operator-database"}, "stringData": {"url": db}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_postcode-operator"))
         .arg("run")
-        .envs([("LISTEN_ADDR", "127.0.0.1:0"), ("DATABASE_URL", db.as_str()), ("POD_NAMESPACE", ns.as_str()), ("WATCH_NAMESPACE", ns.as_str()), ("MAX_UPLOAD_BYTES", "4096"), ("RUST_LOG", "warn,postcode_operator=info")])
+        .envs([
+            ("LISTEN_ADDR", "127.0.0.1:0"),
+            ("DATABASE_URL", db.as_str()),
+            ("POD_NAMESPACE", ns.as_str()),
+            ("WATCH_NAMESPACE", ns.as_str()),
+            ("MAX_UPLOAD_BYTES", "4096"),
+            ("RUST_LOG", "warn,postcode_operator=info"),
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -59,14 +72,33 @@ async fn any_upload_gets_201_or_a_4xx_and_the_server_stays_up() {
             }
         }
     });
-    let url = rx.recv_timeout(Duration::from_secs(60)).expect("operator started");
-    let cases: u32 = std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(150);
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("operator started");
+    let cases: u32 = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(150);
     let http = reqwest::Client::new();
     let handle = tokio::runtime::Handle::current();
     let ns2 = ns.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() });
-        let strategy = (proptest::collection::vec(("(name|shards|quotaRps|maxRequests|latColumn|lonColumn|delimiter|namespace|x)", query_value()), 0..4), body(), any::<bool>());
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        });
+        let strategy = (
+            proptest::collection::vec(
+                (
+                    "(name|shards|quotaRps|maxRequests|latColumn|lonColumn|delimiter|namespace|x)",
+                    query_value(),
+                ),
+                0..4,
+            ),
+            body(),
+            any::<bool>(),
+        );
         runner.run(&strategy, |(params, body, multipart)| {
             let mut q: Vec<(String, String)> = params;
             if !q.iter().any(|(k, _)| k == "namespace") {
@@ -75,18 +107,32 @@ async fn any_upload_gets_201_or_a_4xx_and_the_server_stays_up() {
             let (status, text) = handle.block_on(async {
                 let mut req = http.post(format!("{url}/v1/imports")).query(&q);
                 req = if multipart {
-                    req.multipart(reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(body.clone()).file_name("f.csv")))
+                    req.multipart(reqwest::multipart::Form::new().part(
+                        "file",
+                        reqwest::multipart::Part::bytes(body.clone()).file_name("f.csv"),
+                    ))
                 } else {
                     req.header("content-type", "text/csv").body(body.clone())
                 };
                 let r = req.send().await.expect("the server answers");
                 (r.status().as_u16(), r.text().await.unwrap_or_default())
             });
-            prop_assert!(status == 201 || (400..500).contains(&status), "{} {} for {:?}", status, text, q);
+            prop_assert!(
+                status == 201 || (400..500).contains(&status),
+                "{} {} for {:?}",
+                status,
+                text,
+                q
+            );
             if status != 201 {
                 prop_assert!(!text.is_empty(), "a refusal says why");
             }
-            let healthy = handle.block_on(async { http.get(format!("{url}/healthz")).send().await.map(|r| r.status().as_u16()) });
+            let healthy = handle.block_on(async {
+                http.get(format!("{url}/healthz"))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            });
             prop_assert_eq!(healthy.ok(), Some(200));
             Ok(())
         })

@@ -23,7 +23,10 @@ use serde_yaml::Value;
 // ---------------------------------------------------------------- tools
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn chart_dir() -> PathBuf {
@@ -69,9 +72,13 @@ struct Run {
 
 fn run(cmd: &mut Command, stdin: Option<&str>) -> Run {
     let desc = format!("{cmd:?}");
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {desc}: {e}"));
     if let Some(input) = stdin {
         let mut w = child.stdin.take().unwrap();
@@ -95,18 +102,37 @@ fn helm_cmd() -> Command {
 }
 
 fn set_args(sets: &[&str]) -> Vec<String> {
-    sets.iter().flat_map(|s| ["--set".to_string(), s.to_string()]).collect()
+    sets.iter()
+        .flat_map(|s| ["--set".to_string(), s.to_string()])
+        .collect()
 }
 
 /// `helm lint --strict` with the given `--set`s; asserts success and no
 /// warnings or errors.
 fn lint(sets: &[&str]) {
-    let r = run(helm_cmd().arg("lint").arg("--strict").arg(chart_dir()).args(set_args(sets)), None);
+    let r = run(
+        helm_cmd()
+            .arg("lint")
+            .arg("--strict")
+            .arg(chart_dir())
+            .args(set_args(sets)),
+        None,
+    );
     let all = format!("{}{}", r.stdout, r.stderr);
     assert!(r.ok, "helm lint {sets:?} failed:\n{all}");
-    let bad: Vec<&str> = all.lines().filter(|l| l.contains("[WARNING]") || l.contains("[ERROR]")).collect();
-    assert!(bad.is_empty(), "helm lint {sets:?} reported problems:\n{}", bad.join("\n"));
-    assert!(all.contains("1 chart(s) linted, 0 chart(s) failed"), "unexpected helm lint output:\n{all}");
+    let bad: Vec<&str> = all
+        .lines()
+        .filter(|l| l.contains("[WARNING]") || l.contains("[ERROR]"))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "helm lint {sets:?} reported problems:\n{}",
+        bad.join("\n")
+    );
+    assert!(
+        all.contains("1 chart(s) linted, 0 chart(s) failed"),
+        "unexpected helm lint output:\n{all}"
+    );
 }
 
 /// `helm template` output as a string.
@@ -130,14 +156,17 @@ fn template_raw(release: &str, ns: &str, sets: &[&str], extra: &[&str]) -> Resul
 
 fn parse_docs(yaml: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("rendered YAML does not parse: {e}\n{yaml}")))
+        .map(|d| {
+            Value::deserialize(d).unwrap_or_else(|e| panic!("rendered YAML does not parse: {e}\n{yaml}"))
+        })
         .filter(|v| !v.is_null())
         .collect()
 }
 
 /// Rendered manifests (hooks included, CRDs not) as YAML values.
 fn template(release: &str, ns: &str, sets: &[&str]) -> Vec<Value> {
-    let yaml = template_raw(release, ns, sets, &[]).unwrap_or_else(|e| panic!("helm template {sets:?} failed:\n{e}"));
+    let yaml = template_raw(release, ns, sets, &[])
+        .unwrap_or_else(|e| panic!("helm template {sets:?} failed:\n{e}"));
     parse_docs(&yaml)
 }
 
@@ -146,7 +175,9 @@ fn template(release: &str, ns: &str, sets: &[&str]) -> Vec<Value> {
 static NULL: Value = Value::Null;
 
 fn at<'a>(v: &'a Value, path: &str) -> &'a Value {
-    path.split('.').filter(|k| !k.is_empty()).fold(v, |v, k| v.get(k).unwrap_or(&NULL))
+    path.split('.')
+        .filter(|k| !k.is_empty())
+        .fold(v, |v, k| v.get(k).unwrap_or(&NULL))
 }
 
 fn s<'a>(v: &'a Value, path: &str) -> &'a str {
@@ -178,12 +209,17 @@ fn all<'a>(docs: &'a [Value], k: &str) -> Vec<&'a Value> {
 }
 
 fn find<'a>(docs: &'a [Value], k: &str, ns: &str, n: &str) -> Option<&'a Value> {
-    docs.iter().find(|d| kind(d) == k && name(d) == n && namespace(d) == ns)
+    docs.iter()
+        .find(|d| kind(d) == k && name(d) == n && namespace(d) == ns)
 }
 
 fn get<'a>(docs: &'a [Value], k: &str, ns: &str, n: &str) -> &'a Value {
-    find(docs, k, ns, n)
-        .unwrap_or_else(|| panic!("no {k} {ns}/{n} rendered; have: {:?}", docs.iter().map(id).collect::<Vec<_>>()))
+    find(docs, k, ns, n).unwrap_or_else(|| {
+        panic!(
+            "no {k} {ns}/{n} rendered; have: {:?}",
+            docs.iter().map(id).collect::<Vec<_>>()
+        )
+    })
 }
 
 fn is_hook(v: &Value) -> bool {
@@ -191,7 +227,10 @@ fn is_hook(v: &Value) -> bool {
 }
 
 fn hook(v: &Value) -> &str {
-    at(v, "metadata.annotations").get("helm.sh/hook").and_then(|h| h.as_str()).unwrap_or("")
+    at(v, "metadata.annotations")
+        .get("helm.sh/hook")
+        .and_then(|h| h.as_str())
+        .unwrap_or("")
 }
 
 fn hook_weight(v: &Value) -> i64 {
@@ -205,22 +244,37 @@ fn hook_weight(v: &Value) -> i64 {
 /// Pod specs of the workloads (Deployment, StatefulSet, Job, DaemonSet).
 fn pod_specs(docs: &[Value]) -> Vec<(&Value, &Value)> {
     docs.iter()
-        .filter(|d| matches!(kind(d), "Deployment" | "StatefulSet" | "Job" | "DaemonSet" | "ReplicaSet"))
+        .filter(|d| {
+            matches!(
+                kind(d),
+                "Deployment" | "StatefulSet" | "Job" | "DaemonSet" | "ReplicaSet"
+            )
+        })
         .map(|d| (d, at(d, "spec.template.spec")))
         .collect()
 }
 
 fn containers(pod: &Value) -> Vec<&Value> {
-    seq(pod, "containers").iter().chain(seq(pod, "initContainers")).collect()
+    seq(pod, "containers")
+        .iter()
+        .chain(seq(pod, "initContainers"))
+        .collect()
 }
 
 fn env_of(c: &Value) -> BTreeMap<String, Value> {
-    seq(c, "env").iter().map(|e| (s(e, "name").to_string(), e.clone())).collect()
+    seq(c, "env")
+        .iter()
+        .map(|e| (s(e, "name").to_string(), e.clone()))
+        .collect()
 }
 
 fn env_value<'a>(env: &'a BTreeMap<String, Value>, k: &str) -> &'a str {
-    let e = env.get(k).unwrap_or_else(|| panic!("env {k} missing; have {:?}", env.keys().collect::<Vec<_>>()));
-    e.get("value").and_then(|v| v.as_str()).unwrap_or_else(|| panic!("env {k} has no plain value: {e:?}"))
+    let e = env
+        .get(k)
+        .unwrap_or_else(|| panic!("env {k} missing; have {:?}", env.keys().collect::<Vec<_>>()));
+    e.get("value")
+        .and_then(|v| v.as_str())
+        .unwrap_or_else(|| panic!("env {k} has no plain value: {e:?}"))
 }
 
 /// The operator Deployment and its container.
@@ -234,8 +288,14 @@ fn operator<'a>(docs: &'a [Value], ns: &str, full: &str) -> (&'a Value, &'a Valu
 }
 
 fn secret_data(doc: &Value) -> BTreeMap<String, Vec<u8>> {
-    let sec: Secret = serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| panic!("{}: not a Secret: {e}", id(doc)));
-    let mut out: BTreeMap<String, Vec<u8>> = sec.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+    let sec: Secret =
+        serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| panic!("{}: not a Secret: {e}", id(doc)));
+    let mut out: BTreeMap<String, Vec<u8>> = sec
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect();
     for (k, v) in sec.string_data.unwrap_or_default() {
         out.insert(k, v.into_bytes());
     }
@@ -249,7 +309,11 @@ type Grant = (String, String, String); // (apiGroup, resource, verb)
 fn rules_of(role: &Value) -> BTreeSet<Grant> {
     let mut out = BTreeSet::new();
     for r in seq(role, "rules") {
-        assert!(at(r, "nonResourceURLs").is_null(), "{}: unexpected nonResourceURLs", id(role));
+        assert!(
+            at(r, "nonResourceURLs").is_null(),
+            "{}: unexpected nonResourceURLs",
+            id(role)
+        );
         assert!(
             at(r, "resourceNames").is_null() || !seq(r, "resourceNames").is_empty(),
             "{}: empty resourceNames",
@@ -277,24 +341,36 @@ fn rules_of(role: &Value) -> BTreeSet<Grant> {
 }
 
 fn grants(list: &[(&str, &str, &[&str])]) -> BTreeSet<Grant> {
-    list.iter().flat_map(|(g, r, vs)| vs.iter().map(move |v| (g.to_string(), r.to_string(), v.to_string()))).collect()
+    list.iter()
+        .flat_map(|(g, r, vs)| {
+            vs.iter()
+                .map(move |v| (g.to_string(), r.to_string(), v.to_string()))
+        })
+        .collect()
 }
 
 /// Everything the rendered bindings grant to ServiceAccount `ns/sa`, by the
 /// namespace the grant applies in (`*` = cluster-wide).
 fn grants_of_sa(docs: &[Value], ns: &str, sa: &str) -> BTreeMap<String, BTreeSet<Grant>> {
     let mut out: BTreeMap<String, BTreeSet<Grant>> = BTreeMap::new();
-    for b in docs.iter().filter(|d| matches!(kind(d), "RoleBinding" | "ClusterRoleBinding")) {
-        let bound = seq(b, "subjects")
-            .iter()
-            .any(|sub| s(sub, "kind") == "ServiceAccount" && s(sub, "name") == sa && s(sub, "namespace") == ns);
+    for b in docs
+        .iter()
+        .filter(|d| matches!(kind(d), "RoleBinding" | "ClusterRoleBinding"))
+    {
+        let bound = seq(b, "subjects").iter().any(|sub| {
+            s(sub, "kind") == "ServiceAccount" && s(sub, "name") == sa && s(sub, "namespace") == ns
+        });
         if !bound {
             continue;
         }
         let role_kind = s(b, "roleRef.kind");
         let role_ns = if role_kind == "Role" { namespace(b) } else { "" };
         let role = get(docs, role_kind, role_ns, s(b, "roleRef.name"));
-        let scope = if kind(b) == "ClusterRoleBinding" { "*".to_string() } else { namespace(b).to_string() };
+        let scope = if kind(b) == "ClusterRoleBinding" {
+            "*".to_string()
+        } else {
+            namespace(b).to_string()
+        };
         out.entry(scope).or_default().extend(rules_of(role));
     }
     out
@@ -315,21 +391,48 @@ fn check_workloads(docs: &[Value]) {
             let what = format!("{} container {}", id(w), s(c, "name"));
             let sc = at(c, "securityContext");
             let psc = at(pod, "securityContext");
-            let either = |k: &str| if at(sc, k).is_null() { at(psc, k) } else { at(sc, k) };
-            assert_eq!(either("runAsNonRoot").as_bool(), Some(true), "{what}: runAsNonRoot");
+            let either = |k: &str| {
+                if at(sc, k).is_null() {
+                    at(psc, k)
+                } else {
+                    at(sc, k)
+                }
+            };
+            assert_eq!(
+                either("runAsNonRoot").as_bool(),
+                Some(true),
+                "{what}: runAsNonRoot"
+            );
             if let Some(uid) = either("runAsUser").as_i64() {
                 assert_ne!(uid, 0, "{what}: runAsUser 0");
             }
-            assert_eq!(at(sc, "readOnlyRootFilesystem").as_bool(), Some(true), "{what}: readOnlyRootFilesystem");
-            assert_eq!(at(sc, "allowPrivilegeEscalation").as_bool(), Some(false), "{what}: allowPrivilegeEscalation");
+            assert_eq!(
+                at(sc, "readOnlyRootFilesystem").as_bool(),
+                Some(true),
+                "{what}: readOnlyRootFilesystem"
+            );
+            assert_eq!(
+                at(sc, "allowPrivilegeEscalation").as_bool(),
+                Some(false),
+                "{what}: allowPrivilegeEscalation"
+            );
             assert_ne!(at(sc, "privileged").as_bool(), Some(true), "{what}: privileged");
             assert!(
-                seq(sc, "capabilities.drop").iter().any(|v| v.as_str() == Some("ALL")),
+                seq(sc, "capabilities.drop")
+                    .iter()
+                    .any(|v| v.as_str() == Some("ALL")),
                 "{what}: capabilities.drop ALL"
             );
             assert!(seq(sc, "capabilities.add").is_empty(), "{what}: capabilities.add");
-            assert_eq!(s(either("seccompProfile"), "type"), "RuntimeDefault", "{what}: seccompProfile");
-            assert!(!at(c, "resources.requests").is_null(), "{what}: resources.requests");
+            assert_eq!(
+                s(either("seccompProfile"), "type"),
+                "RuntimeDefault",
+                "{what}: seccompProfile"
+            );
+            assert!(
+                !at(c, "resources.requests").is_null(),
+                "{what}: resources.requests"
+            );
             assert!(!s(c, "image").is_empty(), "{what}: image");
             for (k, e) in env_of(c) {
                 if SENSITIVE_ENV.contains(&k.as_str()) || k.contains("PASSWORD") || k.contains("TOKEN") {
@@ -344,19 +447,37 @@ fn check_workloads(docs: &[Value]) {
         for v in seq(pod, "volumes") {
             assert!(at(v, "hostPath").is_null(), "{}: hostPath volume", id(w));
         }
-        assert_ne!(at(pod, "hostNetwork").as_bool(), Some(true), "{}: hostNetwork", id(w));
+        assert_ne!(
+            at(pod, "hostNetwork").as_bool(),
+            Some(true),
+            "{}: hostNetwork",
+            id(w)
+        );
     }
 }
 
 /// Namespaced objects carry their namespace explicitly (so the manifests can be
 /// applied anywhere), and only into `allowed` namespaces.
 fn check_namespaces(docs: &[Value], allowed: &[&str]) {
-    const CLUSTER: &[&str] = &["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Namespace"];
+    const CLUSTER: &[&str] = &[
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "Namespace",
+    ];
     for d in docs {
         if CLUSTER.contains(&kind(d)) {
-            assert!(namespace(d).is_empty(), "{}: cluster-scoped with a namespace", id(d));
+            assert!(
+                namespace(d).is_empty(),
+                "{}: cluster-scoped with a namespace",
+                id(d)
+            );
         } else {
-            assert!(allowed.contains(&namespace(d)), "{}: namespace not in {allowed:?}", id(d));
+            assert!(
+                allowed.contains(&namespace(d)),
+                "{}: namespace not in {allowed:?}",
+                id(d)
+            );
         }
     }
 }
@@ -368,27 +489,46 @@ fn check_operator(docs: &[Value], ns: &str, full: &str, replicas: i64) -> BTreeM
     assert_eq!(at(d, "spec.replicas").as_i64(), Some(replicas));
     let args: Vec<&str> = seq(c, "args").iter().filter_map(|a| a.as_str()).collect();
     assert_eq!(args, ["run"], "operator args");
-    assert!(at(c, "command").is_null(), "the image's ENTRYPOINT is postcode-operator");
-    let port = seq(c, "ports").iter().find(|p| s(p, "name") == "http").expect("port http");
+    assert!(
+        at(c, "command").is_null(),
+        "the image's ENTRYPOINT is postcode-operator"
+    );
+    let port = seq(c, "ports")
+        .iter()
+        .find(|p| s(p, "name") == "http")
+        .expect("port http");
     assert_eq!(at(port, "containerPort").as_i64(), Some(8080));
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         assert_eq!(s(c, &format!("{probe}.httpGet.path")), path, "{probe}");
         let p = at(c, &format!("{probe}.httpGet.port"));
-        assert!(p.as_str() == Some("http") || p.as_i64() == Some(8080), "{probe} port {p:?}");
+        assert!(
+            p.as_str() == Some("http") || p.as_i64() == Some(8080),
+            "{probe} port {p:?}"
+        );
     }
     assert_eq!(s(pod, "securityContext.seccompProfile.type"), "RuntimeDefault");
     // /tmp writable despite the read-only root
-    assert!(seq(c, "volumeMounts").iter().any(|m| s(m, "mountPath") == "/tmp"), "operator /tmp mount");
+    assert!(
+        seq(c, "volumeMounts").iter().any(|m| s(m, "mountPath") == "/tmp"),
+        "operator /tmp mount"
+    );
 
     let env = env_of(c);
     let db = &env["DATABASE_URL"];
     let db_secret = s(db, "valueFrom.secretKeyRef.name");
     let db_key = s(db, "valueFrom.secretKeyRef.key");
-    assert!(!db_secret.is_empty() && !db_key.is_empty(), "DATABASE_URL from a secretKeyRef: {db:?}");
+    assert!(
+        !db_secret.is_empty() && !db_key.is_empty(),
+        "DATABASE_URL from a secretKeyRef: {db:?}"
+    );
     assert_eq!(env_value(&env, "DATABASE_SECRET_NAME"), db_secret);
     assert_eq!(env_value(&env, "DATABASE_SECRET_KEY"), db_key);
     assert_eq!(env_value(&env, "LISTEN_ADDR"), "0.0.0.0:8080");
-    assert_eq!(env_value(&env, "JOB_IMAGE"), s(c, "image"), "JOB_IMAGE defaults to the operator's image");
+    assert_eq!(
+        env_value(&env, "JOB_IMAGE"),
+        s(c, "image"),
+        "JOB_IMAGE defaults to the operator's image"
+    );
     assert_eq!(env_value(&env, "JOB_IMAGE_PULL_POLICY"), s(c, "imagePullPolicy"));
     assert_eq!(env_value(&env, "MAX_UPLOAD_BYTES"), "2147483648");
     assert_eq!(env_value(&env, "DEFAULT_SHARDS"), "4");
@@ -397,8 +537,15 @@ fn check_operator(docs: &[Value], ns: &str, full: &str, replicas: i64) -> BTreeM
     assert!(!env_value(&env, "RUST_LOG").is_empty());
     assert!(!env_value(&env, "JOB_RUST_LOG").is_empty());
     assert!(!env_value(&env, "JOB_SERVICE_ACCOUNT").is_empty());
-    for (k, field) in [("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")] {
-        assert_eq!(s(&env[k], "valueFrom.fieldRef.fieldPath"), field, "{k} from the downward API");
+    for (k, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+    ] {
+        assert_eq!(
+            s(&env[k], "valueFrom.fieldRef.fieldPath"),
+            field,
+            "{k} from the downward API"
+        );
     }
     let leader = env_value(&env, "LEADER_ELECTION");
     assert_eq!(leader, if replicas > 1 { "true" } else { "false" });
@@ -413,15 +560,29 @@ fn check_operator(docs: &[Value], ns: &str, full: &str, replicas: i64) -> BTreeM
     let svc = get(docs, "Service", ns, full);
     assert_eq!(s(svc, "spec.type"), "ClusterIP");
     let sp = &seq(svc, "spec.ports")[0];
-    assert_eq!((s(sp, "name"), at(sp, "port").as_i64(), s(sp, "targetPort")), ("http", Some(80), "http"));
+    assert_eq!(
+        (s(sp, "name"), at(sp, "port").as_i64(), s(sp, "targetPort")),
+        ("http", Some(80), "http")
+    );
     let labels = at(d, "spec.template.metadata.labels");
     let sel = at(svc, "spec.selector").as_mapping().expect("service selector");
     assert!(!sel.is_empty());
     for (k, v) in sel {
-        assert_eq!(labels.get(k), Some(v), "Service selector {k:?} does not match the pods");
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "Service selector {k:?} does not match the pods"
+        );
     }
-    for (k, v) in at(d, "spec.selector.matchLabels").as_mapping().expect("matchLabels") {
-        assert_eq!(labels.get(k), Some(v), "Deployment selector {k:?} does not match its pods");
+    for (k, v) in at(d, "spec.selector.matchLabels")
+        .as_mapping()
+        .expect("matchLabels")
+    {
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "Deployment selector {k:?} does not match its pods"
+        );
     }
     env
 }
@@ -432,30 +593,63 @@ fn check_operator(docs: &[Value], ns: &str, full: &str, replicas: i64) -> BTreeM
 fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str]) {
     let by_scope = grants_of_sa(docs, ns, sa);
     let main = grants(&[
-        ("postcodes.dev", "postcodeimports", &["get", "list", "watch", "patch", "update"]),
-        ("postcodes.dev", "postcodeimports/status", &["get", "patch", "update"]),
+        (
+            "postcodes.dev",
+            "postcodeimports",
+            &["get", "list", "watch", "patch", "update"],
+        ),
+        (
+            "postcodes.dev",
+            "postcodeimports/status",
+            &["get", "patch", "update"],
+        ),
         ("postcodes.dev", "postcodeimports/finalizers", &["update"]),
-        ("batch", "jobs", &["get", "list", "watch", "create", "delete", "patch"]),
+        (
+            "batch",
+            "jobs",
+            &["get", "list", "watch", "create", "delete", "patch"],
+        ),
         ("", "secrets", &["get", "create", "patch", "delete"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ]);
     // The upload API creates imports (server-side apply of a new object needs
     // `create`); ttlSecondsAfterFinished deletes them.
-    let main_allowed: BTreeSet<Grant> =
-        main.union(&grants(&[("postcodes.dev", "postcodeimports", &["create", "delete"])])).cloned().collect();
-    let lease = grants(&[("coordination.k8s.io", "leases", &["get", "create", "update", "patch"])]);
+    let main_allowed: BTreeSet<Grant> = main
+        .union(&grants(&[(
+            "postcodes.dev",
+            "postcodeimports",
+            &["create", "delete"],
+        )]))
+        .cloned()
+        .collect();
+    let lease = grants(&[(
+        "coordination.k8s.io",
+        "leases",
+        &["get", "create", "update", "patch"],
+    )]);
     for scope in watch_scopes {
-        let g = by_scope.get(*scope).unwrap_or_else(|| panic!("operator has no grants in scope {scope}: {by_scope:?}"));
+        let g = by_scope
+            .get(*scope)
+            .unwrap_or_else(|| panic!("operator has no grants in scope {scope}: {by_scope:?}"));
         let missing: Vec<_> = main.difference(g).collect();
         assert!(missing.is_empty(), "operator lacks {missing:?} in {scope}");
     }
     let leases_here = &by_scope[ns];
-    assert!(lease.is_subset(leases_here), "operator lacks lease rights in {ns}");
+    assert!(
+        lease.is_subset(leases_here),
+        "operator lacks lease rights in {ns}"
+    );
     for (scope, g) in &by_scope {
-        let allowed: BTreeSet<Grant> =
-            if scope == ns { main_allowed.union(&lease).cloned().collect() } else { main_allowed.clone() };
+        let allowed: BTreeSet<Grant> = if scope == ns {
+            main_allowed.union(&lease).cloned().collect()
+        } else {
+            main_allowed.clone()
+        };
         let extra: Vec<_> = g.difference(&allowed).collect();
-        assert!(extra.is_empty(), "operator has more than it needs in {scope}: {extra:?}");
+        assert!(
+            extra.is_empty(),
+            "operator has more than it needs in {scope}: {extra:?}"
+        );
     }
     let scopes: BTreeSet<&str> = by_scope.keys().map(|k| k.as_str()).collect();
     let expected: BTreeSet<&str> = watch_scopes.iter().copied().chain([ns]).collect();
@@ -463,7 +657,10 @@ fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str]
     // Leases only where the operator runs.
     for (scope, g) in &by_scope {
         if scope != ns {
-            assert!(g.intersection(&lease).next().is_none(), "lease rights outside the release namespace: {scope}");
+            assert!(
+                g.intersection(&lease).next().is_none(),
+                "lease rights outside the release namespace: {scope}"
+            );
         }
     }
 }
@@ -482,9 +679,16 @@ fn check_job_rbac(docs: &[Value], job_sa: &str, job_namespaces: &[&str]) {
         assert_eq!(scopes, [*ns], "job SA in {ns} is bound only in its namespace");
         assert_eq!(by_scope[*ns], only, "job SA grants in {ns}");
     }
-    let sa_namespaces: BTreeSet<&str> =
-        all(docs, "ServiceAccount").into_iter().filter(|d| name(d) == job_sa).map(namespace).collect();
-    assert_eq!(sa_namespaces, job_namespaces.iter().copied().collect(), "namespaces holding the job ServiceAccount");
+    let sa_namespaces: BTreeSet<&str> = all(docs, "ServiceAccount")
+        .into_iter()
+        .filter(|d| name(d) == job_sa)
+        .map(namespace)
+        .collect();
+    assert_eq!(
+        sa_namespaces,
+        job_namespaces.iter().copied().collect(),
+        "namespaces holding the job ServiceAccount"
+    );
 }
 
 /// The pre-delete hook deletes every PostcodeImport, with its own SA and RBAC
@@ -495,20 +699,39 @@ fn check_cleanup_hook(docs: &[Value], ns: &str, full: &str) {
     assert_eq!(hook(job), "pre-delete");
     let pod = at(job, "spec.template.spec");
     let c = &seq(pod, "containers")[0];
-    assert!(s(c, "image").starts_with("bitnami/kubectl"), "cleanup image {}", s(c, "image"));
+    assert!(
+        s(c, "image").starts_with("bitnami/kubectl"),
+        "cleanup image {}",
+        s(c, "image")
+    );
     let script = format!("{:?} {:?}", at(c, "command"), at(c, "args"));
-    assert!(script.contains("kubectl delete postcodeimports --all -A --wait"), "cleanup script: {script}");
+    assert!(
+        script.contains("kubectl delete postcodeimports --all -A --wait"),
+        "cleanup script: {script}"
+    );
     let sa = s(pod, "serviceAccountName");
     assert_eq!(sa, hook_name);
-    for (k, kns) in [("ServiceAccount", ns), ("ClusterRole", ""), ("ClusterRoleBinding", "")] {
+    for (k, kns) in [
+        ("ServiceAccount", ns),
+        ("ClusterRole", ""),
+        ("ClusterRoleBinding", ""),
+    ] {
         let d = get(docs, k, kns, &hook_name);
         assert_eq!(hook(d), "pre-delete", "{} is a pre-delete hook", id(d));
-        assert!(hook_weight(d) < hook_weight(job), "{} is created before the hook Job", id(d));
+        assert!(
+            hook_weight(d) < hook_weight(job),
+            "{} is created before the hook Job",
+            id(d)
+        );
     }
     let g = grants_of_sa(docs, ns, sa);
     assert_eq!(
         g.get("*"),
-        Some(&grants(&[("postcodes.dev", "postcodeimports", &["get", "list", "watch", "delete"])])),
+        Some(&grants(&[(
+            "postcodes.dev",
+            "postcodeimports",
+            &["get", "list", "watch", "delete"]
+        )])),
         "cleanup grants"
     );
     // Hooks only from the cleanup.
@@ -533,7 +756,12 @@ fn chart_crd_is_the_generated_one() {
     );
     // --include-crds renders exactly that CRD.
     let docs = parse_docs(&template_raw("t", "default", &[], &["--include-crds"]).unwrap());
-    let crd = get(&docs, "CustomResourceDefinition", "", "postcodeimports.postcodes.dev");
+    let crd = get(
+        &docs,
+        "CustomResourceDefinition",
+        "",
+        "postcodeimports.postcodes.dev",
+    );
     assert_eq!(s(crd, "spec.group"), "postcodes.dev");
     assert_eq!(s(crd, "spec.names.kind"), "PostcodeImport");
     assert_eq!(s(crd, "spec.scope"), "Namespaced");
@@ -568,7 +796,10 @@ fn helm_rejects_contradictory_or_invalid_values() {
             &["database.url=postgres://x@y/z", "database.existingSecret=s"][..],
             "only one of database.url and database.existingSecret",
         ),
-        (&["upload.auth.token=a", "upload.auth.existingSecret=s"][..], "only one of upload.auth.token"),
+        (
+            &["upload.auth.token=a", "upload.auth.existingSecret=s"][..],
+            "only one of upload.auth.token",
+        ),
         (&["defaults.shards=65"][..], "/defaults/shards"),
         (&["jobNamespaces={Not_A_Namespace}"][..], "/jobNamespaces"),
     ] {
@@ -585,9 +816,15 @@ fn default_values_render_a_hardened_least_privilege_operator() {
     check_workloads(&docs);
     let env = check_operator(&docs, ns, full, 1);
     // No database configured: the operator expects <fullname>-database, created by the user.
-    assert_eq!(env_value(&env, "DATABASE_SECRET_NAME"), format!("{full}-database"));
+    assert_eq!(
+        env_value(&env, "DATABASE_SECRET_NAME"),
+        format!("{full}-database")
+    );
     assert_eq!(env_value(&env, "DATABASE_SECRET_KEY"), "url");
-    assert!(all(&docs, "Secret").is_empty(), "no Secret without database.url / postgresql / upload token");
+    assert!(
+        all(&docs, "Secret").is_empty(),
+        "no Secret without database.url / postgresql / upload token"
+    );
     assert!(!env.contains_key("UPLOAD_TOKEN"), "no upload auth by default");
     assert!(!env.contains_key("WATCH_NAMESPACE"), "all namespaces by default");
     let job_sa = env_value(&env, "JOB_SERVICE_ACCOUNT");
@@ -603,14 +840,21 @@ fn default_values_render_a_hardened_least_privilege_operator() {
     );
 
     let off = template("t", ns, &["cleanup.enabled=false"]);
-    assert!(off.iter().all(|d| !is_hook(d)), "cleanup.enabled=false renders no hooks");
+    assert!(
+        off.iter().all(|d| !is_hook(d)),
+        "cleanup.enabled=false renders no hooks"
+    );
 }
 
 #[test]
 fn postgresql_and_upload_auth_variant() {
     let (ns, full) = ("pco", "demo-postcode-operator");
     let token = "upload-token-0b6f1c";
-    let docs = template("demo", ns, &["postgresql.enabled=true", &format!("upload.auth.token={token}")]);
+    let docs = template(
+        "demo",
+        ns,
+        &["postgresql.enabled=true", &format!("upload.auth.token={token}")],
+    );
     check_namespaces(&docs, &[ns]);
     check_workloads(&docs);
     let env = check_operator(&docs, ns, full, 1);
@@ -622,22 +866,38 @@ fn postgresql_and_upload_auth_variant() {
     let pg = format!("{full}-postgresql");
     let password = String::from_utf8(data["password"].clone()).unwrap();
     assert!(password.len() >= 16, "generated password too short");
-    assert_eq!(url, format!("postgres://postcodes:{password}@{pg}.{ns}.svc.cluster.local:5432/postcodes"));
+    assert_eq!(
+        url,
+        format!("postgres://postcodes:{password}@{pg}.{ns}.svc.cluster.local:5432/postcodes")
+    );
 
     let sts = get(&docs, "StatefulSet", ns, &pg);
     let c = &seq(sts, "spec.template.spec.containers")[0];
     assert_eq!(s(c, "image"), "postgres:16-alpine");
     let penv = env_of(c);
-    assert_eq!(s(&penv["POSTGRES_PASSWORD"], "valueFrom.secretKeyRef.name"), name(db_secret));
-    assert_eq!(s(&penv["POSTGRES_PASSWORD"], "valueFrom.secretKeyRef.key"), "password");
-    assert_eq!(seq(sts, "spec.volumeClaimTemplates").len(), 1, "PVC via volumeClaimTemplates");
+    assert_eq!(
+        s(&penv["POSTGRES_PASSWORD"], "valueFrom.secretKeyRef.name"),
+        name(db_secret)
+    );
+    assert_eq!(
+        s(&penv["POSTGRES_PASSWORD"], "valueFrom.secretKeyRef.key"),
+        "password"
+    );
+    assert_eq!(
+        seq(sts, "spec.volumeClaimTemplates").len(),
+        1,
+        "PVC via volumeClaimTemplates"
+    );
     let svc = get(&docs, "Service", ns, &pg);
     assert_eq!(at(&seq(svc, "spec.ports")[0], "port").as_i64(), Some(5432));
 
     // UPLOAD_TOKEN from the chart's upload Secret.
     let up = &env["UPLOAD_TOKEN"];
     let up_secret = get(&docs, "Secret", ns, s(up, "valueFrom.secretKeyRef.name"));
-    assert_eq!(secret_data(up_secret)[s(up, "valueFrom.secretKeyRef.key")], token.as_bytes());
+    assert_eq!(
+        secret_data(up_secret)[s(up, "valueFrom.secretKeyRef.key")],
+        token.as_bytes()
+    );
 
     // Secret values appear only in Secrets (in no env, annotation or arg).
     let needles = [token.to_string(), password.clone()];
@@ -659,7 +919,11 @@ fn database_url_and_existing_secrets_stay_in_secrets() {
     let sec = get(&docs, "Secret", ns, env_value(&env, "DATABASE_SECRET_NAME"));
     assert_eq!(secret_data(sec)["url"], url.as_bytes());
     for d in docs.iter().filter(|d| kind(d) != "Secret") {
-        assert!(!serde_yaml::to_string(d).unwrap().contains(pw), "database password appears in {}", id(d));
+        assert!(
+            !serde_yaml::to_string(d).unwrap().contains(pw),
+            "database password appears in {}",
+            id(d)
+        );
     }
 
     // Existing Secrets: referenced by name and key, nothing created.
@@ -679,7 +943,10 @@ fn database_url_and_existing_secrets_stay_in_secrets() {
     assert_eq!(env_value(&env, "DATABASE_SECRET_KEY"), "dsn");
     assert_eq!(s(&env["UPLOAD_TOKEN"], "valueFrom.secretKeyRef.name"), "my-up");
     assert_eq!(s(&env["UPLOAD_TOKEN"], "valueFrom.secretKeyRef.key"), "tok");
-    assert!(all(&docs, "Secret").is_empty(), "existing Secrets are not created");
+    assert!(
+        all(&docs, "Secret").is_empty(),
+        "existing Secrets are not created"
+    );
 }
 
 #[test]
@@ -689,7 +956,11 @@ fn replicas_turn_leader_election_on() {
     check_workloads(&docs);
     let _ = check_operator(&docs, ns, full, 2); // asserts LEADER_ELECTION=true
     let (d, _) = operator(&docs, ns, full);
-    assert_ne!(s(d, "spec.strategy.type"), "Recreate", "rolling updates with leader election");
+    assert_ne!(
+        s(d, "spec.strategy.type"),
+        "Recreate",
+        "rolling updates with leader election"
+    );
 
     let docs = template("t", ns, &["leaderElection.enabled=true"]);
     let (_, c) = operator(&docs, ns, full);
@@ -712,7 +983,10 @@ fn job_namespaces_get_the_job_service_account() {
     assert_eq!(env_value(&env, "WATCH_NAMESPACE"), "w");
     check_job_rbac(&docs, env_value(&env, "JOB_SERVICE_ACCOUNT"), &[ns, "w", "a"]);
     check_operator_rbac(&docs, ns, full, &["w"]);
-    assert!(all(&docs, "ClusterRoleBinding").iter().all(|b| is_hook(b)), "no cluster-wide binding for the operator");
+    assert!(
+        all(&docs, "ClusterRoleBinding").iter().all(|b| is_hook(b)),
+        "no cluster-wide binding for the operator"
+    );
 }
 
 // ---------------------------------------------------------------- against the test API server
@@ -729,12 +1003,21 @@ impl Scratch {
         let kubeconfig = kubeconfig();
         let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let base = format!("helm-chart-{tag}");
-        let namespaces: Vec<String> =
-            std::iter::once(base.clone()).chain(extra_namespaces.iter().map(|x| format!("{base}-{x}"))).collect();
-        let me = Self { kubeconfig, release: format!("t{tag}"), namespaces };
+        let namespaces: Vec<String> = std::iter::once(base.clone())
+            .chain(extra_namespaces.iter().map(|x| format!("{base}-{x}")))
+            .collect();
+        let me = Self {
+            kubeconfig,
+            release: format!("t{tag}"),
+            namespaces,
+        };
         for ns in &me.namespaces {
             let r = me.kubectl(&["create", "namespace", ns], None);
-            assert!(r.ok, "cannot create namespace {ns} on the test API server:\n{}", r.stderr);
+            assert!(
+                r.ok,
+                "cannot create namespace {ns} on the test API server:\n{}",
+                r.stderr
+            );
         }
         me
     }
@@ -745,7 +1028,11 @@ impl Scratch {
 
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Run {
         run(
-            Command::new(kubectl()).arg("--kubeconfig").arg(&self.kubeconfig).arg("--request-timeout=60s").args(args),
+            Command::new(kubectl())
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .arg("--request-timeout=60s")
+                .args(args),
             stdin,
         )
     }
@@ -755,23 +1042,55 @@ impl Scratch {
     fn apply(&self, docs: &[Value], dry_run: bool) {
         let mut groups: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
         for d in docs {
-            let ns = if namespace(d).is_empty() { self.ns().to_string() } else { namespace(d).to_string() };
+            let ns = if namespace(d).is_empty() {
+                self.ns().to_string()
+            } else {
+                namespace(d).to_string()
+            };
             groups.entry(ns).or_default().push(d);
         }
         for (ns, ds) in groups {
-            let yaml: String = ds.iter().map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap())).collect();
-            let mut args =
-                vec!["apply", "--server-side", "--field-manager=helm-chart-test", "-n", ns.as_str(), "-f", "-"];
+            let yaml: String = ds
+                .iter()
+                .map(|d| format!("---\n{}", serde_yaml::to_string(d).unwrap()))
+                .collect();
+            let mut args = vec![
+                "apply",
+                "--server-side",
+                "--field-manager=helm-chart-test",
+                "-n",
+                ns.as_str(),
+                "-f",
+                "-",
+            ];
             if dry_run {
                 args.insert(2, "--dry-run=server");
             }
             let r = self.kubectl(&args, Some(&yaml));
-            assert!(r.ok, "kubectl {} rejected the chart in {ns}:\n{}\n{}", args.join(" "), r.stdout, r.stderr);
-            let applied = r.stdout.lines().filter(|l| l.contains("serverside-applied")).count();
-            assert_eq!(applied, ds.len(), "not every object was applied in {ns}:\n{}\n{}", r.stdout, r.stderr);
+            assert!(
+                r.ok,
+                "kubectl {} rejected the chart in {ns}:\n{}\n{}",
+                args.join(" "),
+                r.stdout,
+                r.stderr
+            );
+            let applied = r
+                .stdout
+                .lines()
+                .filter(|l| l.contains("serverside-applied"))
+                .count();
+            assert_eq!(
+                applied,
+                ds.len(),
+                "not every object was applied in {ns}:\n{}\n{}",
+                r.stdout,
+                r.stderr
+            );
             if dry_run {
                 assert!(
-                    r.stdout.lines().all(|l| l.trim().is_empty() || l.ends_with("(server dry run)")),
+                    r.stdout
+                        .lines()
+                        .all(|l| l.trim().is_empty() || l.ends_with("(server dry run)")),
                     "{}",
                     r.stdout
                 );
@@ -812,13 +1131,21 @@ impl Scratch {
             .into_iter::<serde_json::Value>()
             .map(|v| v.expect("SubjectAccessReview JSON"))
             .collect();
-        assert_eq!(answers.len(), checks.len(), "one answer per review:\n{}", r.stdout);
+        assert_eq!(
+            answers.len(),
+            checks.len(),
+            "one answer per review:\n{}",
+            r.stdout
+        );
         answers
             .iter()
             .zip(&reviews)
             .map(|(got, asked)| {
                 assert_eq!(got["spec"]["user"], asked["spec"]["user"], "answers in order");
-                assert_eq!(got["spec"]["resourceAttributes"]["verb"], asked["spec"]["resourceAttributes"]["verb"]);
+                assert_eq!(
+                    got["spec"]["resourceAttributes"]["verb"],
+                    asked["spec"]["resourceAttributes"]["verb"]
+                );
                 got["status"]["allowed"].as_bool().unwrap_or(false)
             })
             .collect()
@@ -828,7 +1155,16 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         let sel = format!("app.kubernetes.io/instance={}", self.release);
-        let _ = self.kubectl(&["delete", "clusterrole,clusterrolebinding", "-l", &sel, "--wait=false"], None);
+        let _ = self.kubectl(
+            &[
+                "delete",
+                "clusterrole,clusterrolebinding",
+                "-l",
+                &sel,
+                "--wait=false",
+            ],
+            None,
+        );
         for ns in &self.namespaces {
             let _ = self.kubectl(&["delete", "namespace", ns, "--wait=false"], None);
         }
@@ -838,7 +1174,11 @@ impl Drop for Scratch {
 #[test]
 fn server_side_dry_run_accepts_every_variant() {
     let k = Scratch::new(&["a", "b"]);
-    let (ns, a, b) = (k.ns().to_string(), k.namespaces[1].clone(), k.namespaces[2].clone());
+    let (ns, a, b) = (
+        k.ns().to_string(),
+        k.namespaces[1].clone(),
+        k.namespaces[2].clone(),
+    );
     let jobs = format!("jobNamespaces={{{a},{b}}}");
     let variants: Vec<Vec<String>> = vec![
         vec![],
@@ -863,11 +1203,17 @@ fn server_side_dry_run_accepts_every_variant() {
         let sets: Vec<&str> = sets.iter().map(|x| x.as_str()).collect();
         // The first variant includes the CRD (identical to the one installed, or created by the dry run).
         let extra: &[&str] = if i == 0 { &["--include-crds"] } else { &[] };
-        let yaml =
-            template_raw(&k.release, &ns, &sets, extra).unwrap_or_else(|e| panic!("helm template {sets:?}:\n{e}"));
+        let yaml = template_raw(&k.release, &ns, &sets, extra)
+            .unwrap_or_else(|e| panic!("helm template {sets:?}:\n{e}"));
         let docs = parse_docs(&yaml);
         if i == 0 {
-            assert!(find(&docs, "CustomResourceDefinition", "", "postcodeimports.postcodes.dev").is_some());
+            assert!(find(
+                &docs,
+                "CustomResourceDefinition",
+                "",
+                "postcodeimports.postcodes.dev"
+            )
+            .is_some());
         }
         k.apply(&docs, true);
     }
@@ -876,14 +1222,23 @@ fn server_side_dry_run_accepts_every_variant() {
 #[test]
 fn rbac_is_enforced_as_intended_by_the_api_server() {
     let k = Scratch::new(&["a", "other"]);
-    let (ns, a, other) = (k.ns().to_string(), k.namespaces[1].clone(), k.namespaces[2].clone());
+    let (ns, a, other) = (
+        k.ns().to_string(),
+        k.namespaces[1].clone(),
+        k.namespaces[2].clone(),
+    );
     let full = format!("{}-postcode-operator", k.release);
     let docs = template(&k.release, &ns, &[&format!("jobNamespaces={{{a}}}")]);
     // Only the identities and their permissions are created for real; the
     // cluster-scoped ones are labelled with the release and removed on drop.
     let rbac: Vec<Value> = docs
         .into_iter()
-        .filter(|d| matches!(kind(d), "ServiceAccount" | "Role" | "RoleBinding" | "ClusterRole" | "ClusterRoleBinding"))
+        .filter(|d| {
+            matches!(
+                kind(d),
+                "ServiceAccount" | "Role" | "RoleBinding" | "ClusterRole" | "ClusterRoleBinding"
+            )
+        })
         .collect();
     k.apply(&rbac, false);
 
@@ -922,21 +1277,37 @@ fn rbac_is_enforced_as_intended_by_the_api_server() {
         (cleanup, "list", pi, None, true), (cleanup, "delete", pi, o, true), (cleanup, "watch", pi, None, true),
         (cleanup, "patch", pi, o, false), (cleanup, "delete", "secrets", o, false),
     ];
-    let asked: Vec<_> = checks.iter().map(|&(who, verb, res, ns, _)| (who, verb, res, ns)).collect();
+    let asked: Vec<_> = checks
+        .iter()
+        .map(|&(who, verb, res, ns, _)| (who, verb, res, ns))
+        .collect();
     let failures: Vec<String> = checks
         .iter()
         .zip(k.can_all(&asked))
         .filter(|((.., want), got)| got != want)
         .map(|((who, verb, res, ns, want), got)| {
-            format!("{who} {verb} {res} in {}: expected {want}, got {got}", ns.unwrap_or("all namespaces"))
+            format!(
+                "{who} {verb} {res} in {}: expected {want}, got {got}",
+                ns.unwrap_or("all namespaces")
+            )
         })
         .collect();
-    assert!(failures.is_empty(), "RBAC differs from the intent:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "RBAC differs from the intent:\n{}",
+        failures.join("\n")
+    );
 
     // watchNamespace: bound in that namespace and at home, not cluster-wide.
-    let docs = template(&k.release, &ns, &[&format!("watchNamespace={a}"), "cleanup.enabled=false"]);
-    let rbac: Vec<Value> =
-        docs.into_iter().filter(|d| matches!(kind(d), "RoleBinding" | "ClusterRoleBinding")).collect();
+    let docs = template(
+        &k.release,
+        &ns,
+        &[&format!("watchNamespace={a}"), "cleanup.enabled=false"],
+    );
+    let rbac: Vec<Value> = docs
+        .into_iter()
+        .filter(|d| matches!(kind(d), "RoleBinding" | "ClusterRoleBinding"))
+        .collect();
     let r = k.kubectl(&["delete", "clusterrolebinding", &full], None);
     assert!(r.ok, "{}", r.stderr);
     k.apply(&rbac, false);
@@ -949,5 +1320,9 @@ fn rbac_is_enforced_as_intended_by_the_api_server() {
         (op, "watch", pi, None),
         (op, "create", "secrets", o),
     ]);
-    assert_eq!(got, [true, true, true, true, false, false, false], "operator grants with watchNamespace={a}");
+    assert_eq!(
+        got,
+        [true, true, true, true, false, false, false],
+        "operator grants with watchNamespace={a}"
+    );
 }

@@ -21,20 +21,34 @@ use pipeline::{
 };
 
 /// The first `n` rows of the real file, enriched offline: the reference answer.
-fn offline_reference(input: &std::path::Path, dir: &std::path::Path) -> Vec<std::collections::HashMap<String, String>> {
+fn offline_reference(
+    input: &std::path::Path,
+    dir: &std::path::Path,
+) -> Vec<std::collections::HashMap<String, String>> {
     let out = dir.join("reference.csv");
     let o = run_local(&[
-        input.to_str().unwrap(), "--db", dir.join("ref.db").to_str().unwrap(), "--offline-postcodes",
-        shared("nspl-latlon.csv.gz").to_str().unwrap(), "--out", out.to_str().unwrap(),
+        input.to_str().unwrap(),
+        "--db",
+        dir.join("ref.db").to_str().unwrap(),
+        "--offline-postcodes",
+        shared("nspl-latlon.csv.gz").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(o.status.success());
     read_output(&out).1
 }
 
-fn same_postcodes(got: &[std::collections::HashMap<String, String>], want: &[std::collections::HashMap<String, String>]) {
+fn same_postcodes(
+    got: &[std::collections::HashMap<String, String>],
+    want: &[std::collections::HashMap<String, String>],
+) {
     assert_eq!(got.len(), want.len());
     for (a, b) in got.iter().zip(want) {
-        assert_eq!((&a["row_number"], &a["status"], &a["postcode"]), (&b["row_number"], &b["status"], &b["postcode"]));
+        assert_eq!(
+            (&a["row_number"], &a["status"], &a["postcode"]),
+            (&b["row_number"], &b["status"], &b["postcode"])
+        );
     }
 }
 
@@ -43,7 +57,9 @@ async fn mixed_faults_under_a_5_rps_limit_lose_nothing_and_quota_4_sees_no_429()
     let dir = temp_dir("mixed");
     let input = head_of_real_file(5_000, &dir);
     let (inp, d) = (input.clone(), dir.clone());
-    let reference = tokio::task::spawn_blocking(move || offline_reference(&inp, &d)).await.unwrap();
+    let reference = tokio::task::spawn_blocking(move || offline_reference(&inp, &d))
+        .await
+        .unwrap();
 
     let faults = Faults {
         rate_limit: Some(5),
@@ -56,27 +72,59 @@ async fn mixed_faults_under_a_5_rps_limit_lose_nothing_and_quota_4_sees_no_429()
         ..Faults::default()
     };
     for (rps, tag) in [("5", "faulty"), ("4", "quota4")] {
-        let f = if tag == "faulty" { faults.clone() } else { Faults { rate_limit: Some(5), retry_after_s: Some(1), ..Faults::default() } };
+        let f = if tag == "faulty" {
+            faults.clone()
+        } else {
+            Faults {
+                rate_limit: Some(5),
+                retry_after_s: Some(1),
+                ..Faults::default()
+            }
+        };
         let server = TestServer::start(nspl(), f).await.unwrap();
         let out = dir.join(format!("{tag}.csv"));
         let args: Vec<String> = [
-            input.to_str().unwrap(), "--db", dir.join(format!("{tag}.db")).to_str().unwrap(), "--api-url", &server.url(),
-            "--shards", "4", "--quota-rps", rps, "--out", out.to_str().unwrap(),
+            input.to_str().unwrap(),
+            "--db",
+            dir.join(format!("{tag}.db")).to_str().unwrap(),
+            "--api-url",
+            &server.url(),
+            "--shards",
+            "4",
+            "--quota-rps",
+            rps,
+            "--out",
+            out.to_str().unwrap(),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let o = tokio::task::spawn_blocking(move || run_local(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
+        let o = tokio::task::spawn_blocking(move || {
+            run_local(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
         assert!(o.status.success());
         let (_, rows) = read_output(&out);
         same_postcodes(&rows, &reference);
         assert_eq!(by_status(&rows).get("failed"), None);
         let st = server.state.stats();
-        eprintln!("{tag}: {:?} requests {} max/s {}", st.by_status, st.requests, st.max_per_second);
+        eprintln!(
+            "{tag}: {:?} requests {} max/s {}",
+            st.by_status, st.requests, st.max_per_second
+        );
         if tag == "faulty" {
-            assert!(st.by_status.get(&500).copied().unwrap_or(0) + st.by_status.get(&0).copied().unwrap_or(0) > 0, "no fault was injected: {st:?}");
+            assert!(
+                st.by_status.get(&500).copied().unwrap_or(0) + st.by_status.get(&0).copied().unwrap_or(0) > 0,
+                "no fault was injected: {st:?}"
+            );
         } else {
-            assert_eq!(st.by_status.get(&429), None, "quota 4 under a limit of 5 must never be throttled: {:?}", st.by_status);
+            assert_eq!(
+                st.by_status.get(&429),
+                None,
+                "quota 4 under a limit of 5 must never be throttled: {:?}",
+                st.by_status
+            );
             assert!(st.max_per_second <= 4, "{}", st.max_per_second);
         }
     }
@@ -141,14 +189,20 @@ async fn reader_killed_mid_load_then_rerun_is_exact(db: String) {
     assert!(!status.success());
     let store = Store::connect(&db).await.unwrap();
     let partial = store.import("killed-reader").await.unwrap();
-    assert!(partial.as_ref().is_none_or(|i| i.phase != "Loaded"), "a killed load must not look finished: {partial:?}");
+    assert!(
+        partial.as_ref().is_none_or(|i| i.phase != "Loaded"),
+        "a killed load must not look finished: {partial:?}"
+    );
 
     // Re-run (fast this time): exactly the file's rows, once each.
     let fast = slow_csv_server(body.clone(), Arc::new(AtomicU64::new(0)), Duration::ZERO).await;
     let out = run(&fast).wait_with_output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let imp = store.import("killed-reader").await.unwrap().unwrap();
-    assert_eq!((imp.phase.as_str(), imp.rows_total, imp.rows_invalid), ("Loaded", 100_000, 0));
+    assert_eq!(
+        (imp.phase.as_str(), imp.rows_total, imp.rows_invalid),
+        ("Loaded", 100_000, 0)
+    );
     let counts = store.counts(&imp).await.unwrap();
     assert_eq!(counts.rows_pending, 100_000);
     let mut n = 0i64;
@@ -192,24 +246,41 @@ async fn a_postgres_restart_mid_run_ends_correct() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let out = Command::new(&script).args(["start", pg_dir.to_str().unwrap(), &port.to_string()]).output().unwrap();
+    let out = Command::new(&script)
+        .args(["start", pg_dir.to_str().unwrap(), &port.to_string()])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let db = String::from_utf8(out.stdout).unwrap().trim().to_string();
     struct Stop(std::path::PathBuf, std::path::PathBuf);
     impl Drop for Stop {
         fn drop(&mut self) {
-            let _ = Command::new(&self.0).args(["stop", self.1.to_str().unwrap()]).output();
+            let _ = Command::new(&self.0)
+                .args(["stop", self.1.to_str().unwrap()])
+                .output();
         }
     }
     let _stop = Stop(script.clone(), pg_dir.clone());
 
     let input = head_of_real_file(10_000, &dir);
     let (inp, d) = (input.clone(), dir.clone());
-    let reference = tokio::task::spawn_blocking(move || offline_reference(&inp, &d)).await.unwrap();
+    let reference = tokio::task::spawn_blocking(move || offline_reference(&inp, &d))
+        .await
+        .unwrap();
     let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
     let out = dir.join("out.csv");
     let child = local_cmd(&[
-        input.to_str().unwrap(), "--db", &db, "--api-url", &server.url(), "--shards", "2", "--quota-rps", "10", "--out", out.to_str().unwrap(),
+        input.to_str().unwrap(),
+        "--db",
+        &db,
+        "--api-url",
+        &server.url(),
+        "--shards",
+        "2",
+        "--quota-rps",
+        "10",
+        "--out",
+        out.to_str().unwrap(),
     ])
     .stderr(Stdio::piped())
     .spawn()
@@ -218,19 +289,40 @@ async fn a_postgres_restart_mid_run_ends_correct() {
     while server.state.stats().requests < 20 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let pg_ctl = std::fs::read_dir("/usr/lib/postgresql").unwrap().flatten().map(|e| e.path().join("bin/pg_ctl")).find(|p| p.exists()).unwrap();
+    let pg_ctl = std::fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("bin/pg_ctl"))
+        .find(|p| p.exists())
+        .unwrap();
     let data = pg_dir.join("data");
     // The restarted server logs to a file: with inherited pipes, waiting for
     // pg_ctl's output would wait for the server to exit.
     let restart = Command::new("runuser")
-        .args(["-u", "postgres", "--", pg_ctl.to_str().unwrap(), "-D", data.to_str().unwrap(), "-l", pg_dir.join("restart.log").to_str().unwrap(), "-m", "immediate", "-w", "restart"])
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            pg_ctl.to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-l",
+            pg_dir.join("restart.log").to_str().unwrap(),
+            "-m",
+            "immediate",
+            "-w",
+            "restart",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .unwrap();
     assert!(restart.success(), "pg_ctl restart failed");
-    let o = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     let log = String::from_utf8_lossy(&o.stderr).to_string();
     let _ = std::io::stderr().write_all(log.as_bytes());
     assert!(o.status.success(), "{log}");

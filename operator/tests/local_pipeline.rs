@@ -33,7 +33,11 @@ impl BruteForce {
                 let lat: f64 = rec[1].parse().ok()?;
                 let lon: f64 = rec[2].parse().ok()?;
                 let pc: String = rec[0].chars().filter(|c| !c.is_whitespace()).collect();
-                Some((lat, lon, format!("{} {}", &pc[..pc.len() - 3], &pc[pc.len() - 3..])))
+                Some((
+                    lat,
+                    lon,
+                    format!("{} {}", &pc[..pc.len() - 3], &pc[pc.len() - 3..]),
+                ))
             })
             .collect();
         by_lat.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -83,7 +87,11 @@ fn real_file_offline_every_row_once_with_the_true_nearest_postcode() {
     assert_eq!(&header[..3], ["lat", "lon", "row_number"]);
     assert_eq!(rows.len(), REAL_ROWS);
     let numbers: Vec<usize> = rows.iter().map(|r| r["row_number"].parse().unwrap()).collect();
-    assert_eq!(numbers, (1..=REAL_ROWS).collect::<Vec<_>>(), "every row once, in order");
+    assert_eq!(
+        numbers,
+        (1..=REAL_ROWS).collect::<Vec<_>>(),
+        "every row once, in order"
+    );
     let s = by_status(&rows);
     assert_eq!(s.get("enriched"), Some(&99_648), "{s:?}");
     assert_eq!(s.get("no_match"), Some(&352), "{s:?}");
@@ -96,16 +104,32 @@ fn real_file_offline_every_row_once_with_the_true_nearest_postcode() {
         if i % 97 != 0 && r["status"] != "no_match" {
             continue;
         }
-        let at = LatLon { lat: r["lat"].parse().unwrap(), lon: r["lon"].parse().unwrap() };
+        let at = LatLon {
+            lat: r["lat"].parse().unwrap(),
+            lon: r["lon"].parse().unwrap(),
+        };
         match (r["status"].as_str(), brute.nearest(at)) {
             ("enriched", Some((d, pcs))) => {
-                assert!(pcs.contains(&r["postcode"].as_str()), "row {}: {} is not among the nearest {pcs:?}", i + 1, r["postcode"]);
+                assert!(
+                    pcs.contains(&r["postcode"].as_str()),
+                    "row {}: {} is not among the nearest {pcs:?}",
+                    i + 1,
+                    r["postcode"]
+                );
                 let ours: f64 = r["distance_m"].parse().unwrap();
-                assert!((ours - d).abs() <= 0.05 + 1e-9, "row {}: distance {ours} vs {d}", i + 1);
+                assert!(
+                    (ours - d).abs() <= 0.05 + 1e-9,
+                    "row {}: distance {ours} vs {d}",
+                    i + 1
+                );
                 assert_eq!(r["outcode"], r["postcode"].split(' ').next().unwrap());
             }
             ("no_match", best) => {
-                assert!(best.as_ref().is_none_or(|(d, _)| *d > 20_000.0), "row {}: a postcode within 20 km exists: {best:?}", i + 1);
+                assert!(
+                    best.as_ref().is_none_or(|(d, _)| *d > 20_000.0),
+                    "row {}: a postcode within 20 km exists: {best:?}",
+                    i + 1
+                );
             }
             other => panic!("row {}: {other:?}", i + 1),
         }
@@ -123,25 +147,58 @@ async fn real_file_over_http_on_postgres_matches_offline_within_the_quota() {
     let url = server.url();
     let (input, outp) = (shared("postcodesgeo.csv"), out.clone());
     let o = tokio::task::spawn_blocking(move || {
-        run_local(&[input.to_str().unwrap(), "--db", &db, "--api-url", &url, "--shards", "4", "--quota-rps", "20", "--out", outp.to_str().unwrap()])
+        run_local(&[
+            input.to_str().unwrap(),
+            "--db",
+            &db,
+            "--api-url",
+            &url,
+            "--shards",
+            "4",
+            "--quota-rps",
+            "20",
+            "--out",
+            outp.to_str().unwrap(),
+        ])
     })
     .await
     .unwrap();
     assert!(o.status.success());
-    let reference = tokio::task::spawn_blocking(|| read_output(offline_reference()).1).await.unwrap();
+    let reference = tokio::task::spawn_blocking(|| read_output(offline_reference()).1)
+        .await
+        .unwrap();
     let (_, rows) = read_output(&out);
     assert_eq!(rows.len(), REAL_ROWS);
     for (a, b) in rows.iter().zip(&reference) {
-        assert_eq!((&a["row_number"], &a["status"], &a["postcode"]), (&b["row_number"], &b["status"], &b["postcode"]));
+        assert_eq!(
+            (&a["row_number"], &a["status"], &a["postcode"]),
+            (&b["row_number"], &b["status"], &b["postcode"])
+        );
     }
     let st = server.state.stats();
     let first_radius = st.answered_by_radius.get("100").copied().unwrap_or_default();
-    let widened: u64 = st.answered_by_radius.iter().filter(|(r, _)| r.as_str() != "100").map(|(_, n)| n).sum();
+    let widened: u64 = st
+        .answered_by_radius
+        .iter()
+        .filter(|(r, _)| r.as_str() != "100")
+        .map(|(_, n)| n)
+        .sum();
     let floor = REAL_DISTINCT.div_ceil(100) as f64;
     eprintln!("server stats: {st:?}");
-    assert!(first_radius as f64 <= 1.02 * floor, "{first_radius} first-radius requests for {REAL_DISTINCT} coordinates");
-    assert_eq!(st.requests, first_radius + widened, "no request failed or was repeated");
-    assert!(st.max_per_second <= 20, "{} requests in one second", st.max_per_second);
+    assert!(
+        first_radius as f64 <= 1.02 * floor,
+        "{first_radius} first-radius requests for {REAL_DISTINCT} coordinates"
+    );
+    assert_eq!(
+        st.requests,
+        first_radius + widened,
+        "no request failed or was repeated"
+    );
+    assert!(
+        st.max_per_second <= 20,
+        "{} requests in one second",
+        st.max_per_second
+    );
     assert_eq!(st.repeated_queries, 0);
 }
 
@@ -149,9 +206,15 @@ async fn real_file_over_http_on_postgres_matches_offline_within_the_quota() {
 fn enricher_children(parent: u32) -> Vec<u32> {
     let mut pids = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let ppid = stat.rsplit(')').next().and_then(|s| s.split_whitespace().nth(1)).and_then(|p| p.parse::<u32>().ok());
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
         let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         if ppid == Some(parent) && cmd.contains("enricher-job") {
             pids.push(pid);
@@ -168,14 +231,28 @@ async fn a_killed_enricher_resumes_without_asking_a_finished_batch_twice() {
     let db = dir.join("kill.db");
     let out = dir.join("out.csv");
     let args: Vec<String> = [
-        input.to_str().unwrap(), "--db", db.to_str().unwrap(), "--api-url", &server.url(), "--shards", "2",
-        "--quota-rps", "40", "--backoff-limit", "0", "--out", out.to_str().unwrap(),
+        input.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+        "--api-url",
+        &server.url(),
+        "--shards",
+        "2",
+        "--quota-rps",
+        "40",
+        "--backoff-limit",
+        "0",
+        "--out",
+        out.to_str().unwrap(),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let child = local_cmd(&argv).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = local_cmd(&argv)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // Wait (on the server's own count, not a clock) until the enrichers are well under way.
     let mut killed = None;
     for _ in 0..600 {
@@ -189,18 +266,31 @@ async fn a_killed_enricher_resumes_without_asking_a_finished_batch_twice() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(killed.is_some(), "no enricher to kill");
-    let first = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let first = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     eprintln!("{}", String::from_utf8_lossy(&first.stderr));
-    assert!(!first.status.success(), "the run with a killed enricher (backoff limit 0) must not succeed");
+    assert!(
+        !first.status.success(),
+        "the run with a killed enricher (backoff limit 0) must not succeed"
+    );
     let before = server.state.stats();
 
     let again = args.clone();
-    let o = tokio::task::spawn_blocking(move || run_local(&again.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
+    let o =
+        tokio::task::spawn_blocking(move || run_local(&again.iter().map(String::as_str).collect::<Vec<_>>()))
+            .await
+            .unwrap();
     assert!(o.status.success());
     let after = server.state.stats();
     eprintln!("before resume {before:?}\nafter resume {after:?}");
     // Only the batch in flight when the enricher died may be asked again.
-    assert!(after.repeated_batches <= 1, "{} finished batches asked twice", after.repeated_batches);
+    assert!(
+        after.repeated_batches <= 1,
+        "{} finished batches asked twice",
+        after.repeated_batches
+    );
     assert!(after.repeated_queries <= 100);
 
     // The final file equals an uninterrupted run's.
@@ -209,14 +299,23 @@ async fn a_killed_enricher_resumes_without_asking_a_finished_batch_twice() {
     let (inp, r_db, r_out) = (input.clone(), ref_dir.join("ref.db"), ref_out.clone());
     let o = tokio::task::spawn_blocking(move || {
         run_local(&[
-            inp.to_str().unwrap(), "--db", r_db.to_str().unwrap(), "--offline-postcodes",
-            shared("nspl-latlon.csv.gz").to_str().unwrap(), "--out", r_out.to_str().unwrap(),
+            inp.to_str().unwrap(),
+            "--db",
+            r_db.to_str().unwrap(),
+            "--offline-postcodes",
+            shared("nspl-latlon.csv.gz").to_str().unwrap(),
+            "--out",
+            r_out.to_str().unwrap(),
         ])
     })
     .await
     .unwrap();
     assert!(o.status.success());
-    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&ref_out).unwrap(), "resumed output differs from an uninterrupted run");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(&ref_out).unwrap(),
+        "resumed output differs from an uninterrupted run"
+    );
 }
 
 #[test]
@@ -227,7 +326,15 @@ fn sample_resumes_as_a_no_op_and_a_changed_file_is_reloaded() {
     let db = dir.join("r.db");
     let out = dir.join("out.csv");
     let pc = repo().join("samples/postcodes-sample.csv");
-    let args = [input.to_str().unwrap(), "--db", db.to_str().unwrap(), "--offline-postcodes", pc.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let args = [
+        input.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+        "--offline-postcodes",
+        pc.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
     assert!(run_local(&args).status.success());
     let first = std::fs::read(&out).unwrap();
     let again = run_local(&args);
@@ -258,14 +365,24 @@ fn unreadable_files_fail_the_import_with_a_clear_message() {
         ("empty.csv", b"", "the file is empty"),
         ("blank.csv", b"\n\n", "the file is empty"),
         ("binary.csv", b"PK\x03\x04\x00\x00\x01", "looks binary"),
-        ("names.csv", b"name,city\nann,leeds\n", "no latitude/longitude columns found in header [name, city]"),
+        (
+            "names.csv",
+            b"name,city\nann,leeds\n",
+            "no latitude/longitude columns found in header [name, city]",
+        ),
         ("three.csv", b"1,51.5,-0.1\n", "headerless file with 3 columns"),
     ];
     for (name, bytes, want) in cases {
         let p = dir.join(name);
         std::fs::write(&p, bytes).unwrap();
         let db = dir.join(format!("{name}.db"));
-        let o = run_local(&[p.to_str().unwrap(), "--db", db.to_str().unwrap(), "--offline-postcodes", repo().join("samples/postcodes-sample.csv").to_str().unwrap()]);
+        let o = run_local(&[
+            p.to_str().unwrap(),
+            "--db",
+            db.to_str().unwrap(),
+            "--offline-postcodes",
+            repo().join("samples/postcodes-sample.csv").to_str().unwrap(),
+        ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(2), "{name}: {err}");
         assert!(err.contains(want), "{name}: {err}");

@@ -58,7 +58,12 @@ impl Operator {
                 let _ = writeln!(f, "{line}");
             }
         });
-        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("operator did not start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            panic!(
+                "operator did not start; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
         Self { child, url, log }
     }
 
@@ -91,11 +96,18 @@ fn imports_api(client: &Client, ns: &str) -> Api<DynamicObject> {
 }
 
 fn phase(o: &DynamicObject) -> String {
-    o.data.pointer("/status/phase").and_then(Value::as_str).unwrap_or("").to_string()
+    o.data
+        .pointer("/status/phase")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string()
 }
 
 fn status_i64(o: &DynamicObject, key: &str) -> i64 {
-    o.data.pointer(&format!("/status/{key}")).and_then(Value::as_i64).unwrap_or(-1)
+    o.data
+        .pointer(&format!("/status/{key}"))
+        .and_then(Value::as_i64)
+        .unwrap_or(-1)
 }
 
 /// A namespace with the database Secret the operator copies for its Jobs, and a kubelet.
@@ -103,10 +115,21 @@ async fn setup() -> (Client, String, String, FakeKubelet) {
     let client = test_client().await;
     let ns = fresh_namespace(&client).await;
     let db = fresh_pg().await;
-    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": "postcode-operator-database"}, "stringData": {"url": db}})).unwrap();
-    Api::<Secret>::namespaced(client.clone(), &ns).create(&PostParams::default(), &secret).await.unwrap();
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "postcode-operator-database"}, "stringData": {"url": db}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
     let kubeconfig = std::env::var("KUBECONFIG").unwrap();
-    let kubelet = FakeKubelet::start(client.clone(), &ns, bin_dir(), vec![("KUBECONFIG".into(), kubeconfig)]);
+    let kubelet = FakeKubelet::start(
+        client.clone(),
+        &ns,
+        bin_dir(),
+        vec![("KUBECONFIG".into(), kubeconfig)],
+    );
     (client, ns, db, kubelet)
 }
 
@@ -126,7 +149,12 @@ async fn upload(url: &str, file: &std::path::Path, query: &str) -> Value {
 }
 
 async fn results(url: &str, ns: &str, name: &str) -> Vec<std::collections::HashMap<String, String>> {
-    let text = reqwest::get(format!("{url}/v1/imports/{ns}/{name}/results.csv")).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(format!("{url}/v1/imports/{ns}/{name}/results.csv"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let dir = temp_dir("results");
     let p = dir.join("r.csv");
     std::fs::write(&p, text).unwrap();
@@ -134,7 +162,9 @@ async fn results(url: &str, ns: &str, name: &str) -> Vec<std::collections::HashM
 }
 
 fn kubectl_get(ns: &str) -> String {
-    let out = Command::new("kubectl").args(["get", "postcodeimports", "-n", ns]).output();
+    let out = Command::new("kubectl")
+        .args(["get", "postcodeimports", "-n", ns])
+        .output();
     match out {
         Ok(o) => String::from_utf8_lossy(&o.stdout).to_string(),
         Err(e) => format!("(kubectl not available: {e})"),
@@ -149,7 +179,15 @@ async fn e2e_upload_the_real_file_and_read_the_results() {
     let (client, ns, db, kubelet) = setup().await;
     let op = Operator::start(&ns, &db, &[]);
     let nspl = shared("nspl-latlon.csv.gz");
-    let created = upload(&op.url, &shared("postcodesgeo.csv"), &format!("name=trips&namespace={ns}&shards=4&offlinePostcodes={}", nspl.display())).await;
+    let created = upload(
+        &op.url,
+        &shared("postcodesgeo.csv"),
+        &format!(
+            "name=trips&namespace={ns}&shards=4&offlinePostcodes={}",
+            nspl.display()
+        ),
+    )
+    .await;
     assert_eq!(created["name"], "trips");
     let api = imports_api(&client, &ns);
     // Live progress as a user sees it, while it runs.
@@ -173,7 +211,10 @@ async fn e2e_upload_the_real_file_and_read_the_results() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
-    let done = wait_for(&api, "trips", Duration::from_secs(600), |o| matches!(phase(o).as_str(), "Succeeded" | "Failed")).await;
+    let done = wait_for(&api, "trips", Duration::from_secs(600), |o| {
+        matches!(phase(o).as_str(), "Succeeded" | "Failed")
+    })
+    .await;
     let _ = progress.await;
     let rows = results(&op.url, &ns, "trips").await;
     let s = by_status(&rows);
@@ -188,8 +229,18 @@ async fn e2e_upload_the_real_file_and_read_the_results() {
         get("failed"),
         started.elapsed().as_secs_f64()
     );
-    let ok = phase(&done) == "Succeeded" && rows.len() == 100_000 && get("enriched") == 99_648 && get("no_match") == 352 && get("invalid") == 0 && get("failed") == 0;
-    assert_eq!(status_i64(&done, "rowsEnriched"), 99_648, "status counts: {:#?}", done.data["status"]);
+    let ok = phase(&done) == "Succeeded"
+        && rows.len() == 100_000
+        && get("enriched") == 99_648
+        && get("no_match") == 352
+        && get("invalid") == 0
+        && get("failed") == 0;
+    assert_eq!(
+        status_i64(&done, "rowsEnriched"),
+        99_648,
+        "status counts: {:#?}",
+        done.data["status"]
+    );
     for shard in 0..4 {
         assert_eq!(kubelet.runs(&format!("trips-enricher-{shard}")), 1);
     }
@@ -206,7 +257,15 @@ async fn e2e_upload_the_real_file_and_read_the_results() {
 async fn start_slow_import(op_url: &str, ns: &str, name: &str, server: &TestServer, rows: usize) {
     let dir = temp_dir("slow");
     let file = head_of_real_file(rows, &dir);
-    upload(op_url, &file, &format!("name={name}&namespace={ns}&shards=2&quotaRps=8&apiUrl={}", server.url())).await;
+    upload(
+        op_url,
+        &file,
+        &format!(
+            "name={name}&namespace={ns}&shards=2&quotaRps=8&apiUrl={}",
+            server.url()
+        ),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,18 +275,48 @@ async fn deleting_an_import_mid_run_removes_its_jobs_and_rows() {
     let op = Operator::start(&ns, &db, &[]);
     start_slow_import(&op.url, &ns, "doomed", &server, 5_000).await;
     let api = imports_api(&client, &ns);
-    let running = wait_for(&api, "doomed", Duration::from_secs(120), |o| phase(o) == "Enriching").await;
+    let running = wait_for(&api, "doomed", Duration::from_secs(120), |o| {
+        phase(o) == "Enriching"
+    })
+    .await;
     let uid = running.metadata.uid.clone().unwrap();
-    kubelet.wait_until(Duration::from_secs(60), "an enricher runs", |k| k.running("doomed-enricher-0") || k.running("doomed-enricher-1")).await;
+    kubelet
+        .wait_until(Duration::from_secs(60), "an enricher runs", |k| {
+            k.running("doomed-enricher-0") || k.running("doomed-enricher-1")
+        })
+        .await;
     api.delete("doomed", &DeleteParams::default()).await.unwrap();
-    kube::runtime::wait::await_condition(api.clone(), "doomed", kube::runtime::wait::conditions::is_deleted(&uid)).await.unwrap();
+    kube::runtime::wait::await_condition(
+        api.clone(),
+        "doomed",
+        kube::runtime::wait::conditions::is_deleted(&uid),
+    )
+    .await
+    .unwrap();
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
-    let left = jobs.list(&ListParams::default().labels("postcodes.dev/import=doomed")).await.unwrap();
-    assert!(left.items.is_empty(), "Jobs left: {:?}", left.items.iter().map(|j| j.metadata.name.clone()).collect::<Vec<_>>());
-    kubelet.wait_idle("doomed-enricher-0", Duration::from_secs(30)).await;
-    kubelet.wait_idle("doomed-enricher-1", Duration::from_secs(30)).await;
+    let left = jobs
+        .list(&ListParams::default().labels("postcodes.dev/import=doomed"))
+        .await
+        .unwrap();
+    assert!(
+        left.items.is_empty(),
+        "Jobs left: {:?}",
+        left.items
+            .iter()
+            .map(|j| j.metadata.name.clone())
+            .collect::<Vec<_>>()
+    );
+    kubelet
+        .wait_idle("doomed-enricher-0", Duration::from_secs(30))
+        .await;
+    kubelet
+        .wait_idle("doomed-enricher-1", Duration::from_secs(30))
+        .await;
     let store = pipeline::db::Store::connect(&db).await.unwrap();
-    assert!(store.import(&uid).await.unwrap().is_none(), "rows of the deleted import remain");
+    assert!(
+        store.import(&uid).await.unwrap().is_none(),
+        "rows of the deleted import remain"
+    );
     drop(op);
 }
 
@@ -238,44 +327,91 @@ async fn a_restarted_operator_reattaches_and_a_killed_pod_is_retried() {
     let op = Operator::start(&ns, &db, &[]);
     start_slow_import(&op.url, &ns, "sturdy", &server, 8_000).await;
     let api = imports_api(&client, &ns);
-    wait_for(&api, "sturdy", Duration::from_secs(120), |o| phase(o) == "Enriching").await;
-    kubelet.wait_until(Duration::from_secs(60), "enricher 1 runs", |k| k.running("sturdy-enricher-1")).await;
+    wait_for(&api, "sturdy", Duration::from_secs(120), |o| {
+        phase(o) == "Enriching"
+    })
+    .await;
+    kubelet
+        .wait_until(Duration::from_secs(60), "enricher 1 runs", |k| {
+            k.running("sturdy-enricher-1")
+        })
+        .await;
     // The operator dies mid-run; a new one takes over.
     op.kill();
     let before = server.state.stats().requests;
     // A "pod" dies too: its Job runs it again and the shard resumes.
     assert!(kubelet.kill("sturdy-enricher-1"));
     let op2 = Operator::start(&ns, &db, &[]);
-    let done = wait_for(&api, "sturdy", Duration::from_secs(300), |o| matches!(phase(o).as_str(), "Succeeded" | "Failed")).await;
-    assert_eq!(phase(&done), "Succeeded", "{:#?}\n{}", done.data["status"], op2.log());
+    let done = wait_for(&api, "sturdy", Duration::from_secs(300), |o| {
+        matches!(phase(o).as_str(), "Succeeded" | "Failed")
+    })
+    .await;
+    assert_eq!(
+        phase(&done),
+        "Succeeded",
+        "{:#?}\n{}",
+        done.data["status"],
+        op2.log()
+    );
     assert_eq!(kubelet.runs("sturdy-reader"), 1, "the reader ran twice");
     assert_eq!(kubelet.runs("sturdy-enricher-0"), 1, "a Job was created again");
-    assert_eq!(kubelet.runs("sturdy-enricher-1"), 2, "the killed pod was not retried exactly once");
+    assert_eq!(
+        kubelet.runs("sturdy-enricher-1"),
+        2,
+        "the killed pod was not retried exactly once"
+    );
     let st = server.state.stats();
     assert!(st.repeated_batches <= 1, "finished batches asked twice: {st:?}");
     assert!(st.requests > before);
     let rows = results(&op2.url, &ns, "sturdy").await;
     assert_eq!(rows.len(), 8_000);
     assert_eq!(by_status(&rows).get("pending"), None);
-    let shards = done.data.pointer("/status/shards").and_then(Value::as_array).cloned().unwrap_or_default();
-    assert_eq!(shards.len(), 2, "per-shard progress from the enrichers: {shards:?}");
+    let shards = done
+        .data
+        .pointer("/status/shards")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        shards.len(),
+        2,
+        "per-shard progress from the enrichers: {shards:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_with_leader_election_reconcile_each_import_once() {
     let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
     let (client, ns, db, kubelet) = setup().await;
-    let a = Operator::start(&ns, &db, &[("LEADER_ELECTION", "true"), ("POD_NAME", "replica-a")]);
-    let b = Operator::start(&ns, &db, &[("LEADER_ELECTION", "true"), ("POD_NAME", "replica-b")]);
+    let a = Operator::start(
+        &ns,
+        &db,
+        &[("LEADER_ELECTION", "true"), ("POD_NAME", "replica-a")],
+    );
+    let b = Operator::start(
+        &ns,
+        &db,
+        &[("LEADER_ELECTION", "true"), ("POD_NAME", "replica-b")],
+    );
     start_slow_import(&b.url, &ns, "shared", &server, 3_000).await;
     let api = imports_api(&client, &ns);
-    let done = wait_for(&api, "shared", Duration::from_secs(300), |o| matches!(phase(o).as_str(), "Succeeded" | "Failed")).await;
+    let done = wait_for(&api, "shared", Duration::from_secs(300), |o| {
+        matches!(phase(o).as_str(), "Succeeded" | "Failed")
+    })
+    .await;
     assert_eq!(phase(&done), "Succeeded");
     for j in ["shared-reader", "shared-enricher-0", "shared-enricher-1"] {
         assert_eq!(kubelet.runs(j), 1, "{j}");
     }
-    let leading: Vec<bool> = [&a, &b].iter().map(|o| o.log().contains("leading: starting the controller")).collect();
-    assert_eq!(leading.iter().filter(|l| **l).count(), 1, "exactly one replica leads: {leading:?}");
+    let leading: Vec<bool> = [&a, &b]
+        .iter()
+        .map(|o| o.log().contains("leading: starting the controller"))
+        .collect();
+    assert_eq!(
+        leading.iter().filter(|l| **l).count(),
+        1,
+        "exactly one replica leads: {leading:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,11 +424,27 @@ async fn an_unreadable_upload_fails_the_import_with_the_reason_and_no_retries() 
     upload(&op.url, &file, &format!("name=sheet&namespace={ns}")).await;
     let api = imports_api(&client, &ns);
     let done = wait_for(&api, "sheet", Duration::from_secs(120), |o| phase(o) == "Failed").await;
-    let msg = done.data.pointer("/status/message").and_then(Value::as_str).unwrap_or("");
+    let msg = done
+        .data
+        .pointer("/status/message")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     assert!(msg.contains("looks binary"), "{msg}");
-    let failed = done.data.pointer("/status/conditions").and_then(Value::as_array).unwrap().iter().find(|c| c["type"] == "Failed").cloned().unwrap();
+    let failed = done
+        .data
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Failed")
+        .cloned()
+        .unwrap();
     assert_eq!(failed["status"], "True");
-    assert_eq!(kubelet.runs("sheet-reader"), 1, "a permanent input error must not be retried");
+    assert_eq!(
+        kubelet.runs("sheet-reader"),
+        1,
+        "a permanent input error must not be retried"
+    );
     assert_eq!(kubelet.runs("sheet-enricher-0"), 0);
 }
 
@@ -301,19 +453,51 @@ async fn upload_api_checks_tokens_sizes_and_names() {
     let client = test_client().await;
     let ns = fresh_namespace(&client).await;
     let db = fresh_pg().await;
-    let op = Operator::start(&ns, &db, &[("UPLOAD_TOKEN", "s3cret"), ("MAX_UPLOAD_BYTES", "1000"), ("UPLOAD_IDLE_TIMEOUT_S", "1")]);
+    let op = Operator::start(
+        &ns,
+        &db,
+        &[
+            ("UPLOAD_TOKEN", "s3cret"),
+            ("MAX_UPLOAD_BYTES", "1000"),
+            ("UPLOAD_IDLE_TIMEOUT_S", "1"),
+        ],
+    );
     let http = reqwest::Client::new();
     let post = |q: String, body: Vec<u8>, token: Option<&str>| {
-        let mut r = http.post(format!("{}/v1/imports?{q}", op.url)).header("content-type", "text/csv").body(body);
+        let mut r = http
+            .post(format!("{}/v1/imports?{q}", op.url))
+            .header("content-type", "text/csv")
+            .body(body);
         if let Some(t) = token {
             r = r.bearer_auth(t);
         }
         r.send()
     };
     let small = b"lat,lon\n51.5,-0.1\n".to_vec();
-    assert_eq!(post(format!("namespace={ns}"), small.clone(), None).await.unwrap().status().as_u16(), 401);
-    assert_eq!(post(format!("namespace={ns}"), small.clone(), Some("wrong")).await.unwrap().status().as_u16(), 403);
-    assert_eq!(post(format!("namespace={ns}"), vec![b'1'; 5000], Some("s3cret")).await.unwrap().status().as_u16(), 413);
+    assert_eq!(
+        post(format!("namespace={ns}"), small.clone(), None)
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    assert_eq!(
+        post(format!("namespace={ns}"), small.clone(), Some("wrong"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        403
+    );
+    assert_eq!(
+        post(format!("namespace={ns}"), vec![b'1'; 5000], Some("s3cret"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        413
+    );
     let bad_queries = [
         format!("name=Bad_Name&namespace={ns}"),
         format!("name=a%27%3B%20DROP%20TABLE%20points&namespace={ns}"),
@@ -326,9 +510,17 @@ async fn upload_api_checks_tokens_sizes_and_names() {
         let r = post(q.clone(), small.clone(), Some("s3cret")).await.unwrap();
         assert_eq!(r.status().as_u16(), 400, "{q}: {}", r.text().await.unwrap());
     }
-    assert_eq!(post(format!("namespace={ns}"), vec![], Some("s3cret")).await.unwrap().status().as_u16(), 400);
+    assert_eq!(
+        post(format!("namespace={ns}"), vec![], Some("s3cret"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        400
+    );
     // a stalled upload: one chunk, then nothing
-    let stalled = futures::stream::once(async { Ok::<_, std::io::Error>(b"lat,lon\n".to_vec()) }).chain(futures::stream::pending());
+    let stalled = futures::stream::once(async { Ok::<_, std::io::Error>(b"lat,lon\n".to_vec()) })
+        .chain(futures::stream::pending());
     let r = http
         .post(format!("{}/v1/imports?namespace={ns}", op.url))
         .bearer_auth("s3cret")
@@ -338,22 +530,63 @@ async fn upload_api_checks_tokens_sizes_and_names() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 408);
     // multipart works, and nothing was left behind by the refused uploads
-    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(small.clone()).file_name("x.csv"));
-    let r = http.post(format!("{}/v1/imports?name=multi&namespace={ns}", op.url)).bearer_auth("s3cret").multipart(form).send().await.unwrap();
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(small.clone()).file_name("x.csv"),
+    );
+    let r = http
+        .post(format!("{}/v1/imports?name=multi&namespace={ns}", op.url))
+        .bearer_auth("s3cret")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
     let store = pipeline::db::Store::connect(&db).await.unwrap();
-    let pipeline::db::Store::Postgres(pool) = &store else { unreachable!() };
-    let (uploads,): (i64,) = sqlx::query_as("SELECT count(*) FROM uploads").fetch_one(pool).await.unwrap();
+    let pipeline::db::Store::Postgres(pool) = &store else {
+        unreachable!()
+    };
+    let (uploads,): (i64,) = sqlx::query_as("SELECT count(*) FROM uploads")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     assert_eq!(uploads, 1, "refused uploads must not stay in the database");
-    let r = http.get(format!("{}/v1/imports/{ns}/multi", op.url)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/v1/imports/{ns}/multi", op.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 401);
-    let r = http.get(format!("{}/v1/imports/{ns}/multi", op.url)).bearer_auth("s3cret").send().await.unwrap();
+    let r = http
+        .get(format!("{}/v1/imports/{ns}/multi", op.url))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    assert_eq!(http.get(format!("{}/healthz", op.url)).send().await.unwrap().status().as_u16(), 200);
+    assert_eq!(
+        http.get(format!("{}/healthz", op.url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
     let ready = http.get(format!("{}/readyz", op.url)).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 200, "{}", ready.text().await.unwrap());
-    let metrics = http.get(format!("{}/metrics", op.url)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("postcode_operator_reconciles_total"), "{metrics}");
+    let metrics = http
+        .get(format!("{}/metrics", op.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("postcode_operator_reconciles_total"),
+        "{metrics}"
+    );
     assert!(!op.log().contains("s3cret"), "the token leaked into the log");
 }
 
@@ -364,24 +597,63 @@ async fn suspend_stops_the_enrichers_and_resume_finishes_the_import() {
     let op = Operator::start(&ns, &db, &[]);
     start_slow_import(&op.url, &ns, "pausable", &server, 6_000).await;
     let api = imports_api(&client, &ns);
-    wait_for(&api, "pausable", Duration::from_secs(120), |o| phase(o) == "Enriching").await;
-    kubelet.wait_until(Duration::from_secs(60), "an enricher runs", |k| k.running("pausable-enricher-0") || k.running("pausable-enricher-1")).await;
+    wait_for(&api, "pausable", Duration::from_secs(120), |o| {
+        phase(o) == "Enriching"
+    })
+    .await;
+    kubelet
+        .wait_until(Duration::from_secs(60), "an enricher runs", |k| {
+            k.running("pausable-enricher-0") || k.running("pausable-enricher-1")
+        })
+        .await;
     let patch = kube::api::Patch::Merge(json!({"spec": {"suspend": true}}));
-    api.patch("pausable", &kube::api::PatchParams::default(), &patch).await.unwrap();
+    api.patch("pausable", &kube::api::PatchParams::default(), &patch)
+        .await
+        .unwrap();
     let suspended = wait_for(&api, "pausable", Duration::from_secs(60), |o| {
-        o.data.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|cs| cs.iter().any(|c| c["type"] == "Suspended" && c["status"] == "True"))
+        o.data
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Suspended" && c["status"] == "True")
+            })
     })
     .await;
     assert_eq!(phase(&suspended), "Enriching");
-    kubelet.wait_idle("pausable-enricher-0", Duration::from_secs(30)).await;
-    kubelet.wait_idle("pausable-enricher-1", Duration::from_secs(30)).await;
+    kubelet
+        .wait_idle("pausable-enricher-0", Duration::from_secs(30))
+        .await;
+    kubelet
+        .wait_idle("pausable-enricher-1", Duration::from_secs(30))
+        .await;
     let paused_at = server.state.stats().requests;
-    api.patch("pausable", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(json!({"spec": {"suspend": false}}))).await.unwrap();
-    let done = wait_for(&api, "pausable", Duration::from_secs(300), |o| matches!(phase(o).as_str(), "Succeeded" | "Failed")).await;
+    api.patch(
+        "pausable",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(json!({"spec": {"suspend": false}})),
+    )
+    .await
+    .unwrap();
+    let done = wait_for(&api, "pausable", Duration::from_secs(300), |o| {
+        matches!(phase(o).as_str(), "Succeeded" | "Failed")
+    })
+    .await;
     assert_eq!(phase(&done), "Succeeded", "{:#?}", done.data["status"]);
     assert!(server.state.stats().requests > paused_at);
-    assert!(server.state.stats().repeated_batches <= 2, "{:?}", server.state.stats());
+    assert!(
+        server.state.stats().repeated_batches <= 2,
+        "{:?}",
+        server.state.stats()
+    );
     // immutable spec fields are refused by the API server (CEL)
-    let err = api.patch("pausable", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(json!({"spec": {"shards": 3}}))).await.unwrap_err();
+    let err = api
+        .patch(
+            "pausable",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"shards": 3}})),
+        )
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("shards is immutable"), "{err}");
 }

@@ -21,9 +21,33 @@ pub const DELIMITERS: [u8; 4] = [b',', b';', b'\t', b'|'];
 
 /// Header names recognised for latitude, compared after lower-casing and removing
 /// everything but letters and digits (`Latitude (WGS84)` → `latitudewgs84`).
-const LAT_NAMES: &[&str] = &["lat", "latitude", "latwgs84", "latitudewgs84", "wgs84lat", "wgs84latitude", "latdeg", "latitudedeg", "y"];
+const LAT_NAMES: &[&str] = &[
+    "lat",
+    "latitude",
+    "latwgs84",
+    "latitudewgs84",
+    "wgs84lat",
+    "wgs84latitude",
+    "latdeg",
+    "latitudedeg",
+    "y",
+];
 /// Header names recognised for longitude, compared like [`LAT_NAMES`].
-const LON_NAMES: &[&str] = &["lon", "lng", "long", "longitude", "lonwgs84", "longwgs84", "longitudewgs84", "wgs84lon", "wgs84long", "wgs84longitude", "londeg", "longitudedeg", "x"];
+const LON_NAMES: &[&str] = &[
+    "lon",
+    "lng",
+    "long",
+    "longitude",
+    "lonwgs84",
+    "longwgs84",
+    "longitudewgs84",
+    "wgs84lon",
+    "wgs84long",
+    "wgs84longitude",
+    "londeg",
+    "longitudedeg",
+    "x",
+];
 
 /// What the user told us about the file; `None` means detect.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -115,7 +139,10 @@ pub fn parse_delimiter(s: &str) -> Result<u8, InputError> {
 }
 
 fn normalise_name(s: &str) -> String {
-    s.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase()
+    s.chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect::<String>()
+        .to_ascii_lowercase()
 }
 
 /// Parses a coordinate field: trimmed, optional sign, `.` decimal point (or `,`
@@ -147,7 +174,11 @@ pub fn parse_degrees(field: &str, delimiter: u8) -> Result<f64, String> {
 pub fn validate(record: &csv::ByteRecord, layout: &Layout, line: u64) -> Result<(f64, f64), String> {
     let field = |idx: usize, what: &str| -> Result<f64, String> {
         let raw = record.get(idx).ok_or_else(|| {
-            format!("line {line}: missing {what} (row has {} field(s), {what} is column {})", record.len(), idx + 1)
+            format!(
+                "line {line}: missing {what} (row has {} field(s), {what} is column {})",
+                record.len(),
+                idx + 1
+            )
         })?;
         let text = String::from_utf8_lossy(raw);
         parse_degrees(&text, layout.delimiter).map_err(|e| format!("line {line}: {what} {e}"))
@@ -155,11 +186,19 @@ pub fn validate(record: &csv::ByteRecord, layout: &Layout, line: u64) -> Result<
     let lat = field(layout.lat_index, "latitude")?;
     let lon = field(layout.lon_index, "longitude")?;
     if !(-90.0..=90.0).contains(&lat) {
-        let hint = if lat.abs() > 1000.0 { " (an OSGB northing? WGS84 degrees are expected)" } else { "" };
+        let hint = if lat.abs() > 1000.0 {
+            " (an OSGB northing? WGS84 degrees are expected)"
+        } else {
+            ""
+        };
         return Err(format!("line {line}: latitude {lat} is outside -90..90{hint}"));
     }
     if !(-180.0..=180.0).contains(&lon) {
-        let hint = if lon.abs() > 1000.0 { " (an OSGB easting? WGS84 degrees are expected)" } else { "" };
+        let hint = if lon.abs() > 1000.0 {
+            " (an OSGB easting? WGS84 degrees are expected)"
+        } else {
+            ""
+        };
         return Err(format!("line {line}: longitude {lon} is outside -180..180{hint}"));
     }
     Ok((lat, lon))
@@ -187,7 +226,10 @@ pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
         None => detect_delimiter(complete),
     };
     let first = first_record(complete, delimiter)?;
-    let names: Vec<String> = first.iter().map(|f| String::from_utf8_lossy(f).trim().to_string()).collect();
+    let names: Vec<String> = first
+        .iter()
+        .map(|f| String::from_utf8_lossy(f).trim().to_string())
+        .collect();
     if names.len() < 2 && opts.lat_column.is_none() {
         return Err(InputError::OneColumn);
     }
@@ -209,7 +251,11 @@ pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
         names
             .iter()
             .position(|n| n.to_lowercase() == want)
-            .or_else(|| names.iter().position(|n| normalise_name(n) == normalise_name(&want)))
+            .or_else(|| {
+                names
+                    .iter()
+                    .position(|n| normalise_name(n) == normalise_name(&want))
+            })
             .map(Some)
             .ok_or_else(|| InputError::ColumnNotFound(o.clone(), names.clone()))
     };
@@ -218,7 +264,8 @@ pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
 
     let (lat_index, lon_index) = if has_header {
         let find = |list: &[&str]| {
-            list.iter().find_map(|cand| names.iter().position(|n| normalise_name(n) == *cand))
+            list.iter()
+                .find_map(|cand| names.iter().position(|n| normalise_name(n) == *cand))
         };
         let geo_lat = find(&LAT_NAMES[..LAT_NAMES.len() - 1]);
         let geo_lon = find(&LON_NAMES[..LON_NAMES.len() - 1]);
@@ -242,11 +289,20 @@ pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
     if lat_index == lon_index {
         return Err(InputError::SameColumn(lat_index + 1));
     }
-    Ok(Layout { delimiter, header: has_header.then_some(names), lat_index, lon_index })
+    Ok(Layout {
+        delimiter,
+        header: has_header.then_some(names),
+        lat_index,
+        lon_index,
+    })
 }
 
 fn reader_for(data: &[u8], delimiter: u8) -> csv::Reader<&[u8]> {
-    csv::ReaderBuilder::new().delimiter(delimiter).has_headers(false).flexible(true).from_reader(data)
+    csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(data)
 }
 
 fn first_record(data: &[u8], delimiter: u8) -> Result<csv::ByteRecord, InputError> {
@@ -255,7 +311,10 @@ fn first_record(data: &[u8], delimiter: u8) -> Result<csv::ByteRecord, InputErro
     match rdr.read_byte_record(&mut rec) {
         Ok(true) => Ok(rec),
         Ok(false) => Err(InputError::Empty),
-        Err(e) => Err(InputError::Syntax { line: 1, message: e.to_string() }),
+        Err(e) => Err(InputError::Syntax {
+            line: 1,
+            message: e.to_string(),
+        }),
     }
 }
 
@@ -328,7 +387,10 @@ impl RowReader {
     /// layout and returns a reader positioned before the first data row.
     pub fn new(mut input: Box<dyn Read + Send>, opts: &CsvOptions) -> Result<Self, InputError> {
         let mut sample = Vec::with_capacity(SAMPLE_BYTES);
-        (&mut input).take(SAMPLE_BYTES as u64).read_to_end(&mut sample).map_err(|e| InputError::Io(e.to_string()))?;
+        (&mut input)
+            .take(SAMPLE_BYTES as u64)
+            .read_to_end(&mut sample)
+            .map_err(|e| InputError::Io(e.to_string()))?;
         if sample.starts_with(&[0xEF, 0xBB, 0xBF]) {
             sample.drain(..3);
         }
@@ -336,7 +398,12 @@ impl RowReader {
         let width = layout.header.as_ref().map_or(2, Vec::len);
         let newlines = Arc::new(Mutex::new(VecDeque::new()));
         let end = Arc::new(Mutex::new(None));
-        let indexed = LineIndexed { inner: Cursor::new(sample).chain(input), offset: 0, newlines: newlines.clone(), end: end.clone() };
+        let indexed = LineIndexed {
+            inner: Cursor::new(sample).chain(input),
+            offset: 0,
+            newlines: newlines.clone(),
+            end: end.clone(),
+        };
         let source: Source = BufReader::with_capacity(256 * 1024, indexed);
         let csv = csv::ReaderBuilder::new()
             .delimiter(layout.delimiter)
@@ -344,7 +411,17 @@ impl RowReader {
             .flexible(true)
             .from_reader(source);
         let skip_header = layout.header.is_some();
-        Ok(Self { layout, csv, record: csv::ByteRecord::new(), next_row: 1, skip_header, width, newlines, end, lines_before: 0 })
+        Ok(Self {
+            layout,
+            csv,
+            record: csv::ByteRecord::new(),
+            next_row: 1,
+            skip_header,
+            width,
+            newlines,
+            end,
+            lines_before: 0,
+        })
     }
 
     pub fn layout(&self) -> &Layout {
@@ -367,7 +444,10 @@ impl RowReader {
                         csv::ErrorKind::Io(io) => Err(InputError::Io(io.to_string())),
                         _ => {
                             let line = e.position().map_or(0, csv::Position::line);
-                            Err(InputError::Syntax { line, message: e.to_string() })
+                            Err(InputError::Syntax {
+                                line,
+                                message: e.to_string(),
+                            })
                         }
                     }
                 }
@@ -379,7 +459,12 @@ impl RowReader {
             }
             let coordinate = validate(&self.record, &self.layout, line);
             let fields = self.encode_fields()?;
-            let row = Row { row_number: self.next_row, line, fields, coordinate };
+            let row = Row {
+                row_number: self.next_row,
+                line,
+                fields,
+                coordinate,
+            };
             self.next_row += 1;
             return Ok(Some(row));
         }
@@ -394,7 +479,11 @@ impl RowReader {
             q.pop_front();
             self.lines_before += 1;
         }
-        let mut inside: u64 = self.record.iter().map(|f| memchr::memchr_iter(b'\n', f).count() as u64).sum();
+        let mut inside: u64 = self
+            .record
+            .iter()
+            .map(|f| memchr::memchr_iter(b'\n', f).count() as u64)
+            .sum();
         // A quote left open at the end of the file swallows the last line end
         // into the field: that newline is the one at `last`, not before it.
         let at_eof = *self.end.lock().expect("line index") == Some(self.csv.position().byte());
@@ -472,7 +561,11 @@ mod tests {
 
     #[test]
     fn each_delimiter_is_detected() {
-        for (d, text) in [(b';', "lat;lon\n51,5;-0,1\n"), (b'\t', "lat\tlon\n51.5\t-0.1\n"), (b'|', "lat|lon\n51.5|-0.1\n")] {
+        for (d, text) in [
+            (b';', "lat;lon\n51,5;-0,1\n"),
+            (b'\t', "lat\tlon\n51.5\t-0.1\n"),
+            (b'|', "lat|lon\n51.5|-0.1\n"),
+        ] {
             let (l, r) = ok(text);
             assert_eq!(l.delimiter, d);
             assert_eq!(r[0].coordinate, Ok((51.5, -0.1)), "{text:?}");
@@ -488,7 +581,8 @@ mod tests {
 
     #[test]
     fn header_names_in_any_case_bom_quotes_crlf_and_extra_columns() {
-        let (l, r) = ok("\u{feff}\"ID\",\"Name, full\",\"LONGITUDE\",\"Latitude\"\r\n7,\"Smith, J\",-0.1,51.5\r\n");
+        let (l, r) =
+            ok("\u{feff}\"ID\",\"Name, full\",\"LONGITUDE\",\"Latitude\"\r\n7,\"Smith, J\",-0.1,51.5\r\n");
         assert_eq!(l.header.as_ref().unwrap()[0], "ID");
         assert_eq!((l.lat_index, l.lon_index), (3, 2));
         assert_eq!(r[0].coordinate, Ok((51.5, -0.1)));
@@ -517,32 +611,56 @@ mod tests {
 
     #[test]
     fn headerless_with_more_columns_needs_explicit_columns() {
-        assert_eq!(rows("1,51.5,-0.1\n", &CsvOptions::default()).unwrap_err(), InputError::AmbiguousHeaderless(3));
-        let opts = CsvOptions { lat_column: Some("2".into()), lon_column: Some("3".into()), delimiter: None };
+        assert_eq!(
+            rows("1,51.5,-0.1\n", &CsvOptions::default()).unwrap_err(),
+            InputError::AmbiguousHeaderless(3)
+        );
+        let opts = CsvOptions {
+            lat_column: Some("2".into()),
+            lon_column: Some("3".into()),
+            delimiter: None,
+        };
         let (_, r) = rows("1,51.5,-0.1\n", &opts).unwrap();
         assert_eq!(r[0].coordinate, Ok((51.5, -0.1)));
     }
 
     #[test]
     fn explicit_column_names() {
-        let opts = CsvOptions { lat_column: Some("PickupLat".into()), lon_column: Some("pickuplon".into()), delimiter: Some(b',') };
+        let opts = CsvOptions {
+            lat_column: Some("PickupLat".into()),
+            lon_column: Some("pickuplon".into()),
+            delimiter: Some(b','),
+        };
         let (l, _) = rows("PickupLat,PickupLon\n1,2\n", &opts).unwrap();
         assert_eq!((l.lat_index, l.lon_index), (0, 1));
-        let bad = CsvOptions { lat_column: Some("nope".into()), ..opts };
-        assert!(matches!(rows("PickupLat,PickupLon\n1,2\n", &bad), Err(InputError::ColumnNotFound(..))));
+        let bad = CsvOptions {
+            lat_column: Some("nope".into()),
+            ..opts
+        };
+        assert!(matches!(
+            rows("PickupLat,PickupLon\n1,2\n", &bad),
+            Err(InputError::ColumnNotFound(..))
+        ));
     }
 
     #[test]
     fn every_bad_row_is_invalid_with_its_line_and_reason() {
         let text = "lat,lon\n51.5\n,-0.1\nabc,1\nNaN,1\n1,inf\n91,0\n0,181\n530000,180000\n51.5,-0.1\n";
         let (_, r) = ok(text);
-        let errs: Vec<_> = r.iter().map(|r| r.coordinate.clone().err().unwrap_or_default()).collect();
+        let errs: Vec<_> = r
+            .iter()
+            .map(|r| r.coordinate.clone().err().unwrap_or_default())
+            .collect();
         assert_eq!(r.len(), 9);
         assert!(errs[0].starts_with("line 2: missing longitude"), "{}", errs[0]);
         assert_eq!(errs[1], "line 3: latitude is empty");
         assert_eq!(errs[2], "line 4: latitude \"abc\" is not a number");
         assert!(errs[3].contains("not a finite number"), "{}", errs[3]);
-        assert!(errs[4].contains("longitude \"inf\" is not a finite number"), "{}", errs[4]);
+        assert!(
+            errs[4].contains("longitude \"inf\" is not a finite number"),
+            "{}",
+            errs[4]
+        );
         assert_eq!(errs[5], "line 7: latitude 91 is outside -90..90");
         assert_eq!(errs[6], "line 8: longitude 181 is outside -180..180");
         assert!(errs[7].contains("OSGB"), "{}", errs[7]);
@@ -552,7 +670,10 @@ mod tests {
     #[test]
     fn blank_lines_are_not_rows_and_row_numbers_stay_dense() {
         let (_, r) = ok("lat,lon\n\n51,0\n\n\n52,0\n");
-        assert_eq!(r.iter().map(|r| (r.row_number, r.line)).collect::<Vec<_>>(), vec![(1, 3), (2, 6)]);
+        assert_eq!(
+            r.iter().map(|r| (r.row_number, r.line)).collect::<Vec<_>>(),
+            vec![(1, 3), (2, 6)]
+        );
     }
 
     #[test]
@@ -575,11 +696,25 @@ mod tests {
     #[test]
     fn unreadable_files_fail_with_a_message() {
         assert_eq!(rows("", &CsvOptions::default()).unwrap_err(), InputError::Empty);
-        assert_eq!(rows("\n\n  \n", &CsvOptions::default()).unwrap_err(), InputError::Empty);
-        assert!(matches!(rows("PK\x03\x04\x00\x00", &CsvOptions::default()), Err(InputError::Binary(4))));
-        assert!(matches!(rows("name,city\na,b\n", &CsvOptions::default()), Err(InputError::NoCoordinateColumns(_))));
-        assert_eq!(rows("justone\n1\n", &CsvOptions::default()).unwrap_err(), InputError::OneColumn);
-        let msg = rows("name,city\na,b\n", &CsvOptions::default()).unwrap_err().to_string();
+        assert_eq!(
+            rows("\n\n  \n", &CsvOptions::default()).unwrap_err(),
+            InputError::Empty
+        );
+        assert!(matches!(
+            rows("PK\x03\x04\x00\x00", &CsvOptions::default()),
+            Err(InputError::Binary(4))
+        ));
+        assert!(matches!(
+            rows("name,city\na,b\n", &CsvOptions::default()),
+            Err(InputError::NoCoordinateColumns(_))
+        ));
+        assert_eq!(
+            rows("justone\n1\n", &CsvOptions::default()).unwrap_err(),
+            InputError::OneColumn
+        );
+        let msg = rows("name,city\na,b\n", &CsvOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("name, city"), "{msg}");
     }
 

@@ -138,11 +138,13 @@ pub struct ShardPlan {
     pub rows: i64,
 }
 
-pub(crate) const PLANNED: &str = "SELECT coordinates, rows FROM shard_plans WHERE import_id = $1 AND shard = $2";
+pub(crate) const PLANNED: &str =
+    "SELECT coordinates, rows FROM shard_plans WHERE import_id = $1 AND shard = $2";
 /// Inserts the shard's lookups (`$1` import, `$2` shard).
 pub(crate) const PLAN: &str = "INSERT INTO lookups (import_id, lat, lon, shard, rows) SELECT import_id, lat, lon, shard, COUNT(*) FROM points WHERE import_id = $1 AND shard = $2 AND status = 'pending' GROUP BY import_id, shard, lat, lon ON CONFLICT DO NOTHING";
 /// (coordinates, rows) of the shard's lookups.
-pub(crate) const PLAN_COUNT: &str = "SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM lookups WHERE import_id = $1 AND shard = $2";
+pub(crate) const PLAN_COUNT: &str =
+    "SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM lookups WHERE import_id = $1 AND shard = $2";
 pub(crate) const RECORD_PLAN: &str = "INSERT INTO shard_plans (import_id, shard, coordinates, rows) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
 
 /// Rows written by a load.
@@ -153,7 +155,9 @@ pub struct LoadCounts {
 }
 
 fn now_s() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 const PG_TEXT_NULL: &str = "\\N";
@@ -184,7 +188,11 @@ impl Store {
                 .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
             return Ok(Store::Postgres(pool));
         }
-        let url = if url.starts_with("sqlite:") { url.to_string() } else { format!("sqlite://{url}") };
+        let url = if url.starts_with("sqlite:") {
+            url.to_string()
+        } else {
+            format!("sqlite://{url}")
+        };
         let opts = SqliteConnectOptions::from_str(&url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -221,10 +229,18 @@ impl Store {
     // ---------------------------------------------------------------- imports
 
     /// Creates the import if it does not exist (by uid) and returns it.
-    pub async fn ensure_import(&self, uid: &str, name: &str, source: &str, shards: i32) -> anyhow::Result<ImportRecord> {
+    pub async fn ensure_import(
+        &self,
+        uid: &str,
+        name: &str,
+        source: &str,
+        shards: i32,
+    ) -> anyhow::Result<ImportRecord> {
         const SQL: &str = "INSERT INTO imports (uid, name, source, shards) VALUES ($1, $2, $3, $4) ON CONFLICT (uid) DO NOTHING";
         on_pool!(self, p => sqlx::query(SQL).bind(uid).bind(name).bind(source).bind(shards).execute(p).await.map(drop))?;
-        self.import(uid).await?.ok_or_else(|| anyhow::anyhow!("import {uid} vanished"))
+        self.import(uid)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("import {uid} vanished"))
     }
 
     /// The import with this uid, if any.
@@ -275,7 +291,9 @@ impl Store {
 
     /// Deletes the import and everything stored for it (rows, lookups, quota).
     pub async fn delete_import(&self, uid: &str) -> anyhow::Result<()> {
-        let Some(imp) = self.import(uid).await? else { return Ok(()) };
+        let Some(imp) = self.import(uid).await? else {
+            return Ok(());
+        };
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
             for sql in ["DELETE FROM points WHERE import_id = $1", "DELETE FROM lookups WHERE import_id = $1", "DELETE FROM shard_plans WHERE import_id = $1", "DELETE FROM quotas WHERE import_id = $1", "DELETE FROM imports WHERE id = $1"] {
@@ -307,7 +325,11 @@ impl Store {
         let header = layout.header.as_ref().map(serde_json::to_string).transpose()?;
         let delim = (layout.delimiter as char).to_string();
         const START: &str = "UPDATE imports SET phase = 'Loading', error = NULL, delimiter = $2, header = $3, width = $4, lat_index = $5, lon_index = $6, rows_total = 0, rows_invalid = 0 WHERE id = $1";
-        const DELETES: [&str; 3] = ["DELETE FROM points WHERE import_id = $1", "DELETE FROM lookups WHERE import_id = $1", "DELETE FROM shard_plans WHERE import_id = $1"];
+        const DELETES: [&str; 3] = [
+            "DELETE FROM points WHERE import_id = $1",
+            "DELETE FROM lookups WHERE import_id = $1",
+            "DELETE FROM shard_plans WHERE import_id = $1",
+        ];
         const DONE: &str = "UPDATE imports SET phase = 'Loaded', rows_total = $2, rows_invalid = $3, source_sha256 = $4 WHERE id = $1";
         let mut counts = LoadCounts::default();
         let count = |counts: &mut LoadCounts, r: &Row| {
@@ -319,7 +341,15 @@ impl Store {
         match self {
             Store::Postgres(p) => {
                 let mut tx = p.begin().await?;
-                sqlx::query(START).bind(id).bind(&delim).bind(&header).bind(width as i32).bind(layout.lat_index as i32).bind(layout.lon_index as i32).execute(&mut *tx).await?;
+                sqlx::query(START)
+                    .bind(id)
+                    .bind(&delim)
+                    .bind(&header)
+                    .bind(width as i32)
+                    .bind(layout.lat_index as i32)
+                    .bind(layout.lon_index as i32)
+                    .execute(&mut *tx)
+                    .await?;
                 for sql in DELETES {
                     sqlx::query(sql).bind(id).execute(&mut *tx).await?;
                 }
@@ -336,10 +366,17 @@ impl Store {
                             copy_text(&mut buf, &r.fields);
                             match &r.coordinate {
                                 Ok((lat, lon)) => {
-                                    let _ = writeln!(buf, "\t{lat}\t{lon}\t{}\tpending\t{PG_TEXT_NULL}", shard_of(*lat, *lon, shards));
+                                    let _ = writeln!(
+                                        buf,
+                                        "\t{lat}\t{lon}\t{}\tpending\t{PG_TEXT_NULL}",
+                                        shard_of(*lat, *lon, shards)
+                                    );
                                 }
                                 Err(e) => {
-                                    let _ = write!(buf, "\t{PG_TEXT_NULL}\t{PG_TEXT_NULL}\t{PG_TEXT_NULL}\tinvalid\t");
+                                    let _ = write!(
+                                        buf,
+                                        "\t{PG_TEXT_NULL}\t{PG_TEXT_NULL}\t{PG_TEXT_NULL}\tinvalid\t"
+                                    );
                                     copy_text(&mut buf, e);
                                     buf.push('\n');
                                 }
@@ -356,18 +393,34 @@ impl Store {
                     copy.finish().await?;
                 }
                 let sha = done.await?;
-                sqlx::query(DONE).bind(id).bind(counts.rows).bind(counts.invalid).bind(sha).execute(&mut *tx).await?;
+                sqlx::query(DONE)
+                    .bind(id)
+                    .bind(counts.rows)
+                    .bind(counts.invalid)
+                    .bind(sha)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
             }
             Store::Sqlite(p) => {
                 let mut tx = p.begin().await?;
-                sqlx::query(START).bind(id).bind(&delim).bind(&header).bind(width as i32).bind(layout.lat_index as i32).bind(layout.lon_index as i32).execute(&mut *tx).await?;
+                sqlx::query(START)
+                    .bind(id)
+                    .bind(&delim)
+                    .bind(&header)
+                    .bind(width as i32)
+                    .bind(layout.lat_index as i32)
+                    .bind(layout.lon_index as i32)
+                    .execute(&mut *tx)
+                    .await?;
                 for sql in DELETES {
                     sqlx::query(sql).bind(id).execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 let path = sqlite_bulk::path_of(p);
-                let (conn, written) = tokio::task::spawn_blocking(move || sqlite_bulk::insert_points(&path, id, shards, rows)).await??;
+                let (conn, written) =
+                    tokio::task::spawn_blocking(move || sqlite_bulk::insert_points(&path, id, shards, rows))
+                        .await??;
                 counts = written;
                 let sha = done.await?;
                 tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -385,7 +438,12 @@ impl Store {
 
     /// Sets the import's quota (requests per second, optional total budget);
     /// keeps the counters and the reservation state.
-    pub async fn set_quota(&self, import_id: i64, requests_per_second: f64, max_requests: Option<i64>) -> anyhow::Result<()> {
+    pub async fn set_quota(
+        &self,
+        import_id: i64,
+        requests_per_second: f64,
+        max_requests: Option<i64>,
+    ) -> anyhow::Result<()> {
         const SQL: &str = "INSERT INTO quotas (import_id, requests_per_second, max_requests) VALUES ($1, $2, $3) ON CONFLICT (import_id) DO UPDATE SET requests_per_second = excluded.requests_per_second, max_requests = excluded.max_requests";
         on_pool!(self, p => sqlx::query(SQL).bind(import_id).bind(requests_per_second).bind(max_requests).execute(p).await.map(drop))?;
         Ok(())
@@ -393,7 +451,12 @@ impl Store {
 
     /// Creates the import's quota row if it has none (an enricher started
     /// without the operator or the local runner having set one).
-    pub async fn ensure_quota(&self, import_id: i64, requests_per_second: f64, max_requests: Option<i64>) -> anyhow::Result<()> {
+    pub async fn ensure_quota(
+        &self,
+        import_id: i64,
+        requests_per_second: f64,
+        max_requests: Option<i64>,
+    ) -> anyhow::Result<()> {
         const SQL: &str = "INSERT INTO quotas (import_id, requests_per_second, max_requests) VALUES ($1, $2, $3) ON CONFLICT (import_id) DO NOTHING";
         on_pool!(self, p => sqlx::query(SQL).bind(import_id).bind(requests_per_second).bind(max_requests).execute(p).await.map(drop))?;
         Ok(())
@@ -451,7 +514,10 @@ impl Store {
             }
             Store::Sqlite(p) => {
                 sqlx::query("UPDATE quotas SET paused_until = max(paused_until, $2) WHERE import_id = $1")
-                    .bind(import_id).bind(now_s() + seconds).execute(p).await?;
+                    .bind(import_id)
+                    .bind(now_s() + seconds)
+                    .execute(p)
+                    .await?;
             }
         }
         Ok(())
@@ -459,7 +525,8 @@ impl Store {
 
     /// Adds to the import's retry and 429 counters.
     pub async fn count_retries(&self, import_id: i64, retries: i64, throttled: i64) -> anyhow::Result<()> {
-        const SQL: &str = "UPDATE quotas SET retries = retries + $2, throttled = throttled + $3 WHERE import_id = $1";
+        const SQL: &str =
+            "UPDATE quotas SET retries = retries + $2, throttled = throttled + $3 WHERE import_id = $1";
         on_pool!(self, p => sqlx::query(SQL).bind(import_id).bind(retries).bind(throttled).execute(p).await.map(drop))?;
         Ok(())
     }
@@ -467,8 +534,15 @@ impl Store {
     /// The import's request counters (zero when it has no quota row).
     pub async fn quota_counters(&self, import_id: i64) -> anyhow::Result<QuotaCounters> {
         const SQL: &str = "SELECT requests, retries, throttled FROM quotas WHERE import_id = $1";
-        let row: Option<(i64, i64, i64)> = on_pool!(self, p => sqlx::query_as(SQL).bind(import_id).fetch_optional(p).await)?;
-        Ok(row.map(|(requests, retries, throttled)| QuotaCounters { requests, retries, throttled }).unwrap_or_default())
+        let row: Option<(i64, i64, i64)> =
+            on_pool!(self, p => sqlx::query_as(SQL).bind(import_id).fetch_optional(p).await)?;
+        Ok(row
+            .map(|(requests, retries, throttled)| QuotaCounters {
+                requests,
+                retries,
+                throttled,
+            })
+            .unwrap_or_default())
     }
 
     /// Whether the import's request budget is spent.
@@ -492,7 +566,10 @@ impl Store {
         match self {
             Store::Sqlite(p) => {
                 let path = sqlite_bulk::path_of(p);
-                let done = tokio::task::spawn_blocking(move || sqlite_bulk::plan_shard_answered(&path, import_id, shard, answer)).await??;
+                let done = tokio::task::spawn_blocking(move || {
+                    sqlite_bulk::plan_shard_answered(&path, import_id, shard, answer)
+                })
+                .await??;
                 match done {
                     Some(plan) => Ok(plan),
                     None => self.plan_shard(import_id, shard).await,
@@ -510,15 +587,38 @@ impl Store {
             Store::Postgres(p) => {
                 let mut tx = p.begin().await?;
                 // Serialises two enrichers of one shard (a Job's replacement pod) until commit.
-                sqlx::query("SELECT pg_advisory_xact_lock($1, $2)").bind(import_id as i32).bind(shard).execute(&mut *tx).await?;
-                let planned: Option<(i64, i64)> = sqlx::query_as(PLANNED).bind(import_id).bind(shard).fetch_optional(&mut *tx).await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+                    .bind(import_id as i32)
+                    .bind(shard)
+                    .execute(&mut *tx)
+                    .await?;
+                let planned: Option<(i64, i64)> = sqlx::query_as(PLANNED)
+                    .bind(import_id)
+                    .bind(shard)
+                    .fetch_optional(&mut *tx)
+                    .await?;
                 if let Some((coordinates, rows)) = planned {
                     return Ok(ShardPlan { coordinates, rows });
                 }
-                sqlx::query(PLAN).bind(import_id).bind(shard).execute(&mut *tx).await?;
-                let (coordinates, rows): (i64, i64) =
-                    sqlx::query_as(sqlx::AssertSqlSafe(PLAN_COUNT.replace("SUM(rows)", "SUM(rows)::int8"))).bind(import_id).bind(shard).fetch_one(&mut *tx).await?;
-                sqlx::query(RECORD_PLAN).bind(import_id).bind(shard).bind(coordinates).bind(rows).execute(&mut *tx).await?;
+                sqlx::query(PLAN)
+                    .bind(import_id)
+                    .bind(shard)
+                    .execute(&mut *tx)
+                    .await?;
+                let (coordinates, rows): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(
+                    PLAN_COUNT.replace("SUM(rows)", "SUM(rows)::int8"),
+                ))
+                .bind(import_id)
+                .bind(shard)
+                .fetch_one(&mut *tx)
+                .await?;
+                sqlx::query(RECORD_PLAN)
+                    .bind(import_id)
+                    .bind(shard)
+                    .bind(coordinates)
+                    .bind(rows)
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
                 Ok(ShardPlan { coordinates, rows })
             }
@@ -530,7 +630,13 @@ impl Store {
     }
 
     /// How many pending coordinates of the shard are at `stage`, counting at most `cap`.
-    pub async fn pending_at_stage(&self, import_id: i64, shard: i32, stage: i16, cap: i64) -> anyhow::Result<i64> {
+    pub async fn pending_at_stage(
+        &self,
+        import_id: i64,
+        shard: i32,
+        stage: i16,
+        cap: i64,
+    ) -> anyhow::Result<i64> {
         const SQL: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM lookups WHERE import_id = $1 AND shard = $2 AND status = 'pending' AND stage = $3 LIMIT $4) t";
         let (n,): (i64,) = on_pool!(self, p => sqlx::query_as(SQL).bind(import_id).bind(shard).bind(stage).bind(cap).fetch_one(p).await)?;
         Ok(n)
@@ -543,18 +649,54 @@ impl Store {
         match self {
             Store::Postgres(p) => {
                 let mut tx = p.begin().await?;
-                let rows: Vec<(f64, f64, i16, i32)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("{SQL} FOR UPDATE SKIP LOCKED")))
-                    .bind(import_id).bind(shard).bind(stage).bind(limit).fetch_all(&mut *tx).await?;
-                let items = rows.into_iter().map(|(lat, lon, stage, attempts)| Claimed { lat, lon, stage, attempts }).collect();
-                Ok(Claim { tx: Some(tx), import_id, items })
+                let rows: Vec<(f64, f64, i16, i32)> =
+                    sqlx::query_as(sqlx::AssertSqlSafe(format!("{SQL} FOR UPDATE SKIP LOCKED")))
+                        .bind(import_id)
+                        .bind(shard)
+                        .bind(stage)
+                        .bind(limit)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                let items = rows
+                    .into_iter()
+                    .map(|(lat, lon, stage, attempts)| Claimed {
+                        lat,
+                        lon,
+                        stage,
+                        attempts,
+                    })
+                    .collect();
+                Ok(Claim {
+                    tx: Some(tx),
+                    import_id,
+                    items,
+                })
             }
             Store::Sqlite(p) => {
                 // Without table statistics SQLite walks the primary key for the ORDER BY,
                 // scanning every finished row on each claim; the claim index gives the same order.
                 let sql = SQL.replace("FROM lookups", "FROM lookups INDEXED BY lookups_claim");
-                let rows: Vec<(f64, f64, i16, i32)> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(import_id).bind(shard).bind(stage).bind(limit).fetch_all(p).await?;
-                let items = rows.into_iter().map(|(lat, lon, stage, attempts)| Claimed { lat, lon, stage, attempts }).collect();
-                Ok(Claim { tx: None, import_id, items })
+                let rows: Vec<(f64, f64, i16, i32)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(import_id)
+                    .bind(shard)
+                    .bind(stage)
+                    .bind(limit)
+                    .fetch_all(p)
+                    .await?;
+                let items = rows
+                    .into_iter()
+                    .map(|(lat, lon, stage, attempts)| Claimed {
+                        lat,
+                        lon,
+                        stage,
+                        attempts,
+                    })
+                    .collect();
+                Ok(Claim {
+                    tx: None,
+                    import_id,
+                    items,
+                })
             }
         }
     }
@@ -592,9 +734,21 @@ impl Store {
                         .bind(chunk.iter().map(|s| s.attempts).collect::<Vec<i32>>())
                         .bind(c.iter().map(|c| c.status).collect::<Vec<&str>>())
                         .bind(c.iter().map(|c| c.stage).collect::<Vec<Option<i16>>>())
-                        .bind(c.iter().map(|c| c.m.map(|m| m.postcode.as_str())).collect::<Vec<Option<&str>>>())
-                        .bind(c.iter().map(|c| c.m.map(|m| m.distance_m)).collect::<Vec<Option<f64>>>())
-                        .bind(c.iter().map(|c| c.m.and_then(|m| m.raw.as_deref())).collect::<Vec<Option<&str>>>())
+                        .bind(
+                            c.iter()
+                                .map(|c| c.m.map(|m| m.postcode.as_str()))
+                                .collect::<Vec<Option<&str>>>(),
+                        )
+                        .bind(
+                            c.iter()
+                                .map(|c| c.m.map(|m| m.distance_m))
+                                .collect::<Vec<Option<f64>>>(),
+                        )
+                        .bind(
+                            c.iter()
+                                .map(|c| c.m.and_then(|m| m.raw.as_deref()))
+                                .collect::<Vec<Option<&str>>>(),
+                        )
                         .bind(c.iter().map(|c| c.error).collect::<Vec<Option<&str>>>());
                     for i in 0..Area::COLUMNS.len() {
                         q = q.bind(c.iter().map(|c| c.area(i)).collect::<Vec<Option<&str>>>());
@@ -623,11 +777,36 @@ pub(crate) struct Cols<'a> {
 impl<'a> Cols<'a> {
     pub(crate) fn of(s: &'a Saved) -> Self {
         match &s.outcome {
-            Outcome::Enriched(m) => Cols { status: "enriched", stage: None, m: Some(m), error: None },
-            Outcome::NextStage(st) => Cols { status: "pending", stage: Some(*st), m: None, error: None },
-            Outcome::NoMatch => Cols { status: "no_match", stage: None, m: None, error: None },
-            Outcome::Retry(e) => Cols { status: "pending", stage: None, m: None, error: Some(e) },
-            Outcome::Failed(e) => Cols { status: "failed", stage: None, m: None, error: Some(e) },
+            Outcome::Enriched(m) => Cols {
+                status: "enriched",
+                stage: None,
+                m: Some(m),
+                error: None,
+            },
+            Outcome::NextStage(st) => Cols {
+                status: "pending",
+                stage: Some(*st),
+                m: None,
+                error: None,
+            },
+            Outcome::NoMatch => Cols {
+                status: "no_match",
+                stage: None,
+                m: None,
+                error: None,
+            },
+            Outcome::Retry(e) => Cols {
+                status: "pending",
+                stage: None,
+                m: None,
+                error: Some(e),
+            },
+            Outcome::Failed(e) => Cols {
+                status: "failed",
+                stage: None,
+                m: None,
+                error: Some(e),
+            },
         }
     }
 
@@ -663,11 +842,20 @@ impl Store {
     pub async fn counts(&self, import: &ImportRecord) -> anyhow::Result<Counts> {
         const SQL: &str = "SELECT status, COUNT(*), COALESCE(SUM(rows), 0) FROM lookups WHERE import_id = $1 GROUP BY status";
         let rows: Vec<(String, i64, i64)> = match self {
-            Store::Postgres(p) => sqlx::query_as(sqlx::AssertSqlSafe(SQL.replace("SUM(rows)", "SUM(rows)::int8"))).bind(import.id).fetch_all(p).await?,
+            Store::Postgres(p) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(SQL.replace("SUM(rows)", "SUM(rows)::int8")))
+                    .bind(import.id)
+                    .fetch_all(p)
+                    .await?
+            }
             Store::Sqlite(p) => sqlx::query_as(SQL).bind(import.id).fetch_all(p).await?,
         };
         let (total, invalid): (i64, i64) = on_pool!(self, p => sqlx::query_as("SELECT rows_total, rows_invalid FROM imports WHERE id = $1").bind(import.id).fetch_one(p).await)?;
-        let mut c = Counts { rows_total: total, rows_invalid: invalid, ..Counts::default() };
+        let mut c = Counts {
+            rows_total: total,
+            rows_invalid: invalid,
+            ..Counts::default()
+        };
         for (status, coords, rows) in rows {
             c.coordinates_total += coords;
             match status.as_str() {
@@ -689,10 +877,23 @@ impl Store {
     pub async fn shard_counts(&self, import_id: i64) -> anyhow::Result<Vec<ShardCounts>> {
         const SQL: &str = "SELECT shard, COALESCE(SUM(rows), 0), COALESCE(SUM(CASE WHEN status <> 'pending' THEN rows ELSE 0 END), 0), COALESCE(SUM(CASE WHEN status = 'failed' THEN rows ELSE 0 END), 0) FROM lookups WHERE import_id = $1 GROUP BY shard ORDER BY shard";
         let rows: Vec<(i32, i64, i64, i64)> = match self {
-            Store::Postgres(p) => sqlx::query_as(sqlx::AssertSqlSafe(SQL.replace("), 0)", ")::int8, 0)"))).bind(import_id).fetch_all(p).await?,
+            Store::Postgres(p) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(SQL.replace("), 0)", ")::int8, 0)")))
+                    .bind(import_id)
+                    .fetch_all(p)
+                    .await?
+            }
             Store::Sqlite(p) => sqlx::query_as(SQL).bind(import_id).fetch_all(p).await?,
         };
-        Ok(rows.into_iter().map(|(shard, rows, done, failed)| ShardCounts { shard, rows, done, failed }).collect())
+        Ok(rows
+            .into_iter()
+            .map(|(shard, rows, done, failed)| ShardCounts {
+                shard,
+                rows,
+                done,
+                failed,
+            })
+            .collect())
     }
 
     /// Number of pending coordinates in the shard (all of them when `shard` is
@@ -701,15 +902,29 @@ impl Store {
         if let Some(shard) = shard {
             let planned: Option<(i64, i64)> = on_pool!(self, p => sqlx::query_as(PLANNED).bind(import_id).bind(shard).fetch_optional(p).await)?;
             if planned.is_none() {
-                const ROWS: &str = "SELECT COUNT(*) FROM points WHERE import_id = $1 AND shard = $2 AND status = 'pending'";
-                let (n,): (i64,) = on_pool!(self, p => sqlx::query_as(ROWS).bind(import_id).bind(shard).fetch_one(p).await)?;
+                const ROWS: &str =
+                    "SELECT COUNT(*) FROM points WHERE import_id = $1 AND shard = $2 AND status = 'pending'";
+                let (n,): (i64,) =
+                    on_pool!(self, p => sqlx::query_as(ROWS).bind(import_id).bind(shard).fetch_one(p).await)?;
                 return Ok(n);
             }
         }
         const SQL: &str = "SELECT COUNT(*) FROM lookups WHERE import_id = $1 AND status = 'pending' AND ($2 IS NULL OR shard = $2)";
         let (n,): (i64,) = match self {
-            Store::Postgres(p) => sqlx::query_as(sqlx::AssertSqlSafe(SQL.replace("$2 IS NULL", "$2::int4 IS NULL"))).bind(import_id).bind(shard).fetch_one(p).await?,
-            Store::Sqlite(p) => sqlx::query_as(SQL).bind(import_id).bind(shard).fetch_one(p).await?,
+            Store::Postgres(p) => {
+                sqlx::query_as(sqlx::AssertSqlSafe(SQL.replace("$2 IS NULL", "$2::int4 IS NULL")))
+                    .bind(import_id)
+                    .bind(shard)
+                    .fetch_one(p)
+                    .await?
+            }
+            Store::Sqlite(p) => {
+                sqlx::query_as(SQL)
+                    .bind(import_id)
+                    .bind(shard)
+                    .fetch_one(p)
+                    .await?
+            }
         };
         Ok(n)
     }
@@ -723,7 +938,11 @@ impl Store {
     }
 
     /// Streams the import's rows in row order to `sink`.
-    pub async fn for_each_result(&self, import_id: i64, mut sink: impl FnMut(ResultRow) -> anyhow::Result<()>) -> anyhow::Result<u64> {
+    pub async fn for_each_result(
+        &self,
+        import_id: i64,
+        mut sink: impl FnMut(ResultRow) -> anyhow::Result<()>,
+    ) -> anyhow::Result<u64> {
         const SQL: &str = "SELECT row_number, fields, status, postcode, distance_m, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, error FROM point_results WHERE import_id = $1 ORDER BY row_number";
         let mut n = 0u64;
         match self {
@@ -740,10 +959,18 @@ impl Store {
                 let (tx, mut pages) = mpsc::channel(4);
                 let reader = tokio::task::spawn_blocking(move || {
                     let mut page = Vec::with_capacity(PAGE);
-                    crate::sqlite_export::results(&path, import_id, crate::sqlite_export::JOIN_BUDGET_BYTES, |row| {
-                        page.push(ResultRow::from(row));
-                        Ok(page.len() < PAGE || tx.blocking_send(std::mem::replace(&mut page, Vec::with_capacity(PAGE))).is_ok())
-                    })?;
+                    crate::sqlite_export::results(
+                        &path,
+                        import_id,
+                        crate::sqlite_export::JOIN_BUDGET_BYTES,
+                        |row| {
+                            page.push(ResultRow::from(row));
+                            Ok(page.len() < PAGE
+                                || tx
+                                    .blocking_send(std::mem::replace(&mut page, Vec::with_capacity(PAGE)))
+                                    .is_ok())
+                        },
+                    )?;
                     if !page.is_empty() {
                         let _ = tx.blocking_send(page);
                     }
@@ -763,7 +990,12 @@ impl Store {
 
     /// Up to `limit` rows after row number `after`, in row order (keyset
     /// pagination on the primary key, for streaming an export in pages).
-    pub async fn results_page(&self, import_id: i64, after: i64, limit: i64) -> anyhow::Result<Vec<ResultRow>> {
+    pub async fn results_page(
+        &self,
+        import_id: i64,
+        after: i64,
+        limit: i64,
+    ) -> anyhow::Result<Vec<ResultRow>> {
         const SQL: &str = "SELECT row_number, fields, status, postcode, distance_m, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, error FROM point_results WHERE import_id = $1 AND row_number > $2 ORDER BY row_number LIMIT $3";
         let rows = on_pool!(self, p => sqlx::query_as::<_, ResultRow>(SQL).bind(import_id).bind(after).bind(limit).fetch_all(p).await?);
         Ok(rows)
@@ -811,7 +1043,8 @@ impl Store {
             }
         }
         const SQL: &str = "SELECT data FROM upload_chunks WHERE upload_id = $1 AND seq = $2";
-        let row: Option<(Vec<u8>,)> = on_pool!(self, p => sqlx::query_as(SQL).bind(id).bind(seq).fetch_optional(p).await)?;
+        let row: Option<(Vec<u8>,)> =
+            on_pool!(self, p => sqlx::query_as(SQL).bind(id).bind(seq).fetch_optional(p).await)?;
         Ok(row.map(|r| r.0))
     }
 }

@@ -85,12 +85,21 @@ async fn next_stage(store: &Store, cfg: &ShardConfig, batch: i64) -> anyhow::Res
 
 /// Plans the shard if no run has yet ([`Store::plan_shard`]), then runs it to
 /// completion (or until the budget is spent), calling `progress` after every saved batch.
-pub async fn run_shard(store: &Store, provider: &Provider, cfg: &ShardConfig, mut progress: impl FnMut(&RunStats)) -> anyhow::Result<Finish> {
+pub async fn run_shard(
+    store: &Store,
+    provider: &Provider,
+    cfg: &ShardConfig,
+    mut progress: impl FnMut(&RunStats),
+) -> anyhow::Result<Finish> {
     let mut stats = RunStats::default();
     match provider {
         Provider::Offline(index) => {
             let (index, plan) = (index.clone(), cfg.plan.clone());
-            store.plan_shard_answered(cfg.import_id, cfg.shard, move |items| offline_batch(&index, &plan, items)).await?;
+            store
+                .plan_shard_answered(cfg.import_id, cfg.shard, move |items| {
+                    offline_batch(&index, &plan, items)
+                })
+                .await?;
         }
         Provider::Api(_) => {
             store.plan_shard(cfg.import_id, cfg.shard).await?;
@@ -118,7 +127,10 @@ pub async fn run_shard(store: &Store, provider: &Provider, cfg: &ShardConfig, mu
             },
         };
         stats.batches += 1;
-        stats.coordinates += results.iter().filter(|r| !matches!(r.outcome, Outcome::NextStage(_) | Outcome::Retry(_))).count() as u64;
+        stats.coordinates += results
+            .iter()
+            .filter(|r| !matches!(r.outcome, Outcome::NextStage(_) | Outcome::Retry(_)))
+            .count() as u64;
         store.save(claim, &results).await?;
         progress(&stats);
     }
@@ -134,7 +146,13 @@ pub fn offline_batch(index: &OfflineIndex, plan: &SearchPlan, items: &[Claimed])
     // Stages only move forward (`next_stage` > the stage, or none): the loop ends.
     while let Some(s) = stage.iter().flatten().min().copied() {
         let asked: Vec<usize> = (0..items.len()).filter(|&i| stage[i] == Some(s)).collect();
-        let ats: Vec<LatLon> = asked.iter().map(|&i| LatLon { lat: items[i].lat, lon: items[i].lon }).collect();
+        let ats: Vec<LatLon> = asked
+            .iter()
+            .map(|&i| LatLon {
+                lat: items[i].lat,
+                lon: items[i].lon,
+            })
+            .collect();
         for (&i, answer) in asked.iter().zip(index.lookup_many(&ats, plan.radius(s))) {
             match answer {
                 Some(m) => {
@@ -148,7 +166,12 @@ pub fn offline_batch(index: &OfflineIndex, plan: &SearchPlan, items: &[Claimed])
     items
         .iter()
         .zip(found)
-        .map(|(c, m)| Saved { lat: c.lat, lon: c.lon, attempts: c.attempts, outcome: m.map_or(Outcome::NoMatch, Outcome::Enriched) })
+        .map(|(c, m)| Saved {
+            lat: c.lat,
+            lon: c.lon,
+            attempts: c.attempts,
+            outcome: m.map_or(Outcome::NoMatch, Outcome::Enriched),
+        })
         .collect()
 }
 
@@ -183,7 +206,9 @@ async fn api_batch(
                 // early); the send is late by at most the time since the former.
                 let wait = Duration::from_secs_f64((at - now).max(0.0));
                 tokio::time::sleep_until(answered + wait).await;
-                let late = tokio::time::Instant::now().duration_since(asked + wait).as_secs_f64();
+                let late = tokio::time::Instant::now()
+                    .duration_since(asked + wait)
+                    .as_secs_f64();
                 if late > LATE_TOLERANCE_S && late_streak < MAX_LATE_STREAK {
                     // Too late for this slot (a slow wake-up or a slow reservation):
                     // sending now could crowd the next second (see crate::quota).
@@ -194,7 +219,11 @@ async fn api_batch(
                     continue;
                 }
                 if late_streak >= MAX_LATE_STREAK {
-                    tracing::warn!(shard = cfg.shard, late_s = late, "quota slots keep arriving late (slow database round trips?); sending anyway");
+                    tracing::warn!(
+                        shard = cfg.shard,
+                        late_s = late,
+                        "quota slots keep arriving late (slow database round trips?); sending anyway"
+                    );
                 }
                 late_streak = 0;
             }
@@ -246,11 +275,21 @@ async fn api_batch(
                 let attempts = c.attempts.saturating_add(made);
                 let outcome = match a {
                     Answer::Found(m) => Outcome::Enriched(m),
-                    Answer::NoPostcode => cfg.plan.next_stage(stage).map_or(Outcome::NoMatch, Outcome::NextStage),
-                    Answer::Missing if (attempts as u32) < cfg.retry.max_attempts => Outcome::Retry("not in the response".into()),
+                    Answer::NoPostcode => cfg
+                        .plan
+                        .next_stage(stage)
+                        .map_or(Outcome::NoMatch, Outcome::NextStage),
+                    Answer::Missing if (attempts as u32) < cfg.retry.max_attempts => {
+                        Outcome::Retry("not in the response".into())
+                    }
                     Answer::Missing => Outcome::Failed(format!("not answered after {attempts} requests")),
                 };
-                Saved { lat: c.lat, lon: c.lon, attempts, outcome }
+                Saved {
+                    lat: c.lat,
+                    lon: c.lon,
+                    attempts,
+                    outcome,
+                }
             })
             .collect(),
         Err(e) => items

@@ -23,7 +23,10 @@ pub fn user_columns(import: &ImportRecord) -> Vec<String> {
         return h.clone();
     }
     let width = import.width.unwrap_or(2).max(2) as usize;
-    let (lat, lon) = (import.lat_index.unwrap_or(0) as usize, import.lon_index.unwrap_or(1) as usize);
+    let (lat, lon) = (
+        import.lat_index.unwrap_or(0) as usize,
+        import.lon_index.unwrap_or(1) as usize,
+    );
     (0..width)
         .map(|i| match i {
             _ if i == lat => "lat".to_string(),
@@ -87,8 +90,17 @@ impl<'a> From<&'a ResultRow> for RowRef<'a> {
             postcode: r.postcode.as_deref(),
             distance_m: r.distance_m,
             area: [
-                &r.outcode, &r.incode, &r.country, &r.region, &r.admin_district, &r.admin_county, &r.admin_ward, &r.parish,
-                &r.parliamentary_constituency, &r.lsoa, &r.msoa,
+                &r.outcode,
+                &r.incode,
+                &r.country,
+                &r.region,
+                &r.admin_district,
+                &r.admin_county,
+                &r.admin_ward,
+                &r.parish,
+                &r.parliamentary_constituency,
+                &r.lsoa,
+                &r.msoa,
             ]
             .map(|v| v.as_deref()),
             error: r.error.as_deref(),
@@ -178,11 +190,22 @@ pub async fn write_csv(store: &Store, import: &ImportRecord, out: &mut impl Writ
             let (tx, mut chunks) = tokio::sync::mpsc::channel::<String>(4);
             let encoder = tokio::task::spawn_blocking(move || {
                 let (mut buf, mut n) = (String::with_capacity(CHUNK + 4096), Tally::default());
-                crate::sqlite_export::results(&path, import_id, crate::sqlite_export::JOIN_BUDGET_BYTES, |row| {
-                    push_line(&mut buf, row);
-                    n.add(row.status);
-                    Ok(buf.len() < CHUNK || tx.blocking_send(std::mem::replace(&mut buf, String::with_capacity(CHUNK + 4096))).is_ok())
-                })?;
+                crate::sqlite_export::results(
+                    &path,
+                    import_id,
+                    crate::sqlite_export::JOIN_BUDGET_BYTES,
+                    |row| {
+                        push_line(&mut buf, row);
+                        n.add(row.status);
+                        Ok(buf.len() < CHUNK
+                            || tx
+                                .blocking_send(std::mem::replace(
+                                    &mut buf,
+                                    String::with_capacity(CHUNK + 4096),
+                                ))
+                                .is_ok())
+                    },
+                )?;
                 if !buf.is_empty() {
                     let _ = tx.blocking_send(buf);
                 }

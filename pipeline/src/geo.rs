@@ -32,7 +32,10 @@ pub fn distance_m(a: LatLon, b: LatLon) -> f64 {
 
 /// Squared chord length on the unit sphere for a great-circle distance in metres.
 pub fn squared_chord_for_m(metres: f64) -> f64 {
-    let c = 2.0 * (metres / (2.0 * EARTH_RADIUS_M)).min(std::f64::consts::FRAC_PI_2).sin();
+    let c = 2.0
+        * (metres / (2.0 * EARTH_RADIUS_M))
+            .min(std::f64::consts::FRAC_PI_2)
+            .sin();
     c * c
 }
 
@@ -46,7 +49,11 @@ pub fn m_for_squared_chord(sq: f64) -> f64 {
 /// are asked for once (DESIGN.md "Data"). `-0.0` and `0.0` are the same point.
 pub fn shard_of(lat: f64, lon: f64, shards: u32) -> u32 {
     fn bits(x: f64) -> u64 {
-        if x == 0.0 { 0 } else { x.to_bits() }
+        if x == 0.0 {
+            0
+        } else {
+            x.to_bits()
+        }
     }
     let h = splitmix64(splitmix64(bits(lat)) ^ bits(lon));
     (h % u64::from(shards.max(1))) as u32

@@ -124,7 +124,10 @@ impl Grid {
     /// Builds the grid over points (WGS84 degrees). Panics when `points` is empty
     /// or holds more than `u32::MAX` points.
     pub fn build(points: &[LatLon]) -> Self {
-        assert!(!points.is_empty() && points.len() < u32::MAX as usize, "1..u32::MAX points");
+        assert!(
+            !points.is_empty() && points.len() < u32::MAX as usize,
+            "1..u32::MAX points"
+        );
         let (mut lat_min, mut lat_max, mut lon_min, mut lon_max) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
         for p in points {
             lat_min = lat_min.min(p.lat);
@@ -134,7 +137,15 @@ impl Grid {
         }
         let rows = ((lat_max - lat_min) / CELL_LAT_DEG) as usize + 1;
         let cols = ((lon_max - lon_min) / CELL_LON_DEG) as usize + 1;
-        let mut grid = Grid { lat0: lat_min, lon0: lon_min, rows, cols, start: Slab::Owned(vec![]), units: Slab::Owned(vec![]), items: Slab::Owned(vec![]) };
+        let mut grid = Grid {
+            lat0: lat_min,
+            lon0: lon_min,
+            rows,
+            cols,
+            start: Slab::Owned(vec![]),
+            units: Slab::Owned(vec![]),
+            items: Slab::Owned(vec![]),
+        };
         let cells: Vec<u32> = points.iter().map(|p| grid.cell_of(p.lat, p.lon) as u32).collect();
         let mut start = huge_vec(rows * cols + 1, 0u32);
         for &c in &cells {
@@ -160,7 +171,12 @@ impl Grid {
 
     /// Where the grid lies and its size.
     pub fn shape(&self) -> GridShape {
-        GridShape { lat0: self.lat0, lon0: self.lon0, rows: self.rows, cols: self.cols }
+        GridShape {
+            lat0: self.lat0,
+            lon0: self.lon0,
+            rows: self.rows,
+            cols: self.cols,
+        }
     }
 
     /// The arrays: cell starts (`rows × cols + 1`), unit vectors and item numbers (one a point).
@@ -171,9 +187,17 @@ impl Grid {
     /// A grid from what [`Grid::shape`] and [`Grid::arrays`] gave of one built
     /// for `points` points; `None` when the parts do not fit together (cell
     /// starts not rising from 0 to the point count, an item out of range).
-    pub fn from_parts(shape: GridShape, start: Slab<u32>, units: Slab<[f64; 3]>, items: Slab<u32>, points: usize) -> Option<Self> {
+    pub fn from_parts(
+        shape: GridShape,
+        start: Slab<u32>,
+        units: Slab<[f64; 3]>,
+        items: Slab<u32>,
+        points: usize,
+    ) -> Option<Self> {
         let n = units.len();
-        let cells_fit = shape.rows > 0 && shape.cols > 0 && start.len() == shape.rows.checked_mul(shape.cols)?.checked_add(1)?;
+        let cells_fit = shape.rows > 0
+            && shape.cols > 0
+            && start.len() == shape.rows.checked_mul(shape.cols)?.checked_add(1)?;
         let fits = cells_fit
             && items.len() == n
             && n == points
@@ -181,7 +205,15 @@ impl Grid {
             && start.last().map(|&l| l as usize) == Some(n)
             && start.windows(2).all(|w| w[0] <= w[1])
             && items.iter().all(|&i| (i as usize) < points);
-        fits.then_some(Grid { lat0: shape.lat0, lon0: shape.lon0, rows: shape.rows, cols: shape.cols, start, units, items })
+        fits.then_some(Grid {
+            lat0: shape.lat0,
+            lon0: shape.lon0,
+            rows: shape.rows,
+            cols: shape.cols,
+            start,
+            units,
+            items,
+        })
     }
 
     /// Bytes of memory held.
@@ -213,16 +245,35 @@ impl Grid {
 
     fn query(&self, at: LatLon) -> Query {
         let (phi, lam) = (at.lat.to_radians(), at.lon.to_radians());
-        Query { q: at.unit_vector(), phi, lam, cos_phi: phi.cos(), row: self.row_of(at.lat), col: self.col_of(at.lon) }
+        Query {
+            q: at.unit_vector(),
+            phi,
+            lam,
+            cos_phi: phi.cos(),
+            row: self.row_of(at.lat),
+            col: self.col_of(at.lon),
+        }
     }
 
     /// Squared-chord lower bound from the query to anything in cell (r, c).
     #[inline]
     fn cell_bound(&self, q: &Query, r: usize, c: usize) -> f64 {
         let (lo, hi) = (self.row_edge(r), self.row_edge(r + 1));
-        let dlat = if q.phi < lo { lo - q.phi } else if q.phi > hi { q.phi - hi } else { 0.0 };
+        let dlat = if q.phi < lo {
+            lo - q.phi
+        } else if q.phi > hi {
+            q.phi - hi
+        } else {
+            0.0
+        };
         let (w, e) = (self.col_edge(c), self.col_edge(c + 1));
-        let dlon = if q.lam < w { w - q.lam } else if q.lam > e { q.lam - e } else { 0.0 };
+        let dlon = if q.lam < w {
+            w - q.lam
+        } else if q.lam > e {
+            q.lam - e
+        } else {
+            0.0
+        };
         chord2_at_least(dlat.max(lon_gap(q.cos_phi, dlon)))
     }
 
@@ -242,7 +293,11 @@ impl Grid {
         if q.col + k + 1 < self.cols {
             gap = gap.min(lon_gap(q.cos_phi, self.col_edge(q.col + k + 1) - q.lam));
         }
-        if gap.is_infinite() { f64::INFINITY } else { chord2_at_least(gap) }
+        if gap.is_infinite() {
+            f64::INFINITY
+        } else {
+            chord2_at_least(gap)
+        }
     }
 
     /// Calls `visit(cell bound, range)` for the cells of ring k (Chebyshev distance k
@@ -299,15 +354,25 @@ impl Grid {
     /// among points equally near, the one `better` prefers (a strict "less than" on items).
     pub fn nearest(&self, at: LatLon, max_c2: f64, better: impl Fn(u32, u32) -> bool) -> Option<(f64, u32)> {
         let items: &[u32] = &self.items;
-        self.nearest_at(at, max_c2, |a, b| better(items[a], items[b])).map(|(d2, pos)| (d2, items[pos]))
+        self.nearest_at(at, max_c2, |a, b| better(items[a], items[b]))
+            .map(|(d2, pos)| (d2, items[pos]))
     }
 
     /// Like [`Grid::nearest`], by position: the result and `better`'s arguments
     /// are positions in the grid's order ([`Grid::items`] maps them to items).
     /// A caller that keeps its own per-point data in that order reads it next
     /// to nothing else, instead of through the item array (a cache miss).
-    pub fn nearest_at(&self, at: LatLon, max_c2: f64, better: impl Fn(usize, usize) -> bool) -> Option<(f64, usize)> {
-        let mut found = Nearest { max_c2, better, best: None };
+    pub fn nearest_at(
+        &self,
+        at: LatLon,
+        max_c2: f64,
+        better: impl Fn(usize, usize) -> bool,
+    ) -> Option<(f64, usize)> {
+        let mut found = Nearest {
+            max_c2,
+            better,
+            best: None,
+        };
         self.search(at, &mut found);
         found.best
     }
@@ -317,7 +382,13 @@ impl Grid {
     /// (a cell's start, then its points, each a likely cache miss), so the
     /// starts are requested [`STARTS_AHEAD`] queries ahead and the points
     /// [`POINTS_AHEAD`] ahead, while other searches run.
-    pub fn nearest_each(&self, ats: &[LatLon], max_c2: f64, better: impl Fn(usize, usize) -> bool + Copy, mut each: impl FnMut(usize, Option<(f64, usize)>)) {
+    pub fn nearest_each(
+        &self,
+        ats: &[LatLon],
+        max_c2: f64,
+        better: impl Fn(usize, usize) -> bool + Copy,
+        mut each: impl FnMut(usize, Option<(f64, usize)>),
+    ) {
         for (i, &at) in ats.iter().enumerate() {
             if let Some(&ahead) = ats.get(i + STARTS_AHEAD) {
                 self.prefetch_starts(ahead);
@@ -339,7 +410,8 @@ impl Grid {
     fn block(&self, at: LatLon) -> impl Iterator<Item = (usize, usize)> + '_ {
         let (r, c) = (self.row_of(at.lat), self.col_of(at.lon));
         let (c0, c1) = (c.saturating_sub(1), (c + 1).min(self.cols - 1));
-        (r.saturating_sub(1)..=(r + 1).min(self.rows - 1)).map(move |row| (row * self.cols + c0, row * self.cols + c1 + 1))
+        (r.saturating_sub(1)..=(r + 1).min(self.rows - 1))
+            .map(move |row| (row * self.cols + c0, row * self.cols + c1 + 1))
     }
 
     /// Requests the cell starts of the 3 × 3 cells around `at` (a hint to the CPU only).
@@ -362,7 +434,10 @@ impl Grid {
 
     /// Up to `n` nearest points within squared chord `max_c2`, as (squared chord, item), nearest first.
     pub fn nearest_n(&self, at: LatLon, max_c2: f64, n: usize) -> Vec<(f64, u32)> {
-        self.nearest_n_at(at, max_c2, n).into_iter().map(|(d2, pos)| (d2, self.items[pos])).collect()
+        self.nearest_n_at(at, max_c2, n)
+            .into_iter()
+            .map(|(d2, pos)| (d2, self.items[pos]))
+            .collect()
     }
 
     /// Like [`Grid::nearest_n`], by position (see [`Grid::nearest_at`]).
@@ -370,7 +445,11 @@ impl Grid {
         if n == 0 {
             return vec![];
         }
-        let mut found = NearestN { max_c2, n, found: Vec::with_capacity(n + 1) };
+        let mut found = NearestN {
+            max_c2,
+            n,
+            found: Vec::with_capacity(n + 1),
+        };
         self.search(at, &mut found);
         found.found
     }
@@ -412,7 +491,11 @@ struct NearestN {
 
 impl Found for NearestN {
     fn limit(&self) -> f64 {
-        if self.found.len() == self.n { self.found[self.n - 1].0.min(self.max_c2) } else { self.max_c2 }
+        if self.found.len() == self.n {
+            self.found[self.n - 1].0.min(self.max_c2)
+        } else {
+            self.max_c2
+        }
     }
 
     fn offer(&mut self, d2: f64, pos: usize) {
@@ -436,7 +519,10 @@ mod tests {
             .enumerate()
             .map(|(i, p)| {
                 let u = p.unit_vector();
-                ((u[0] - q[0]).powi(2) + (u[1] - q[1]).powi(2) + (u[2] - q[2]).powi(2), i as u32)
+                (
+                    (u[0] - q[0]).powi(2) + (u[1] - q[1]).powi(2) + (u[2] - q[2]).powi(2),
+                    i as u32,
+                )
             })
             .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
             .unwrap()
@@ -477,13 +563,26 @@ mod tests {
     fn asking_for_more_points_than_there_are_ends() {
         let points = [LatLon { lat: 51.5, lon: -0.1 }, LatLon { lat: 52.5, lon: -1.1 }];
         let grid = Grid::build(&points);
-        assert_eq!(grid.nearest_n(LatLon { lat: 51.0, lon: 0.0 }, f64::INFINITY, 3).len(), 2);
+        assert_eq!(
+            grid.nearest_n(LatLon { lat: 51.0, lon: 0.0 }, f64::INFINITY, 3)
+                .len(),
+            2
+        );
     }
 
     #[test]
     fn exact_ties_go_to_the_preferred_item() {
         // Mirror images across the prime meridian: bit-for-bit equal distances.
-        let points = [LatLon { lat: 51.5, lon: -0.001 }, LatLon { lat: 51.5, lon: 0.001 }];
+        let points = [
+            LatLon {
+                lat: 51.5,
+                lon: -0.001,
+            },
+            LatLon {
+                lat: 51.5,
+                lon: 0.001,
+            },
+        ];
         let grid = Grid::build(&points);
         let at = LatLon { lat: 51.5, lon: 0.0 };
         assert_eq!(grid.nearest(at, f64::INFINITY, |a, b| a < b).unwrap().1, 0);

@@ -32,15 +32,21 @@ pub const EXIT_QUOTA_EXHAUSTED: i32 = 3;
 /// (kube uses ring, reqwest aws-lc-rs), so rustls cannot pick one by itself.
 pub fn init_process() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=error".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=error".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// FNV-1a 64 of `bytes` started from `seed` (the standard offset basis is
 /// [`FNV1A_OFFSET`]): a stable, dependency-free hash for ids and cache names,
 /// not for anything adversarial.
 pub fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    bytes
+        .iter()
+        .fold(seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
 }
 
 /// The FNV-1a 64 offset basis.

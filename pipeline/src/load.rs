@@ -90,17 +90,28 @@ impl<R: Read> Read for Hashing<R> {
 
 async fn open(store: &Store, source: &Source) -> Result<Box<dyn Read + Send>, LoadError> {
     Ok(match source {
-        Source::File(p) => Box::new(std::fs::File::open(p).map_err(|e| LoadError::Source(format!("cannot open {}: {e}", p.display())))?),
+        Source::File(p) => Box::new(
+            std::fs::File::open(p)
+                .map_err(|e| LoadError::Source(format!("cannot open {}: {e}", p.display())))?,
+        ),
         Source::Url(u) => {
-            let resp = reqwest::get(u).await.map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
+            let resp = reqwest::get(u)
+                .await
+                .map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
             if !resp.status().is_success() {
-                return Err(LoadError::Source(format!("cannot fetch {u}: HTTP {}", resp.status())));
+                return Err(LoadError::Source(format!(
+                    "cannot fetch {u}: HTTP {}",
+                    resp.status()
+                )));
             }
             let stream = resp.bytes_stream().map_err(std::io::Error::other);
             Box::new(SyncIoBridge::new(StreamReader::new(Box::pin(stream))))
         }
         Source::Upload(id) => {
-            store.upload_chunk(id, 0).await.map_err(|e| LoadError::Source(e.to_string()))?;
+            store
+                .upload_chunk(id, 0)
+                .await
+                .map_err(|e| LoadError::Source(e.to_string()))?;
             let (store, id) = (store.clone(), id.clone());
             let stream = futures::stream::try_unfold(0i32, move |seq| {
                 let (store, id) = (store.clone(), id.clone());
@@ -123,10 +134,18 @@ const BATCH_ROWS: usize = 8192;
 /// Loads `source` into the import, replacing any earlier load: every data row
 /// ends `pending` or `invalid`. Parsing runs on a blocking thread, writing on
 /// the async side, with a bounded channel between them, so memory stays flat.
-pub async fn load(store: &Store, import: &ImportRecord, source: &Source, opts: &CsvOptions) -> Result<LoadCounts, LoadError> {
+pub async fn load(
+    store: &Store,
+    import: &ImportRecord,
+    source: &Source,
+    opts: &CsvOptions,
+) -> Result<LoadCounts, LoadError> {
     let input = open(store, source).await?;
     let state = Arc::new(Mutex::new((Sha256::new(), 0u64)));
-    let hashing: Box<dyn Read + Send> = Box::new(Hashing { inner: input, state: state.clone() });
+    let hashing: Box<dyn Read + Send> = Box::new(Hashing {
+        inner: input,
+        state: state.clone(),
+    });
     let (layout_tx, layout_rx) = oneshot::channel::<Result<(Layout, usize), InputError>>();
     let (rows_tx, rows_rx) = mpsc::channel::<Vec<Row>>(8);
     let opts = opts.clone();
@@ -150,7 +169,10 @@ pub async fn load(store: &Store, import: &ImportRecord, source: &Source, opts: &
         while let Some(row) = reader.next_row()? {
             batch.push(row);
             if batch.len() == BATCH_ROWS {
-                if rows_tx.blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS))).is_err() {
+                if rows_tx
+                    .blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS)))
+                    .is_err()
+                {
                     return Ok(()); // the writer failed; its error is reported
                 }
             }
@@ -160,7 +182,9 @@ pub async fn load(store: &Store, import: &ImportRecord, source: &Source, opts: &
         }
         Ok(())
     });
-    let (layout, width) = layout_rx.await.map_err(|_| anyhow::anyhow!("CSV parser stopped"))??;
+    let (layout, width) = layout_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("CSV parser stopped"))??;
     let done = async move {
         match parser.await {
             Ok(Ok(())) => {

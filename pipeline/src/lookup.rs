@@ -39,7 +39,11 @@ pub struct SearchPlan {
 
 impl Default for SearchPlan {
     fn default() -> Self {
-        Self { radius_m: 100.0, max_radius_m: 2000.0, widesearch: true }
+        Self {
+            radius_m: 100.0,
+            max_radius_m: 2000.0,
+            widesearch: true,
+        }
     }
 }
 
@@ -84,14 +88,32 @@ pub struct Area {
 impl Area {
     /// Column names of the area data, in export order.
     pub const COLUMNS: [&'static str; 11] = [
-        "outcode", "incode", "country", "region", "admin_district", "admin_county", "admin_ward", "parish",
-        "parliamentary_constituency", "lsoa", "msoa",
+        "outcode",
+        "incode",
+        "country",
+        "region",
+        "admin_district",
+        "admin_county",
+        "admin_ward",
+        "parish",
+        "parliamentary_constituency",
+        "lsoa",
+        "msoa",
     ];
 
     pub fn values(&self) -> [&Option<String>; 11] {
         [
-            &self.outcode, &self.incode, &self.country, &self.region, &self.admin_district, &self.admin_county,
-            &self.admin_ward, &self.parish, &self.parliamentary_constituency, &self.lsoa, &self.msoa,
+            &self.outcode,
+            &self.incode,
+            &self.country,
+            &self.region,
+            &self.admin_district,
+            &self.admin_county,
+            &self.admin_ward,
+            &self.parish,
+            &self.parliamentary_constituency,
+            &self.lsoa,
+            &self.msoa,
         ]
     }
 }

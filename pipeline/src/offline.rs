@@ -59,7 +59,9 @@ pub enum OfflineError {
 }
 
 fn find(headers: &csv::StringRecord, names: &[&str]) -> Option<usize> {
-    names.iter().find_map(|n| headers.iter().position(|h| h.trim().eq_ignore_ascii_case(n)))
+    names
+        .iter()
+        .find_map(|n| headers.iter().position(|h| h.trim().eq_ignore_ascii_case(n)))
 }
 
 impl OfflineIndex {
@@ -107,12 +109,20 @@ impl OfflineIndex {
     pub fn parse(reader: Box<dyn Read + Send>, name: &str) -> Result<Vec<Entry>, OfflineError> {
         let fmt = |m: String| OfflineError::Format(name.to_string(), m);
         let reader = open_maybe_gzip(reader).map_err(|e| fmt(e.to_string()))?;
-        let mut rdr = csv::ReaderBuilder::new().flexible(true).buffer_capacity(1 << 20).from_reader(reader);
+        let mut rdr = csv::ReaderBuilder::new()
+            .flexible(true)
+            .buffer_capacity(1 << 20)
+            .from_reader(reader);
         let headers = rdr.headers().map_err(|e| fmt(e.to_string()))?.clone();
-        let pc = find(&headers, &["pcds", "pcd", "pcd7", "pcd8", "postcode"])
-            .ok_or_else(|| fmt(format!("no postcode column (pcds/pcd/postcode) in [{}]", headers.iter().collect::<Vec<_>>().join(", "))))?;
+        let pc = find(&headers, &["pcds", "pcd", "pcd7", "pcd8", "postcode"]).ok_or_else(|| {
+            fmt(format!(
+                "no postcode column (pcds/pcd/postcode) in [{}]",
+                headers.iter().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
         let lat = find(&headers, &["lat", "latitude"]).ok_or_else(|| fmt("no lat column".into()))?;
-        let lon = find(&headers, &["long", "lon", "lng", "longitude"]).ok_or_else(|| fmt("no long column".into()))?;
+        let lon = find(&headers, &["long", "lon", "lng", "longitude"])
+            .ok_or_else(|| fmt("no long column".into()))?;
         let doterm = find(&headers, &["doterm"]);
 
         let mut entries: Vec<Entry> = Vec::with_capacity(1 << 16);
@@ -123,12 +133,24 @@ impl OfflineIndex {
                     continue;
                 }
             }
-            let num = |i: usize| rec.get(i).and_then(|v| std::str::from_utf8(v).ok()).and_then(|s| s.trim().parse::<f64>().ok());
-            let (Some(la), Some(lo)) = (num(lat), num(lon)) else { continue };
+            let num = |i: usize| {
+                rec.get(i)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|s| s.trim().parse::<f64>().ok())
+            };
+            let (Some(la), Some(lo)) = (num(lat), num(lon)) else {
+                continue;
+            };
             if !(-90.0..=90.0).contains(&la) || !(-180.0..=180.0).contains(&lo) || la > 99.0 {
                 continue;
             }
-            let Some(code) = rec.get(pc).and_then(|v| std::str::from_utf8(v).ok()).and_then(to_pcds) else { continue };
+            let Some(code) = rec
+                .get(pc)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(to_pcds)
+            else {
+                continue;
+            };
             let mut packed = [b' '; 8];
             packed[..code.len()].copy_from_slice(code.as_bytes());
             entries.push((la, lo, packed));
@@ -153,7 +175,12 @@ impl OfflineIndex {
         // In the grid's order: a search's result is read beside the points it scanned.
         let by_position = |i: &u32| (centroids[*i as usize], codes[*i as usize]);
         let (centroids, codes): (Vec<LatLon>, Vec<[u8; 8]>) = grid.items().iter().map(by_position).unzip();
-        Self { grid, centroids: centroids.into(), codes: codes.into(), postcodes }
+        Self {
+            grid,
+            centroids: centroids.into(),
+            codes: codes.into(),
+            postcodes,
+        }
     }
 
     /// Number of postcodes loaded (before merging shared centroids).
@@ -167,14 +194,18 @@ impl OfflineIndex {
     }
 
     fn code(&self, pos: usize) -> &str {
-        std::str::from_utf8(&self.codes[pos]).expect("ASCII postcode").trim_end()
+        std::str::from_utf8(&self.codes[pos])
+            .expect("ASCII postcode")
+            .trim_end()
     }
 
     /// The nearest postcode to a WGS84 position within `radius_m` metres
     /// (great-circle), or `None`.
     pub fn nearest(&self, at: LatLon, radius_m: f64) -> Option<Nearest<'_>> {
         let codes = &self.codes;
-        let (_, pos) = self.grid.nearest_at(at, squared_chord_for_m(radius_m), |a, b| codes[a] < codes[b])?;
+        let (_, pos) = self
+            .grid
+            .nearest_at(at, squared_chord_for_m(radius_m), |a, b| codes[a] < codes[b])?;
         Some(self.found(at, pos))
     }
 
@@ -183,7 +214,12 @@ impl OfflineIndex {
     pub fn nearest_many(&self, ats: &[LatLon], radius_m: f64) -> Vec<Option<Nearest<'_>>> {
         let codes = &self.codes;
         let mut found = Vec::with_capacity(ats.len());
-        self.grid.nearest_each(ats, squared_chord_for_m(radius_m), |a, b| codes[a] < codes[b], |_, f| found.push(f.map(|(_, pos)| pos)));
+        self.grid.nearest_each(
+            ats,
+            squared_chord_for_m(radius_m),
+            |a, b| codes[a] < codes[b],
+            |_, f| found.push(f.map(|(_, pos)| pos)),
+        );
         // Each result's centroid and postcode are requested a few results ahead.
         (0..ats.len())
             .map(|i| {
@@ -199,7 +235,11 @@ impl OfflineIndex {
     /// The answer for `at` at grid position `pos`.
     fn found(&self, at: LatLon, pos: usize) -> Nearest<'_> {
         let centroid = self.centroids[pos];
-        Nearest { postcode: self.code(pos), distance_m: distance_m(at, centroid), centroid }
+        Nearest {
+            postcode: self.code(pos),
+            distance_m: distance_m(at, centroid),
+            centroid,
+        }
     }
 
     /// Up to `limit` nearest postcodes within `radius_m`, nearest first (one per centroid).
@@ -210,7 +250,11 @@ impl OfflineIndex {
             .into_iter()
             .map(|(_, pos)| self.found(at, pos))
             .collect();
-        out.sort_by(|a, b| a.distance_m.total_cmp(&b.distance_m).then(a.postcode.cmp(b.postcode)));
+        out.sort_by(|a, b| {
+            a.distance_m
+                .total_cmp(&b.distance_m)
+                .then(a.postcode.cmp(b.postcode))
+        });
         out
     }
 
@@ -221,7 +265,10 @@ impl OfflineIndex {
 
     /// [`OfflineIndex::lookup`] for each of `ats`, in order (see [`OfflineIndex::nearest_many`]).
     pub fn lookup_many(&self, ats: &[LatLon], radius: Radius) -> Vec<Option<Match>> {
-        self.nearest_many(ats, radius.metres()).into_iter().map(|n| n.map(|n| Self::answer(&n))).collect()
+        self.nearest_many(ats, radius.metres())
+            .into_iter()
+            .map(|n| n.map(|n| Self::answer(&n)))
+            .collect()
     }
 
     fn answer(n: &Nearest<'_>) -> Match {
@@ -229,7 +276,11 @@ impl OfflineIndex {
         Match {
             postcode: n.postcode.to_string(),
             distance_m: n.distance_m,
-            area: Area { outcode: Some(out.to_string()), incode: Some(inc.to_string()), ..Area::default() },
+            area: Area {
+                outcode: Some(out.to_string()),
+                incode: Some(inc.to_string()),
+                ..Area::default()
+            },
             raw: None,
         }
     }
@@ -262,14 +313,31 @@ const CACHE_HEADER: usize = 64;
 /// The cache file of a postcode file: named after its path, size and modification time.
 fn cache_path(path: &Path, cache_dir: &Path) -> Result<std::path::PathBuf, OfflineError> {
     let meta = std::fs::metadata(path).map_err(|e| OfflineError::Open(path.display().to_string(), e))?;
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-    let key = format!("{}\0{}\0{}", std::fs::canonicalize(path).unwrap_or(path.to_path_buf()).display(), meta.len(), mtime);
-    Ok(cache_dir.join(format!("postcode-index-{:016x}.bin", crate::fnv1a(crate::FNV1A_OFFSET, key.as_bytes()))))
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let key = format!(
+        "{}\0{}\0{}",
+        std::fs::canonicalize(path)
+            .unwrap_or(path.to_path_buf())
+            .display(),
+        meta.len(),
+        mtime
+    );
+    Ok(cache_dir.join(format!(
+        "postcode-index-{:016x}.bin",
+        crate::fnv1a(crate::FNV1A_OFFSET, key.as_bytes())
+    )))
 }
 
 fn parse_into_cache(path: &Path, cache: &Path) -> Result<OfflineIndex, OfflineError> {
     let name = path.display().to_string();
-    let entries = OfflineIndex::parse(Box::new(File::open(path).map_err(|e| OfflineError::Open(name.clone(), e))?), &name)?;
+    let entries = OfflineIndex::parse(
+        Box::new(File::open(path).map_err(|e| OfflineError::Open(name.clone(), e))?),
+        &name,
+    )?;
     let index = OfflineIndex::from_entries(entries);
     if let Err(e) = write_cache(cache, &index) {
         tracing::debug!(cache = %cache.display(), "offline index cache not written: {e}");
@@ -281,7 +349,13 @@ fn parse_into_cache(path: &Path, cache: &Path) -> Result<OfflineIndex, OfflineEr
 /// centroids, codes, unit vectors, cell starts, items.
 /// `None` when the sizes overflow (a damaged header).
 fn sections(centroids: usize, cells: usize) -> Option<[(usize, usize); 5]> {
-    let sized = [(centroids, 16), (centroids, 8), (centroids, 24), (cells.checked_add(1)?, 4), (centroids, 4)];
+    let sized = [
+        (centroids, 16),
+        (centroids, 8),
+        (centroids, 24),
+        (cells.checked_add(1)?, 4),
+        (centroids, 4),
+    ];
     let mut out = [(0, 0); 5];
     for (o, (n, size)) in out.iter_mut().zip(sized) {
         *o = (n, n.checked_mul(size)?.checked_next_multiple_of(8)?);
@@ -301,8 +375,18 @@ fn read_cache(path: &Path) -> Option<OfflineIndex> {
     if &head[..8] != CACHE_MAGIC || word(1) != BYTE_ORDER_MARK {
         return None;
     }
-    let (postcodes, n, rows, cols) = (word(2) as usize, word(3) as usize, word(4) as usize, word(5) as usize);
-    let shape = GridShape { lat0: f64::from_bits(word(6)), lon0: f64::from_bits(word(7)), rows, cols };
+    let (postcodes, n, rows, cols) = (
+        word(2) as usize,
+        word(3) as usize,
+        word(4) as usize,
+        word(5) as usize,
+    );
+    let shape = GridShape {
+        lat0: f64::from_bits(word(6)),
+        lon0: f64::from_bits(word(7)),
+        rows,
+        cols,
+    };
     let [c, k, u, s, i] = sections(n, rows.checked_mul(cols)?)?;
     let mut at = CACHE_HEADER;
     let mut next = |(_, bytes): (usize, usize)| {
@@ -319,8 +403,19 @@ fn read_cache(path: &Path) -> Option<OfflineIndex> {
     if !codes.iter().all(|code| code.is_ascii()) {
         return None;
     }
-    let grid = Grid::from_parts(shape, Slab::mapped(&map, s_at, s.0)?, Slab::mapped(&map, u_at, u.0)?, Slab::mapped(&map, i_at, i.0)?, n)?;
-    Some(OfflineIndex { grid, centroids, codes, postcodes })
+    let grid = Grid::from_parts(
+        shape,
+        Slab::mapped(&map, s_at, s.0)?,
+        Slab::mapped(&map, u_at, u.0)?,
+        Slab::mapped(&map, i_at, i.0)?,
+        n,
+    )?;
+    Some(OfflineIndex {
+        grid,
+        centroids,
+        codes,
+        postcodes,
+    })
 }
 
 fn write_cache(path: &Path, index: &OfflineIndex) -> std::io::Result<()> {
@@ -329,17 +424,39 @@ fn write_cache(path: &Path, index: &OfflineIndex) -> std::io::Result<()> {
     // containers may share the directory and a process id), synced, then
     // renamed: readers never see a partial file, and a mapped file is never
     // written to.
-    let tmp = path.with_extension(format!("{}-{:016x}.partial", std::process::id(), rand::random::<u64>()));
-    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let tmp = path.with_extension(format!(
+        "{}-{:016x}.partial",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let shape = index.grid.shape();
     let (start, units, items) = index.grid.arrays();
     out.write_all(CACHE_MAGIC)?;
-    for w in [BYTE_ORDER_MARK, index.postcodes as u64, index.centroids.len() as u64, shape.rows as u64, shape.cols as u64, shape.lat0.to_bits(), shape.lon0.to_bits()] {
+    for w in [
+        BYTE_ORDER_MARK,
+        index.postcodes as u64,
+        index.centroids.len() as u64,
+        shape.rows as u64,
+        shape.cols as u64,
+        shape.lat0.to_bits(),
+        shape.lon0.to_bits(),
+    ] {
         out.write_all(&w.to_ne_bytes())?;
     }
-    let parts = [index.centroids.as_bytes(), index.codes.as_bytes(), units.as_bytes(), start.as_bytes(), items.as_bytes()];
-    let sizes = sections(index.centroids.len(), shape.rows * shape.cols).ok_or_else(|| std::io::Error::other("index too large to cache"))?;
+    let parts = [
+        index.centroids.as_bytes(),
+        index.codes.as_bytes(),
+        units.as_bytes(),
+        start.as_bytes(),
+        items.as_bytes(),
+    ];
+    let sizes = sections(index.centroids.len(), shape.rows * shape.cols)
+        .ok_or_else(|| std::io::Error::other("index too large to cache"))?;
     for (bytes, (_, padded)) in parts.into_iter().zip(sizes) {
         out.write_all(bytes)?;
         out.write_all(&[0u8; 8][..padded - bytes.len()])?;
@@ -371,14 +488,55 @@ mod tests {
         );
         assert_eq!(idx.postcodes(), 3);
         assert_eq!(idx.centroids(), 2);
-        let n = idx.nearest(LatLon { lat: 57.1001, lon: -2.2 }, 100.0).unwrap();
+        let n = idx
+            .nearest(
+                LatLon {
+                    lat: 57.1001,
+                    lon: -2.2,
+                },
+                100.0,
+            )
+            .unwrap();
         assert_eq!(n.postcode, "AB1 0AA"); // tie at one centroid: alphabetically first; terminated ZZ1 skipped
         assert!((n.distance_m - 11.1).abs() < 0.1, "{}", n.distance_m);
-        assert!(idx.nearest(LatLon { lat: 57.15, lon: -2.2 }, 100.0).is_none());
-        assert_eq!(idx.nearest(LatLon { lat: 57.19, lon: -2.2 }, 2000.0).unwrap().postcode, "AB10 1AA");
-        let m = idx.lookup(LatLon { lat: 57.19, lon: -2.2 }, Radius::Widesearch).unwrap();
-        assert_eq!((m.area.outcode.as_deref(), m.area.incode.as_deref()), (Some("AB10"), Some("1AA")));
-        assert_eq!(idx.nearest_n(LatLon { lat: 57.1, lon: -2.2 }, 20_000.0, 5).len(), 2);
+        assert!(idx
+            .nearest(
+                LatLon {
+                    lat: 57.15,
+                    lon: -2.2
+                },
+                100.0
+            )
+            .is_none());
+        assert_eq!(
+            idx.nearest(
+                LatLon {
+                    lat: 57.19,
+                    lon: -2.2
+                },
+                2000.0
+            )
+            .unwrap()
+            .postcode,
+            "AB10 1AA"
+        );
+        let m = idx
+            .lookup(
+                LatLon {
+                    lat: 57.19,
+                    lon: -2.2,
+                },
+                Radius::Widesearch,
+            )
+            .unwrap();
+        assert_eq!(
+            (m.area.outcode.as_deref(), m.area.incode.as_deref()),
+            (Some("AB10"), Some("1AA"))
+        );
+        assert_eq!(
+            idx.nearest_n(LatLon { lat: 57.1, lon: -2.2 }, 20_000.0, 5).len(),
+            2
+        );
     }
 
     #[test]
@@ -386,31 +544,73 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("offline-cache-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("pc.csv");
-        std::fs::write(&file, "pcd,lat,long\nAB1 0ZZ,57.1,-2.2\nAB1 0AA,57.1,-2.2\nAB101AA,57.2,-2.2\n").unwrap();
+        std::fs::write(
+            &file,
+            "pcd,lat,long\nAB1 0ZZ,57.1,-2.2\nAB1 0AA,57.1,-2.2\nAB101AA,57.2,-2.2\n",
+        )
+        .unwrap();
         let first = OfflineIndex::load_cached(&file, &dir).unwrap();
-        assert_eq!(std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".bin")).count(), 1);
+        assert_eq!(
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .filter(|e| e
+                    .as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".bin"))
+                .count(),
+            1
+        );
         let cached = OfflineIndex::load_cached(&file, &dir).unwrap();
         assert_eq!((cached.postcodes(), cached.centroids()), (3, 2));
-        let at = LatLon { lat: 57.19, lon: -2.2 };
+        let at = LatLon {
+            lat: 57.19,
+            lon: -2.2,
+        };
         assert_eq!(cached.nearest(at, 2000.0), first.nearest(at, 2000.0));
-        assert!(matches!(cached.grid.arrays().0, Slab::Mapped { .. }), "the second load maps the cache");
+        assert!(
+            matches!(cached.grid.arrays().0, Slab::Mapped { .. }),
+            "the second load maps the cache"
+        );
         drop(cached); // unmapped before the file is changed in place below
-        // a cut-short or tampered cache is not used: the file is read again
-        let bin = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|x| x == "bin")).unwrap();
+                      // a cut-short or tampered cache is not used: the file is read again
+        let bin = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "bin"))
+            .unwrap();
         let whole = std::fs::read(&bin).unwrap();
         std::fs::write(&bin, &whole[..whole.len() - 8]).unwrap();
         assert!(read_cache(&bin).is_none());
-        assert_eq!(OfflineIndex::load_cached(&file, &dir).unwrap().nearest(at, 2000.0), first.nearest(at, 2000.0));
+        assert_eq!(
+            OfflineIndex::load_cached(&file, &dir)
+                .unwrap()
+                .nearest(at, 2000.0),
+            first.nearest(at, 2000.0)
+        );
         let mut bad = whole.clone();
         let near_end = whole.len() - 2 * 8; // before the items (2 × 4 bytes) and the tail of the cell starts
         bad[near_end - 4..near_end].copy_from_slice(&99u32.to_ne_bytes()); // a cell start above the point count
         std::fs::write(&bin, &bad).unwrap();
         assert!(read_cache(&bin).is_none());
-        assert_eq!(OfflineIndex::load_cached(&file, &dir).unwrap().nearest(at, 2000.0), first.nearest(at, 2000.0));
+        assert_eq!(
+            OfflineIndex::load_cached(&file, &dir)
+                .unwrap()
+                .nearest(at, 2000.0),
+            first.nearest(at, 2000.0)
+        );
         assert_eq!(std::fs::read(&bin).unwrap(), whole, "rebuilt as it was");
         // a changed file (other size) is read again, not answered from the old cache
         std::fs::write(&file, "pcd,lat,long\nZZ9 9ZZ,57.19,-2.2\n").unwrap();
-        assert_eq!(OfflineIndex::load_cached(&file, &dir).unwrap().nearest(at, 2000.0).unwrap().postcode, "ZZ9 9ZZ");
+        assert_eq!(
+            OfflineIndex::load_cached(&file, &dir)
+                .unwrap()
+                .nearest(at, 2000.0)
+                .unwrap()
+                .postcode,
+            "ZZ9 9ZZ"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -32,7 +32,9 @@ pub enum CallError {
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CallError::Throttled { retry_after: Some(d) } => write!(f, "HTTP 429 (Retry-After {}s)", d.as_secs_f64()),
+            CallError::Throttled { retry_after: Some(d) } => {
+                write!(f, "HTTP 429 (Retry-After {}s)", d.as_secs_f64())
+            }
             CallError::Throttled { retry_after: None } => write!(f, "HTTP 429"),
             CallError::Transient(m) | CallError::Permanent(m) => f.write_str(m),
         }
@@ -76,23 +78,51 @@ impl PostcodesIo {
             .user_agent(concat!("postcode-operator/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("TLS backend available");
-        Self { client, url: format!("{}/postcodes", base_url.trim_end_matches('/')) }
+        Self {
+            client,
+            url: format!("{}/postcodes", base_url.trim_end_matches('/')),
+        }
     }
 
     /// One bulk reverse-geocoding request for up to 100 (latitude, longitude)
     /// pairs in WGS84 degrees; answers in query order, matched by the echoed
     /// `query`, never by position alone.
-    pub async fn bulk_reverse(&self, queries: &[(f64, f64)], radius: Radius) -> Result<Vec<Answer>, CallError> {
-        assert!(queries.len() <= MAX_BULK_GEOLOCATIONS, "postcodes.io accepts at most 100 geolocations");
+    pub async fn bulk_reverse(
+        &self,
+        queries: &[(f64, f64)],
+        radius: Radius,
+    ) -> Result<Vec<Answer>, CallError> {
+        assert!(
+            queries.len() <= MAX_BULK_GEOLOCATIONS,
+            "postcodes.io accepts at most 100 geolocations"
+        );
         let geolocations: Vec<Geolocation> = queries
             .iter()
             .map(|&(lat, lon)| match radius {
-                Radius::Metres(m) => Geolocation { latitude: lat, longitude: lon, radius: Some(m), limit: 1, widesearch: None },
-                Radius::Widesearch => Geolocation { latitude: lat, longitude: lon, radius: None, limit: 1, widesearch: Some(true) },
+                Radius::Metres(m) => Geolocation {
+                    latitude: lat,
+                    longitude: lon,
+                    radius: Some(m),
+                    limit: 1,
+                    widesearch: None,
+                },
+                Radius::Widesearch => Geolocation {
+                    latitude: lat,
+                    longitude: lon,
+                    radius: None,
+                    limit: 1,
+                    widesearch: Some(true),
+                },
             })
             .collect();
         let body = serde_json::json!({ "geolocations": geolocations });
-        let resp = self.client.post(&self.url).json(&body).send().await.map_err(|e| CallError::Transient(describe(&e)))?;
+        let resp = self
+            .client
+            .post(&self.url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| CallError::Transient(describe(&e)))?;
         let status = resp.status();
         if status.as_u16() == 429 {
             let retry_after = resp
@@ -104,7 +134,10 @@ impl PostcodesIo {
                 .map(|s| Duration::from_secs_f64(s.min(3600.0)));
             return Err(CallError::Throttled { retry_after });
         }
-        let text = resp.text().await.map_err(|e| CallError::Transient(describe(&e)))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| CallError::Transient(describe(&e)))?;
         if status.is_server_error() {
             return Err(CallError::Transient(format!("HTTP {status}: {}", snippet(&text))));
         }
@@ -153,17 +186,26 @@ fn key(lat: f64, lon: f64) -> (u64, u64) {
 
 /// Parses a bulk response body into answers in query order.
 pub fn parse_bulk(text: &str, queries: &[(f64, f64)]) -> Result<Vec<Answer>, CallError> {
-    let malformed = |why: &str| CallError::Transient(format!("malformed response ({why}): {}", snippet(text)));
+    let malformed =
+        |why: &str| CallError::Transient(format!("malformed response ({why}): {}", snippet(text)));
     let v: Value = serde_json::from_str(text).map_err(|e| malformed(&e.to_string()))?;
-    let items = v.get("result").and_then(Value::as_array).ok_or_else(|| malformed("no result array"))?;
+    let items = v
+        .get("result")
+        .and_then(Value::as_array)
+        .ok_or_else(|| malformed("no result array"))?;
     let mut index: HashMap<(u64, u64), usize> = HashMap::with_capacity(queries.len());
     for (i, &(lat, lon)) in queries.iter().enumerate() {
         index.insert(key(lat, lon), i);
     }
     let mut answers = vec![Answer::Missing; queries.len()];
     for item in items {
-        let q = item.get("query").ok_or_else(|| malformed("result without query"))?;
-        let (Some(lat), Some(lon)) = (q.get("latitude").and_then(number), q.get("longitude").and_then(number)) else {
+        let q = item
+            .get("query")
+            .ok_or_else(|| malformed("result without query"))?;
+        let (Some(lat), Some(lon)) = (
+            q.get("latitude").and_then(number),
+            q.get("longitude").and_then(number),
+        ) else {
             return Err(malformed("query without latitude/longitude"));
         };
         // Exact match on the echoed numbers; a server that re-formats numbers may
@@ -174,8 +216,10 @@ pub fn parse_bulk(text: &str, queries: &[(f64, f64)]) -> Result<Vec<Answer>, Cal
                 .iter()
                 .enumerate()
                 .filter(|(_, &(qa, qo))| (qa - lat).abs() < 1e-9 && (qo - lon).abs() < 1e-9)
-                .min_by(|a, b| ((a.1 .0 - lat).abs() + (a.1 .1 - lon).abs()).total_cmp(&((b.1 .0 - lat).abs() + (b.1 .1 - lon).abs())))
-            {
+                .min_by(|a, b| {
+                    ((a.1 .0 - lat).abs() + (a.1 .1 - lon).abs())
+                        .total_cmp(&((b.1 .0 - lat).abs() + (b.1 .1 - lon).abs()))
+                }) {
                 Some((i, _)) => i,
                 None => continue,
             },
@@ -183,7 +227,9 @@ pub fn parse_bulk(text: &str, queries: &[(f64, f64)]) -> Result<Vec<Answer>, Cal
         answers[i] = match item.get("result") {
             None | Some(Value::Null) => Answer::NoPostcode,
             Some(Value::Array(list)) if list.is_empty() => Answer::NoPostcode,
-            Some(Value::Array(list)) => Answer::Found(to_match(&list[0]).ok_or_else(|| malformed("result without postcode"))?),
+            Some(Value::Array(list)) => {
+                Answer::Found(to_match(&list[0]).ok_or_else(|| malformed("result without postcode"))?)
+            }
             Some(_) => return Err(malformed("result is not a list")),
         };
     }
@@ -204,11 +250,17 @@ pub fn to_match(obj: &Value) -> Option<Match> {
         admin_county: s("admin_county"),
         admin_ward: s("admin_ward"),
         parish: s("parish"),
-        parliamentary_constituency: s("parliamentary_constituency_2024").or_else(|| s("parliamentary_constituency")),
+        parliamentary_constituency: s("parliamentary_constituency_2024")
+            .or_else(|| s("parliamentary_constituency")),
         lsoa: s("lsoa"),
         msoa: s("msoa"),
     };
-    Some(Match { postcode, distance_m, area, raw: Some(obj.to_string()) })
+    Some(Match {
+        postcode,
+        distance_m,
+        area,
+        raw: Some(obj.to_string()),
+    })
 }
 
 #[cfg(test)]
@@ -236,8 +288,18 @@ mod tests {
 
     #[test]
     fn long_decimals_round_trip_through_the_echo() {
-        let q: Vec<(f64, f64)> = (0..100).map(|k| (51.3 + f64::from(k) * 0.01 + 0.00002 * f64::from(k / 7), -0.4 + f64::from(k) * 0.0103)).collect();
-        let items: Vec<serde_json::Value> = q.iter().map(|&(la, lo)| serde_json::json!({"query": {"latitude": la, "longitude": lo}, "result": null})).collect();
+        let q: Vec<(f64, f64)> = (0..100)
+            .map(|k| {
+                (
+                    51.3 + f64::from(k) * 0.01 + 0.00002 * f64::from(k / 7),
+                    -0.4 + f64::from(k) * 0.0103,
+                )
+            })
+            .collect();
+        let items: Vec<serde_json::Value> = q
+            .iter()
+            .map(|&(la, lo)| serde_json::json!({"query": {"latitude": la, "longitude": lo}, "result": null}))
+            .collect();
         let body = serde_json::json!({"status": 200, "result": items}).to_string();
         let a = parse_bulk(&body, &q).unwrap();
         assert!(a.iter().all(|x| *x == Answer::NoPostcode));
@@ -248,8 +310,17 @@ mod tests {
 
     #[test]
     fn garbage_and_truncated_bodies_are_transient() {
-        assert!(matches!(parse_bulk("<html>", &[(1.0, 1.0)]), Err(CallError::Transient(_))));
-        assert!(matches!(parse_bulk(r#"{"status":200,"result":[{"query""#, &[(1.0, 1.0)]), Err(CallError::Transient(_))));
-        assert!(matches!(parse_bulk(r#"{"status":200}"#, &[(1.0, 1.0)]), Err(CallError::Transient(_))));
+        assert!(matches!(
+            parse_bulk("<html>", &[(1.0, 1.0)]),
+            Err(CallError::Transient(_))
+        ));
+        assert!(matches!(
+            parse_bulk(r#"{"status":200,"result":[{"query""#, &[(1.0, 1.0)]),
+            Err(CallError::Transient(_))
+        ));
+        assert!(matches!(
+            parse_bulk(r#"{"status":200}"#, &[(1.0, 1.0)]),
+            Err(CallError::Transient(_))
+        ));
     }
 }

@@ -83,7 +83,10 @@ mod tests {
             sends.sort_by(f64::total_cmp);
             for (i, &t) in sends.iter().enumerate() {
                 let in_window = sends[i..].iter().take_while(|&&s| s < t + 1.0).count();
-                assert!(in_window as f64 <= rps, "{in_window} sends within one second at {rps} rps");
+                assert!(
+                    in_window as f64 <= rps,
+                    "{in_window} sends within one second at {rps} rps"
+                );
             }
         }
     }

@@ -23,7 +23,11 @@ unsafe impl Plain for crate::geo::LatLon {}
 /// A read-only array: owned, or a range of a mapped file.
 pub enum Slab<T: Plain> {
     Owned(Vec<T>),
-    Mapped { map: Arc<memmap2::Mmap>, offset: usize, len: usize },
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+    },
 }
 
 impl<T: Plain> Slab<T> {
@@ -33,7 +37,11 @@ impl<T: Plain> Slab<T> {
         let bytes = len.checked_mul(std::mem::size_of::<T>())?;
         let end = offset.checked_add(bytes)?;
         let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<T>());
-        (end <= map.len() && aligned).then(|| Slab::Mapped { map: map.clone(), offset, len })
+        (end <= map.len() && aligned).then(|| Slab::Mapped {
+            map: map.clone(),
+            offset,
+            len,
+        })
     }
 
     /// The values as bytes, in this machine's byte order (what [`Slab::mapped`] reads back).
@@ -52,7 +60,9 @@ impl<T: Plain> Deref for Slab<T> {
             Slab::Owned(v) => v,
             // SAFETY: `mapped` checked bounds and alignment; the map is read-only
             // and lives as long as `self`; `T: Plain` accepts any bytes.
-            Slab::Mapped { map, offset, len } => unsafe { std::slice::from_raw_parts(map.as_ptr().add(*offset).cast::<T>(), *len) },
+            Slab::Mapped { map, offset, len } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().add(*offset).cast::<T>(), *len)
+            },
         }
     }
 }

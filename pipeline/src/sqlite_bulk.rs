@@ -24,7 +24,8 @@ use crate::{
 /// the file count as the process's resident memory, which then grew with the
 /// file (+100 MB for an enricher at 1M rows), for about 0.5 s less export time.
 pub fn open(path: &Path) -> anyhow::Result<Connection> {
-    let conn = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
+    let conn = Connection::open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
     conn.busy_handler(Some(wait_for_lock))?;
     conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -32768; PRAGMA mmap_size = 0; PRAGMA temp_store = FILE;")?;
     Ok(conn)
@@ -58,7 +59,13 @@ fn bind_answer(stmt: &mut rusqlite::Statement<'_>, first: usize, c: &Cols<'_>) -
 
 /// `name = ?n, …` for the answer columns from parameter `first`.
 fn answer_assignments(first: usize) -> String {
-    ANSWER_COLUMNS.iter().chain(Area::COLUMNS.iter()).enumerate().map(|(i, c)| format!("{c} = ?{}", first + i)).collect::<Vec<_>>().join(", ")
+    ANSWER_COLUMNS
+        .iter()
+        .chain(Area::COLUMNS.iter())
+        .enumerate()
+        .map(|(i, c)| format!("{c} = ?{}", first + i))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The database file behind a sqlx SQLite pool.
@@ -69,7 +76,12 @@ pub fn path_of(pool: &sqlx::SqlitePool) -> PathBuf {
 /// Step 1 of a SQLite load: in chunks of committed transactions, inserts every
 /// row received on `rows` into `points`. Returns the connection so the caller can
 /// finish the load (lookups, phase) in a last transaction.
-pub fn insert_points(path: &Path, import_id: i64, shards: u32, mut rows: mpsc::Receiver<Vec<Row>>) -> anyhow::Result<(Connection, LoadCounts)> {
+pub fn insert_points(
+    path: &Path,
+    import_id: i64,
+    shards: u32,
+    mut rows: mpsc::Receiver<Vec<Row>>,
+) -> anyhow::Result<(Connection, LoadCounts)> {
     let conn = open(path)?;
     // One checkpoint at the end instead of one every 1000 pages: each page is
     // then copied from the WAL into the database once.
@@ -113,13 +125,31 @@ const POINT_COLUMNS: usize = 9;
 
 fn insert_points_sql(rows: usize) -> String {
     let values: Vec<String> = (0..rows)
-        .map(|r| format!("({})", (1..=POINT_COLUMNS).map(|c| format!("?{}", r * POINT_COLUMNS + c)).collect::<Vec<_>>().join(", ")))
+        .map(|r| {
+            format!(
+                "({})",
+                (1..=POINT_COLUMNS)
+                    .map(|c| format!("?{}", r * POINT_COLUMNS + c))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
         .collect();
-    format!("INSERT INTO points (import_id, row_number, line, fields, lat, lon, shard, status, error) VALUES {}", values.join(", "))
+    format!(
+        "INSERT INTO points (import_id, row_number, line, fields, lat, lon, shard, status, error) VALUES {}",
+        values.join(", ")
+    )
 }
 
 /// Binds one row's 9 columns from parameter `at + 1`, counting it.
-fn bind_point(stmt: &mut rusqlite::Statement<'_>, at: usize, import_id: i64, shards: u32, r: &Row, counts: &mut LoadCounts) -> rusqlite::Result<()> {
+fn bind_point(
+    stmt: &mut rusqlite::Statement<'_>,
+    at: usize,
+    import_id: i64,
+    shards: u32,
+    r: &Row,
+    counts: &mut LoadCounts,
+) -> rusqlite::Result<()> {
     counts.rows += 1;
     stmt.raw_bind_parameter(at + 1, import_id)?;
     stmt.raw_bind_parameter(at + 2, r.row_number as i64)?;
@@ -150,12 +180,16 @@ fn bind_point(stmt: &mut rusqlite::Statement<'_>, at: usize, import_id: i64, sha
 pub fn plan_shard(path: &Path, import_id: i64, shard: i32) -> anyhow::Result<ShardPlan> {
     let mut conn = open(path)?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let planned = tx.query_row(PLANNED, params![import_id, shard], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+    let planned = tx
+        .query_row(PLANNED, params![import_id, shard], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
     if let Some((coordinates, rows)) = planned {
         return Ok(ShardPlan { coordinates, rows });
     }
     tx.execute(PLAN, params![import_id, shard])?;
-    let (coordinates, rows): (i64, i64) = tx.query_row(PLAN_COUNT, params![import_id, shard], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (coordinates, rows): (i64, i64) = tx.query_row(PLAN_COUNT, params![import_id, shard], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })?;
     tx.execute(RECORD_PLAN, params![import_id, shard, coordinates, rows])?;
     tx.commit()?;
     Ok(ShardPlan { coordinates, rows })
@@ -169,7 +203,12 @@ pub fn plan_shard(path: &Path, import_id: i64, shard: i32) -> anyhow::Result<Sha
 /// is recorded: the next run repeats the pass, keeping the lookups already
 /// written (`ON CONFLICT DO NOTHING`). Returns `None` when the shard was
 /// already planned.
-pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl Fn(&[Claimed]) -> Vec<Saved>) -> anyhow::Result<Option<ShardPlan>> {
+pub fn plan_shard_answered(
+    path: &Path,
+    import_id: i64,
+    shard: i32,
+    answer: impl Fn(&[Claimed]) -> Vec<Saved>,
+) -> anyhow::Result<Option<ShardPlan>> {
     const DISTINCT: &str = "SELECT lat, lon, COUNT(*) FROM points WHERE import_id = ?1 AND shard = ?2 AND status = 'pending' GROUP BY lat, lon ORDER BY lat, lon";
     const BATCH: usize = 4096;
     let reader = open(path)?;
@@ -178,10 +217,18 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
     // (the reader's sort spills to disk; the writer appends in key order).
     reader.execute_batch("PRAGMA cache_size = -8192")?;
     writer.execute_batch("PRAGMA cache_size = -8192")?;
-    if writer.query_row(PLANNED, params![import_id, shard], |_| Ok(())).optional()?.is_some() {
+    if writer
+        .query_row(PLANNED, params![import_id, shard], |_| Ok(()))
+        .optional()?
+        .is_some()
+    {
         return Ok(None);
     }
-    let columns: Vec<&str> = ANSWER_COLUMNS.iter().chain(Area::COLUMNS.iter()).copied().collect();
+    let columns: Vec<&str> = ANSWER_COLUMNS
+        .iter()
+        .chain(Area::COLUMNS.iter())
+        .copied()
+        .collect();
     let values: Vec<String> = (1..=6 + columns.len()).map(|i| format!("?{i}")).collect();
     let sql = format!(
         "INSERT INTO lookups (import_id, shard, lat, lon, rows, attempts, {}) VALUES ({}) ON CONFLICT DO NOTHING",
@@ -189,7 +236,10 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
         values.join(", ")
     );
     let (mut batch, mut counts) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH));
-    let mut plan = ShardPlan { coordinates: 0, rows: 0 };
+    let mut plan = ShardPlan {
+        coordinates: 0,
+        rows: 0,
+    };
     let mut write = |batch: &mut Vec<Claimed>, counts: &mut Vec<i64>| -> anyhow::Result<()> {
         plan.coordinates += batch.len() as i64;
         plan.rows += counts.iter().sum::<i64>();
@@ -215,7 +265,12 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
         Ok(())
     };
     let mut feed = |lat: f64, lon: f64, n: i64| -> anyhow::Result<()> {
-        batch.push(Claimed { lat, lon, stage: 0, attempts: 0 });
+        batch.push(Claimed {
+            lat,
+            lon,
+            stage: 0,
+            attempts: 0,
+        });
         counts.push(n);
         if batch.len() == BATCH {
             write(&mut batch, &mut counts)?;
@@ -244,8 +299,15 @@ pub fn plan_shard_answered(path: &Path, import_id: i64, shard: i32, answer: impl
     // pass or, after a kill, by an earlier one of the same set), so the counts of
     // this pass are the plan; nothing is left for `PLAN` to add.
     let tx = writer.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    if tx.query_row(PLANNED, params![import_id, shard], |_| Ok(())).optional()?.is_none() {
-        tx.execute(RECORD_PLAN, params![import_id, shard, plan.coordinates, plan.rows])?;
+    if tx
+        .query_row(PLANNED, params![import_id, shard], |_| Ok(()))
+        .optional()?
+        .is_none()
+    {
+        tx.execute(
+            RECORD_PLAN,
+            params![import_id, shard, plan.coordinates, plan.rows],
+        )?;
     }
     tx.commit()?;
     Ok(Some(plan))
@@ -261,14 +323,28 @@ const SHARD_IN_MEMORY_ROWS: usize = 3 << 20;
 /// shard has more than [`SHARD_IN_MEMORY_ROWS`] rows. Sorting in memory takes
 /// a tenth of the CPU of SQLite's sorter (about 0.05 s against 0.5 s for a
 /// 250k-row shard).
-fn shard_coordinates(conn: &Connection, import_id: i64, shard: i32) -> anyhow::Result<Option<Vec<(f64, f64)>>> {
-    const SQL: &str = "SELECT lat, lon FROM points WHERE import_id = ?1 AND shard = ?2 AND status = 'pending'";
+fn shard_coordinates(
+    conn: &Connection,
+    import_id: i64,
+    shard: i32,
+) -> anyhow::Result<Option<Vec<(f64, f64)>>> {
+    const SQL: &str =
+        "SELECT lat, lon FROM points WHERE import_id = ?1 AND shard = ?2 AND status = 'pending'";
     let mut stmt = conn.prepare(SQL)?;
     let mut rows = stmt.query(params![import_id, shard])?;
     // Sized once from the import's rows over its shards (shards are a hash
     // partition, so near equal), grown at most to the cap: never more than 48 MiB.
-    let estimate: i64 = conn.query_row("SELECT rows_total / MAX(shards, 1) FROM imports WHERE id = ?1", [import_id], |r| r.get(0)).optional()?.unwrap_or(0);
-    let mut all: Vec<(f64, f64)> = Vec::with_capacity((estimate.max(0) as usize + estimate.max(0) as usize / 16).min(SHARD_IN_MEMORY_ROWS));
+    let estimate: i64 = conn
+        .query_row(
+            "SELECT rows_total / MAX(shards, 1) FROM imports WHERE id = ?1",
+            [import_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    let mut all: Vec<(f64, f64)> = Vec::with_capacity(
+        (estimate.max(0) as usize + estimate.max(0) as usize / 16).min(SHARD_IN_MEMORY_ROWS),
+    );
     while let Some(r) = rows.next()? {
         if all.len() == all.capacity() {
             if all.len() >= SHARD_IN_MEMORY_ROWS {

@@ -53,7 +53,12 @@ struct AnswerRef<'a> {
 
 impl Hash for Answer {
     fn hash<H: Hasher>(&self, h: &mut H) {
-        AnswerRef { text: &self.text, ends: self.ends, nulls: self.nulls }.hash(h)
+        AnswerRef {
+            text: &self.text,
+            ends: self.ends,
+            nulls: self.nulls,
+        }
+        .hash(h)
     }
 }
 
@@ -110,13 +115,21 @@ impl Lookups {
     /// Reads the import's lookups, or `None` when they would take more than `budget` bytes.
     fn read(path: &Path, import_id: i64, budget: usize) -> anyhow::Result<Option<Self>> {
         let conn = open_for_scan(path)?;
-        let n: i64 = conn.query_row("SELECT COUNT(*) FROM lookups WHERE import_id = ?1", [import_id], |r| r.get(0))?;
+        let n: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM lookups WHERE import_id = ?1",
+            [import_id],
+            |r| r.get(0),
+        )?;
         if table_bytes(n as usize / 2 + 1, 32) > budget / 2 {
             return Ok(None);
         }
         // The median latitude (a walk of half the primary key): halves of equal size.
         let split: f64 = conn
-            .query_row("SELECT lat FROM lookups WHERE import_id = ?1 ORDER BY lat LIMIT 1 OFFSET ?2", [import_id, n / 2], |r| r.get(0))
+            .query_row(
+                "SELECT lat FROM lookups WHERE import_id = ?1 ORDER BY lat LIMIT 1 OFFSET ?2",
+                [import_id, n / 2],
+                |r| r.get(0),
+            )
             .optional()?
             .unwrap_or(0.0);
         let (below, rest) = std::thread::scope(|s| {
@@ -125,7 +138,10 @@ impl Lookups {
             (below.join().expect("lookups reader thread"), rest)
         });
         Ok(match (below?, rest?) {
-            (Some(b), Some(r)) => Some(Lookups { split, halves: [b, r] }),
+            (Some(b), Some(r)) => Some(Lookups {
+                split,
+                halves: [b, r],
+            }),
             _ => None,
         })
     }
@@ -133,7 +149,9 @@ impl Lookups {
     /// The answer and distance (NaN for none) of a coordinate.
     fn get(&self, lat: f64, lon: f64) -> Option<(&Answer, f64)> {
         let half = &self.halves[usize::from(lat >= self.split)];
-        half.coordinates.get(&key(lat, lon)).map(|&(i, d)| (&half.answers[i as usize], d))
+        half.coordinates
+            .get(&key(lat, lon))
+            .map(|&(i, d)| (&half.answers[i as usize], d))
     }
 }
 
@@ -149,10 +167,20 @@ fn open_for_scan(path: &Path) -> anyhow::Result<Connection> {
 impl Half {
     /// The lookups whose latitude meets `condition` against `split`, or `None`
     /// when they would take more than `budget` bytes.
-    fn read(path: &Path, import_id: i64, condition: &str, split: f64, budget: usize) -> anyhow::Result<Option<Self>> {
+    fn read(
+        path: &Path,
+        import_id: i64,
+        condition: &str,
+        split: f64,
+        budget: usize,
+    ) -> anyhow::Result<Option<Self>> {
         let conn = open_for_scan(path)?;
         let sql = format!("SELECT lat, lon, distance_m, status, postcode, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, error FROM lookups WHERE import_id = ?1 AND {condition}");
-        let n: i64 = conn.query_row(&format!("SELECT COUNT(*) FROM lookups WHERE import_id = ?1 AND {condition}"), rusqlite::params![import_id, split], |r| r.get(0))?;
+        let n: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM lookups WHERE import_id = ?1 AND {condition}"),
+            rusqlite::params![import_id, split],
+            |r| r.get(0),
+        )?;
         let n = n as usize;
         let mut bytes = table_bytes(n, 32);
         if bytes > budget {
@@ -178,7 +206,11 @@ impl Half {
                 };
                 *end = at;
             }
-            let found = AnswerRef { text: &text, ends, nulls };
+            let found = AnswerRef {
+                text: &text,
+                ends,
+                nulls,
+            };
             let index = match answers.get_index_of(&found) {
                 Some(i) => i,
                 None => {
@@ -188,7 +220,13 @@ impl Half {
                     if bytes > budget {
                         return Ok(None);
                     }
-                    answers.insert_full(Answer { text: text.as_str().into(), ends, nulls }).0
+                    answers
+                        .insert_full(Answer {
+                            text: text.as_str().into(),
+                            ends,
+                            nulls,
+                        })
+                        .0
                 }
             };
             coordinates.insert(key(lat, lon), (index as u32, distance.unwrap_or(f64::NAN)));
@@ -208,7 +246,12 @@ fn text<'a>(r: &'a rusqlite::Row<'_>, i: usize) -> anyhow::Result<Option<&'a str
 /// Calls `emit` with every row of the import in row order, until it returns
 /// `false`; joins in memory within `budget` bytes, else with the view's plan.
 /// Errors: the database's.
-pub fn results(path: &Path, import_id: i64, budget: usize, mut emit: impl FnMut(&RowRef<'_>) -> anyhow::Result<bool>) -> anyhow::Result<()> {
+pub fn results(
+    path: &Path,
+    import_id: i64,
+    budget: usize,
+    mut emit: impl FnMut(&RowRef<'_>) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let Some(lookups) = Lookups::read(path, import_id, budget)? else {
         tracing::debug!(budget, "lookups exceed the join budget: joining through the view");
@@ -240,7 +283,11 @@ pub fn results(path: &Path, import_id: i64, budget: usize, mut emit: impl FnMut(
         let row = RowRef {
             row_number: r.get(0)?,
             fields: text(r, 1)?.unwrap_or(""),
-            status: if point_status == "invalid" { "invalid" } else { column(0).unwrap_or("pending") },
+            status: if point_status == "invalid" {
+                "invalid"
+            } else {
+                column(0).unwrap_or("pending")
+            },
             postcode: column(1),
             distance_m: found.map(|(_, d)| d).filter(|d| !d.is_nan()),
             area,
@@ -254,7 +301,11 @@ pub fn results(path: &Path, import_id: i64, budget: usize, mut emit: impl FnMut(
 }
 
 /// [`results`] through the `point_results` view: one primary-key probe a row, no memory beyond SQLite's cache.
-fn results_by_view(conn: &Connection, import_id: i64, mut emit: impl FnMut(&RowRef<'_>) -> anyhow::Result<bool>) -> anyhow::Result<()> {
+fn results_by_view(
+    conn: &Connection,
+    import_id: i64,
+    mut emit: impl FnMut(&RowRef<'_>) -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
     const SQL: &str = "SELECT row_number, fields, status, postcode, distance_m, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, error FROM point_results WHERE import_id = ?1 ORDER BY row_number";
     let mut stmt = conn.prepare(SQL)?;
     let mut rows = stmt.query([import_id])?;

@@ -113,7 +113,10 @@ impl ServerState {
             answered: HashMap::new(),
             rng: rand::rngs::StdRng::seed_from_u64(seed),
         };
-        Self { index, inner: Arc::new(Mutex::new(inner)) }
+        Self {
+            index,
+            inner: Arc::new(Mutex::new(inner)),
+        }
     }
 
     /// A snapshot of the statistics, with `max_per_second` computed over all arrivals.
@@ -146,7 +149,11 @@ enum Fate {
     Garbage,
     Truncated,
     Reset,
-    Answer { fewer: bool, reorder: bool, slow: Option<Duration> },
+    Answer {
+        fewer: bool,
+        reorder: bool,
+        slow: Option<Duration>,
+    },
 }
 
 fn decide(state: &ServerState) -> Fate {
@@ -166,14 +173,34 @@ fn decide(state: &ServerState) -> Fate {
             "garbage" => Fate::Garbage,
             "truncated" => Fate::Truncated,
             "reset" => Fate::Reset,
-            "fewer" => Fate::Answer { fewer: true, reorder: false, slow: None },
-            "reorder" => Fate::Answer { fewer: false, reorder: true, slow: None },
-            "slow" => Fate::Answer { fewer: false, reorder: false, slow: Some(Duration::from_millis(f.slow_ms)) },
-            _ => Fate::Answer { fewer: false, reorder: false, slow: None },
+            "fewer" => Fate::Answer {
+                fewer: true,
+                reorder: false,
+                slow: None,
+            },
+            "reorder" => Fate::Answer {
+                fewer: false,
+                reorder: true,
+                slow: None,
+            },
+            "slow" => Fate::Answer {
+                fewer: false,
+                reorder: false,
+                slow: Some(Duration::from_millis(f.slow_ms)),
+            },
+            _ => Fate::Answer {
+                fewer: false,
+                reorder: false,
+                slow: None,
+            },
         };
     }
     if let Some(limit) = f.rate_limit {
-        while g.accepted.front().is_some_and(|&a| now.duration_since(a) >= Duration::from_secs(1)) {
+        while g
+            .accepted
+            .front()
+            .is_some_and(|&a| now.duration_since(a) >= Duration::from_secs(1))
+        {
             g.accepted.pop_front();
         }
         if g.accepted.len() >= limit as usize {
@@ -250,9 +277,15 @@ fn truthy(v: Option<&Value>) -> bool {
 /// Search parameters of one geolocation, with postcodes.io's defaults and clamps.
 fn search_params(radius: Option<f64>, limit: Option<f64>, widesearch: bool) -> (f64, usize) {
     if widesearch {
-        (WIDESEARCH_RADIUS_M, limit.unwrap_or(10.0).clamp(1.0, 10.0) as usize)
+        (
+            WIDESEARCH_RADIUS_M,
+            limit.unwrap_or(10.0).clamp(1.0, 10.0) as usize,
+        )
     } else {
-        (radius.unwrap_or(100.0).clamp(0.0, MAX_API_RADIUS_M), limit.unwrap_or(10.0).clamp(1.0, 100.0) as usize)
+        (
+            radius.unwrap_or(100.0).clamp(0.0, MAX_API_RADIUS_M),
+            limit.unwrap_or(10.0).clamp(1.0, 100.0) as usize,
+        )
     }
 }
 
@@ -277,26 +310,45 @@ async fn bulk(State(state): State<ServerState>, body: axum::body::Bytes) -> Resp
         }
         Fate::Truncated => {
             count_status(&state, 200);
-            return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], "{\"status\":200,\"result\":[{\"query\":{\"lat").into_response();
+            return (
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                "{\"status\":200,\"result\":[{\"query\":{\"lat",
+            )
+                .into_response();
         }
         Fate::Reset => {
             count_status(&state, 0);
-            let stream = futures::stream::once(async { Err::<bytes::Bytes, std::io::Error>(std::io::Error::other("injected reset")) });
-            return Response::builder().status(200).body(Body::from_stream(stream)).expect("response");
+            let stream = futures::stream::once(async {
+                Err::<bytes::Bytes, std::io::Error>(std::io::Error::other("injected reset"))
+            });
+            return Response::builder()
+                .status(200)
+                .body(Body::from_stream(stream))
+                .expect("response");
         }
         Fate::Answer { fewer, reorder, slow } => (fewer, reorder, slow),
     };
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
         count_status(&state, 400);
-        return error_body(StatusCode::BAD_REQUEST, "Invalid JSON submitted. You need to submit a JSON object with an array of geolocation objects");
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            "Invalid JSON submitted. You need to submit a JSON object with an array of geolocation objects",
+        );
     };
     let Some(list) = v.get("geolocations").and_then(Value::as_array) else {
         count_status(&state, 400);
-        return error_body(StatusCode::BAD_REQUEST, "Invalid data submitted. You need to provide a JSON array");
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            "Invalid data submitted. You need to provide a JSON array",
+        );
     };
     if list.len() > MAX_BULK_GEOLOCATIONS {
         count_status(&state, 400);
-        return error_body(StatusCode::BAD_REQUEST, "Too many locations submitted. Up to 100 locations can be bulk requested at a time");
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            "Too many locations submitted. Up to 100 locations can be bulk requested at a time",
+        );
     }
     let mut results = Vec::with_capacity(list.len());
     let mut keys = Vec::with_capacity(list.len());
@@ -310,9 +362,17 @@ async fn bulk(State(state): State<ServerState>, body: axum::body::Bytes) -> Resp
             count_status(&state, 500);
             return error_body(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error");
         }
-        let (radius, limit) = search_params(as_number(g.get("radius")), as_number(g.get("limit")), truthy(g.get("widesearch")));
+        let (radius, limit) = search_params(
+            as_number(g.get("radius")),
+            as_number(g.get("limit")),
+            truthy(g.get("widesearch")),
+        );
         let found = state.index.nearest_n(LatLon { lat, lon }, radius, limit);
-        let result = if found.is_empty() { Value::Null } else { Value::Array(found.iter().map(postcode_json).collect()) };
+        let result = if found.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(found.iter().map(postcode_json).collect())
+        };
         first_radius.get_or_insert_with(|| format!("{radius}"));
         keys.push(((lat + 0.0).to_bits(), (lon + 0.0).to_bits(), radius.to_bits()));
         results.push(json!({"query": g, "result": result}));
@@ -365,14 +425,21 @@ struct SingleQuery {
 
 async fn single(State(state): State<ServerState>, Query(q): Query<SingleQuery>) -> Response {
     let _ = decide(&state);
-    let (Some(lat), Some(lon)) = (q.lat.and_then(|s| s.parse::<f64>().ok()), q.lon.and_then(|s| s.parse::<f64>().ok())) else {
+    let (Some(lat), Some(lon)) = (
+        q.lat.and_then(|s| s.parse::<f64>().ok()),
+        q.lon.and_then(|s| s.parse::<f64>().ok()),
+    ) else {
         count_status(&state, 400);
         return error_body(StatusCode::BAD_REQUEST, "Invalid longitude/latitude submitted");
     };
     let (radius, limit) = search_params(q.radius, q.limit, q.widesearch.is_some());
     let found = state.index.nearest_n(LatLon { lat, lon }, radius, limit);
     count_status(&state, 200);
-    let result = if found.is_empty() { Value::Null } else { Value::Array(found.iter().map(postcode_json).collect()) };
+    let result = if found.is_empty() {
+        Value::Null
+    } else {
+        Value::Array(found.iter().map(postcode_json).collect())
+    };
     Json(json!({"status": 200, "result": result})).into_response()
 }
 

@@ -20,13 +20,19 @@ use pipeline::{
     test_server::{Faults, TestServer},
 };
 
-
 /// Postcodes on a 0.01° grid around London: every test point has one within 100 m.
 fn grid_index() -> Arc<OfflineIndex> {
     let mut text = String::from("pcd,lat,long\n");
     for i in 0..40 {
         for j in 0..40 {
-            text.push_str(&format!("T{}{} {}AA,{},{}\n", i, j / 10, j % 10, 51.3 + i as f64 * 0.01, -0.4 + j as f64 * 0.01));
+            text.push_str(&format!(
+                "T{}{} {}AA,{},{}\n",
+                i,
+                j / 10,
+                j % 10,
+                51.3 + i as f64 * 0.01,
+                -0.4 + j as f64 * 0.01
+            ));
         }
     }
     Arc::new(OfflineIndex::from_reader(Box::new(std::io::Cursor::new(text.into_bytes())), "grid").unwrap())
@@ -36,24 +42,55 @@ fn grid_index() -> Arc<OfflineIndex> {
 async fn import(store: &Store, n: usize) -> ImportRecord {
     let mut text = String::from("lat,lon\n");
     for k in 0..n {
-        text.push_str(&format!("{},{}\n", 51.3 + (k % 40) as f64 * 0.01 + 0.00002 * (k / 40) as f64, -0.4 + (k / 40 % 40) as f64 * 0.01));
+        text.push_str(&format!(
+            "{},{}\n",
+            51.3 + (k % 40) as f64 * 0.01 + 0.00002 * (k / 40) as f64,
+            -0.4 + (k / 40 % 40) as f64 * 0.01
+        ));
     }
-    let path = std::env::temp_dir().join(format!("faults-{}-{:x}.csv", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    let path = std::env::temp_dir().join(format!(
+        "faults-{}-{:x}.csv",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
     std::fs::write(&path, text).unwrap();
-    let imp = store.ensure_import(&path.to_string_lossy(), "faults", "file", 1).await.unwrap();
-    load(store, &imp, &Source::File(path.clone()), &CsvOptions::default()).await.unwrap();
+    let imp = store
+        .ensure_import(&path.to_string_lossy(), "faults", "file", 1)
+        .await
+        .unwrap();
+    load(store, &imp, &Source::File(path.clone()), &CsvOptions::default())
+        .await
+        .unwrap();
     let _ = std::fs::remove_file(&path);
     store.set_quota(imp.id, 200.0, None).await.unwrap();
     store.import(&imp.uid).await.unwrap().unwrap()
 }
 
 fn fast_retry() -> RetryPolicy {
-    RetryPolicy { max_attempts: 4, base: Duration::from_millis(20), cap: Duration::from_millis(200) }
+    RetryPolicy {
+        max_attempts: 4,
+        base: Duration::from_millis(20),
+        cap: Duration::from_millis(200),
+    }
 }
 
-async fn enrich(store: &Store, imp: &ImportRecord, url: &str, timeout: Duration, retry: RetryPolicy) -> Finish {
+async fn enrich(
+    store: &Store,
+    imp: &ImportRecord,
+    url: &str,
+    timeout: Duration,
+    retry: RetryPolicy,
+) -> Finish {
     let provider = Provider::Api(PostcodesIo::new(url, timeout));
-    let cfg = ShardConfig { import_id: imp.id, shard: 0, plan: SearchPlan::default(), retry };
+    let cfg = ShardConfig {
+        import_id: imp.id,
+        shard: 0,
+        plan: SearchPlan::default(),
+        retry,
+    };
     run_shard(store, &provider, &cfg, |_| {}).await.unwrap()
 }
 
@@ -63,22 +100,36 @@ async fn enrich(store: &Store, imp: &ImportRecord, url: &str, timeout: Duration,
 async fn survives(script: &[&str], faults: Faults, requests: u64) -> pipeline::test_server::Stats {
     let store = fresh_pg().await;
     let imp = import(&store, 250).await;
-    let faults = Faults { script: script.iter().map(|s| s.to_string()).collect(), ..faults };
+    let faults = Faults {
+        script: script.iter().map(|s| s.to_string()).collect(),
+        ..faults
+    };
     let server = TestServer::start(grid_index(), faults).await.unwrap();
-    assert_eq!(enrich(&store, &imp, &server.url(), Duration::from_secs(2), fast_retry()).await, Finish::Done);
+    assert_eq!(
+        enrich(&store, &imp, &server.url(), Duration::from_secs(2), fast_retry()).await,
+        Finish::Done
+    );
     let c = store.counts(&imp).await.unwrap();
     let mut errors = std::collections::BTreeSet::new();
-    store.for_each_result(imp.id, |r| {
-        errors.extend(r.error);
-        Ok(())
-    })
-    .await
-    .unwrap();
-    assert_eq!((c.rows_enriched, c.rows_pending, c.rows_failed), (250, 0, 0), "{c:?} {errors:?}");
+    store
+        .for_each_result(imp.id, |r| {
+            errors.extend(r.error);
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.rows_enriched, c.rows_pending, c.rows_failed),
+        (250, 0, 0),
+        "{c:?} {errors:?}"
+    );
     let st = server.state.stats();
     assert_eq!(st.requests, requests, "{st:?}");
     let q = store.quota_counters(imp.id).await.unwrap();
-    assert_eq!(q.requests as u64, st.requests, "every request went through the quota");
+    assert_eq!(
+        q.requests as u64, st.requests,
+        "every request went through the quota"
+    );
     st
 }
 
@@ -103,12 +154,28 @@ async fn connection_resets_are_retried() {
 #[tokio::test]
 async fn read_timeouts_are_retried() {
     // slower than the client's 2 s timeout
-    survives(&["slow", "ok", "slow"], Faults { slow_ms: 3_000, ..Faults::default() }, 5).await;
+    survives(
+        &["slow", "ok", "slow"],
+        Faults {
+            slow_ms: 3_000,
+            ..Faults::default()
+        },
+        5,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn slow_answers_within_the_timeout_are_waited_for() {
-    survives(&["slow", "slow"], Faults { slow_ms: 500, ..Faults::default() }, 3).await;
+    survives(
+        &["slow", "slow"],
+        Faults {
+            slow_ms: 500,
+            ..Faults::default()
+        },
+        3,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -124,7 +191,11 @@ async fn fewer_answers_than_queries_and_reordered_answers() {
 async fn http_429_with_retry_after_pauses_every_request() {
     let store = fresh_pg().await;
     let imp = import(&store, 400).await;
-    let faults = Faults { script: vec!["ok".into(), "429".into()], retry_after_s: Some(2), ..Faults::default() };
+    let faults = Faults {
+        script: vec!["ok".into(), "429".into()],
+        retry_after_s: Some(2),
+        ..Faults::default()
+    };
     let server = TestServer::start(grid_index(), faults).await.unwrap();
     // two "shards" worth of workers on the same import (same quota row)
     let (s1, s2) = (store.clone(), store.clone());
@@ -135,9 +206,23 @@ async fn http_429_with_retry_after_pauses_every_request() {
     assert_eq!(a.await.unwrap(), Finish::Done);
     assert_eq!(b.await.unwrap(), Finish::Done);
     let st = server.state.stats();
-    let t429 = st.log.iter().find(|(_, c)| *c == 429).expect("a 429 was served").0;
-    let next = st.arrivals.iter().copied().filter(|&t| t > t429 + 1e-6).fold(f64::INFINITY, f64::min);
-    assert!(next >= t429 + 1.9, "a request arrived {:.3}s after the 429 (Retry-After 2)", next - t429);
+    let t429 = st
+        .log
+        .iter()
+        .find(|(_, c)| *c == 429)
+        .expect("a 429 was served")
+        .0;
+    let next = st
+        .arrivals
+        .iter()
+        .copied()
+        .filter(|&t| t > t429 + 1e-6)
+        .fold(f64::INFINITY, f64::min);
+    assert!(
+        next >= t429 + 1.9,
+        "a request arrived {:.3}s after the 429 (Retry-After 2)",
+        next - t429
+    );
     let q = store.quota_counters(imp.id).await.unwrap();
     assert_eq!(q.throttled, 1);
     assert_eq!(store.counts(&imp).await.unwrap().rows_pending, 0);
@@ -145,7 +230,15 @@ async fn http_429_with_retry_after_pauses_every_request() {
 
 #[tokio::test]
 async fn http_429_without_retry_after_backs_off_and_finishes() {
-    survives(&["429", "429", "429"], Faults { retry_after_s: None, ..Faults::default() }, 6).await;
+    survives(
+        &["429", "429", "429"],
+        Faults {
+            retry_after_s: None,
+            ..Faults::default()
+        },
+        6,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -157,18 +250,32 @@ async fn an_unreachable_api_fails_rows_with_the_reason_and_they_can_be_retried()
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let finish = enrich(&store, &imp, &format!("http://{closed}"), Duration::from_secs(2), fast_retry()).await;
+    let finish = enrich(
+        &store,
+        &imp,
+        &format!("http://{closed}"),
+        Duration::from_secs(2),
+        fast_retry(),
+    )
+    .await;
     assert_eq!(finish, Finish::Done);
     let c = store.counts(&imp).await.unwrap();
     assert_eq!(c.rows_failed, 150, "{c:?}");
     let mut reasons = vec![];
-    store.for_each_result(imp.id, |r| {
-        reasons.push(r.error.unwrap_or_default());
-        Ok(())
-    })
-    .await
-    .unwrap();
-    assert!(reasons.iter().all(|e| e.contains("connection failed") && e.contains("after 4 requests")), "{:?}", &reasons[..2]);
+    store
+        .for_each_result(imp.id, |r| {
+            reasons.push(r.error.unwrap_or_default());
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert!(
+        reasons
+            .iter()
+            .all(|e| e.contains("connection failed") && e.contains("after 4 requests")),
+        "{:?}",
+        &reasons[..2]
+    );
     // later, with the API back: only the failed rows are asked, and they finish
     assert_eq!(store.requeue_failed(imp.id).await.unwrap(), 150);
     let server = TestServer::start(grid_index(), Faults::default()).await.unwrap();
@@ -184,12 +291,18 @@ async fn a_spent_budget_stops_with_rows_pending_and_resumes_when_raised() {
     let imp = import(&store, 450).await;
     store.set_quota(imp.id, 200.0, Some(2)).await.unwrap();
     let server = TestServer::start(grid_index(), Faults::default()).await.unwrap();
-    assert_eq!(enrich(&store, &imp, &server.url(), Duration::from_secs(2), fast_retry()).await, Finish::QuotaExhausted);
+    assert_eq!(
+        enrich(&store, &imp, &server.url(), Duration::from_secs(2), fast_retry()).await,
+        Finish::QuotaExhausted
+    );
     let c = store.counts(&imp).await.unwrap();
     assert_eq!((c.rows_enriched, c.rows_pending), (200, 250), "{c:?}");
     assert_eq!(server.state.stats().requests, 2, "the budget is a hard limit");
     store.set_quota(imp.id, 200.0, Some(10)).await.unwrap();
-    assert_eq!(enrich(&store, &imp, &server.url(), Duration::from_secs(2), fast_retry()).await, Finish::Done);
+    assert_eq!(
+        enrich(&store, &imp, &server.url(), Duration::from_secs(2), fast_retry()).await,
+        Finish::Done
+    );
     assert_eq!(store.counts(&imp).await.unwrap().rows_enriched, 450);
     assert_eq!(server.state.stats().repeated_queries, 0);
 }

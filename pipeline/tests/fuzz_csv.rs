@@ -11,7 +11,10 @@ use pipeline::csv_input::{CsvOptions, RowReader};
 use proptest::prelude::*;
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(2000)
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000)
 }
 
 /// Reads everything; `None` when the file is refused as a whole.

@@ -21,7 +21,6 @@ use pipeline::{
     test_server::{Faults, TestServer},
 };
 
-
 fn csv_file(text: &str) -> tempfile_path::Path {
     tempfile_path::Path::with(text)
 }
@@ -31,7 +30,13 @@ mod tempfile_path {
     pub struct Path(pub std::path::PathBuf);
     impl Path {
         pub fn with(text: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("pg-store-{:x}.csv", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+            let p = std::env::temp_dir().join(format!(
+                "pg-store-{:x}.csv",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos()
+            ));
             std::fs::write(&p, text).unwrap();
             Self(p)
         }
@@ -45,7 +50,9 @@ mod tempfile_path {
 
 fn tiny_index() -> Arc<OfflineIndex> {
     let text = "pcd,lat,long\nAB1 0AA,51.5000,-0.1000\nAB1 0AB,51.5100,-0.1000\nAB1 0AD,52.0000,-1.0000\n";
-    Arc::new(OfflineIndex::from_reader(Box::new(std::io::Cursor::new(text.as_bytes().to_vec())), "tiny").unwrap())
+    Arc::new(
+        OfflineIndex::from_reader(Box::new(std::io::Cursor::new(text.as_bytes().to_vec())), "tiny").unwrap(),
+    )
 }
 
 #[tokio::test]
@@ -53,20 +60,35 @@ async fn copy_load_counts_every_row_and_a_reload_replaces() {
     let store = fresh_pg().await;
     let mut text = String::from("id;lat;lon;note\n");
     for i in 0..25_000 {
-        text.push_str(&format!("{i};{};{};\"tab\there, back\\slash\"\n", 51.0 + (i % 1000) as f64 * 1e-3, -0.5));
+        text.push_str(&format!(
+            "{i};{};{};\"tab\there, back\\slash\"\n",
+            51.0 + (i % 1000) as f64 * 1e-3,
+            -0.5
+        ));
     }
     text.push_str("x;abc;1;bad\n");
     let f = csv_file(&text);
     let imp = store.ensure_import("u1", "t", "file", 4).await.unwrap();
-    let c = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
+    let c = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default())
+        .await
+        .unwrap();
     assert_eq!((c.rows, c.invalid), (25_001, 1));
     // reload: replaced, not duplicated
-    let c2 = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
+    let c2 = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default())
+        .await
+        .unwrap();
     assert_eq!(c, c2);
     let imp = store.import("u1").await.unwrap().unwrap();
-    assert_eq!((imp.phase.as_str(), imp.rows_total, imp.rows_invalid), ("Loaded", 25_001, 1));
+    assert_eq!(
+        (imp.phase.as_str(), imp.rows_total, imp.rows_invalid),
+        ("Loaded", 25_001, 1)
+    );
     let counts = store.counts(&imp).await.unwrap();
-    assert_eq!((counts.rows_pending, counts.coordinates_total), (25_000, 0), "no shard planned yet");
+    assert_eq!(
+        (counts.rows_pending, counts.coordinates_total),
+        (25_000, 0),
+        "no shard planned yet"
+    );
     let mut planned = pipeline::db::ShardPlan::default();
     for shard in 0..4 {
         let p = store.plan_shard(imp.id, shard).await.unwrap();
@@ -96,8 +118,22 @@ async fn a_failed_parse_leaves_the_previous_load_alone() {
     let store = fresh_pg().await;
     let good = csv_file("lat,lon\n51.5,-0.1\n");
     let imp = store.ensure_import("u2", "t", "file", 1).await.unwrap();
-    load(&store, &imp, &Source::File(good.0.clone()), &CsvOptions::default()).await.unwrap();
-    let err = load(&store, &imp, &Source::File("/nonexistent.csv".into()), &CsvOptions::default()).await.unwrap_err();
+    load(
+        &store,
+        &imp,
+        &Source::File(good.0.clone()),
+        &CsvOptions::default(),
+    )
+    .await
+    .unwrap();
+    let err = load(
+        &store,
+        &imp,
+        &Source::File("/nonexistent.csv".into()),
+        &CsvOptions::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.is_permanent(), "{err}");
     assert_eq!(store.import("u2").await.unwrap().unwrap().rows_total, 1);
 }
@@ -111,22 +147,39 @@ async fn claims_skip_locked_rows_and_a_lost_batch_is_claimed_again() {
     }
     let f = csv_file(&text);
     let imp = store.ensure_import("u3", "t", "file", 1).await.unwrap();
-    load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
+    load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default())
+        .await
+        .unwrap();
     store.plan_shard(imp.id, 0).await.unwrap();
     let a = store.claim(imp.id, 0, 0, 100).await.unwrap();
     let b = store.claim(imp.id, 0, 0, 100).await.unwrap();
     let sa: Vec<_> = a.items.iter().map(|c| c.lat.to_bits()).collect();
     assert_eq!(a.items.len(), 100);
     assert_eq!(b.items.len(), 100);
-    assert!(b.items.iter().all(|c| !sa.contains(&c.lat.to_bits())), "claims overlap");
+    assert!(
+        b.items.iter().all(|c| !sa.contains(&c.lat.to_bits())),
+        "claims overlap"
+    );
     // a is saved, b is lost (its enricher died): b's rows are pending again
-    let saved: Vec<Saved> = a.items.iter().map(|c| Saved { lat: c.lat, lon: c.lon, attempts: 1, outcome: Outcome::NoMatch }).collect();
+    let saved: Vec<Saved> = a
+        .items
+        .iter()
+        .map(|c| Saved {
+            lat: c.lat,
+            lon: c.lon,
+            attempts: 1,
+            outcome: Outcome::NoMatch,
+        })
+        .collect();
     store.save(a, &saved).await.unwrap();
     drop(b);
     assert_eq!(store.pending(imp.id, Some(0)).await.unwrap(), 200);
     let c = store.claim(imp.id, 0, 0, 500).await.unwrap();
     assert_eq!(c.items.len(), 200);
-    assert!(c.items.iter().all(|x| !sa.contains(&x.lat.to_bits())), "a finished batch was claimed again");
+    assert!(
+        c.items.iter().all(|x| !sa.contains(&x.lat.to_bits())),
+        "a finished batch was claimed again"
+    );
 }
 
 #[tokio::test]
@@ -138,17 +191,35 @@ async fn four_shards_share_one_quota_and_finish_every_row() {
     }
     let f = csv_file(&text);
     let imp = store.ensure_import("u4", "t", "file", 4).await.unwrap();
-    let c = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default()).await.unwrap();
+    let c = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default())
+        .await
+        .unwrap();
     assert_eq!(c.rows, 4000);
     // server limit = quota: any overshoot would show as a 429
-    let server = TestServer::start(tiny_index(), Faults { rate_limit: Some(10), retry_after_s: Some(1), ..Faults::default() }).await.unwrap();
+    let server = TestServer::start(
+        tiny_index(),
+        Faults {
+            rate_limit: Some(10),
+            retry_after_s: Some(1),
+            ..Faults::default()
+        },
+    )
+    .await
+    .unwrap();
     store.set_quota(imp.id, 10.0, None).await.unwrap();
     let api = PostcodesIo::new(&server.url(), std::time::Duration::from_secs(10));
     let mut tasks = vec![];
     for shard in 0..4 {
         let (store, provider) = (store.clone(), Provider::Api(api.clone()));
-        let cfg = ShardConfig { import_id: imp.id, shard, plan: SearchPlan::default(), retry: RetryPolicy::default() };
-        tasks.push(tokio::spawn(async move { run_shard(&store, &provider, &cfg, |_| {}).await.unwrap() }));
+        let cfg = ShardConfig {
+            import_id: imp.id,
+            shard,
+            plan: SearchPlan::default(),
+            retry: RetryPolicy::default(),
+        };
+        tasks.push(tokio::spawn(async move {
+            run_shard(&store, &provider, &cfg, |_| {}).await.unwrap()
+        }));
     }
     for t in tasks {
         t.await.unwrap();
@@ -159,7 +230,10 @@ async fn four_shards_share_one_quota_and_finish_every_row() {
     let counts = store.counts(&imp).await.unwrap();
     assert_eq!(counts.rows_pending, 0);
     assert_eq!(counts.rows_enriched + counts.rows_no_match, 4_000);
-    assert_eq!(store.quota_counters(imp.id).await.unwrap().requests as u64, st.requests);
+    assert_eq!(
+        store.quota_counters(imp.id).await.unwrap().requests as u64,
+        st.requests
+    );
 }
 
 #[tokio::test]

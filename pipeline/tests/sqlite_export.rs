@@ -17,7 +17,10 @@ use pipeline::{
 };
 
 fn temp(name: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     std::env::temp_dir().join(format!("sqlite-export-{}-{nanos:x}-{name}", std::process::id()))
 }
 
@@ -26,7 +29,11 @@ fn index() -> Arc<OfflineIndex> {
     let mut text = String::from("pcd,lat,long\n");
     for i in 0..20 {
         for j in 0..20 {
-            text.push_str(&format!("T{i} {j}AA,{},{}\n", 51.4 + i as f64 * 0.01, -0.2 + j as f64 * 0.01));
+            text.push_str(&format!(
+                "T{i} {j}AA,{},{}\n",
+                51.4 + i as f64 * 0.01,
+                -0.2 + j as f64 * 0.01
+            ));
         }
     }
     Arc::new(OfflineIndex::from_reader(Box::new(std::io::Cursor::new(text.into_bytes())), "grid").unwrap())
@@ -41,14 +48,19 @@ async fn loaded(store: &Store, db: &str) -> ImportRecord {
             0 => ("not-a-number".to_string(), "1".to_string()),
             1 => ("-0.0".to_string(), "0.0".to_string()),
             2 => ("51.0".to_string(), "-3.0".to_string()), // 50 km from the grid
-            _ => (format!("{}", 51.4 + (k % 50) as f64 * 0.003), format!("{}", -0.2 + (k % 30) as f64 * 0.005)),
+            _ => (
+                format!("{}", 51.4 + (k % 50) as f64 * 0.003),
+                format!("{}", -0.2 + (k % 30) as f64 * 0.005),
+            ),
         };
         text.push_str(&format!("{k},{lat},{lon},\"note {k}, with \"\"quotes\"\"\"\n"));
     }
     let csv = temp("in.csv");
     std::fs::write(&csv, text).unwrap();
     let imp = store.ensure_import(db, "export", "file", 2).await.unwrap();
-    load(store, &imp, &Source::File(csv.clone()), &CsvOptions::default()).await.unwrap();
+    load(store, &imp, &Source::File(csv.clone()), &CsvOptions::default())
+        .await
+        .unwrap();
     std::fs::remove_file(&csv).unwrap();
     store.import(&imp.uid).await.unwrap().unwrap()
 }
@@ -70,9 +82,22 @@ async fn the_join_in_memory_gives_the_views_rows() {
     store.migrate().await.unwrap();
     let imp = loaded(&store, &db).await;
     // Shard 0 enriched offline (without widesearch, so the far rows end no_match); shard 1 never planned.
-    let plan = SearchPlan { widesearch: false, ..SearchPlan::default() };
-    let cfg = ShardConfig { import_id: imp.id, shard: 0, plan, retry: RetryPolicy::default() };
-    assert_eq!(run_shard(&store, &Provider::Offline(index()), &cfg, |_| {}).await.unwrap(), Finish::Done);
+    let plan = SearchPlan {
+        widesearch: false,
+        ..SearchPlan::default()
+    };
+    let cfg = ShardConfig {
+        import_id: imp.id,
+        shard: 0,
+        plan,
+        retry: RetryPolicy::default(),
+    };
+    assert_eq!(
+        run_shard(&store, &Provider::Offline(index()), &cfg, |_| {})
+            .await
+            .unwrap(),
+        Finish::Done
+    );
     // Some lookups failed, some with area data that needs quoting, sharing one answer.
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
@@ -86,13 +111,29 @@ async fn the_join_in_memory_gives_the_views_rows() {
     assert_eq!(by_view.len(), 600);
     assert_eq!(in_memory, by_view);
     let statuses: std::collections::BTreeSet<&str> = by_view.iter().map(|r| r.status.as_str()).collect();
-    assert_eq!(statuses, ["enriched", "failed", "invalid", "no_match", "pending"].into_iter().collect());
-    assert!(by_view.iter().any(|r| r.region.as_deref() == Some("London, \"Greater\"") && r.parish.as_deref() == Some("")));
-    assert!(by_view.iter().all(|r| r.row_number >= 1 && r.fields.contains("with \"\"quotes\"\"")));
-    assert_eq!(by_view.iter().map(|r| r.row_number).collect::<Vec<_>>(), (1..=600).collect::<Vec<_>>());
+    assert_eq!(
+        statuses,
+        ["enriched", "failed", "invalid", "no_match", "pending"]
+            .into_iter()
+            .collect()
+    );
+    assert!(by_view
+        .iter()
+        .any(|r| r.region.as_deref() == Some("London, \"Greater\"") && r.parish.as_deref() == Some("")));
+    assert!(by_view
+        .iter()
+        .all(|r| r.row_number >= 1 && r.fields.contains("with \"\"quotes\"\"")));
+    assert_eq!(
+        by_view.iter().map(|r| r.row_number).collect::<Vec<_>>(),
+        (1..=600).collect::<Vec<_>>()
+    );
 
     // An error over 64 KiB cannot be packed: the export still gives the view's rows.
-    conn.execute("UPDATE lookups SET error = ?1 WHERE status = 'failed'", [&"x".repeat(70_000)]).unwrap();
+    conn.execute(
+        "UPDATE lookups SET error = ?1 WHERE status = 'failed'",
+        [&"x".repeat(70_000)],
+    )
+    .unwrap();
     assert_eq!(rows(&db, imp.id, JOIN_BUDGET_BYTES), rows(&db, imp.id, 0));
     store.close().await;
     for suffix in ["", "-wal", "-shm"] {

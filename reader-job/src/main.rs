@@ -55,14 +55,33 @@ async fn main() {
 
 async fn run(args: &Args) -> Result<(), (i32, anyhow::Error)> {
     let retryable = |e: anyhow::Error| (1, e);
-    let delimiter = args.delimiter.as_deref().map(parse_delimiter).transpose().map_err(|e| (EXIT_PERMANENT, e.into()))?;
-    let opts = CsvOptions { lat_column: args.lat_column.clone(), lon_column: args.lon_column.clone(), delimiter };
+    let delimiter = args
+        .delimiter
+        .as_deref()
+        .map(parse_delimiter)
+        .transpose()
+        .map_err(|e| (EXIT_PERMANENT, e.into()))?;
+    let opts = CsvOptions {
+        lat_column: args.lat_column.clone(),
+        lon_column: args.lon_column.clone(),
+        delimiter,
+    };
     let store = Store::connect(&args.database_url).await.map_err(retryable)?;
-    let import = store.ensure_import(&args.import_uid, &args.import_name, &args.source, args.shards).await.map_err(retryable)?;
+    let import = store
+        .ensure_import(&args.import_uid, &args.import_name, &args.source, args.shards)
+        .await
+        .map_err(retryable)?;
     if import.source != args.source || import.shards != args.shards {
-        store.set_import_source(import.id, &args.source, args.shards).await.map_err(retryable)?;
+        store
+            .set_import_source(import.id, &args.source, args.shards)
+            .await
+            .map_err(retryable)?;
     }
-    let import = store.import(&args.import_uid).await.map_err(retryable)?.expect("import exists");
+    let import = store
+        .import(&args.import_uid)
+        .await
+        .map_err(retryable)?
+        .expect("import exists");
     let source = Source::parse(&args.source);
     let started = std::time::Instant::now();
     match load(&store, &import, &source, &opts).await {

@@ -122,20 +122,37 @@ where
     match found {
         Ok(Some(obj)) => obj,
         _ => match &last {
-            Some(obj) => panic!("timed out after {timeout:?} waiting for {} {name}; last seen:\n{obj:#?}", std::any::type_name::<K>()),
-            None => panic!("timed out after {timeout:?} waiting for {} {name}: it was never seen", std::any::type_name::<K>()),
+            Some(obj) => panic!(
+                "timed out after {timeout:?} waiting for {} {name}; last seen:\n{obj:#?}",
+                std::any::type_name::<K>()
+            ),
+            None => panic!(
+                "timed out after {timeout:?} waiting for {} {name}: it was never seen",
+                std::any::type_name::<K>()
+            ),
         },
     }
 }
 
 /// A Job's condition `type_` is `True`.
 pub fn job_condition(job: &Job, type_: &str) -> bool {
-    conditions_true(job.status.as_ref().and_then(|s| s.conditions.as_deref()).unwrap_or_default(), type_)
+    conditions_true(
+        job.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_deref())
+            .unwrap_or_default(),
+        type_,
+    )
 }
 
 /// The condition of that type, if any.
 pub fn find_job_condition<'a>(job: &'a Job, type_: &str) -> Option<&'a JobCondition> {
-    job.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == type_)
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
 }
 
 /// The Job has a `Complete=True` or `Failed=True` condition.
@@ -211,8 +228,16 @@ impl FakeKubelet {
     /// Starts watching the Jobs of `namespace`. `extra_env` is added to every
     /// container's environment (after the container's own `env`, so it wins),
     /// e.g. `KUBECONFIG` so the process reaches the API server.
-    pub fn start(client: Client, namespace: &str, bin_dir: PathBuf, extra_env: Vec<(String, String)>) -> FakeKubelet {
-        let log_dir = std::env::temp_dir().join(format!("fake-kubelet-{namespace}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    pub fn start(
+        client: Client,
+        namespace: &str,
+        bin_dir: PathBuf,
+        extra_env: Vec<(String, String)>,
+    ) -> FakeKubelet {
+        let log_dir = std::env::temp_dir().join(format!(
+            "fake-kubelet-{namespace}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ));
         std::fs::create_dir_all(&log_dir).unwrap();
         let ctx = Arc::new(Ctx {
             client: client.clone(),
@@ -243,7 +268,11 @@ impl FakeKubelet {
         let mut out = String::new();
         for attempt in 1..=self.runs(job) {
             let p = self.log_path(job, attempt);
-            out += &format!("--- {} ---\n{}\n", p.display(), std::fs::read_to_string(&p).unwrap_or_default());
+            out += &format!(
+                "--- {} ---\n{}\n",
+                p.display(),
+                std::fs::read_to_string(&p).unwrap_or_default()
+            );
         }
         out
     }
@@ -274,18 +303,27 @@ impl FakeKubelet {
         let mut changes = self.ctx.changed.subscribe();
         let waited = tokio::time::timeout(timeout, async {
             while !cond(self) {
-                changes.changed().await.expect("the kubelet's change channel lives as long as it");
+                changes
+                    .changed()
+                    .await
+                    .expect("the kubelet's change channel lives as long as it");
             }
         })
         .await;
         if waited.is_err() {
-            panic!("timed out after {timeout:?} waiting until {what}; harness errors: {:?}", self.errors());
+            panic!(
+                "timed out after {timeout:?} waiting until {what}; harness errors: {:?}",
+                self.errors()
+            );
         }
     }
 
     /// Waits until no process of that Job runs (e.g. after deleting or suspending it).
     pub async fn wait_idle(&self, job: &str, timeout: Duration) {
-        self.wait_until(timeout, &format!("no process of Job {job} runs"), |k| !k.running(job)).await
+        self.wait_until(timeout, &format!("no process of Job {job} runs"), |k| {
+            !k.running(job)
+        })
+        .await
     }
 
     /// Problems of the harness itself (rejected status writes, unrunnable specs).
@@ -296,7 +334,14 @@ impl FakeKubelet {
     /// Stops watching and kills all children (waiting until they are gone).
     pub async fn stop(self) {
         self.watch_task.abort();
-        let tasks: Vec<JoinHandle<()>> = self.ctx.jobs.lock().unwrap().values_mut().filter_map(|t| t.task.take()).collect();
+        let tasks: Vec<JoinHandle<()>> = self
+            .ctx
+            .jobs
+            .lock()
+            .unwrap()
+            .values_mut()
+            .filter_map(|t| t.task.take())
+            .collect();
         for t in &tasks {
             t.abort();
         }
@@ -342,7 +387,14 @@ async fn watch_jobs(ctx: Arc<Ctx>) {
             }
             Ok(Event::InitDone) => {
                 let seen = listed.take().unwrap_or_default();
-                let gone: Vec<String> = ctx.jobs.lock().unwrap().keys().filter(|n| !seen.contains(n)).cloned().collect();
+                let gone: Vec<String> = ctx
+                    .jobs
+                    .lock()
+                    .unwrap()
+                    .keys()
+                    .filter(|n| !seen.contains(n))
+                    .cloned()
+                    .collect();
                 for name in gone {
                     deleted(&ctx, &name);
                 }
@@ -505,13 +557,25 @@ fn pod_failure_verdict(job: &Job, container: &str, code: i32) -> Verdict {
 }
 
 /// Runs and tracks one Job object until it finishes or goes away.
-async fn supervise(ctx: Arc<Ctx>, name: String, mut updates: watch::Receiver<Option<Job>>, mut kills: mpsc::UnboundedReceiver<()>) {
+async fn supervise(
+    ctx: Arc<Ctx>,
+    name: String,
+    mut updates: watch::Receiver<Option<Job>>,
+    mut kills: mpsc::UnboundedReceiver<()>,
+) {
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
-    let Some(first) = updates.borrow().clone() else { return };
+    let Some(first) = updates.borrow().clone() else {
+        return;
+    };
     let uid = first.uid().unwrap_or_default();
-    let shape = first.spec.as_ref().map(|s| (s.completions.unwrap_or(1), s.parallelism.unwrap_or(1)));
+    let shape = first
+        .spec
+        .as_ref()
+        .map(|s| (s.completions.unwrap_or(1), s.parallelism.unwrap_or(1)));
     if shape != Some((1, 1)) {
-        ctx.error(format!("Job {name}: {UNSUPPORTED}(completions, parallelism) = {shape:?}; only (1, 1) is"));
+        ctx.error(format!(
+            "Job {name}: {UNSUPPORTED}(completions, parallelism) = {shape:?}; only (1, 1) is"
+        ));
         return;
     }
     let mut st = Status::from_job(&first);
@@ -524,7 +588,10 @@ async fn supervise(ctx: Arc<Ctx>, name: String, mut updates: watch::Receiver<Opt
     let write = |st: &Status| {
         let (api, ctx, name, patch) = (api.clone(), ctx.clone(), name.clone(), st.patch());
         async move {
-            match api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {} // deleted meanwhile
                 Err(e) => ctx.error(format!("status of Job {name} rejected: {e}\npatch: {patch}")),
@@ -542,7 +609,13 @@ async fn supervise(ctx: Arc<Ctx>, name: String, mut updates: watch::Receiver<Opt
             break;
         }
         let spec = job.spec.clone().unwrap_or_default();
-        let container = spec.template.spec.as_ref().and_then(|p| p.containers.first()).cloned().unwrap_or_default();
+        let container = spec
+            .template
+            .spec
+            .as_ref()
+            .and_then(|p| p.containers.first())
+            .cloned()
+            .unwrap_or_default();
 
         if kill_requested {
             kill_requested = false;
@@ -581,7 +654,10 @@ async fn supervise(ctx: Arc<Ctx>, name: String, mut updates: watch::Receiver<Opt
                         reported_unsupported = true;
                         ctx.error(format!("Job {name}: {why}"));
                     } else {
-                        eprintln!("[fake-kubelet {}] Job {name}: container not ready to start: {why}", ctx.namespace);
+                        eprintln!(
+                            "[fake-kubelet {}] Job {name}: container not ready to start: {why}",
+                            ctx.namespace
+                        );
                     }
                     not_before = Some(Instant::now() + PENDING_RETRY);
                     if st.active != 1 || st.ready != 0 {
@@ -648,7 +724,14 @@ async fn supervise(ctx: Arc<Ctx>, name: String, mut updates: watch::Receiver<Opt
 }
 
 /// Accounts for an ended attempt with `code`; returns true when the Job is finished.
-fn finish_attempt(ctx: &Ctx, job: &Job, container: &Container, st: &mut Status, code: i32, not_before: &mut Option<Instant>) -> bool {
+fn finish_attempt(
+    ctx: &Ctx,
+    job: &Job,
+    container: &Container,
+    st: &mut Status,
+    code: i32,
+    not_before: &mut Option<Instant>,
+) -> bool {
     st.active = 0;
     st.ready = 0;
     let now = Time(Timestamp::now());
@@ -697,7 +780,9 @@ fn finish_attempt(ctx: &Ctx, job: &Job, container: &Container, st: &mut Status, 
 
 /// The exit code a container runtime reports: the code, or 128 + signal.
 fn exit_code(status: ExitStatus) -> i32 {
-    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 async fn wait_child(child: &mut Option<Proc>) -> (ExitStatus, u32) {
@@ -735,7 +820,11 @@ impl Proc {
 
     /// Waits for the leader to exit, then kills what is left of its group.
     async fn wait(&mut self) -> ExitStatus {
-        let status = self.child.wait().await.unwrap_or_else(|_| ExitStatus::from_raw(1 << 8));
+        let status = self
+            .child
+            .wait()
+            .await
+            .unwrap_or_else(|_| ExitStatus::from_raw(1 << 8));
         self.kill();
         self.pgid = None;
         status
@@ -756,7 +845,12 @@ impl Drop for Proc {
 fn spawn(cmd: &mut Command, log: &Path) -> std::io::Result<Child> {
     let out = std::fs::File::create(log)?;
     let err = out.try_clone()?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err).process_group(0).kill_on_drop(true).spawn()
+    cmd.stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
 }
 
 /// The container cannot start yet (a Secret or ConfigMap it needs is missing, or
@@ -771,12 +865,19 @@ async fn prepare(ctx: &Ctx, c: &Container, pod: &str) -> Result<Command, Pending
     let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
     argv.extend(c.args.clone().unwrap_or_default());
     if c.command.as_ref().is_none_or(|c| c.is_empty()) {
-        return Err(Pending(format!("{UNSUPPORTED}a container without `command` (no image entrypoint here): {}", c.name)));
+        return Err(Pending(format!(
+            "{UNSUPPORTED}a container without `command` (no image entrypoint here): {}",
+            c.name
+        )));
     }
     let program = {
         let p = Path::new(&argv[0]);
         let in_bin = ctx.bin_dir.join(&argv[0]);
-        if p.components().count() == 1 && in_bin.is_file() { in_bin } else { p.to_path_buf() }
+        if p.components().count() == 1 && in_bin.is_file() {
+            in_bin
+        } else {
+            p.to_path_buf()
+        }
     };
     let mut cmd = Command::new(program);
     cmd.args(&argv[1..]);
@@ -797,9 +898,17 @@ async fn prepare(ctx: &Ctx, c: &Container, pod: &str) -> Result<Command, Pending
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
         let (data, what, optional) = if let Some(s) = &from.secret_ref {
-            (secret(ctx, &mut secrets, &s.name).await, format!("Secret {}", s.name), s.optional == Some(true))
+            (
+                secret(ctx, &mut secrets, &s.name).await,
+                format!("Secret {}", s.name),
+                s.optional == Some(true),
+            )
         } else if let Some(m) = &from.config_map_ref {
-            (config_map(ctx, &mut config_maps, &m.name).await, format!("ConfigMap {}", m.name), m.optional == Some(true))
+            (
+                config_map(ctx, &mut config_maps, &m.name).await,
+                format!("ConfigMap {}", m.name),
+                m.optional == Some(true),
+            )
         } else {
             continue;
         };
@@ -819,18 +928,32 @@ async fn prepare(ctx: &Ctx, c: &Container, pod: &str) -> Result<Command, Pending
             (None, None) => Some(String::new()),
             (None, Some(from)) => {
                 if let Some(r) = &from.secret_key_ref {
-                    let v = secret(ctx, &mut secrets, &r.name).await.and_then(|d| d.get(&r.key).cloned());
+                    let v = secret(ctx, &mut secrets, &r.name)
+                        .await
+                        .and_then(|d| d.get(&r.key).cloned());
                     match v {
                         Some(v) => Some(v),
                         None if r.optional == Some(true) => None,
-                        None => return Err(Pending(format!("key {} of Secret {} not found (for ${})", r.key, r.name, var.name))),
+                        None => {
+                            return Err(Pending(format!(
+                                "key {} of Secret {} not found (for ${})",
+                                r.key, r.name, var.name
+                            )))
+                        }
                     }
                 } else if let Some(r) = &from.config_map_key_ref {
-                    let v = config_map(ctx, &mut config_maps, &r.name).await.and_then(|d| d.get(&r.key).cloned());
+                    let v = config_map(ctx, &mut config_maps, &r.name)
+                        .await
+                        .and_then(|d| d.get(&r.key).cloned());
                     match v {
                         Some(v) => Some(v),
                         None if r.optional == Some(true) => None,
-                        None => return Err(Pending(format!("key {} of ConfigMap {} not found (for ${})", r.key, r.name, var.name))),
+                        None => {
+                            return Err(Pending(format!(
+                                "key {} of ConfigMap {} not found (for ${})",
+                                r.key, r.name, var.name
+                            )))
+                        }
                     }
                 } else if let Some(f) = &from.field_ref {
                     match f.field_path.as_str() {
@@ -839,10 +962,18 @@ async fn prepare(ctx: &Ctx, c: &Container, pod: &str) -> Result<Command, Pending
                         "spec.nodeName" => Some("fake-kubelet".to_string()),
                         "spec.serviceAccountName" => Some("default".to_string()),
                         "status.podIP" | "status.hostIP" => Some("127.0.0.1".to_string()),
-                        other => return Err(Pending(format!("{UNSUPPORTED}fieldRef {other} (for ${})", var.name))),
+                        other => {
+                            return Err(Pending(format!(
+                                "{UNSUPPORTED}fieldRef {other} (for ${})",
+                                var.name
+                            )))
+                        }
                     }
                 } else {
-                    return Err(Pending(format!("{UNSUPPORTED}this valueFrom (for ${})", var.name)));
+                    return Err(Pending(format!(
+                        "{UNSUPPORTED}this valueFrom (for ${})",
+                        var.name
+                    )));
                 }
             }
         };
@@ -856,12 +987,20 @@ async fn prepare(ctx: &Ctx, c: &Container, pod: &str) -> Result<Command, Pending
     Ok(cmd)
 }
 
-async fn secret(ctx: &Ctx, cache: &mut HashMap<String, Option<BTreeMap<String, String>>>, name: &str) -> Option<BTreeMap<String, String>> {
+async fn secret(
+    ctx: &Ctx,
+    cache: &mut HashMap<String, Option<BTreeMap<String, String>>>,
+    name: &str,
+) -> Option<BTreeMap<String, String>> {
     if !cache.contains_key(name) {
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
         let data = match api.get_opt(name).await {
             Ok(s) => s.map(|s| {
-                s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned())).collect()
+                s.data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                    .collect()
             }),
             Err(e) => {
                 eprintln!("[fake-kubelet {}] read Secret {name}: {e}", ctx.namespace);
@@ -873,7 +1012,11 @@ async fn secret(ctx: &Ctx, cache: &mut HashMap<String, Option<BTreeMap<String, S
     cache[name].clone()
 }
 
-async fn config_map(ctx: &Ctx, cache: &mut HashMap<String, Option<BTreeMap<String, String>>>, name: &str) -> Option<BTreeMap<String, String>> {
+async fn config_map(
+    ctx: &Ctx,
+    cache: &mut HashMap<String, Option<BTreeMap<String, String>>>,
+    name: &str,
+) -> Option<BTreeMap<String, String>> {
     if !cache.contains_key(name) {
         let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
         let data = match api.get_opt(name).await {

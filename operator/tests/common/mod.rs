@@ -14,13 +14,20 @@ use sqlx::Connection;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// `../shared/data/NAME` beside the checkout.
 pub fn shared(name: &str) -> PathBuf {
     let p = repo().join("../shared/data").join(name);
-    assert!(p.exists(), "{} is missing: the tests read the shared data beside the checkout", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: the tests read the shared data beside the checkout",
+        p.display()
+    );
     p
 }
 
@@ -29,7 +36,11 @@ pub fn bin_dir() -> PathBuf {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_postcode-operator"));
     let dir = exe.parent().unwrap().to_path_buf();
     for b in ["reader-job", "enricher-job"] {
-        assert!(dir.join(b).exists(), "{b} not built in {}: run `cargo build --workspace` first (make test does)", dir.display());
+        assert!(
+            dir.join(b).exists(),
+            "{b} not built in {}: run `cargo build --workspace` first (make test does)",
+            dir.display()
+        );
     }
     dir
 }
@@ -37,10 +48,16 @@ pub fn bin_dir() -> PathBuf {
 /// A new, empty PostgreSQL database on the test server (`TEST_DATABASE_URL`,
 /// set by `make test`); returns its URL. Fails when no server is configured.
 pub async fn fresh_pg() -> String {
-    let base = std::env::var("TEST_DATABASE_URL").expect("TEST_DATABASE_URL is not set: run the tests with `make test`, which starts PostgreSQL");
+    let base = std::env::var("TEST_DATABASE_URL")
+        .expect("TEST_DATABASE_URL is not set: run the tests with `make test`, which starts PostgreSQL");
     let name = format!("t_{}", uuid_like());
-    let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect to the test PostgreSQL");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .expect("connect to the test PostgreSQL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     let (prefix, _) = base.rsplit_once('/').unwrap();
     format!("{prefix}/{name}")
 }
@@ -61,13 +78,20 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 /// A `postcode-operator local` command with the build's binaries.
 pub fn local_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_postcode-operator"));
-    c.arg("local").args(args).env("POSTCODE_OPERATOR_BIN_DIR", bin_dir()).env_remove("DATABASE_URL");
+    c.arg("local")
+        .args(args)
+        .env("POSTCODE_OPERATOR_BIN_DIR", bin_dir())
+        .env_remove("DATABASE_URL");
     c
 }
 
 pub fn run_local(args: &[&str]) -> Output {
     let out = local_cmd(args).output().expect("run postcode-operator");
-    eprintln!("--- local {args:?} exit {:?}\n{}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "--- local {args:?} exit {:?}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -79,7 +103,11 @@ pub fn read_output(path: &Path) -> (Vec<String>, Vec<HashMap<String, String>>) {
         .records()
         .map(|rec| {
             let rec = rec.unwrap();
-            header.iter().cloned().zip(rec.iter().map(str::to_string)).collect()
+            header
+                .iter()
+                .cloned()
+                .zip(rec.iter().map(str::to_string))
+                .collect()
         })
         .collect();
     (header, rows)
@@ -97,7 +125,9 @@ pub fn by_status(rows: &[HashMap<String, String>]) -> HashMap<String, usize> {
 /// The real postcode index, loaded once per test process.
 pub fn nspl() -> Arc<OfflineIndex> {
     static INDEX: std::sync::OnceLock<Arc<OfflineIndex>> = std::sync::OnceLock::new();
-    INDEX.get_or_init(|| Arc::new(OfflineIndex::load(&shared("nspl-latlon.csv.gz")).unwrap())).clone()
+    INDEX
+        .get_or_init(|| Arc::new(OfflineIndex::load(&shared("nspl-latlon.csv.gz")).unwrap()))
+        .clone()
 }
 
 /// Writes the first `n` data rows of the real input to a file.

@@ -10,7 +10,9 @@ use pipeline::{
 };
 
 #[derive(Parser)]
-#[command(about = "A postcodes.io-compatible server answering from an ONS postcode file, with fault injection")]
+#[command(
+    about = "A postcodes.io-compatible server answering from an ONS postcode file, with fault injection"
+)]
 struct Args {
     /// ONS postcode file (NSPL/ONSPD style CSV, plain or gzip).
     #[arg(long)]

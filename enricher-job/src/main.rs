@@ -6,6 +6,9 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Parser;
+
+mod status;
+use status::StatusReporter;
 use pipeline::{
     db::Store,
     enrich::{run_shard, Finish, Provider, ShardConfig},
@@ -221,87 +224,3 @@ impl RunStatsLog {
     }
 }
 
-/// Writes this shard's progress into the `PostcodeImport` status (server-side
-/// apply, field manager `enricher-<shard>`, the `status.shards` entry keyed by
-/// its index), when running as a Kubernetes Job (`REPORT_STATUS=true`).
-struct StatusReporter {
-    api: kube::Api<kube::api::DynamicObject>,
-    name: String,
-    shard: i32,
-    retries: std::sync::Arc<std::sync::atomic::AtomicI64>,
-}
-
-/// At most this often per shard (etcd and watchers see a few writes a minute).
-const STATUS_INTERVAL: Duration = Duration::from_secs(15);
-
-impl StatusReporter {
-    async fn from_env(shard: i32) -> Option<Self> {
-        if std::env::var("REPORT_STATUS").ok().as_deref() != Some("true") {
-            return None;
-        }
-        let (Ok(ns), Ok(name)) = (std::env::var("IMPORT_NAMESPACE"), std::env::var("IMPORT_NAME")) else {
-            tracing::warn!("REPORT_STATUS set without IMPORT_NAMESPACE/IMPORT_NAME; not reporting progress");
-            return None;
-        };
-        let client = match kube::Client::try_default().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("cannot reach Kubernetes to report progress: {e}");
-                return None;
-            }
-        };
-        let ar = kube::api::ApiResource {
-            group: "postcodes.dev".into(),
-            version: "v1alpha1".into(),
-            api_version: "postcodes.dev/v1alpha1".into(),
-            kind: "PostcodeImport".into(),
-            plural: "postcodeimports".into(),
-        };
-        let api = kube::Api::namespaced_with(client, &ns, &ar);
-        Some(Self {
-            api,
-            name,
-            shard,
-            retries: Default::default(),
-        })
-    }
-
-    async fn report(&self, store: &Store, import_id: i64, phase: &str) {
-        let counts = match store.shard_counts(import_id).await {
-            Ok(c) => c.into_iter().find(|c| c.shard == self.shard).unwrap_or_default(),
-            Err(e) => {
-                tracing::warn!("progress not reported: {e}");
-                return;
-            }
-        };
-        let entry = serde_json::json!({
-            "index": self.shard, "phase": phase, "rows": counts.rows, "done": counts.done,
-            "retries": self.retries.load(std::sync::atomic::Ordering::Relaxed),
-        });
-        let patch = serde_json::json!({"apiVersion": "postcodes.dev/v1alpha1", "kind": "PostcodeImport", "status": {"shards": [entry]}});
-        let pp = kube::api::PatchParams::apply(&format!("enricher-{}", self.shard)).force();
-        if let Err(e) = self
-            .api
-            .patch_status(&self.name, &pp, &kube::api::Patch::Apply(patch))
-            .await
-        {
-            tracing::warn!("progress not reported: {e}");
-        }
-    }
-
-    fn spawn_periodic(&self, store: Store, import_id: i64) -> tokio::task::JoinHandle<()> {
-        let me = Self {
-            api: self.api.clone(),
-            name: self.name.clone(),
-            shard: self.shard,
-            retries: self.retries.clone(),
-        };
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(STATUS_INTERVAL);
-            loop {
-                tick.tick().await;
-                me.report(&store, import_id, "Running").await;
-            }
-        })
-    }
-}

@@ -7,7 +7,7 @@
 //! checked against Kubernetes naming rules before they reach the API server,
 //! and every SQL query binds its values.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
@@ -25,8 +25,9 @@ use pipeline::{db::Store, export::LineEncoder};
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
-use crate::crd::{CsvSpec, ImportSource, PostcodeImport, PostcodeImportSpec, QuotaSpec};
+use postcode_resource::{limits, CsvSpec, ImportSource, PostcodeImport, PostcodeImportSpec, QuotaSpec};
 
 /// Upload API settings.
 #[derive(Clone)]
@@ -120,17 +121,13 @@ async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next:
             None => {
                 return ApiError(StatusCode::UNAUTHORIZED, "bearer token required".into()).into_response()
             }
-            Some(t) if !constant_time_eq(t.as_bytes(), token.as_bytes()) => {
+            Some(t) if !bool::from(t.as_bytes().ct_eq(token.as_bytes())) => {
                 return ApiError(StatusCode::FORBIDDEN, "invalid token".into()).into_response()
             }
             Some(_) => {}
         }
     }
     next.run(req).await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
@@ -214,15 +211,12 @@ impl<'a> UploadWriter<'a> {
     }
 }
 
-async fn create_import(
-    State(s): State<AppState>,
-    Query(opts): Query<CreateOptions>,
-    req: Request,
-) -> Result<Response, ApiError> {
+/// Checks the upload's options; the namespace and name of the import to create.
+fn validate(opts: &CreateOptions, config: &ApiConfig) -> Result<(String, String), ApiError> {
     let ns = opts
         .namespace
         .clone()
-        .unwrap_or_else(|| s.config.default_namespace.clone());
+        .unwrap_or_else(|| config.default_namespace.clone());
     if !valid_label(&ns, 63) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -239,24 +233,74 @@ async fn create_import(
         }
         None => format!("import-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
     };
-    if let Some(sh) = opts.shards {
-        if !(1..=64).contains(&sh) {
-            return Err(ApiError(StatusCode::BAD_REQUEST, "shards must be 1..=64".into()));
+    if opts.shards.is_some_and(|sh| !limits::shards_allowed(sh)) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("shards must be {}..={}", limits::MIN_SHARDS, limits::MAX_SHARDS),
+        ));
+    }
+    if opts.quota_rps.is_some_and(|q| !(q > 0.0 && q.is_finite())) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "quotaRps must be positive".into(),
+        ));
+    }
+    Ok((ns, name))
+}
+
+fn stalled(idle: Duration) -> ApiError {
+    ApiError(
+        StatusCode::REQUEST_TIMEOUT,
+        format!("the upload stalled: nothing received for {}s", idle.as_secs()),
+    )
+}
+
+/// Streams the `file` field of a multipart upload into `w`.
+async fn stream_multipart(req: Request, w: &mut UploadWriter<'_>, idle: Duration) -> Result<(), ApiError> {
+    let bad = |e: axum::extract::multipart::MultipartError| ApiError(StatusCode::BAD_REQUEST, e.body_text());
+    let mut mp = Multipart::from_request(req, &()).await.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let mut got = false;
+    while let Some(mut field) = mp.next_field().await.map_err(bad)? {
+        if field.name() != Some("file") {
+            continue;
+        }
+        got = true;
+        while let Some(chunk) = tokio::time::timeout(idle, field.chunk())
+            .await
+            .map_err(|_| stalled(idle))?
+            .map_err(bad)?
+        {
+            w.push(&chunk).await?;
         }
     }
-    if let Some(q) = opts.quota_rps {
-        if !(q > 0.0 && q.is_finite()) {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                "quotaRps must be positive".into(),
-            ));
-        }
+    if !got {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "multipart upload without a `file` field".into(),
+        ));
     }
-    let upload_id = uuid::Uuid::new_v4().to_string();
-    s.store.create_upload(&upload_id).await.map_err(internal)?;
+    Ok(())
+}
+
+/// Streams a plain request body into `w`.
+async fn stream_body(req: Request, w: &mut UploadWriter<'_>, idle: Duration) -> Result<(), ApiError> {
+    let mut body = req.into_body().into_data_stream();
+    while let Some(chunk) = tokio::time::timeout(idle, body.next()).await.map_err(|_| stalled(idle))? {
+        let chunk = chunk.map_err(|e| {
+            ApiError(StatusCode::BAD_REQUEST, format!("reading the upload failed: {e}"))
+        })?;
+        w.push(&chunk).await?;
+    }
+    Ok(())
+}
+
+/// Stores the request's CSV as upload `upload_id`; its size in bytes and SHA-256.
+/// A failed or empty upload is deleted.
+async fn store_upload(s: &AppState, upload_id: &str, req: Request) -> Result<(u64, String), ApiError> {
+    s.store.create_upload(upload_id).await.map_err(internal)?;
     let mut w = UploadWriter {
         store: &s.store,
-        id: upload_id.clone(),
+        id: upload_id.to_string(),
         buf: Vec::with_capacity(CHUNK),
         seq: 0,
         size: 0,
@@ -268,92 +312,36 @@ async fn create_import(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("multipart/form-data"));
-    let streamed: Result<(), ApiError> = async {
-        if multipart {
-            let mut mp = Multipart::from_request(req, &())
-                .await
-                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-            let mut got = false;
-            while let Some(mut field) = mp
-                .next_field()
-                .await
-                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?
-            {
-                if field.name() != Some("file") {
-                    continue;
-                }
-                got = true;
-                loop {
-                    let next = tokio::time::timeout(s.config.idle_timeout, field.chunk())
-                        .await
-                        .map_err(|_| {
-                            ApiError(
-                                StatusCode::REQUEST_TIMEOUT,
-                                format!(
-                                    "the upload stalled: nothing received for {}s",
-                                    s.config.idle_timeout.as_secs()
-                                ),
-                            )
-                        })?;
-                    let Some(chunk) = next.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?
-                    else {
-                        break;
-                    };
-                    w.push(&chunk).await?;
-                }
-            }
-            if !got {
-                return Err(ApiError(
-                    StatusCode::BAD_REQUEST,
-                    "multipart upload without a `file` field".into(),
-                ));
-            }
-        } else {
-            let mut body = req.into_body().into_data_stream();
-            loop {
-                let next = tokio::time::timeout(s.config.idle_timeout, body.next())
-                    .await
-                    .map_err(|_| {
-                        ApiError(
-                            StatusCode::REQUEST_TIMEOUT,
-                            format!(
-                                "the upload stalled: nothing received for {}s",
-                                s.config.idle_timeout.as_secs()
-                            ),
-                        )
-                    })?;
-                let Some(chunk) = next else { break };
-                let chunk = chunk.map_err(|e| {
-                    ApiError(StatusCode::BAD_REQUEST, format!("reading the upload failed: {e}"))
-                })?;
-                w.push(&chunk).await?;
-            }
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(e) = streamed {
-        let _ = s.store.delete_upload(&upload_id).await;
-        return Err(e);
-    }
-    if w.size == 0 {
-        let _ = s.store.delete_upload(&upload_id).await;
-        return Err(ApiError(
+    let streamed = if multipart {
+        stream_multipart(req, &mut w, s.config.idle_timeout).await
+    } else {
+        stream_body(req, &mut w, s.config.idle_timeout).await
+    };
+    let streamed = streamed.and_then(|()| match w.size {
+        0 => Err(ApiError(
             StatusCode::BAD_REQUEST,
             "the upload is empty: send the CSV as the request body or a multipart `file` field".into(),
-        ));
+        )),
+        _ => Ok(()),
+    });
+    if let Err(e) = streamed {
+        let _ = s.store.delete_upload(upload_id).await;
+        return Err(e);
     }
-    let (bytes, sha256) = w.finish().await?;
+    w.finish().await
+}
 
+/// The spec of an import of upload `upload_id` with the upload's options.
+fn spec_for(opts: &CreateOptions, config: &ApiConfig, upload_id: &str) -> PostcodeImportSpec {
     let mut spec: PostcodeImportSpec =
         serde_json::from_value(json!({"source": {"uploadId": upload_id}})).expect("minimal spec");
     spec.source = ImportSource {
-        upload_id: Some(upload_id.clone()),
+        upload_id: Some(upload_id.to_string()),
         url: None,
     };
-    spec.shards = opts.shards.unwrap_or(s.config.default_shards);
+    spec.shards = opts.shards.unwrap_or(config.default_shards);
     spec.quota = QuotaSpec {
-        requests_per_second: opts.quota_rps.unwrap_or(s.config.default_quota_rps),
+        requests_per_second: opts.quota_rps.unwrap_or(config.default_quota_rps),
         max_requests: opts.max_requests,
     };
     spec.csv = CsvSpec {
@@ -365,8 +353,19 @@ async fn create_import(
     spec.api.base_url = opts
         .api_url
         .clone()
-        .unwrap_or_else(|| s.config.default_api_url.clone());
-    let imp = PostcodeImport::new(&name, spec);
+        .unwrap_or_else(|| config.default_api_url.clone());
+    spec
+}
+
+async fn create_import(
+    State(s): State<AppState>,
+    Query(opts): Query<CreateOptions>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (ns, name) = validate(&opts, &s.config)?;
+    let upload_id = uuid::Uuid::new_v4().to_string();
+    let (bytes, sha256) = store_upload(&s, &upload_id, req).await?;
+    let imp = PostcodeImport::new(&name, spec_for(&opts, &s.config, &upload_id));
     let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
     let created = match api.create(&PostParams::default(), &imp).await {
         Ok(c) => c,

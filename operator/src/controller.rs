@@ -27,20 +27,18 @@ use kube::{
     },
     Api, Client, Resource, ResourceExt,
 };
-use pipeline::{db::Store, lookup::SearchPlan};
+use pipeline::db::{Counts, ImportRecord, QuotaCounters, Store};
+use postcode_resource::{Phase, PostcodeImport, PostcodeImportStatus, API_VERSION, FINALIZER};
 use serde_json::json;
 
 use crate::{
-    crd::{Phase, PostcodeImport, PostcodeImportStatus, API_VERSION, FINALIZER},
-    jobs::{database_secret_name, job, job_state, JobSettings, JobState, IMPORT_LABEL, MANAGED_BY},
-    plan::{enricher_jobs, reader_job, ImportPlan, ProviderSpec},
+    jobs::{database_secret_name, job, job_state, JobSettings, IMPORT_LABEL, MANAGED_BY},
+    lifecycle::{decide, Decision, JobState, Load, Next, Observed, Report, Want},
+    plan::{enricher_jobs, reader_job, ImportPlan},
 };
 
 /// Field manager of the operator's status writes.
 pub const MANAGER: &str = "postcode-operator";
-
-/// How often a running import is looked at again (counts, Jobs).
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(3);
 
 /// Everything the reconciler needs.
 pub struct Context {
@@ -145,54 +143,15 @@ async fn reconcile(imp: Arc<PostcodeImport>, ctx: Arc<Context>) -> Result<Action
     action
 }
 
-/// The plan of an import's Jobs, from its spec.
-pub fn plan_for(imp: &PostcodeImport) -> Result<ImportPlan> {
-    let uid = imp.uid().ok_or_else(|| Error::Invalid("no uid".into()))?;
-    let s = &imp.spec;
-    let source = s
+/// The plan of an import's Jobs, or why its spec cannot be planned.
+pub fn plan_for(imp: &PostcodeImport) -> std::result::Result<ImportPlan, String> {
+    let uid = imp.uid().ok_or("the import has no uid")?;
+    let source = imp
+        .spec
         .source
         .as_arg()
-        .ok_or_else(|| Error::Invalid("exactly one of source.uploadId and source.url".into()))?;
-    Ok(ImportPlan {
-        uid,
-        name: imp.name_any(),
-        source,
-        shards: s.shards.clamp(1, 64),
-        provider: match &s.offline_postcodes {
-            Some(p) => ProviderSpec::Offline { postcodes: p.clone() },
-            None => ProviderSpec::Api {
-                base_url: s.api.base_url.clone(),
-            },
-        },
-        search: SearchPlan {
-            radius_m: s.api.radius_meters.into(),
-            max_radius_m: s.api.max_radius_meters.into(),
-            widesearch: s.api.widesearch,
-        },
-        quota_rps: s.quota.requests_per_second,
-        max_requests: s.quota.max_requests,
-        lat_column: s.csv.lat_column.clone(),
-        lon_column: s.csv.lon_column.clone(),
-        delimiter: s.csv.delimiter.clone(),
-        backoff_limit: s.backoff_limit,
-    })
-}
-
-/// A condition as the import's status should hold it now.
-struct Want {
-    type_: &'static str,
-    status: bool,
-    reason: String,
-    message: String,
-}
-
-fn want(type_: &'static str, status: bool, reason: &str, message: impl Into<String>) -> Want {
-    Want {
-        type_,
-        status,
-        reason: reason.into(),
-        message: message.into(),
-    }
+        .ok_or("exactly one of source.uploadId and source.url")?;
+    Ok(ImportPlan::from_spec(uid, imp.name_any(), source, &imp.spec))
 }
 
 /// Conditions for the new status: `lastTransitionTime` kept unless the status flips.
@@ -300,302 +259,184 @@ fn job_settings_for(ctx: &Context, imp: &PostcodeImport) -> JobSettings {
     }
 }
 
-/// Creates a Job unless one of that name exists (created by an earlier run of the operator).
-async fn ensure_job(jobs: &Api<Job>, j: &Job) -> Result<Job> {
-    let name = j.metadata.name.clone().unwrap_or_default();
-    if let Some(existing) = jobs.get_opt(&name).await? {
-        return Ok(existing);
-    }
+/// Creates a Job; one of that name created meanwhile (by an earlier run of the operator) is fine.
+async fn create_job(jobs: &Api<Job>, j: &Job) -> Result<()> {
     match jobs.create(&PostParams::default(), j).await {
-        Ok(created) => Ok(created),
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(jobs.get(&name).await?),
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
 
+/// The state of the Job `name`, `None` when it does not exist.
+async fn job_state_of(jobs: &Api<Job>, name: &str) -> Result<Option<JobState>> {
+    Ok(jobs.get_opt(name).await?.as_ref().map(job_state))
+}
+
+/// What [`lifecycle::decide`] looks at, read from the API server and the database.
+async fn observe(imp: &PostcodeImport, ctx: &Context, jobs: &Api<Job>) -> Result<(Observed, Option<ImportRecord>)> {
+    let old = imp.status.clone().unwrap_or_default();
+    let plan = plan_for(imp);
+    let previous = old.phase;
+    let retry_wanted = imp.spec.retry_failed > old.retry_failed_observed.unwrap_or(0);
+    let mut o = Observed {
+        plan: plan.clone(),
+        previous,
+        suspend: imp.spec.suspend,
+        retry_wanted,
+        load: Load::NotLoaded { error: None },
+        reader: None,
+        enrichers: vec![],
+        shard_pending: vec![],
+        budget_spent: false,
+        counts: Counts::default(),
+        ttl_seconds_after_finished: imp.spec.ttl_seconds_after_finished,
+        finished_for: old.completed_at.as_ref().map(|t| {
+            Duration::from_secs_f64(Timestamp::now().duration_since(t.0).as_secs_f64().max(0.0))
+        }),
+    };
+    let finished = matches!(previous, Some(Phase::Succeeded | Phase::Failed)) && !retry_wanted;
+    let Ok(plan) = plan.as_ref() else { return Ok((o, None)) };
+    if finished {
+        return Ok((o, None));
+    }
+    let record = ctx.store.import(&plan.uid).await?;
+    if !record.as_ref().is_some_and(|r| r.phase == "Loaded") {
+        o.load = Load::NotLoaded {
+            error: record.as_ref().and_then(|r| r.error.clone()),
+        };
+        o.reader = job_state_of(jobs, &reader_job(plan).name).await?;
+        return Ok((o, record));
+    }
+    let r = record.as_ref().expect("loaded");
+    o.load = Load::Loaded;
+    for spec in enricher_jobs(plan) {
+        o.enrichers.push(job_state_of(jobs, &spec.name).await?);
+    }
+    o.budget_spent = ctx.store.budget_spent(r.id).await?;
+    o.counts = ctx.store.counts(r).await?;
+    o.shard_pending = vec![0; plan.shards as usize];
+    for s in ctx.store.shard_counts(r.id).await? {
+        if let Some(p) = o.shard_pending.get_mut(s.shard as usize) {
+            *p = s.rows - s.done;
+        }
+    }
+    Ok((o, record))
+}
+
 async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
     let ns = imp.namespace().expect("namespaced");
-    let api: Api<PostcodeImport> = Api::namespaced(ctx.client.clone(), &ns);
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let (observed, record) = observe(&imp, ctx, &jobs).await?;
+    let d = decide(&observed);
+    act(&imp, ctx, &jobs, &observed, record.as_ref(), &d).await?;
+    Ok(match d.next {
+        Next::Poll(after) => Action::requeue(after),
+        Next::AwaitChange => Action::await_change(),
+        Next::DeleteImport => {
+            tracing::info!(import = %imp.name_any(), "ttlSecondsAfterFinished passed; deleting");
+            let api: Api<PostcodeImport> = Api::namespaced(ctx.client.clone(), &ns);
+            api.delete(&imp.name_any(), &DeleteParams::background()).await?;
+            Action::await_change()
+        }
+    })
+}
+
+/// Carries out a [`Decision`]: the database first, then the Jobs, then the status.
+async fn act(
+    imp: &PostcodeImport,
+    ctx: &Context,
+    jobs: &Api<Job>,
+    o: &Observed,
+    record: Option<&ImportRecord>,
+    d: &Decision,
+) -> Result<()> {
+    if let (Some(r), Ok(plan)) = (record, &o.plan) {
+        if d.set_quota {
+            ctx.store.set_quota(r.id, plan.quota_rps, plan.max_requests).await?;
+        }
+        if d.requeue_failed {
+            let n = ctx.store.requeue_failed(r.id).await?;
+            tracing::info!(import = %imp.name_any(), "{n} failed coordinates requeued");
+        }
+    }
+    for name in &d.delete {
+        match jobs.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !d.create.is_empty() {
+        ensure_database_secret(ctx, imp, &imp.namespace().expect("namespaced")).await?;
+        let settings = job_settings_for(ctx, imp);
+        for (spec, suspend) in &d.create {
+            create_job(jobs, &job(spec, imp, &settings, *suspend)).await?;
+        }
+    }
+    for (name, suspend) in &d.set_suspend {
+        let patch = json!({"spec": {"suspend": suspend}});
+        jobs.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+    }
+    if let Some(ev) = &d.event {
+        let type_ = if ev.warning { EventType::Warning } else { EventType::Normal };
+        publish(ctx, imp, type_, ev.reason, ev.note.clone()).await;
+    }
+    if let (Some(report), Some(r)) = (&d.report, record) {
+        let q = ctx.store.quota_counters(r.id).await?;
+        if let Some(c) = &report.counts {
+            record_metrics(imp, c, &q);
+        }
+        return write_report(imp, ctx, report, d.requeue_failed, Some(&q)).await;
+    }
+    if let Some(report) = &d.report {
+        return write_report(imp, ctx, report, d.requeue_failed, None).await;
+    }
+    Ok(())
+}
+
+/// Writes our part of the status from a [`Report`].
+async fn write_report(
+    imp: &PostcodeImport,
+    ctx: &Context,
+    report: &Report,
+    retry_acted_on: bool,
+    q: Option<&QuotaCounters>,
+) -> Result<()> {
+    let api: Api<PostcodeImport> = Api::namespaced(ctx.client.clone(), &imp.namespace().expect("namespaced"));
     let old = imp.status.clone().unwrap_or_default();
     let generation = imp.meta().generation;
-    let plan = match plan_for(&imp) {
-        Ok(p) => p,
-        Err(Error::Invalid(msg)) => {
-            let new = PostcodeImportStatus {
-                phase: Some(Phase::Failed),
-                message: Some(msg.clone()),
-                observed_generation: generation,
-                conditions: conditions(
-                    &old.conditions,
-                    vec![want("Failed", true, "InvalidSpec", msg)],
-                    generation,
-                ),
-                ..ours(&old)
-            };
-            write_status(&api, &imp, &old, new).await?;
-            return Ok(Action::await_change());
-        }
-        Err(e) => return Err(e),
-    };
-
-    let retry_wanted = imp.spec.retry_failed > old.retry_failed_observed.unwrap_or(0);
-    if matches!(old.phase, Some(Phase::Succeeded | Phase::Failed)) && !retry_wanted {
-        return finished(&imp, ctx, &api, &old).await;
-    }
-
     let mut new = PostcodeImportStatus {
+        phase: Some(report.phase),
+        message: Some(report.message.clone()),
         observed_generation: generation,
         started_at: old.started_at.clone().or_else(|| Some(Time(Timestamp::now()))),
+        conditions: conditions(&old.conditions, report.conditions.clone(), generation),
         ..ours(&old)
     };
-    ensure_database_secret(ctx, &imp, &ns).await?;
-    let settings = job_settings_for(ctx, &imp);
-    let record = ctx.store.import(&plan.uid).await?;
-    let loaded = record.as_ref().is_some_and(|r| r.phase == "Loaded");
-
-    if !loaded {
-        let spec = reader_job(&plan);
-        let reader = ensure_job(&jobs, &job(&spec, &imp, &settings, false)).await?;
-        if old.phase.is_none() || old.phase == Some(Phase::Pending) {
-            publish(
-                ctx,
-                &imp,
-                EventType::Normal,
-                "Loading",
-                format!("reader Job {} started", spec.name),
-            )
-            .await;
-        }
-        match job_state(&reader) {
-            JobState::Failed { reason, message } => {
-                let why = record
-                    .and_then(|r| r.error)
-                    .unwrap_or(format!("{reason}: {message}"));
-                publish(ctx, &imp, EventType::Warning, "LoadFailed", why.clone()).await;
-                new.phase = Some(Phase::Failed);
-                new.message = Some(why.clone());
-                new.completed_at = Some(Time(Timestamp::now()));
-                new.conditions = conditions(
-                    &old.conditions,
-                    vec![
-                        want("Loaded", false, "ReaderFailed", why.clone()),
-                        want("Failed", true, "ReaderFailed", why),
-                    ],
-                    generation,
-                );
-                write_status(&api, &imp, &old, new).await?;
-                return Ok(Action::await_change());
-            }
-            JobState::Succeeded | JobState::Running => {
-                new.phase = Some(Phase::Loading);
-                new.message = Some(format!("reader Job {} is loading the CSV", spec.name));
-                new.conditions = conditions(
-                    &old.conditions,
-                    vec![want(
-                        "Loaded",
-                        false,
-                        "Loading",
-                        "the reader Job is loading the CSV",
-                    )],
-                    generation,
-                );
-                write_status(&api, &imp, &old, new).await?;
-                return Ok(Action::requeue(PROGRESS_INTERVAL));
-            }
-        }
+    if report.completed {
+        new.completed_at = Some(Time(Timestamp::now()));
     }
-    let record = record.expect("loaded");
-    ctx.store
-        .set_quota(record.id, plan.quota_rps, plan.max_requests)
-        .await?;
-
-    // retryFailed: requeue failed rows, re-run only the shards that now have work.
-    if retry_wanted {
-        let n = ctx.store.requeue_failed(record.id).await?;
-        for spec in enricher_jobs(&plan) {
-            let crate::plan::Role::Enricher { shard } = spec.role else {
-                continue;
-            };
-            if ctx.store.pending(record.id, Some(shard as i32)).await? > 0 {
-                let _ = jobs.delete(&spec.name, &DeleteParams::background()).await;
-            }
-        }
-        publish(
-            ctx,
-            &imp,
-            EventType::Normal,
-            "RetryFailed",
-            format!("{n} failed coordinates requeued"),
-        )
-        .await;
-        new.retry_failed_observed = Some(imp.spec.retry_failed);
-        new.phase = Some(Phase::Enriching);
+    if report.reopened {
         new.completed_at = None;
-        new.conditions = vec![];
-        write_status(&api, &imp, &old, new).await?;
-        return Ok(Action::requeue(Duration::from_secs(1)));
     }
-
-    let budget_spent = ctx.store.budget_spent(record.id).await?;
-    let mut failed: Vec<String> = vec![];
-    let mut quota_stopped = 0;
-    let mut all_done = true;
-    for spec in enricher_jobs(&plan) {
-        let j = ensure_job(&jobs, &job(&spec, &imp, &settings, imp.spec.suspend)).await?;
-        if j.spec.as_ref().and_then(|s| s.suspend) != Some(imp.spec.suspend)
-            && job_state(&j) == JobState::Running
-        {
-            let patch = json!({"spec": {"suspend": imp.spec.suspend}});
-            jobs.patch(&spec.name, &PatchParams::default(), &Patch::Merge(patch))
-                .await?;
-        }
-        match job_state(&j) {
-            JobState::Succeeded => {}
-            JobState::Running => all_done = false,
-            JobState::Failed { reason, message } => {
-                all_done = false;
-                if budget_spent {
-                    quota_stopped += 1;
-                } else if message.contains("exit code 3") {
-                    // The budget was raised since this Job stopped: run the shard again.
-                    jobs.delete(&spec.name, &DeleteParams::background()).await?;
-                } else {
-                    failed.push(format!("Job {} failed: {reason}: {message}", spec.name));
-                }
-            }
-        }
+    if retry_acted_on {
+        new.retry_failed_observed = Some(imp.spec.retry_failed);
     }
-    let counts = ctx.store.counts(&record).await?;
-    let q = ctx.store.quota_counters(record.id).await?;
-    new.rows_total = Some(counts.rows_total);
-    new.rows_invalid = Some(counts.rows_invalid);
-    new.rows_enriched = Some(counts.rows_enriched);
-    new.rows_no_match = Some(counts.rows_no_match);
-    new.rows_failed = Some(counts.rows_failed);
-    new.rows_pending = Some(counts.rows_pending);
-    new.api_requests = Some(q.requests);
-    new.api_retries = Some(q.retries);
-    new.throttled = Some(q.throttled);
-    record_metrics(&imp, &counts, &q);
-
-    let loaded_c = want(
-        "Loaded",
-        true,
-        "Loaded",
-        format!(
-            "{} rows loaded, {} invalid",
-            counts.rows_total, counts.rows_invalid
-        ),
-    );
-    let suspended = want(
-        "Suspended",
-        imp.spec.suspend,
-        if imp.spec.suspend { "Suspended" } else { "Running" },
-        if imp.spec.suspend {
-            "enricher Jobs suspended by spec.suspend"
-        } else {
-            ""
-        },
-    );
-    let quota_c = want(
-        "QuotaExhausted",
-        quota_stopped > 0,
-        if quota_stopped > 0 {
-            "BudgetSpent"
-        } else {
-            "WithinBudget"
-        },
-        if quota_stopped > 0 {
-            format!(
-                "request budget of {} spent; {} rows pending; raise spec.quota.maxRequests to resume",
-                plan.max_requests.unwrap_or(0),
-                counts.rows_pending
-            )
-        } else {
-            String::new()
-        },
-    );
-    let action;
-    if !failed.is_empty() {
-        let msg = failed.join("; ");
-        publish(ctx, &imp, EventType::Warning, "Failed", msg.clone()).await;
-        new.phase = Some(Phase::Failed);
-        new.message = Some(msg.clone());
-        new.completed_at = Some(Time(Timestamp::now()));
-        new.conditions = conditions(
-            &old.conditions,
-            vec![
-                loaded_c,
-                want("Enriched", false, "JobFailed", msg.clone()),
-                quota_c,
-                want("Failed", true, "JobFailed", msg),
-            ],
-            generation,
-        );
-        action = Action::await_change();
-    } else if all_done && counts.rows_pending == 0 {
-        let msg = format!(
-            "{} rows: {} enriched, {} no_match, {} invalid, {} failed",
-            counts.rows_total,
-            counts.rows_enriched,
-            counts.rows_no_match,
-            counts.rows_invalid,
-            counts.rows_failed
-        );
-        publish(ctx, &imp, EventType::Normal, "Succeeded", msg.clone()).await;
-        new.phase = Some(Phase::Succeeded);
-        new.message = Some(msg.clone());
-        new.completed_at = Some(Time(Timestamp::now()));
-        new.conditions = conditions(
-            &old.conditions,
-            vec![
-                loaded_c,
-                want("Enriched", true, "Enriched", msg),
-                quota_c,
-                want("Failed", false, "Succeeded", ""),
-            ],
-            generation,
-        );
-        action = match imp.spec.ttl_seconds_after_finished {
-            Some(ttl) => Action::requeue(Duration::from_secs(ttl.max(0) as u64)),
-            None => Action::await_change(),
-        };
-    } else {
-        if old.phase != Some(Phase::Enriching) {
-            publish(
-                ctx,
-                &imp,
-                EventType::Normal,
-                "Enriching",
-                format!("{} enricher Jobs started", plan.shards),
-            )
-            .await;
-        }
-        new.phase = Some(Phase::Enriching);
-        new.message = Some(format!(
-            "{} of {} rows finished",
-            counts.rows_total - counts.rows_pending - counts.rows_invalid,
-            counts.rows_total - counts.rows_invalid
-        ));
-        new.conditions = conditions(
-            &old.conditions,
-            vec![
-                loaded_c,
-                want("Enriched", false, "Enriching", "enricher Jobs running"),
-                suspended,
-                quota_c,
-            ],
-            generation,
-        );
-        action = Action::requeue(if quota_stopped > 0 {
-            Duration::from_secs(30)
-        } else {
-            PROGRESS_INTERVAL
-        });
+    if let Some(c) = &report.counts {
+        new.rows_total = Some(c.rows_total);
+        new.rows_invalid = Some(c.rows_invalid);
+        new.rows_enriched = Some(c.rows_enriched);
+        new.rows_no_match = Some(c.rows_no_match);
+        new.rows_failed = Some(c.rows_failed);
+        new.rows_pending = Some(c.rows_pending);
     }
-    write_status(&api, &imp, &old, new).await?;
-    Ok(action)
+    if let Some(q) = q {
+        new.api_requests = Some(q.requests);
+        new.api_retries = Some(q.retries);
+        new.throttled = Some(q.throttled);
+    }
+    write_status(&api, imp, &old, new).await
 }
 
 fn record_metrics(imp: &PostcodeImport, c: &pipeline::db::Counts, q: &pipeline::db::QuotaCounters) {
@@ -611,28 +452,6 @@ fn record_metrics(imp: &PostcodeImport, c: &pipeline::db::Counts, q: &pipeline::
     }
     metrics::gauge!("postcode_import_api_requests", "import" => name.clone()).set(q.requests as f64);
     metrics::gauge!("postcode_import_api_throttled", "import" => name).set(q.throttled as f64);
-}
-
-/// A finished import: delete it when its TTL has passed.
-async fn finished(
-    imp: &PostcodeImport,
-    _ctx: &Context,
-    api: &Api<PostcodeImport>,
-    old: &PostcodeImportStatus,
-) -> Result<Action> {
-    let Some(ttl) = imp.spec.ttl_seconds_after_finished else {
-        return Ok(Action::await_change());
-    };
-    let done = old.completed_at.as_ref().map_or_else(Timestamp::now, |t| t.0);
-    let age = Timestamp::now().duration_since(done).as_secs_f64();
-    if age >= ttl as f64 {
-        tracing::info!(import = %imp.name_any(), "ttlSecondsAfterFinished passed; deleting");
-        api.delete(&imp.name_any(), &DeleteParams::background()).await?;
-        return Ok(Action::await_change());
-    }
-    Ok(Action::requeue(Duration::from_secs_f64(
-        (ttl as f64 - age).max(1.0),
-    )))
 }
 
 /// Deletes what the import owns outside Kubernetes (its rows, unless
@@ -690,6 +509,7 @@ pub fn recorder(client: Client) -> Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::want;
 
     #[test]
     fn a_condition_keeps_its_transition_time_until_it_flips() {

@@ -18,10 +18,11 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{Resource, ResourceExt};
-use pipeline::{EXIT_PERMANENT, EXIT_QUOTA_EXHAUSTED};
+use postcode_resource::PostcodeImport;
+use pipeline::exit::JobExit;
 
 use crate::{
-    crd::PostcodeImport,
+    lifecycle::JobState,
     plan::{JobSpec, Role},
 };
 
@@ -49,8 +50,8 @@ pub fn database_secret_name(import: &PostcodeImport) -> String {
     format!("{}-database", import.name_any())
 }
 
-/// Builds the `batch/v1` Job for a planned Job of `import`.
-pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, suspend: bool) -> Job {
+/// Labels of a planned Job of `import` and its pods.
+fn labels(spec: &JobSpec, import: &PostcodeImport) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::from([
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
         (IMPORT_LABEL.to_string(), import.name_any()),
@@ -69,62 +70,63 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
             labels.insert(key.to_string(), v.clone());
         }
     }
-    let mut env: Vec<EnvVar> = spec
-        .env
-        .iter()
-        .map(|(k, v)| EnvVar {
-            name: k.clone(),
-            value: Some(v.clone()),
-            ..EnvVar::default()
-        })
-        .collect();
-    env.push(EnvVar {
-        name: "DATABASE_URL".into(),
-        value_from: Some(EnvVarSource {
+    labels
+}
+
+fn env_value(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn env_from(name: &str, source: EnvVarSource) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(source),
+        ..EnvVar::default()
+    }
+}
+
+/// The container's environment: the plan's, then what the Kubernetes runtime
+/// adds (the database URL from the Secret, the namespace, status reporting).
+fn env(spec: &JobSpec, settings: &JobSettings) -> Vec<EnvVar> {
+    let mut env: Vec<EnvVar> = spec.env.iter().map(|(k, v)| env_value(k, v)).collect();
+    env.push(env_from(
+        "DATABASE_URL",
+        EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
                 name: settings.database_secret.clone(),
                 key: settings.database_secret_key.clone(),
                 optional: Some(false),
             }),
             ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    });
-    env.push(EnvVar {
-        name: "IMPORT_NAMESPACE".into(),
-        value_from: Some(EnvVarSource {
+        },
+    ));
+    env.push(env_from(
+        "IMPORT_NAMESPACE",
+        EnvVarSource {
             field_ref: Some(ObjectFieldSelector {
                 field_path: "metadata.namespace".into(),
                 ..ObjectFieldSelector::default()
             }),
             ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    });
-    env.push(EnvVar {
-        name: "IMPORT_NAME".into(),
-        value: Some(import.name_any()),
-        ..EnvVar::default()
-    });
-    env.push(EnvVar {
-        name: "REPORT_STATUS".into(),
-        value: Some("true".into()),
-        ..EnvVar::default()
-    });
-    env.push(EnvVar {
-        name: "RUST_LOG".into(),
-        value: Some(settings.rust_log.clone()),
-        ..EnvVar::default()
-    });
-    env.dedup_by(|a, b| a.name == b.name);
+        },
+    ));
+    env.push(env_value("REPORT_STATUS", "true"));
+    env.push(env_value("RUST_LOG", settings.rust_log.clone()));
+    env
+}
 
-    let container = Container {
+fn container(spec: &JobSpec, settings: &JobSettings) -> Container {
+    Container {
         name: "job".into(),
         image: Some(settings.image.clone()),
         image_pull_policy: Some(settings.image_pull_policy.clone()),
         command: Some(vec![spec.command.clone()]),
         args: Some(spec.args.clone()),
-        env: Some(env),
+        env: Some(env(spec, settings)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -136,7 +138,48 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
             ..SecurityContext::default()
         }),
         ..Container::default()
-    };
+    }
+}
+
+/// The Job's `podFailurePolicy`: the exits the plan fails at once fail the
+/// Job without a retry (DESIGN.md: bad input or a spent budget is not fixed
+/// by a retry).
+fn pod_failure_policy(spec: &JobSpec) -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![PodFailurePolicyRule {
+            action: "FailJob".into(),
+            on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                operator: "In".into(),
+                values: spec.fail_at_once.iter().map(|e| e.code()).collect(),
+                container_name: None,
+            }),
+            on_pod_conditions: None,
+        }],
+    }
+}
+
+fn pod_spec(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) -> PodSpec {
+    PodSpec {
+        restart_policy: Some("Never".into()),
+        service_account_name: Some(settings.service_account.clone()),
+        priority_class_name: import.spec.priority_class_name.clone(),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(65532),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        containers: vec![container(spec, settings)],
+        ..PodSpec::default()
+    }
+}
+
+/// Builds the `batch/v1` Job for a planned Job of `import`.
+pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, suspend: bool) -> Job {
+    let labels = labels(spec, import);
     Job {
         metadata: ObjectMeta {
             name: Some(spec.name.clone()),
@@ -148,39 +191,13 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
         spec: Some(K8sJobSpec {
             backoff_limit: Some(spec.backoff_limit),
             suspend: Some(suspend),
-            // A bad input or a spent budget is not fixed by a retry (DESIGN.md).
-            pod_failure_policy: Some(PodFailurePolicy {
-                rules: vec![PodFailurePolicyRule {
-                    action: "FailJob".into(),
-                    on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
-                        operator: "In".into(),
-                        values: vec![EXIT_PERMANENT, EXIT_QUOTA_EXHAUSTED],
-                        container_name: None,
-                    }),
-                    on_pod_conditions: None,
-                }],
-            }),
+            pod_failure_policy: Some(pod_failure_policy(spec)),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    restart_policy: Some("Never".into()),
-                    service_account_name: Some(settings.service_account.clone()),
-                    priority_class_name: import.spec.priority_class_name.clone(),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..SeccompProfile::default()
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
-                    containers: vec![container],
-                    ..PodSpec::default()
-                }),
+                spec: Some(pod_spec(spec, import, settings)),
             },
             ..K8sJobSpec::default()
         }),
@@ -188,19 +205,7 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
     }
 }
 
-/// What a Job's status says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobState {
-    Running,
-    Succeeded,
-    /// Failed for good; the condition's reason and message.
-    Failed {
-        reason: String,
-        message: String,
-    },
-}
-
-/// Reads a Job's state from its conditions (`Complete`, `Failed`).
+/// Reads a Job's state from its `spec.suspend` and conditions (`Complete`, `Failed`).
 pub fn job_state(job: &Job) -> JobState {
     let conds = job.status.as_ref().and_then(|s| s.conditions.as_ref());
     for c in conds.into_iter().flatten() {
@@ -208,13 +213,29 @@ pub fn job_state(job: &Job) -> JobState {
             return JobState::Succeeded;
         }
         if c.status == "True" && c.type_ == "Failed" {
+            let message = c.message.clone().unwrap_or_default();
             return JobState::Failed {
-                reason: c.reason.clone().unwrap_or_default(),
-                message: c.message.clone().unwrap_or_default(),
+                exit: exit_of_failed(c.reason.as_deref(), &message),
+                message: format!("{}: {message}", c.reason.clone().unwrap_or_default()),
             };
         }
     }
-    JobState::Running
+    JobState::Running {
+        suspended: job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false),
+    }
+}
+
+/// The exit that failed a Job at once through its `podFailurePolicy`: the Job
+/// controller's `Failed` condition (reason `PodFailurePolicy`) says "Container
+/// … failed with exit code N matching FailJob rule at index I"
+/// (pkg/controller/job/pod_failure_policy.go). `None` for other failures.
+fn exit_of_failed(reason: Option<&str>, message: &str) -> Option<JobExit> {
+    if reason != Some("PodFailurePolicy") {
+        return None;
+    }
+    let rest = message.split("exit code ").nth(1)?;
+    let code: i32 = rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    Some(JobExit::from_code(Some(code)))
 }
 
 /// The owner of a Job, as the controller's `owns` relation sees it.

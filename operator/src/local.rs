@@ -14,14 +14,17 @@ use anyhow::{bail, Context};
 use clap::Args;
 use pipeline::{
     db::{ImportRecord, Store},
+    exit::JobExit,
     export::write_csv,
     load::sha256_file,
-    lookup::SearchPlan,
-    EXIT_PERMANENT, EXIT_QUOTA_EXHAUSTED,
 };
-use tokio::process::Command;
+use postcode_resource::{limits, ApiSpec, CsvSpec, Phase, PostcodeImportSpec, QuotaSpec};
+use tokio::{process::Command, task::JoinSet};
 
-use crate::plan::{enricher_jobs, reader_job, ImportPlan, JobSpec, ProviderSpec};
+use crate::{
+    lifecycle::{decide, Decision, JobState, Load, Observed},
+    plan::{ImportPlan, JobSpec},
+};
 
 /// Options of `postcode-operator local`.
 #[derive(Args, Debug, Clone)]
@@ -29,7 +32,8 @@ pub struct LocalArgs {
     /// CSV of coordinates (plain or gzip): a header with lat/lon columns, or headerless `lat,lon`.
     pub file: PathBuf,
     /// Parallel enricher Jobs (1..=64). A resumed import keeps the shard count it was loaded with.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = limits::DEFAULT_SHARDS,
+          value_parser = clap::value_parser!(u32).range(limits::MIN_SHARDS as i64..=limits::MAX_SHARDS as i64))]
     pub shards: u32,
     /// Database: a SQLite file path (default) or `postgres://…`.
     #[arg(
@@ -42,7 +46,7 @@ pub struct LocalArgs {
     /// postcodes.io base URL.
     #[arg(
         long,
-        default_value = "https://api.postcodes.io",
+        default_value = limits::DEFAULT_API_URL,
         conflicts_with = "offline_postcodes"
     )]
     pub api_url: String,
@@ -50,7 +54,7 @@ pub struct LocalArgs {
     #[arg(long)]
     pub offline_postcodes: Option<PathBuf>,
     /// External API requests per second, all shards together.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = limits::DEFAULT_QUOTA_RPS)]
     pub quota_rps: f64,
     /// Total request budget for the import; when spent, unfinished rows stay pending (raise it and re-run).
     #[arg(long)]
@@ -58,12 +62,14 @@ pub struct LocalArgs {
     /// Enriched CSV to write (default: `<input stem>.enriched.csv` in the current directory).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// First search radius in metres.
-    #[arg(long, default_value_t = 100.0)]
-    pub radius_m: f64,
-    /// Second search radius in metres (postcodes.io clamps to 2000).
-    #[arg(long, default_value_t = 2000.0)]
-    pub max_radius_m: f64,
+    /// First search radius in metres (1..=2000).
+    #[arg(long, default_value_t = limits::DEFAULT_RADIUS_M,
+          value_parser = clap::value_parser!(u32).range(1..=limits::MAX_RADIUS_M as i64))]
+    pub radius_m: u32,
+    /// Second search radius in metres (1..=2000; postcodes.io's largest).
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_RADIUS_M,
+          value_parser = clap::value_parser!(u32).range(1..=limits::MAX_RADIUS_M as i64))]
+    pub max_radius_m: u32,
     /// Do not fall back to widesearch (20 km) when nothing is within the maximum radius.
     #[arg(long)]
     pub no_widesearch: bool,
@@ -80,7 +86,7 @@ pub struct LocalArgs {
     #[arg(long)]
     pub retry_failed: bool,
     /// Restarts of a failed Job before the run gives up (Kubernetes `backoffLimit`).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = limits::DEFAULT_BACKOFF_LIMIT)]
     pub backoff_limit: i32,
 }
 
@@ -100,30 +106,19 @@ fn binary(command: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// How a local Job ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum JobEnd {
-    Succeeded,
-    QuotaExhausted,
-    Failed(i32),
-}
-
 /// Runs one Job to completion like a Kubernetes Job with `restartPolicy: Never`:
-/// a retryable failure (any exit but 0, 2 and 3, or death by signal) starts a
-/// new attempt, up to `backoff_limit` retries.
-async fn run_job(spec: &JobSpec, db: &str, log_dir: &Path) -> anyhow::Result<JobEnd> {
+/// an exit the Job's spec does not fail at once starts a new attempt, up to
+/// `backoff_limit` retries. Returns the Job's final state.
+async fn run_job(spec: JobSpec, db: String, log_dir: PathBuf) -> anyhow::Result<JobState> {
     let bin = binary(&spec.command)?;
+    let log_path = log_dir.join(format!("{}.log", spec.name));
     let mut attempt = 0;
     loop {
-        let log_path = log_dir.join(format!("{}.log", spec.name));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let status = Command::new(&bin)
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .env("DATABASE_URL", db)
+            .env("DATABASE_URL", &db)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info,sqlx=error".into()),
@@ -135,19 +130,19 @@ async fn run_job(spec: &JobSpec, db: &str, log_dir: &Path) -> anyhow::Result<Job
             .status()
             .await
             .with_context(|| format!("starting {}", bin.display()))?;
-        match status.code() {
-            Some(0) => return Ok(JobEnd::Succeeded),
-            Some(EXIT_QUOTA_EXHAUSTED) => return Ok(JobEnd::QuotaExhausted),
-            Some(EXIT_PERMANENT) => return Ok(JobEnd::Failed(EXIT_PERMANENT)),
-            code => {
-                attempt += 1;
-                if attempt > spec.backoff_limit {
-                    return Ok(JobEnd::Failed(code.unwrap_or(-1)));
-                }
-                tracing::warn!(job = %spec.name, ?code, attempt, "Job failed; starting it again (log: {})", log_path.display());
-                tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(5)))).await;
-            }
+        let exit = JobExit::from_code(status.code());
+        if exit == JobExit::Done {
+            return Ok(JobState::Succeeded);
         }
+        attempt += 1;
+        if spec.fails_at_once(status.code()) || attempt > spec.backoff_limit {
+            return Ok(JobState::Failed {
+                exit: Some(exit),
+                message: last_lines(&log_path, 5),
+            });
+        }
+        tracing::warn!(job = %spec.name, code = ?status.code(), attempt, "Job failed; starting it again (log: {})", log_path.display());
+        tokio::time::sleep(Duration::from_millis(500 * (1 << attempt.min(5)))).await;
     }
 }
 
@@ -171,142 +166,166 @@ fn sanitise(name: &str) -> String {
     }
 }
 
-/// Runs an import end to end on this machine; returns the process exit code.
+/// The input and output files of a local run.
+struct Files {
+    input: PathBuf,
+    /// The input's file name without `.gz`/`.csv`/`.tsv`/`.txt`.
+    stem: String,
+    out: PathBuf,
+    offline: Option<PathBuf>,
+}
+
+impl Files {
+    fn of(args: &LocalArgs) -> anyhow::Result<Files> {
+        let input =
+            std::fs::canonicalize(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
+        let name = input.file_name().and_then(|s| s.to_str()).unwrap_or("import");
+        let stem = [".gz", ".csv", ".tsv", ".txt"]
+            .iter()
+            .fold(name, |s, ext| s.trim_end_matches(ext))
+            .to_string();
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{stem}.enriched.csv")));
+        let offline = match &args.offline_postcodes {
+            Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("cannot open {}", p.display()))?),
+            None => None,
+        };
+        Ok(Files {
+            input,
+            stem,
+            out,
+            offline,
+        })
+    }
+}
+
+/// The `PostcodeImport` spec a local run stands for: the plan is then made
+/// exactly as the operator makes it ([`ImportPlan::from_spec`]).
+fn spec_of(args: &LocalArgs, shards: u32, offline: Option<&Path>) -> PostcodeImportSpec {
+    PostcodeImportSpec {
+        source: Default::default(),
+        csv: CsvSpec {
+            lat_column: args.lat_column.clone(),
+            lon_column: args.lon_column.clone(),
+            delimiter: args.delimiter.clone(),
+        },
+        shards,
+        api: ApiSpec {
+            base_url: args.api_url.clone(),
+            radius_meters: args.radius_m,
+            max_radius_meters: args.max_radius_m,
+            widesearch: !args.no_widesearch,
+        },
+        offline_postcodes: offline.map(|p| p.to_string_lossy().to_string()),
+        quota: QuotaSpec {
+            requests_per_second: args.quota_rps,
+            max_requests: args.max_requests,
+        },
+        suspend: false,
+        ttl_seconds_after_finished: None,
+        retry_failed: 0,
+        keep_results: false,
+        backoff_limit: args.backoff_limit,
+        priority_class_name: None,
+    }
+}
+
+/// The uid of a local import of the file at `path`: `local-` and 16 hex
+/// digits of the path's SHA-256. A database written before this id existed
+/// holds the import under [`legacy_uid`], which is used when present.
+fn uid_of(path: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!("local-{}", &hex::encode(Sha256::digest(path.as_bytes()))[..16])
+}
+
+/// The uid earlier releases gave a local import: 16 hex digits of FNV-1a 64
+/// of the path. Kept only so that their databases still resume.
+fn legacy_uid(path: &str) -> String {
+    let h = path
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    format!("local-{h:016x}")
+}
+
+/// The import of this file in the database (created when new), and the
+/// SHA-256 of the file's content.
+async fn import_of(store: &Store, files: &Files, args: &LocalArgs) -> anyhow::Result<(ImportRecord, String)> {
+    let path = files.input.to_string_lossy().to_string();
+    let sha = tokio::task::spawn_blocking({
+        let path = files.input.clone();
+        move || sha256_file(&path)
+    })
+    .await??;
+    let legacy = legacy_uid(&path);
+    let uid = match store.import(&legacy).await? {
+        Some(_) => legacy,
+        None => uid_of(&path),
+    };
+    let import = store
+        .ensure_import(&uid, &sanitise(&files.stem), &path, args.shards as i32)
+        .await?;
+    Ok((import, sha))
+}
+
+/// Runs an import end to end on this machine; returns the process exit code
+/// (README "Running locally": 0 done, 1 a Job failed, 2 unreadable input,
+/// 3 request budget spent).
 pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
     if !(args.quota_rps > 0.0 && args.quota_rps.is_finite()) {
         bail!("--quota-rps must be a positive number");
     }
-    let path =
-        std::fs::canonicalize(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
-    let stem = path.file_name().and_then(|s| s.to_str()).unwrap_or("import");
-    let stem = stem
-        .trim_end_matches(".gz")
-        .trim_end_matches(".csv")
-        .trim_end_matches(".tsv")
-        .trim_end_matches(".txt");
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{stem}.enriched.csv")));
-    let offline = match &args.offline_postcodes {
-        Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("cannot open {}", p.display()))?),
-        None => None,
-    };
-
+    let files = Files::of(&args)?;
     let store = Store::connect(&args.db).await?;
     store.migrate().await?;
-    let path_str = path.to_string_lossy().to_string();
-    let uid = format!("local-{}", &path_id(&path_str)[..16]);
-    let sha = tokio::task::spawn_blocking({
-        let path = path.clone();
-        move || sha256_file(&path)
-    })
-    .await??;
-    let mut import = store
-        .ensure_import(&uid, &sanitise(stem), &path_str, args.shards as i32)
-        .await?;
+    let (import, sha) = import_of(&store, &files, &args).await?;
     let resumed = import.phase == "Loaded" && import.source_sha256.as_deref() == Some(sha.as_str());
-    let shards = if resumed {
-        import.shards as u32
-    } else {
-        args.shards
-    };
-    if resumed && shards != args.shards {
-        eprintln!("note: resuming with the {shards} shards this import was loaded with");
+    let shards = if resumed { import.shards as u32 } else { args.shards };
+    if resumed {
+        if shards != args.shards {
+            eprintln!("note: resuming with the {shards} shards this import was loaded with");
+        }
+        eprintln!("resuming {}: {} rows already loaded", files.input.display(), import.rows_total);
     }
-    let plan = ImportPlan {
-        uid: uid.clone(),
-        name: import.name.clone(),
-        source: path_str.clone(),
-        shards,
-        provider: match &offline {
-            Some(p) => ProviderSpec::Offline {
-                postcodes: p.to_string_lossy().to_string(),
-            },
-            None => ProviderSpec::Api {
-                base_url: args.api_url.clone(),
-            },
-        },
-        search: SearchPlan {
-            radius_m: args.radius_m,
-            max_radius_m: args.max_radius_m,
-            widesearch: !args.no_widesearch,
-        },
-        quota_rps: args.quota_rps,
-        max_requests: args.max_requests,
-        lat_column: args.lat_column.clone(),
-        lon_column: args.lon_column.clone(),
-        delimiter: args.delimiter.clone(),
-        backoff_limit: args.backoff_limit,
-    };
-    let log_dir = std::env::temp_dir().join(format!("postcode-operator-{uid}"));
+    let source = files.input.to_string_lossy().to_string();
+    let spec = spec_of(&args, shards, files.offline.as_deref());
+    let plan = ImportPlan::from_spec(import.uid.clone(), import.name.clone(), source, &spec);
+    let log_dir = std::env::temp_dir().join(format!("postcode-operator-{}", import.uid));
     std::fs::create_dir_all(&log_dir)?;
-
+    let mut run = LocalRun::new(&store, plan, sha, &args.db, log_dir);
+    run.retry_wanted = args.retry_failed;
     // Parse the postcode file once, into the cache every enricher reads, while the reader loads.
-    let warm_index = offline.clone().map(|p| {
+    run.warm_index = files.offline.clone().map(|p| {
         tokio::task::spawn_blocking(move || {
             pipeline::offline::OfflineIndex::ensure_cache(&p, &pipeline::offline::default_cache_dir())
         })
     });
-    if resumed {
-        eprintln!(
-            "resuming {}: {} rows already loaded",
-            path.display(),
-            import.rows_total
-        );
-    } else {
-        let job = reader_job(&plan);
-        let load_started = Instant::now();
-        match run_job(&job, &args.db, &log_dir).await? {
-            JobEnd::Succeeded => {}
-            end => {
-                let failed = store.import(&uid).await?.and_then(|i| i.error);
-                let msg = failed.unwrap_or_else(|| last_lines(&log_dir.join(format!("{}.log", job.name)), 5));
-                eprintln!("error: loading {} failed ({end:?}):\n{msg}", path.display());
-                return Ok(if end == JobEnd::Failed(EXIT_PERMANENT) {
-                    EXIT_PERMANENT
-                } else {
-                    1
-                });
-            }
-        }
-        import = store.import(&uid).await?.context("import vanished")?;
-        eprintln!(
-            "loaded {} rows ({} invalid) in {:.1}s",
-            import.rows_total,
-            import.rows_invalid,
-            load_started.elapsed().as_secs_f64()
-        );
+    let decision = run.to_the_end().await?;
+    let import = store.import(&import.uid).await?.context("import vanished")?;
+    if !matches!(decision.report.as_ref().map(|r| r.phase), Some(Phase::Failed)) || import.phase == "Loaded" {
+        summarise(&store, &import, &files.out, &decision, run.log_dir(), started).await?;
     }
-    store
-        .set_quota(import.id, args.quota_rps, args.max_requests)
-        .await?;
-    if args.retry_failed {
-        let n = store.requeue_failed(import.id).await?;
-        eprintln!("retrying {n} failed coordinates");
-    }
+    store.close().await;
+    Ok(decision.exit_code())
+}
 
-    if let Some(warm) = warm_index {
-        warm.await?.with_context(|| {
-            format!(
-                "cannot read the postcode file {}",
-                offline
-                    .as_ref()
-                    .map_or(String::new(), |p| p.display().to_string())
-            )
-        })?;
-    }
-    let ends = enrich(&store, &import, &plan, &args.db, &log_dir).await?;
+/// Writes the enriched CSV and prints the run's summary.
+async fn summarise(
+    store: &Store,
+    import: &ImportRecord,
+    out: &Path,
+    decision: &Decision,
+    log_dir: &Path,
+    started: Instant,
+) -> anyhow::Result<()> {
     let q = store.quota_counters(import.id).await?;
-
-    let file = std::fs::File::create(&out).with_context(|| format!("cannot write {}", out.display()))?;
+    let file = std::fs::File::create(out).with_context(|| format!("cannot write {}", out.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     // The export visits every row, so its tally is the import's final count.
-    let tally = write_csv(&store, &import, &mut w).await?;
+    let tally = write_csv(store, import, &mut w).await?;
     drop(w);
-    store.close().await;
-
     eprintln!(
         "\n{} rows → {}\n  enriched {}  no_match {}  invalid {}  failed {}  pending {}\n  API requests {}  retries {}  429s {}  elapsed {:.1}s",
         tally.rows,
@@ -324,89 +343,259 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     if tally.failed > 0 {
         eprintln!("  {} rows failed (reason in the error column); run the same command with --retry-failed to try them again", tally.failed);
     }
-    if ends.contains(&JobEnd::QuotaExhausted) {
-        eprintln!("  the request budget (--max-requests) is spent: {} rows left pending; raise it and run again to resume", tally.pending);
-        return Ok(EXIT_QUOTA_EXHAUSTED);
-    }
-    if let Some(JobEnd::Failed(code)) = ends.iter().find(|e| matches!(e, JobEnd::Failed(_))) {
-        eprintln!(
+    match decision.exit_code() {
+        3 => eprintln!("  the request budget (--max-requests) is spent: {} rows left pending; raise it and run again to resume", tally.pending),
+        0 => {}
+        _ => eprintln!(
             "  an enricher Job failed (logs in {}); run the same command again to resume",
             log_dir.display()
-        );
-        return Ok(*code);
+        ),
     }
-    Ok(0)
+    Ok(())
 }
 
-fn path_id(s: &str) -> String {
-    use std::fmt::Write;
-    // FNV-1a 64 twice with different offsets: a stable, dependency-free id for a path.
-    let mut out = String::new();
-    for seed in [pipeline::FNV1A_OFFSET, 0x8422_2325_cbf2_9ce4u64] {
-        let _ = write!(out, "{:016x}", pipeline::fnv1a(seed, s.as_bytes()));
-    }
-    out
+/// The local runtime of the lifecycle: observes its child processes and the
+/// database, carries out [`decide`]'s decisions, until the import finishes
+/// or no Job is left to run.
+struct LocalRun<'a> {
+    store: &'a Store,
+    plan: ImportPlan,
+    /// SHA-256 of the input: the import is loaded when the database holds this content.
+    content_sha: String,
+    db: String,
+    log_dir: PathBuf,
+    retry_wanted: bool,
+    previous: Option<Phase>,
+    /// Each Job's state, by name; absent = not started.
+    jobs: std::collections::HashMap<String, JobState>,
+    running: JoinSet<(String, anyhow::Result<JobState>)>,
+    warm_index: Option<tokio::task::JoinHandle<Result<(), pipeline::offline::OfflineError>>>,
+    progress: Progress,
+    load_started: Option<Instant>,
 }
 
-/// Runs the enricher Jobs with a progress bar; returns how each ended.
-async fn enrich(
-    store: &Store,
-    import: &ImportRecord,
-    plan: &ImportPlan,
-    db: &str,
-    log_dir: &Path,
-) -> anyhow::Result<Vec<JobEnd>> {
-    let jobs = enricher_jobs(plan);
-    let mut set = tokio::task::JoinSet::new();
-    for job in jobs {
-        let (db, log_dir) = (db.to_string(), log_dir.to_path_buf());
-        set.spawn(async move { run_job(&job, &db, &log_dir).await });
+impl<'a> LocalRun<'a> {
+    fn new(store: &'a Store, plan: ImportPlan, content_sha: String, db: &str, log_dir: PathBuf) -> Self {
+        LocalRun {
+            store,
+            plan,
+            content_sha,
+            db: db.to_string(),
+            log_dir,
+            retry_wanted: false,
+            previous: None,
+            jobs: Default::default(),
+            running: JoinSet::new(),
+            warm_index: None,
+            progress: Progress::new(),
+            load_started: None,
+        }
     }
-    let tty = std::io::stderr().is_terminal();
-    let bar = if tty {
-        let bar = indicatif::ProgressBar::new(1);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows {msg}",
-            )
-            .expect("template")
-            .progress_chars("=> "),
-        );
-        Some(bar)
-    } else {
-        None
-    };
-    let mut ends = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(if tty { 500 } else { 10_000 }));
-    loop {
-        tokio::select! {
-            done = set.join_next() => match done {
-                Some(r) => ends.push(r??),
-                None => break,
-            },
-            _ = tick.tick() => {
-                // The database may be away for a moment (a restart): the Jobs
-                // retry on their own, the progress display just waits.
-                let (Ok(c), Ok(q)) = (store.counts(import).await, store.quota_counters(import.id).await) else { continue };
-                match &bar {
-                    Some(bar) => {
-                        bar.set_length((c.rows_total - c.rows_invalid).max(1) as u64);
-                        bar.set_position((c.rows_enriched + c.rows_no_match + c.rows_failed) as u64);
-                        bar.set_message(format!("| rows enriched {} no_match {} failed {} | requests {}", c.rows_enriched, c.rows_no_match, c.rows_failed, q.requests));
-                    }
-                    None => eprintln!("progress: {}/{} rows, enriched {} no_match {} failed {}, requests {}", c.rows_enriched + c.rows_no_match + c.rows_failed, c.rows_total - c.rows_invalid, c.rows_enriched, c.rows_no_match, c.rows_failed, q.requests),
-                }
+
+    fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+
+    /// Observes, decides and acts until the import ends or nothing runs; the last decision.
+    async fn to_the_end(&mut self) -> anyhow::Result<Decision> {
+        loop {
+            let (o, record) = self.observe().await?;
+            let d = decide(&o);
+            self.act(&d, record.as_ref()).await?;
+            let phase = d.report.as_ref().map(|r| r.phase);
+            if matches!(phase, Some(Phase::Succeeded | Phase::Failed)) {
+                self.progress.clear();
+                return Ok(d);
             }
+            if self.running.is_empty() && d.create.is_empty() && d.delete.is_empty() && !d.requeue_failed {
+                // Nothing runs and nothing will: e.g. the request budget is spent.
+                self.progress.clear();
+                return Ok(d);
+            }
+            self.previous = phase.or(self.previous);
+            if !d.create.is_empty() || !d.delete.is_empty() || d.requeue_failed {
+                continue;
+            }
+            self.wait(&o).await?;
+        }
+    }
+
+    /// Waits for a Job to end or the next progress tick.
+    async fn wait(&mut self, o: &Observed) -> anyhow::Result<()> {
+        if o.load == Load::Loaded {
+            self.progress.show(&o.counts, self.store, &self.plan).await;
+        }
+        tokio::select! {
+            Some(done) = self.running.join_next() => {
+                let (name, state) = done?;
+                self.jobs.insert(name, state?);
+            }
+            _ = tokio::time::sleep(self.progress.interval()) => {}
             _ = tokio::signal::ctrl_c() => {
-                set.abort_all();
-                if let Some(bar) = &bar { bar.abandon(); }
+                self.running.abort_all();
+                self.progress.clear();
                 eprintln!("interrupted: run the same command again to resume");
                 std::process::exit(130);
             }
         }
+        Ok(())
     }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
+}
+
+impl LocalRun<'_> {
+    fn state_of(&self, spec: &JobSpec) -> Option<JobState> {
+        self.jobs.get(&spec.name).cloned()
     }
-    Ok(ends)
+
+    /// What [`decide`] looks at: the database and this process's Jobs.
+    async fn observe(&mut self) -> anyhow::Result<(Observed, Option<ImportRecord>)> {
+        let record = self.store.import(&self.plan.uid).await?;
+        let mut o = Observed {
+            plan: Ok(self.plan.clone()),
+            previous: self.previous,
+            suspend: false,
+            retry_wanted: self.retry_wanted,
+            load: Load::NotLoaded {
+                error: record.as_ref().and_then(|r| r.error.clone()),
+            },
+            reader: self.state_of(&crate::plan::reader_job(&self.plan)),
+            enrichers: crate::plan::enricher_jobs(&self.plan)
+                .iter()
+                .map(|j| self.state_of(j))
+                .collect(),
+            shard_pending: vec![],
+            budget_spent: false,
+            counts: Default::default(),
+            ttl_seconds_after_finished: None,
+            finished_for: None,
+        };
+        let same_content = |r: &&ImportRecord| r.source_sha256.as_deref() == Some(self.content_sha.as_str());
+        let Some(r) = record.as_ref().filter(|r| r.phase == "Loaded").filter(same_content) else {
+            return Ok((o, record));
+        };
+        o.load = Load::Loaded;
+        o.budget_spent = self.store.budget_spent(r.id).await?;
+        o.counts = self.store.counts(r).await?;
+        o.shard_pending = vec![0; self.plan.shards as usize];
+        for s in self.store.shard_counts(r.id).await? {
+            if let Some(p) = o.shard_pending.get_mut(s.shard as usize) {
+                *p = s.rows - s.done;
+            }
+        }
+        Ok((o, record))
+    }
+
+    /// Carries out a decision: the database first, then the Jobs.
+    async fn act(&mut self, d: &Decision, record: Option<&ImportRecord>) -> anyhow::Result<()> {
+        if let Some(r) = record {
+            if d.set_quota {
+                self.finish_loading(r).await?;
+                self.store.set_quota(r.id, self.plan.quota_rps, self.plan.max_requests).await?;
+            }
+            if d.requeue_failed {
+                let n = self.store.requeue_failed(r.id).await?;
+                eprintln!("retrying {n} failed coordinates");
+                self.retry_wanted = false;
+            }
+        }
+        for name in &d.delete {
+            self.jobs.remove(name);
+        }
+        for (spec, _) in &d.create {
+            if spec.role == crate::plan::Role::Reader {
+                self.load_started = Some(Instant::now());
+            }
+            self.jobs.insert(spec.name.clone(), JobState::Running { suspended: false });
+            let (spec, db, log_dir) = (spec.clone(), self.db.clone(), self.log_dir.clone());
+            self.running.spawn(async move { (spec.name.clone(), run_job(spec, db, log_dir).await) });
+        }
+        if let Some(report) = d.report.as_ref().filter(|r| r.phase == Phase::Failed) {
+            if self.previous != Some(Phase::Enriching) {
+                eprintln!("error: loading {} failed:\n{}", self.plan.source, report.message);
+            }
+        }
+        Ok(())
+    }
+
+    /// Once per run, when the import is loaded: report the load and wait for
+    /// the offline index the enrichers will map.
+    async fn finish_loading(&mut self, r: &ImportRecord) -> anyhow::Result<()> {
+        if let Some(t) = self.load_started.take() {
+            eprintln!(
+                "loaded {} rows ({} invalid) in {:.1}s",
+                r.rows_total,
+                r.rows_invalid,
+                t.elapsed().as_secs_f64()
+            );
+        }
+        if let Some(warm) = self.warm_index.take() {
+            let postcodes = match &self.plan.provider {
+                crate::plan::ProviderSpec::Offline { postcodes } => postcodes.clone(),
+                crate::plan::ProviderSpec::Api { .. } => String::new(),
+            };
+            warm.await?
+                .with_context(|| format!("cannot read the postcode file {postcodes}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The progress display: a bar on a terminal, a line every 10 s otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last_line: Option<Instant>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(1);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows {msg}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        Progress { bar, last_line: None }
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_millis(if self.bar.is_some() { 500 } else { 10_000 })
+    }
+
+    async fn show(&mut self, c: &pipeline::db::Counts, store: &Store, plan: &ImportPlan) {
+        // The database may be away for a moment (a restart): the Jobs retry
+        // on their own, the progress display just waits.
+        let Ok(Some(import)) = store.import(&plan.uid).await else { return };
+        let Ok(q) = store.quota_counters(import.id).await else { return };
+        let finished = c.rows_enriched + c.rows_no_match + c.rows_failed;
+        let of = c.rows_total - c.rows_invalid;
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(of.max(1) as u64);
+                bar.set_position(finished as u64);
+                bar.set_message(format!(
+                    "| rows enriched {} no_match {} failed {} | requests {}",
+                    c.rows_enriched, c.rows_no_match, c.rows_failed, q.requests
+                ));
+            }
+            None if self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) => {
+                self.last_line = Some(Instant::now());
+                eprintln!(
+                    "progress: {finished}/{of} rows, enriched {} no_match {} failed {}, requests {}",
+                    c.rows_enriched, c.rows_no_match, c.rows_failed, q.requests
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn clear(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -3,8 +3,8 @@
 
 mod api;
 mod controller;
-mod crd;
 mod jobs;
+mod lifecycle;
 mod local;
 mod plan;
 mod run;
@@ -34,7 +34,7 @@ async fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Cmd::Crd => {
-            print!("{}", crd::crd_yaml());
+            print!("{}", postcode_resource::crd_yaml());
             0
         }
         Cmd::Run(args) => match run::run(args).await {

@@ -1,8 +1,12 @@
 //! The Jobs an import needs: one planning function, two runtimes (DESIGN.md
-//! "One plan, two runtimes"). The Kubernetes runtime turns a [`JobSpec`] into a
-//! `batch/v1` Job; the local runtime runs its command as a child process.
+//! "One plan, two runtimes"). [`ImportPlan::from_spec`] is the only place a
+//! plan is made, from a `PostcodeImport` spec (`local` builds one from its
+//! flags). The Kubernetes runtime turns a [`JobSpec`] into a `batch/v1` Job;
+//! the local runtime runs its command as a child process. When each Job runs
+//! is decided in [`crate::lifecycle`].
 
-use pipeline::lookup::SearchPlan;
+use pipeline::{exit::JobExit, lookup::SearchPlan};
+use postcode_resource::{limits, PostcodeImportSpec};
 
 /// Where enrichers get answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,7 +24,7 @@ pub struct ImportPlan {
     pub name: String,
     /// `upload:<id>`, an URL or a path.
     pub source: String,
-    /// Parallel enricher Jobs, 1..=64.
+    /// Parallel enricher Jobs, within [`limits::MIN_SHARDS`]..=[`limits::MAX_SHARDS`].
     pub shards: u32,
     pub provider: ProviderSpec,
     pub search: SearchPlan,
@@ -35,6 +39,37 @@ pub struct ImportPlan {
     pub backoff_limit: i32,
 }
 
+impl ImportPlan {
+    /// The plan of an import named `name` with uid `uid`, reading `source`
+    /// (`upload:<id>`, an URL, or for `local` a file path), from its spec.
+    /// Shard counts outside the limits are clamped (the CRD schema refuses them).
+    pub fn from_spec(uid: String, name: String, source: String, s: &PostcodeImportSpec) -> ImportPlan {
+        ImportPlan {
+            uid,
+            name,
+            source,
+            shards: s.shards.clamp(limits::MIN_SHARDS, limits::MAX_SHARDS),
+            provider: match &s.offline_postcodes {
+                Some(p) => ProviderSpec::Offline { postcodes: p.clone() },
+                None => ProviderSpec::Api {
+                    base_url: s.api.base_url.clone(),
+                },
+            },
+            search: SearchPlan {
+                radius_m: s.api.radius_meters.into(),
+                max_radius_m: s.api.max_radius_meters.into(),
+                widesearch: s.api.widesearch,
+            },
+            quota_rps: s.quota.requests_per_second,
+            max_requests: s.quota.max_requests,
+            lat_column: s.csv.lat_column.clone(),
+            lon_column: s.csv.lon_column.clone(),
+            delimiter: s.csv.delimiter.clone(),
+            backoff_limit: s.backoff_limit,
+        }
+    }
+}
+
 /// What the reader or an enricher Job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -42,9 +77,10 @@ pub enum Role {
     Enricher { shard: u32 },
 }
 
-/// A Job to run: its deterministic name, binary, arguments and environment.
-/// The database URL is not in here: each runtime passes it as `DATABASE_URL`
-/// (a Secret in Kubernetes), so it never lands in a Job spec or a log.
+/// A Job to run: its deterministic name, binary, arguments, environment and
+/// what its exit codes mean. The database URL is not in here: each runtime
+/// passes it as `DATABASE_URL` (a Secret in Kubernetes), so it never lands in
+/// a Job spec or a log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSpec {
     pub name: String,
@@ -52,8 +88,29 @@ pub struct JobSpec {
     /// Binary name, found beside `postcode-operator` locally and on `PATH` in the image.
     pub command: String,
     pub args: Vec<String>,
+    /// Environment both runtimes give the container (each adds `DATABASE_URL`
+    /// and its own runtime settings).
     pub env: Vec<(String, String)>,
     pub backoff_limit: i32,
+    /// Exits that fail the Job at once, without a retry: the Kubernetes
+    /// runtime makes its `podFailurePolicy` from them, `local` stops retrying.
+    pub fail_at_once: Vec<JobExit>,
+}
+
+impl JobSpec {
+    /// Whether a container that exited with `code` (`None`: killed by a
+    /// signal) ends this Job without a retry.
+    pub fn fails_at_once(&self, code: Option<i32>) -> bool {
+        self.fail_at_once.contains(&JobExit::from_code(code))
+    }
+}
+
+/// The environment of every Job of the plan.
+fn job_env(p: &ImportPlan) -> Vec<(String, String)> {
+    vec![
+        ("IMPORT_UID".into(), p.uid.clone()),
+        ("IMPORT_NAME".into(), p.name.clone()),
+    ]
 }
 
 /// Kubernetes names are at most 63 characters; keeps room for `-enricher-63`.
@@ -84,11 +141,9 @@ pub fn reader_job(p: &ImportPlan) -> JobSpec {
         role: Role::Reader,
         command: "reader-job".into(),
         args,
-        env: vec![
-            ("IMPORT_UID".into(), p.uid.clone()),
-            ("IMPORT_NAME".into(), p.name.clone()),
-        ],
+        env: job_env(p),
         backoff_limit: p.backoff_limit,
+        fail_at_once: JobExit::FAIL_AT_ONCE.to_vec(),
     }
 }
 
@@ -123,8 +178,9 @@ pub fn enricher_job(p: &ImportPlan, shard: u32) -> JobSpec {
         role: Role::Enricher { shard },
         command: "enricher-job".into(),
         args,
-        env: vec![("IMPORT_UID".into(), p.uid.clone())],
+        env: job_env(p),
         backoff_limit: p.backoff_limit,
+        fail_at_once: JobExit::FAIL_AT_ONCE.to_vec(),
     }
 }
 

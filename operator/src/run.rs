@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::Args;
 use kube::Client;
 use pipeline::db::Store;
+use postcode_resource::limits;
 
 use crate::{
     api::{router, ApiConfig, AppState},
@@ -61,11 +62,11 @@ pub struct RunArgs {
     /// Largest accepted upload, bytes.
     #[arg(long, env = "MAX_UPLOAD_BYTES", default_value_t = 2 << 30)]
     pub max_upload_bytes: u64,
-    #[arg(long, env = "DEFAULT_SHARDS", default_value_t = 4)]
+    #[arg(long, env = "DEFAULT_SHARDS", default_value_t = limits::DEFAULT_SHARDS)]
     pub default_shards: u32,
-    #[arg(long, env = "DEFAULT_QUOTA_RPS", default_value_t = 5.0)]
+    #[arg(long, env = "DEFAULT_QUOTA_RPS", default_value_t = limits::DEFAULT_QUOTA_RPS)]
     pub default_quota_rps: f64,
-    #[arg(long, env = "DEFAULT_API_URL", default_value = "https://api.postcodes.io")]
+    #[arg(long, env = "DEFAULT_API_URL", default_value = limits::DEFAULT_API_URL)]
     pub default_api_url: String,
     /// Seconds an upload may send nothing before it is refused (408).
     #[arg(long, env = "UPLOAD_IDLE_TIMEOUT_S", default_value_t = 60)]
@@ -107,7 +108,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let app = router(api_state).layer(tower_http::trace::TraceLayer::new_for_http());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let ctx = Arc::new(Context {
+    let ctx = context(&client, store, &args);
+    let namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
+
+    if args.leader_election {
+        lead_then_reconcile(&client, &args, ctx, namespace).await?;
+    } else {
+        controller::run(ctx, namespace).await;
+    }
+    server.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    Ok(())
+}
+
+/// The controller's context from the flags.
+fn context(client: &Client, store: Store, args: &RunArgs) -> Arc<Context> {
+    Arc::new(Context {
         client: client.clone(),
         store,
         jobs: JobSettings {
@@ -120,41 +136,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         database_secret: (args.pod_namespace.clone(), args.database_secret_name.clone()),
         recorder: controller::recorder(client.clone()),
-    });
-    let namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
+    })
+}
 
-    if args.leader_election {
-        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "postcode-operator")
-            .with_namespace(&args.pod_namespace)
-            .with_identity(&args.pod_name)
-            .with_duration(15)
-            .with_grace(5)
-            .build()
-            .await
-            .context("creating the leader-election Lease manager")?;
-        let (mut leader, _task) = manager.watch().await;
-        tracing::info!(identity = %args.pod_name, "waiting for the leader Lease");
-        while !*leader.borrow_and_update() {
-            leader.changed().await.context("leader election stopped")?;
-        }
-        tracing::info!(identity = %args.pod_name, "leading: starting the controller");
-        tokio::select! {
-            () = controller::run(ctx, namespace) => {}
-            lost = async {
-                loop {
-                    if leader.changed().await.is_err() || !*leader.borrow() { break; }
-                }
-            } => {
-                let _ = lost;
-                // Another replica may already be reconciling: stop at once and let the Deployment restart us.
-                tracing::error!("lost the leader Lease; exiting");
-                std::process::exit(1);
-            }
-        }
-    } else {
-        controller::run(ctx, namespace).await;
+/// Waits for the leader Lease, then reconciles until the Lease is lost; a
+/// replica that loses it exits at once (another may already be reconciling)
+/// and the Deployment restarts it.
+async fn lead_then_reconcile(
+    client: &Client,
+    args: &RunArgs,
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+) -> anyhow::Result<()> {
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "postcode-operator")
+        .with_namespace(&args.pod_namespace)
+        .with_identity(&args.pod_name)
+        .with_duration(15)
+        .with_grace(5)
+        .build()
+        .await
+        .context("creating the leader-election Lease manager")?;
+    let (mut leader, _task) = manager.watch().await;
+    tracing::info!(identity = %args.pod_name, "waiting for the leader Lease");
+    while !*leader.borrow_and_update() {
+        leader.changed().await.context("leader election stopped")?;
     }
-    server.abort();
-    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
-    Ok(())
+    tracing::info!(identity = %args.pod_name, "leading: starting the controller");
+    tokio::select! {
+        () = controller::run(ctx, namespace) => Ok(()),
+        () = async {
+            while leader.changed().await.is_ok() && *leader.borrow() {}
+        } => {
+            tracing::error!("lost the leader Lease; exiting");
+            std::process::exit(1);
+        }
+    }
 }

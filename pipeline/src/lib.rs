@@ -6,6 +6,7 @@
 pub mod csv_input;
 pub mod db;
 pub mod enrich;
+pub mod exit;
 pub mod export;
 pub mod geo;
 pub mod grid;
@@ -22,10 +23,11 @@ pub mod sqlite_export;
 pub mod test_server;
 
 /// Exit code of a Job that failed for a reason a retry will not fix (bad input,
-/// bad configuration): the operator fails the import without burning retries.
-pub const EXIT_PERMANENT: i32 = 2;
-/// Exit code of an enricher that stopped because the import's request budget is spent.
-pub const EXIT_QUOTA_EXHAUSTED: i32 = 3;
+/// bad configuration): [`exit::JobExit::Permanent`].
+pub const EXIT_PERMANENT: i32 = exit::JobExit::Permanent.code();
+/// Exit code of an enricher that stopped because the import's request budget
+/// is spent: [`exit::JobExit::QuotaExhausted`].
+pub const EXIT_QUOTA_EXHAUSTED: i32 = exit::JobExit::QuotaExhausted.code();
 
 /// Process-wide setup of every binary: the `tracing` subscriber (`RUST_LOG`,
 /// default `info`) and the TLS crypto provider. Two rustls providers are linked

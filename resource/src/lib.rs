@@ -1,7 +1,12 @@
 //! The `PostcodeImport` custom resource (`postcodes.dev/v1alpha1`): what a user
-//! asks for (spec) and what the operator and the enricher Jobs report (status).
+//! asks for (spec) and what the operator and the enricher Jobs report (status),
+//! shared by the operator and the Jobs (which write their shard's progress).
 //! The CRD YAML in `crds/` and the chart is generated from these types
 //! (`postcode-operator crd`); a test fails when it is stale.
+//!
+//! [`limits`] holds every limit and default of an import.
+
+pub mod limits;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
@@ -39,9 +44,9 @@ pub struct PostcodeImportSpec {
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("csv is immutable"))]
     pub csv: CsvSpec,
-    /// Parallel enricher Jobs, 1..=64. Immutable.
+    /// Parallel enricher Jobs, [`limits::MIN_SHARDS`]..=[`limits::MAX_SHARDS`]. Immutable.
     #[serde(default = "default_shards")]
-    #[schemars(range(min = 1, max = 64))]
+    #[schemars(range(min = limits::MIN_SHARDS, max = limits::MAX_SHARDS))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("shards is immutable"))]
     pub shards: u32,
     /// postcodes.io endpoint and search radii. Immutable.
@@ -71,7 +76,7 @@ pub struct PostcodeImportSpec {
     pub keep_results: bool,
     /// Retries of each Job before it counts as failed.
     #[serde(default = "default_backoff_limit")]
-    #[schemars(range(min = 0, max = 20))]
+    #[schemars(range(min = 0, max = limits::MAX_BACKOFF_LIMIT))]
     pub backoff_limit: i32,
     /// `priorityClassName` of the Job pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,11 +84,11 @@ pub struct PostcodeImportSpec {
 }
 
 fn default_shards() -> u32 {
-    4
+    limits::DEFAULT_SHARDS
 }
 
 fn default_backoff_limit() -> i32 {
-    3
+    limits::DEFAULT_BACKOFF_LIMIT
 }
 
 /// Exactly one of `uploadId` and `url`.
@@ -132,11 +137,11 @@ pub struct ApiSpec {
     pub base_url: String,
     /// First search radius in metres.
     #[serde(default = "default_radius")]
-    #[schemars(range(min = 1, max = 2000))]
+    #[schemars(range(min = 1, max = limits::MAX_RADIUS_M))]
     pub radius_meters: u32,
     /// Second search radius in metres (postcodes.io clamps to 2000).
     #[serde(default = "default_max_radius")]
-    #[schemars(range(min = 1, max = 2000))]
+    #[schemars(range(min = 1, max = limits::MAX_RADIUS_M))]
     pub max_radius_meters: u32,
     /// Finally search up to 20 km (postcodes.io widesearch).
     #[serde(default = "default_true")]
@@ -155,13 +160,13 @@ impl Default for ApiSpec {
 }
 
 fn default_base_url() -> String {
-    "https://api.postcodes.io".into()
+    limits::DEFAULT_API_URL.into()
 }
 fn default_radius() -> u32 {
-    100
+    limits::DEFAULT_RADIUS_M
 }
 fn default_max_radius() -> u32 {
-    2000
+    limits::DEFAULT_MAX_RADIUS_M
 }
 fn default_true() -> bool {
     true
@@ -192,7 +197,7 @@ impl Default for QuotaSpec {
 }
 
 fn default_rps() -> f64 {
-    5.0
+    limits::DEFAULT_QUOTA_RPS
 }
 
 /// Phase of an import: a summary of its conditions.

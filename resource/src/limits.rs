@@ -1,0 +1,33 @@
+//! One home for the limits and defaults of an import: the CRD schema, the
+//! `local` and Job command lines, the upload API and the chart's defaults all
+//! read them from here.
+
+/// Fewest enricher Jobs (shards) an import can have.
+pub const MIN_SHARDS: u32 = 1;
+/// Most enricher Jobs (shards) an import can have: each is a Job with its own
+/// pod and database connections.
+pub const MAX_SHARDS: u32 = 64;
+/// Enricher Jobs when the import does not say.
+pub const DEFAULT_SHARDS: u32 = 4;
+
+/// The public postcodes.io, the default upstream API.
+pub const DEFAULT_API_URL: &str = "https://api.postcodes.io";
+/// First search radius, metres (postcodes.io's own default).
+pub const DEFAULT_RADIUS_M: u32 = 100;
+/// Second search radius, metres.
+pub const DEFAULT_MAX_RADIUS_M: u32 = 2000;
+/// Largest radius postcodes.io accepts, metres: it clamps larger ones to this.
+pub const MAX_RADIUS_M: u32 = 2000;
+
+/// External API requests per second when the import does not say.
+pub const DEFAULT_QUOTA_RPS: f64 = 5.0;
+
+/// Retries of a Job before it counts as failed (Kubernetes `backoffLimit`).
+pub const DEFAULT_BACKOFF_LIMIT: i32 = 3;
+/// Most retries of a Job an import may ask for.
+pub const MAX_BACKOFF_LIMIT: i32 = 20;
+
+/// Whether `shards` is an allowed shard count.
+pub fn shards_allowed(shards: u32) -> bool {
+    (MIN_SHARDS..=MAX_SHARDS).contains(&shards)
+}

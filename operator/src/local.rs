@@ -404,6 +404,12 @@ impl<'a> LocalRun<'a> {
             self.act(&d, record.as_ref()).await?;
             let phase = d.report.as_ref().map(|r| r.phase);
             if matches!(phase, Some(Phase::Succeeded | Phase::Failed)) {
+                // Jobs still running finish their work (a killed one would
+                // lose its batch in flight); they start nothing new.
+                while let Some(done) = self.running.join_next().await {
+                    let (name, state) = done?;
+                    self.jobs.insert(name, state?);
+                }
                 self.progress.clear();
                 return Ok(d);
             }

@@ -8,7 +8,6 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use clap::Parser;
 
 mod status;
-use status::StatusReporter;
 use pipeline::{
     db::Store,
     enrich::{run_shard, Finish, Provider, ShardConfig},
@@ -18,6 +17,7 @@ use pipeline::{
     retry::RetryPolicy,
     EXIT_PERMANENT, EXIT_QUOTA_EXHAUSTED,
 };
+use status::StatusReporter;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -223,4 +223,3 @@ impl RunStatsLog {
         }
     }
 }
-

@@ -71,7 +71,8 @@ impl StatusReporter {
             }],
             ..PostcodeImportStatus::default()
         };
-        let patch = serde_json::json!({"apiVersion": API_VERSION, "kind": "PostcodeImport", "status": status});
+        let patch =
+            serde_json::json!({"apiVersion": API_VERSION, "kind": "PostcodeImport", "status": status});
         let pp = PatchParams::apply(&format!("enricher-{}", self.shard)).force();
         if let Err(e) = self.api.patch_status(&self.name, &pp, &Patch::Apply(patch)).await {
             tracing::warn!("progress not reported: {e}");

@@ -258,7 +258,9 @@ fn stalled(idle: Duration) -> ApiError {
 /// Streams the `file` field of a multipart upload into `w`.
 async fn stream_multipart(req: Request, w: &mut UploadWriter<'_>, idle: Duration) -> Result<(), ApiError> {
     let bad = |e: axum::extract::multipart::MultipartError| ApiError(StatusCode::BAD_REQUEST, e.body_text());
-    let mut mp = Multipart::from_request(req, &()).await.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let mut mp = Multipart::from_request(req, &())
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let mut got = false;
     while let Some(mut field) = mp.next_field().await.map_err(bad)? {
         if field.name() != Some("file") {
@@ -285,10 +287,12 @@ async fn stream_multipart(req: Request, w: &mut UploadWriter<'_>, idle: Duration
 /// Streams a plain request body into `w`.
 async fn stream_body(req: Request, w: &mut UploadWriter<'_>, idle: Duration) -> Result<(), ApiError> {
     let mut body = req.into_body().into_data_stream();
-    while let Some(chunk) = tokio::time::timeout(idle, body.next()).await.map_err(|_| stalled(idle))? {
-        let chunk = chunk.map_err(|e| {
-            ApiError(StatusCode::BAD_REQUEST, format!("reading the upload failed: {e}"))
-        })?;
+    while let Some(chunk) = tokio::time::timeout(idle, body.next())
+        .await
+        .map_err(|_| stalled(idle))?
+    {
+        let chunk = chunk
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading the upload failed: {e}")))?;
         w.push(&chunk).await?;
     }
     Ok(())

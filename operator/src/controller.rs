@@ -274,7 +274,11 @@ async fn job_state_of(jobs: &Api<Job>, name: &str) -> Result<Option<JobState>> {
 }
 
 /// What [`lifecycle::decide`] looks at, read from the API server and the database.
-async fn observe(imp: &PostcodeImport, ctx: &Context, jobs: &Api<Job>) -> Result<(Observed, Option<ImportRecord>)> {
+async fn observe(
+    imp: &PostcodeImport,
+    ctx: &Context,
+    jobs: &Api<Job>,
+) -> Result<(Observed, Option<ImportRecord>)> {
     let old = imp.status.clone().unwrap_or_default();
     let plan = plan_for(imp);
     let previous = old.phase;
@@ -291,12 +295,15 @@ async fn observe(imp: &PostcodeImport, ctx: &Context, jobs: &Api<Job>) -> Result
         budget_spent: false,
         counts: Counts::default(),
         ttl_seconds_after_finished: imp.spec.ttl_seconds_after_finished,
-        finished_for: old.completed_at.as_ref().map(|t| {
-            Duration::from_secs_f64(Timestamp::now().duration_since(t.0).as_secs_f64().max(0.0))
-        }),
+        finished_for: old
+            .completed_at
+            .as_ref()
+            .map(|t| Duration::from_secs_f64(Timestamp::now().duration_since(t.0).as_secs_f64().max(0.0))),
     };
     let finished = matches!(previous, Some(Phase::Succeeded | Phase::Failed)) && !retry_wanted;
-    let Ok(plan) = plan.as_ref() else { return Ok((o, None)) };
+    let Ok(plan) = plan.as_ref() else {
+        return Ok((o, None));
+    };
     if finished {
         return Ok((o, None));
     }
@@ -353,7 +360,9 @@ async fn act(
 ) -> Result<()> {
     if let (Some(r), Ok(plan)) = (record, &o.plan) {
         if d.set_quota {
-            ctx.store.set_quota(r.id, plan.quota_rps, plan.max_requests).await?;
+            ctx.store
+                .set_quota(r.id, plan.quota_rps, plan.max_requests)
+                .await?;
         }
         if d.requeue_failed {
             let n = ctx.store.requeue_failed(r.id).await?;
@@ -376,10 +385,15 @@ async fn act(
     }
     for (name, suspend) in &d.set_suspend {
         let patch = json!({"spec": {"suspend": suspend}});
-        jobs.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await?;
+        jobs.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
     }
     if let Some(ev) = &d.event {
-        let type_ = if ev.warning { EventType::Warning } else { EventType::Normal };
+        let type_ = if ev.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
         publish(ctx, imp, type_, ev.reason, ev.note.clone()).await;
     }
     if let (Some(report), Some(r)) = (&d.report, record) {

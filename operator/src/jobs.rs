@@ -18,8 +18,8 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{Resource, ResourceExt};
-use postcode_resource::PostcodeImport;
 use pipeline::exit::JobExit;
+use postcode_resource::PostcodeImport;
 
 use crate::{
     lifecycle::JobState,

@@ -36,7 +36,9 @@ pub const QUOTA_WAIT_INTERVAL: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
     /// Created and not finished; `suspended` is its `spec.suspend`.
-    Running { suspended: bool },
+    Running {
+        suspended: bool,
+    },
     Succeeded,
     /// Failed for good (after its retries, or at once for a final exit).
     Failed {
@@ -51,7 +53,9 @@ pub enum JobState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Load {
     /// Not loaded (yet); with the reader's error message when it wrote one.
-    NotLoaded { error: Option<String> },
+    NotLoaded {
+        error: Option<String>,
+    },
     Loaded,
 }
 
@@ -179,7 +183,10 @@ impl Decision {
         let Some(r) = &self.report else {
             return JobExit::Retryable.code();
         };
-        let quota = r.conditions.iter().any(|c| c.type_ == "QuotaExhausted" && c.status);
+        let quota = r
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "QuotaExhausted" && c.status);
         let input = r.conditions.iter().any(|c| c.reason == "InputUnreadable");
         match r.phase {
             Phase::Succeeded => 0,
@@ -284,7 +291,12 @@ fn loading(o: &Observed, plan: &ImportPlan, error: Option<&str>) -> Decision {
             d.report = Some(Report {
                 phase: Phase::Loading,
                 message: format!("reader Job {} is loading the CSV", spec.name),
-                conditions: vec![want("Loaded", false, "Loading", "the reader Job is loading the CSV")],
+                conditions: vec![want(
+                    "Loaded",
+                    false,
+                    "Loading",
+                    "the reader Job is loading the CSV",
+                )],
                 completed: false,
                 reopened: false,
                 counts: None,
@@ -385,7 +397,14 @@ fn enriching(o: &Observed, plan: &ImportPlan) -> Decision {
     d
 }
 
-fn still_enriching(o: &Observed, plan: &ImportPlan, d: &mut Decision, loaded: Want, quota: Want, waiting: bool) {
+fn still_enriching(
+    o: &Observed,
+    plan: &ImportPlan,
+    d: &mut Decision,
+    loaded: Want,
+    quota: Want,
+    waiting: bool,
+) {
     let c = &o.counts;
     if o.previous != Some(Phase::Enriching) {
         d.event = Some(Note {
@@ -398,7 +417,12 @@ fn still_enriching(o: &Observed, plan: &ImportPlan, d: &mut Decision, loaded: Wa
         d.next = Next::Poll(QUOTA_WAIT_INTERVAL);
     }
     let suspended = if o.suspend {
-        want("Suspended", true, "Suspended", "enricher Jobs suspended by spec.suspend")
+        want(
+            "Suspended",
+            true,
+            "Suspended",
+            "enricher Jobs suspended by spec.suspend",
+        )
     } else {
         want("Suspended", false, "Running", "")
     };

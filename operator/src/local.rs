@@ -114,7 +114,10 @@ async fn run_job(spec: JobSpec, db: String, log_dir: PathBuf) -> anyhow::Result<
     let log_path = log_dir.join(format!("{}.log", spec.name));
     let mut attempt = 0;
     loop {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
         let status = Command::new(&bin)
             .args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -177,8 +180,8 @@ struct Files {
 
 impl Files {
     fn of(args: &LocalArgs) -> anyhow::Result<Files> {
-        let input =
-            std::fs::canonicalize(&args.file).with_context(|| format!("cannot open {}", args.file.display()))?;
+        let input = std::fs::canonicalize(&args.file)
+            .with_context(|| format!("cannot open {}", args.file.display()))?;
         let name = input.file_name().and_then(|s| s.to_str()).unwrap_or("import");
         let stem = [".gz", ".csv", ".tsv", ".txt"]
             .iter()
@@ -189,7 +192,9 @@ impl Files {
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("{stem}.enriched.csv")));
         let offline = match &args.offline_postcodes {
-            Some(p) => Some(std::fs::canonicalize(p).with_context(|| format!("cannot open {}", p.display()))?),
+            Some(p) => {
+                Some(std::fs::canonicalize(p).with_context(|| format!("cannot open {}", p.display()))?)
+            }
             None => None,
         };
         Ok(Files {
@@ -243,9 +248,9 @@ fn uid_of(path: &str) -> String {
 /// The uid earlier releases gave a local import: 16 hex digits of FNV-1a 64
 /// of the path. Kept only so that their databases still resume.
 fn legacy_uid(path: &str) -> String {
-    let h = path
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let h = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     format!("local-{h:016x}")
 }
 
@@ -282,12 +287,20 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     store.migrate().await?;
     let (import, sha) = import_of(&store, &files, &args).await?;
     let resumed = import.phase == "Loaded" && import.source_sha256.as_deref() == Some(sha.as_str());
-    let shards = if resumed { import.shards as u32 } else { args.shards };
+    let shards = if resumed {
+        import.shards as u32
+    } else {
+        args.shards
+    };
     if resumed {
         if shards != args.shards {
             eprintln!("note: resuming with the {shards} shards this import was loaded with");
         }
-        eprintln!("resuming {}: {} rows already loaded", files.input.display(), import.rows_total);
+        eprintln!(
+            "resuming {}: {} rows already loaded",
+            files.input.display(),
+            import.rows_total
+        );
     }
     let source = files.input.to_string_lossy().to_string();
     let spec = spec_of(&args, shards, files.offline.as_deref());
@@ -476,7 +489,11 @@ impl LocalRun<'_> {
             finished_for: None,
         };
         let same_content = |r: &&ImportRecord| r.source_sha256.as_deref() == Some(self.content_sha.as_str());
-        let Some(r) = record.as_ref().filter(|r| r.phase == "Loaded").filter(same_content) else {
+        let Some(r) = record
+            .as_ref()
+            .filter(|r| r.phase == "Loaded")
+            .filter(same_content)
+        else {
             return Ok((o, record));
         };
         o.load = Load::Loaded;
@@ -496,7 +513,9 @@ impl LocalRun<'_> {
         if let Some(r) = record {
             if d.set_quota {
                 self.finish_loading(r).await?;
-                self.store.set_quota(r.id, self.plan.quota_rps, self.plan.max_requests).await?;
+                self.store
+                    .set_quota(r.id, self.plan.quota_rps, self.plan.max_requests)
+                    .await?;
             }
             if d.requeue_failed {
                 let n = self.store.requeue_failed(r.id).await?;
@@ -511,9 +530,11 @@ impl LocalRun<'_> {
             if spec.role == crate::plan::Role::Reader {
                 self.load_started = Some(Instant::now());
             }
-            self.jobs.insert(spec.name.clone(), JobState::Running { suspended: false });
+            self.jobs
+                .insert(spec.name.clone(), JobState::Running { suspended: false });
             let (spec, db, log_dir) = (spec.clone(), self.db.clone(), self.log_dir.clone());
-            self.running.spawn(async move { (spec.name.clone(), run_job(spec, db, log_dir).await) });
+            self.running
+                .spawn(async move { (spec.name.clone(), run_job(spec, db, log_dir).await) });
         }
         if let Some(report) = d.report.as_ref().filter(|r| r.phase == Phase::Failed) {
             if self.previous != Some(Phase::Enriching) {
@@ -575,8 +596,12 @@ impl Progress {
     async fn show(&mut self, c: &pipeline::db::Counts, store: &Store, plan: &ImportPlan) {
         // The database may be away for a moment (a restart): the Jobs retry
         // on their own, the progress display just waits.
-        let Ok(Some(import)) = store.import(&plan.uid).await else { return };
-        let Ok(q) = store.quota_counters(import.id).await else { return };
+        let Ok(Some(import)) = store.import(&plan.uid).await else {
+            return;
+        };
+        let Ok(q) = store.quota_counters(import.id).await else {
+            return;
+        };
         let finished = c.rows_enriched + c.rows_no_match + c.rows_failed;
         let of = c.rows_total - c.rows_invalid;
         match &self.bar {
@@ -588,7 +613,10 @@ impl Progress {
                     c.rows_enriched, c.rows_no_match, c.rows_failed, q.requests
                 ));
             }
-            None if self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) => {
+            None if self
+                .last_line
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) =>
+            {
                 self.last_line = Some(Instant::now());
                 eprintln!(
                     "progress: {finished}/{of} rows, enriched {} no_match {} failed {}, requests {}",

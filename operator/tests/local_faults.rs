@@ -31,7 +31,7 @@ fn offline_reference(
         "--db",
         dir.join("ref.db").to_str().unwrap(),
         "--offline-postcodes",
-        shared("nspl-latlon.csv.gz").to_str().unwrap(),
+        postcodes_file().to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -160,7 +160,7 @@ async fn slow_csv_server(body: Arc<Vec<u8>>, sent: Arc<AtomicU64>, delay: Durati
 use futures::StreamExt;
 
 async fn reader_killed_mid_load_then_rerun_is_exact(db: String) {
-    let text = std::fs::read(shared("postcodesgeo.csv")).unwrap();
+    let text = std::fs::read(real_input()).unwrap();
     let body = Arc::new(text);
     let sent = Arc::new(AtomicU64::new(0));
     let url = slow_csv_server(body.clone(), sent.clone(), Duration::from_millis(20)).await;
@@ -201,10 +201,10 @@ async fn reader_killed_mid_load_then_rerun_is_exact(db: String) {
     let imp = store.import("killed-reader").await.unwrap().unwrap();
     assert_eq!(
         (imp.phase.as_str(), imp.rows_total, imp.rows_invalid),
-        ("Loaded", 100_000, 0)
+        ("Loaded", REAL_ROWS as i64, 0)
     );
     let counts = store.counts(&imp).await.unwrap();
-    assert_eq!(counts.rows_pending, 100_000);
+    assert_eq!(counts.rows_pending, REAL_ROWS as i64);
     let mut n = 0i64;
     let mut last = 0;
     store
@@ -216,7 +216,7 @@ async fn reader_killed_mid_load_then_rerun_is_exact(db: String) {
         })
         .await
         .unwrap();
-    assert_eq!(n, 100_000);
+    assert_eq!(n, REAL_ROWS as i64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

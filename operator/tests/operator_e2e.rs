@@ -178,10 +178,10 @@ async fn e2e_upload_the_real_file_and_read_the_results() {
     let started = Instant::now();
     let (client, ns, db, kubelet) = setup().await;
     let op = Operator::start(&ns, &db, &[]);
-    let nspl = shared("nspl-latlon.csv.gz");
+    let nspl = postcodes_file();
     let created = upload(
         &op.url,
-        &shared("postcodesgeo.csv"),
+        &real_input(),
         &format!(
             "name=trips&namespace={ns}&shards=4&offlinePostcodes={}",
             nspl.display()

@@ -56,7 +56,12 @@ mod tests {
 
     #[test]
     fn codes_round_trip_and_only_permanent_and_quota_fail_at_once() {
-        for e in [JobExit::Done, JobExit::Permanent, JobExit::QuotaExhausted, JobExit::Retryable] {
+        for e in [
+            JobExit::Done,
+            JobExit::Permanent,
+            JobExit::QuotaExhausted,
+            JobExit::Retryable,
+        ] {
             assert_eq!(JobExit::from_code(Some(e.code())), e);
         }
         assert_eq!(JobExit::from_code(None), JobExit::Retryable);

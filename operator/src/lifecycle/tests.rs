@@ -83,7 +83,10 @@ fn phase(d: &Decision) -> Option<Phase> {
 
 fn condition(d: &Decision, type_: &str) -> Option<(bool, String)> {
     let r = d.report.as_ref()?;
-    r.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status, c.reason.clone()))
+    r.conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status, c.reason.clone()))
 }
 
 #[test]
@@ -112,8 +115,20 @@ fn a_running_reader_is_left_alone() {
 #[test]
 fn reader_failures_fail_the_import_with_the_readers_own_message() {
     let cases = [
-        (Some(JobExit::Permanent), Some("no latitude column"), "InputUnreadable", 2, "no latitude column"),
-        (Some(JobExit::Retryable), None, "ReaderFailed", 1, "BackoffLimitExceeded: too many failures"),
+        (
+            Some(JobExit::Permanent),
+            Some("no latitude column"),
+            "InputUnreadable",
+            2,
+            "no latitude column",
+        ),
+        (
+            Some(JobExit::Retryable),
+            None,
+            "ReaderFailed",
+            1,
+            "BackoffLimitExceeded: too many failures",
+        ),
         (None, Some("db gone"), "ReaderFailed", 1, "db gone"),
     ];
     for (exit, error, reason, code, message) in cases {
@@ -187,19 +202,28 @@ fn a_failed_shard_fails_the_import() {
 
 #[test]
 fn a_spent_budget_waits_with_quota_exhausted_and_a_raised_one_reruns_the_shard() {
-    let mut o = loaded(vec![failed(Some(JobExit::QuotaExhausted)), Some(JobState::Succeeded)]);
+    let mut o = loaded(vec![
+        failed(Some(JobExit::QuotaExhausted)),
+        Some(JobState::Succeeded),
+    ]);
     o.budget_spent = true;
     o.shard_pending = vec![2, 0];
     let d = decide(&o);
     assert_eq!(phase(&d), Some(Phase::Enriching));
-    assert_eq!(condition(&d, "QuotaExhausted"), Some((true, "BudgetSpent".into())));
+    assert_eq!(
+        condition(&d, "QuotaExhausted"),
+        Some((true, "BudgetSpent".into()))
+    );
     assert_eq!(d.next, Next::Poll(QUOTA_WAIT_INTERVAL));
     assert_eq!(d.exit_code(), 3);
     assert!(d.delete.is_empty());
     o.budget_spent = false;
     let d = decide(&o);
     assert_eq!(d.delete, ["trips-enricher-0"]);
-    assert_eq!(condition(&d, "QuotaExhausted"), Some((false, "WithinBudget".into())));
+    assert_eq!(
+        condition(&d, "QuotaExhausted"),
+        Some((false, "WithinBudget".into()))
+    );
 }
 
 #[test]

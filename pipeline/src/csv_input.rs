@@ -204,6 +204,50 @@ pub fn validate(record: &csv::ByteRecord, layout: &Layout, line: u64) -> Result<
     Ok((lat, lon))
 }
 
+/// The 0-based column a `--lat-column`/`--lon-column` option names: a 1-based
+/// number, or a header name (exact, then normalised); `None` without option.
+fn column_by_option(
+    opt: &Option<String>,
+    names: &[String],
+    has_header: bool,
+) -> Result<Option<usize>, InputError> {
+    let Some(o) = opt else { return Ok(None) };
+    if let Ok(n) = o.trim().parse::<usize>() {
+        if n >= 1 {
+            return Ok(Some(n - 1));
+        }
+    }
+    if !has_header {
+        return Err(InputError::ColumnNotFound(o.clone(), vec![]));
+    }
+    let want = o.trim().to_lowercase();
+    names
+        .iter()
+        .position(|n| n.to_lowercase() == want)
+        .or_else(|| {
+            names
+                .iter()
+                .position(|n| normalise_name(n) == normalise_name(&want))
+        })
+        .map(Some)
+        .ok_or_else(|| InputError::ColumnNotFound(o.clone(), names.to_vec()))
+}
+
+/// The latitude (`lat`) or longitude column a header names by the accepted
+/// names; `y`/`x` only when no latitude/longitude name is present.
+fn header_column(names: &[String], lat: bool) -> Option<usize> {
+    let find = |list: &[&str]| {
+        list.iter()
+            .find_map(|cand| names.iter().position(|n| normalise_name(n) == *cand))
+    };
+    let geo_lat = find(&LAT_NAMES[..LAT_NAMES.len() - 1]);
+    let geo_lon = find(&LON_NAMES[..LON_NAMES.len() - 1]);
+    if geo_lat.is_some() || geo_lon.is_some() {
+        return if lat { geo_lat } else { geo_lon };
+    }
+    find(if lat { &["y"] } else { &["x"] })
+}
+
 /// Decides the file's layout from its first bytes (BOM already removed).
 pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
     if sample.iter().all(|b| b.is_ascii_whitespace()) {
@@ -237,45 +281,13 @@ pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
     let all_numeric_or_empty = names.iter().enumerate().all(|(i, n)| n.is_empty() || numeric(i));
     let has_header = !(all_numeric_or_empty && numeric(0));
 
-    let by_option = |opt: &Option<String>| -> Result<Option<usize>, InputError> {
-        let Some(o) = opt else { return Ok(None) };
-        if let Ok(n) = o.trim().parse::<usize>() {
-            if n >= 1 {
-                return Ok(Some(n - 1));
-            }
-        }
-        if !has_header {
-            return Err(InputError::ColumnNotFound(o.clone(), vec![]));
-        }
-        let want = o.trim().to_lowercase();
-        names
-            .iter()
-            .position(|n| n.to_lowercase() == want)
-            .or_else(|| {
-                names
-                    .iter()
-                    .position(|n| normalise_name(n) == normalise_name(&want))
-            })
-            .map(Some)
-            .ok_or_else(|| InputError::ColumnNotFound(o.clone(), names.clone()))
-    };
-    let lat_opt = by_option(&opts.lat_column)?;
-    let lon_opt = by_option(&opts.lon_column)?;
-
+    let lat_opt = column_by_option(&opts.lat_column, &names, has_header)?;
+    let lon_opt = column_by_option(&opts.lon_column, &names, has_header)?;
     let (lat_index, lon_index) = if has_header {
-        let find = |list: &[&str]| {
-            list.iter()
-                .find_map(|cand| names.iter().position(|n| normalise_name(n) == *cand))
-        };
-        let geo_lat = find(&LAT_NAMES[..LAT_NAMES.len() - 1]);
-        let geo_lon = find(&LON_NAMES[..LON_NAMES.len() - 1]);
-        // x/y only when no latitude/longitude names are present.
-        let (dlat, dlon) = if geo_lat.is_some() || geo_lon.is_some() {
-            (geo_lat, geo_lon)
-        } else {
-            (find(&["y"]), find(&["x"]))
-        };
-        match (lat_opt.or(dlat), lon_opt.or(dlon)) {
+        match (
+            lat_opt.or(header_column(&names, true)),
+            lon_opt.or(header_column(&names, false)),
+        ) {
             (Some(a), Some(b)) => (a, b),
             _ => return Err(InputError::NoCoordinateColumns(names)),
         }
@@ -487,7 +499,7 @@ impl RowReader {
         // A quote left open at the end of the file swallows the last line end
         // into the field: that newline is the one at `last`, not before it.
         let at_eof = *self.end.lock().expect("line index") == Some(self.csv.position().byte());
-        if at_eof && self.record.iter().last().is_some_and(|f| f.ends_with(b"\n")) {
+        if at_eof && self.record.iter().next_back().is_some_and(|f| f.ends_with(b"\n")) {
             inside = inside.saturating_sub(1);
         }
         self.lines_before + 1 - inside.min(self.lines_before)

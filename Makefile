@@ -1,8 +1,13 @@
 # Entry points; see README.md.
-.PHONY: build test e2e sample bench
+.PHONY: build lint test e2e sample bench
 
 build:
 	cargo build --release --workspace --bins
+
+# Formatting and lints, as CI runs them (rustfmt.toml, clippy.toml, [workspace.lints]).
+lint:
+	cargo fmt --all --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
 
 # The whole test suite (starts PostgreSQL itself when needed).
 test:

@@ -145,34 +145,12 @@ fn normalise_name(s: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// Parses a coordinate field: trimmed, optional sign, `.` decimal point (or `,`
-/// when the field delimiter is not a comma, as in European `;` files); NaN and
-/// infinities are refused.
-pub fn parse_degrees(field: &str, delimiter: u8) -> Result<f64, String> {
-    let t = field.trim();
-    if t.is_empty() {
-        return Err("is empty".into());
-    }
-    let owned;
-    let t = if delimiter != b',' && t.contains(',') && !t.contains('.') && t.matches(',').count() == 1 {
-        owned = t.replace(',', ".");
-        owned.as_str()
-    } else {
-        t
-    };
-    let lower = t.to_ascii_lowercase();
-    if lower.contains("nan") || lower.contains("inf") {
-        return Err(format!("{t:?} is not a finite number"));
-    }
-    match t.parse::<f64>() {
-        Ok(v) if v.is_finite() => Ok(v),
-        _ => Err(format!("{t:?} is not a number")),
-    }
-}
+pub use crate::degrees::parse_degrees;
+use crate::degrees::{parse_coordinate, Axis};
 
 /// Validates one record's coordinate fields; the error names the line and says why.
 pub fn validate(record: &csv::ByteRecord, layout: &Layout, line: u64) -> Result<(f64, f64), String> {
-    let field = |idx: usize, what: &str| -> Result<f64, String> {
+    let field = |idx: usize, what: &str, axis: Axis| -> Result<f64, String> {
         let raw = record.get(idx).ok_or_else(|| {
             format!(
                 "line {line}: missing {what} (row has {} field(s), {what} is column {})",
@@ -181,10 +159,10 @@ pub fn validate(record: &csv::ByteRecord, layout: &Layout, line: u64) -> Result<
             )
         })?;
         let text = String::from_utf8_lossy(raw);
-        parse_degrees(&text, layout.delimiter).map_err(|e| format!("line {line}: {what} {e}"))
+        parse_coordinate(&text, layout.delimiter, axis).map_err(|e| format!("line {line}: {what} {e}"))
     };
-    let lat = field(layout.lat_index, "latitude")?;
-    let lon = field(layout.lon_index, "longitude")?;
+    let lat = field(layout.lat_index, "latitude", Axis::Latitude)?;
+    let lon = field(layout.lon_index, "longitude", Axis::Longitude)?;
     if !(-90.0..=90.0).contains(&lat) {
         let hint = if lat.abs() > 1000.0 {
             " (an OSGB northing? WGS84 degrees are expected)"

@@ -5,6 +5,7 @@
 
 pub mod csv_input;
 pub mod db;
+pub mod degrees;
 pub mod enrich;
 pub mod exit;
 pub mod export;

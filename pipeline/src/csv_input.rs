@@ -231,7 +231,10 @@ pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
     if sample.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(InputError::Empty);
     }
-    if let Some(pos) = sample.iter().position(|&b| b == 0) {
+    // A NUL in the first line means a binary file (a spreadsheet, an
+    // archive); later ones are bytes of a text file (e.g. a zero-filled tail).
+    let first_line_end = memchr::memchr2(b'\n', b'\r', sample).unwrap_or(sample.len());
+    if let Some(pos) = sample[..first_line_end].iter().position(|&b| b == 0) {
         return Err(InputError::Binary(pos));
     }
     // Only complete lines count, unless the sample is the whole file.
@@ -336,11 +339,15 @@ fn detect_delimiter(sample: &[u8]) -> u8 {
 
 type Source = BufReader<LineIndexed<Chain<Cursor<Vec<u8>>, Box<dyn Read + Send>>>>;
 
-/// Records the byte offset of every `\n` it reads, so a record's line can be
-/// told from its end offset (the csv crate's own line counter skips blank lines).
+/// Records the byte offset of every line end it reads (`\n`, `\r\n` at its
+/// `\n`, and a lone `\r` as classic Mac files end lines), so a record's line
+/// can be told from its end offset (the csv crate's own line counter skips
+/// blank lines).
 struct LineIndexed<R> {
     inner: R,
     offset: u64,
+    /// Offset of a `\r` that ended the last read: a line end unless a `\n` follows.
+    pending_cr: Option<u64>,
     newlines: Arc<Mutex<VecDeque<u64>>>,
     /// Total bytes once the source is exhausted.
     end: Arc<Mutex<Option<u64>>>,
@@ -349,14 +356,40 @@ struct LineIndexed<R> {
 impl<R: Read> Read for LineIndexed<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
+        let mut q = self.newlines.lock().expect("line index");
         if n == 0 && !buf.is_empty() {
             *self.end.lock().expect("line index") = Some(self.offset);
+            q.extend(self.pending_cr.take());
+            return Ok(0);
         }
-        let mut q = self.newlines.lock().expect("line index");
-        q.extend(memchr::memchr_iter(b'\n', &buf[..n]).map(|p| self.offset + p as u64));
+        for p in memchr::memchr2_iter(b'\n', b'\r', &buf[..n]) {
+            let at = self.offset + p as u64;
+            if let Some(cr) = self.pending_cr.take() {
+                if !(buf[p] == b'\n' && cr + 1 == at) {
+                    q.push_back(cr);
+                }
+            }
+            match buf[p] {
+                b'\r' => self.pending_cr = Some(at),
+                _ => q.push_back(at),
+            }
+        }
+        if let Some(cr) = self.pending_cr {
+            // A `\r` before the last byte read is known to be alone.
+            if cr + 1 < self.offset + n as u64 {
+                q.push_back(cr);
+                self.pending_cr = None;
+            }
+        }
         self.offset += n as u64;
         Ok(n)
     }
+}
+
+/// Line ends inside `field`, counted as [`LineIndexed`] counts them.
+fn line_ends_in(field: &[u8]) -> u64 {
+    let crlf = memchr::memmem::find_iter(field, b"\r\n").count();
+    (memchr::memchr2_iter(b'\n', b'\r', field).count() - crlf) as u64
 }
 
 /// Streams the rows of a CSV file; see the module docs.
@@ -365,7 +398,10 @@ pub struct RowReader {
     csv: csv::Reader<Source>,
     record: csv::ByteRecord,
     next_row: u64,
-    skip_header: bool,
+    /// Records before the first data row: the header, and Excel's `sep=` line.
+    skip_records: u8,
+    /// Fields whose bytes were replaced: NUL bytes and invalid UTF-8 become U+FFFD.
+    replaced: u64,
     width: usize,
     newlines: Arc<Mutex<VecDeque<u64>>>,
     end: Arc<Mutex<Option<u64>>>,
@@ -375,7 +411,8 @@ pub struct RowReader {
 impl RowReader {
     /// Reads the first [`SAMPLE_BYTES`] of `input`, strips a UTF-8 BOM, decides the
     /// layout and returns a reader positioned before the first data row.
-    pub fn new(mut input: Box<dyn Read + Send>, opts: &CsvOptions) -> Result<Self, InputError> {
+    pub fn new(input: Box<dyn Read + Send>, opts: &CsvOptions) -> Result<Self, InputError> {
+        let mut input = utf8_stream(input).map_err(|e| InputError::Io(e.to_string()))?;
         let mut sample = Vec::with_capacity(SAMPLE_BYTES);
         (&mut input)
             .take(SAMPLE_BYTES as u64)
@@ -384,13 +421,20 @@ impl RowReader {
         if sample.starts_with(&[0xEF, 0xBB, 0xBF]) {
             sample.drain(..3);
         }
-        let layout = detect(&sample, opts)?;
+        // Excel's `sep=;` first line names the delimiter; it is not a record.
+        let (sep, sep_len) = excel_separator_line(&sample);
+        let opts = CsvOptions {
+            delimiter: opts.delimiter.or(sep),
+            ..opts.clone()
+        };
+        let layout = detect(&sample[sep_len..], &opts)?;
         let width = layout.header.as_ref().map_or(2, Vec::len);
         let newlines = Arc::new(Mutex::new(VecDeque::new()));
         let end = Arc::new(Mutex::new(None));
         let indexed = LineIndexed {
             inner: Cursor::new(sample).chain(input),
             offset: 0,
+            pending_cr: None,
             newlines: newlines.clone(),
             end: end.clone(),
         };
@@ -400,13 +444,14 @@ impl RowReader {
             .has_headers(false)
             .flexible(true)
             .from_reader(source);
-        let skip_header = layout.header.is_some();
+        let skip_records = u8::from(layout.header.is_some()) + u8::from(sep.is_some());
         Ok(Self {
             layout,
             csv,
             record: csv::ByteRecord::new(),
             next_row: 1,
-            skip_header,
+            skip_records,
+            replaced: 0,
             width,
             newlines,
             end,
@@ -443,8 +488,11 @@ impl RowReader {
                 }
             }
             let line = self.start_line();
-            if self.skip_header {
-                self.skip_header = false;
+            if self.skip_records > 0 {
+                self.skip_records -= 1;
+                continue;
+            }
+            if is_blank(&self.record) {
                 continue;
             }
             let coordinate = validate(&self.record, &self.layout, line);
@@ -469,18 +517,26 @@ impl RowReader {
             q.pop_front();
             self.lines_before += 1;
         }
-        let mut inside: u64 = self
-            .record
-            .iter()
-            .map(|f| memchr::memchr_iter(b'\n', f).count() as u64)
-            .sum();
+        let mut inside: u64 = self.record.iter().map(line_ends_in).sum();
         // A quote left open at the end of the file swallows the last line end
         // into the field: that newline is the one at `last`, not before it.
         let at_eof = *self.end.lock().expect("line index") == Some(self.csv.position().byte());
-        if at_eof && self.record.iter().next_back().is_some_and(|f| f.ends_with(b"\n")) {
+        if at_eof
+            && self
+                .record
+                .iter()
+                .next_back()
+                .is_some_and(|f| f.ends_with(b"\n") || f.ends_with(b"\r"))
+        {
             inside = inside.saturating_sub(1);
         }
         self.lines_before + 1 - inside.min(self.lines_before)
+    }
+
+    /// Fields whose bytes were replaced so far (NUL bytes and invalid UTF-8
+    /// become U+FFFD, as PostgreSQL text cannot hold them).
+    pub fn replaced_fields(&self) -> u64 {
+        self.replaced
     }
 
     fn encode_fields(&mut self) -> Result<String, InputError> {
@@ -489,10 +545,55 @@ impl RowReader {
             if i > 0 {
                 out.push(',');
             }
-            push_csv_field(&mut out, &String::from_utf8_lossy(f));
+            let text = String::from_utf8_lossy(f);
+            let changed = matches!(text, std::borrow::Cow::Owned(_)) || f.contains(&0);
+            if changed {
+                self.replaced += 1;
+                push_csv_field(&mut out, &text.replace('\0', "\u{FFFD}"));
+            } else {
+                push_csv_field(&mut out, &text);
+            }
         }
         Ok(out)
     }
+}
+
+/// A record that is no data row: one field of only spaces, tabs or NUL bytes
+/// (a whitespace-only line, or the zero-filled tail of a file cut short by a crash).
+fn is_blank(record: &csv::ByteRecord) -> bool {
+    record.len() == 1 && record[0].iter().all(|&b| b == 0 || b.is_ascii_whitespace())
+}
+
+/// The delimiter an Excel `sep=X` first line names, and that line's length
+/// with its line end; `(None, 0)` when the file has no such line.
+fn excel_separator_line(sample: &[u8]) -> (Option<u8>, usize) {
+    let Some(rest) = sample.strip_prefix(b"sep=") else {
+        return (None, 0);
+    };
+    let Some(&d) = rest.first() else { return (None, 0) };
+    let ends = match &rest[1..] {
+        [b'\r', b'\n', ..] => 2,
+        [b'\n' | b'\r', ..] => 1,
+        _ => return (None, 0),
+    };
+    if !DELIMITERS.contains(&d) {
+        return (None, 0);
+    }
+    (Some(d), 4 + 1 + ends)
+}
+
+/// The input as UTF-8: a UTF-16 file with a byte order mark (Excel's
+/// "Unicode Text") is decoded; anything else passes through as it is.
+fn utf8_stream(input: Box<dyn Read + Send>) -> std::io::Result<Box<dyn Read + Send>> {
+    let mut buf = BufReader::new(input);
+    let head = buf.fill_buf()?;
+    if head.starts_with(&[0xFF, 0xFE]) || head.starts_with(&[0xFE, 0xFF]) {
+        let decoder = encoding_rs_io::DecodeReaderBytesBuilder::new()
+            .bom_sniffing(true)
+            .build(buf);
+        return Ok(Box::new(decoder));
+    }
+    Ok(Box::new(buf))
 }
 
 /// Appends one CSV field (RFC 4180): quoted when it holds a comma, quote, CR or
@@ -729,5 +830,114 @@ mod tests {
         let (_, r) = ok(&text);
         assert_eq!(r.len(), 20_001);
         assert_eq!(r.last().unwrap().coordinate, Ok((51.0, 0.0)));
+    }
+
+    fn reasons(rows: &[Row]) -> Vec<String> {
+        rows.iter()
+            .map(|r| match &r.coordinate {
+                Ok(_) => "ok".to_string(),
+                Err(e) => e.split(':').next().unwrap().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cr_only_line_ends_number_lines_like_lf() {
+        let (_, r) = ok("lat,lon\r51.5,-0.1\rx,1\r\r52,1\ry,2");
+        assert_eq!(r.len(), 4);
+        assert_eq!(r.iter().map(|r| r.line).collect::<Vec<_>>(), [2, 3, 5, 6]);
+        assert_eq!(reasons(&r), ["ok", "line 3", "ok", "line 6"]);
+        // Mixed CRLF and LF count each line end once.
+        let (_, r) = ok("lat,lon\r\nx,1\ny,2\r\n");
+        assert_eq!(reasons(&r), ["line 2", "line 3"]);
+    }
+
+    #[test]
+    fn whitespace_only_lines_and_a_zero_filled_tail_are_blank() {
+        let text = "lat,lon\n51.5,-0.1\n   \n\t\n52,1\n\0\0\0\0\0\0";
+        let (_, r) = ok(text);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[1].line, 5);
+        assert_eq!(r[1].row_number, 2);
+    }
+
+    #[test]
+    fn nul_bytes_in_text_are_replaced_and_counted_in_coordinates_invalid() {
+        let text = "id,lat,lon\na\0b,51.5,-0.1\nc,5\x001,1\n";
+        let mut rd = RowReader::new(
+            Box::new(Cursor::new(text.as_bytes().to_vec())),
+            &CsvOptions::default(),
+        )
+        .unwrap();
+        let first = rd.next_row().unwrap().unwrap();
+        assert_eq!(first.fields, "a\u{FFFD}b,51.5,-0.1");
+        assert!(first.coordinate.is_ok());
+        let second = rd.next_row().unwrap().unwrap();
+        assert!(second.coordinate.unwrap_err().starts_with("line 3: latitude"));
+        assert!(!second.fields.contains('\0'));
+        assert_eq!(rd.replaced_fields(), 2);
+        // A NUL in the first line is still a binary file.
+        assert!(matches!(
+            rows("la\0t,lon\n1,2\n", &CsvOptions::default()),
+            Err(InputError::Binary(2))
+        ));
+    }
+
+    #[test]
+    fn excel_sep_line_names_the_delimiter() {
+        for (text, d) in [
+            ("sep=;\r\nlat;lon\r\n51,5;1\r\n", b';'),
+            ("sep=,\nlat,lon\n51.5,1\n", b','),
+        ] {
+            let (layout, r) = ok(text);
+            assert_eq!(layout.delimiter, d);
+            assert_eq!(
+                layout.header.as_deref(),
+                Some(&["lat".to_string(), "lon".to_string()][..])
+            );
+            assert_eq!(r.len(), 1);
+            assert_eq!(r[0].line, 3);
+            assert!(r[0].coordinate.is_ok(), "{:?}", r[0].coordinate);
+        }
+        let (layout, r) = rows(
+            "sep=|\ny|x\n1|2\n",
+            &CsvOptions {
+                lat_column: Some("y".into()),
+                lon_column: Some("x".into()),
+                delimiter: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (layout.delimiter, r[0].coordinate.clone()),
+            (b'|', Ok((1.0, 2.0)))
+        );
+    }
+
+    #[test]
+    fn utf16_with_a_bom_is_decoded() {
+        let text = "id\tlat\tlon\r\nÅ\t51.5\t-0.1\r\n";
+        for le in [true, false] {
+            let mut bytes = if le { vec![0xFF, 0xFE] } else { vec![0xFE, 0xFF] };
+            for u in text.encode_utf16() {
+                bytes.extend(if le { u.to_le_bytes() } else { u.to_be_bytes() });
+            }
+            let mut rd = RowReader::new(Box::new(Cursor::new(bytes)), &CsvOptions::default()).unwrap();
+            assert_eq!(rd.layout().delimiter, b'\t');
+            let row = rd.next_row().unwrap().unwrap();
+            assert_eq!(
+                (row.fields.as_str(), row.coordinate),
+                ("Å,51.5,-0.1", Ok((51.5, -0.1)))
+            );
+        }
+    }
+
+    #[test]
+    fn hemisphere_and_dms_rows() {
+        let (_, r) = ok("lat,lon\n51.5014N,0.1419W\n\"51°30'05\"\"N\",\"0°08'31\"\"W\"\n-51.5N,1\n51.5E,1\n");
+        assert_eq!(r[0].coordinate, Ok((51.5014, -0.1419)));
+        let (lat, lon) = r[1].coordinate.clone().unwrap();
+        assert!((lat - 51.501_388_9).abs() < 1e-6 && (lon + 0.141_944_4).abs() < 1e-6);
+        assert_eq!(reasons(&r)[2..], ["line 4", "line 5"]);
     }
 }

@@ -153,6 +153,8 @@ pub struct CreateOptions {
     pub lat_column: Option<String>,
     pub lon_column: Option<String>,
     pub delimiter: Option<String>,
+    /// `none` or `double` (detected when absent).
+    pub quote: Option<String>,
     pub offline_postcodes: Option<String>,
     pub api_url: Option<String>,
 }
@@ -352,6 +354,7 @@ fn spec_for(opts: &CreateOptions, config: &ApiConfig, upload_id: &str) -> Postco
         lat_column: opts.lat_column.clone(),
         lon_column: opts.lon_column.clone(),
         delimiter: opts.delimiter.clone(),
+        quote: opts.quote.clone(),
     };
     spec.offline_postcodes = opts.offline_postcodes.clone();
     spec.api.base_url = opts

@@ -82,6 +82,10 @@ pub struct LocalArgs {
     /// Field delimiter: , ; tab | (detected when absent).
     #[arg(long)]
     pub delimiter: Option<String>,
+    /// Quoting: `double` (RFC 4180) or `none` (`"` is an ordinary character);
+    /// detected when absent (tab and pipe files are read unquoted when their quotes do not pair up).
+    #[arg(long, value_parser = ["none", "double"])]
+    pub quote: Option<String>,
     /// Put rows that ended `failed` back to pending and try them again.
     #[arg(long)]
     pub retry_failed: bool,
@@ -215,6 +219,7 @@ fn spec_of(args: &LocalArgs, shards: u32, offline: Option<&Path>) -> PostcodeImp
             lat_column: args.lat_column.clone(),
             lon_column: args.lon_column.clone(),
             delimiter: args.delimiter.clone(),
+            quote: args.quote.clone(),
         },
         shards,
         api: ApiSpec {

@@ -35,6 +35,8 @@ pub struct ImportPlan {
     pub lat_column: Option<String>,
     pub lon_column: Option<String>,
     pub delimiter: Option<String>,
+    /// `none` or `double`; detected when absent.
+    pub quote: Option<String>,
     /// Retries of a Job before it counts as failed (Kubernetes `backoffLimit`).
     pub backoff_limit: i32,
 }
@@ -65,6 +67,7 @@ impl ImportPlan {
             lat_column: s.csv.lat_column.clone(),
             lon_column: s.csv.lon_column.clone(),
             delimiter: s.csv.delimiter.clone(),
+            quote: s.csv.quote.clone(),
             backoff_limit: s.backoff_limit,
         }
     }
@@ -131,6 +134,7 @@ pub fn reader_job(p: &ImportPlan) -> JobSpec {
         ("--lat-column", &p.lat_column),
         ("--lon-column", &p.lon_column),
         ("--delimiter", &p.delimiter),
+        ("--quote", &p.quote),
     ] {
         if let Some(v) = v {
             args.extend([flag.to_string(), v.clone()]);
@@ -203,6 +207,7 @@ mod tests {
             lat_column: Some("Lat".into()),
             lon_column: None,
             delimiter: None,
+            quote: None,
             backoff_limit: 3,
         }
     }

@@ -58,12 +58,38 @@ pub struct CsvOptions {
     pub lon_column: Option<String>,
     /// Field delimiter; one of `,` `;` tab `|` when detected.
     pub delimiter: Option<u8>,
+    /// Whether `"` quotes fields; detected when absent (see [`detect_quoting`]).
+    pub quote: Option<Quote>,
+}
+
+/// How fields are quoted (`--quote`, `spec.csv.quote`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quote {
+    /// `"` is an ordinary character.
+    None,
+    /// RFC 4180: a field in `"…"` may hold delimiters and line ends, `""` is a quote.
+    Double,
+}
+
+impl std::str::FromStr for Quote {
+    type Err = InputError;
+
+    /// `none` or `double`.
+    fn from_str(s: &str) -> Result<Quote, InputError> {
+        match s {
+            "none" => Ok(Quote::None),
+            "double" => Ok(Quote::Double),
+            other => Err(InputError::QuoteMode(other.to_string())),
+        }
+    }
 }
 
 /// The shape of a file, decided from its first bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     pub delimiter: u8,
+    /// Whether `"` quotes fields.
+    pub quote: Quote,
     /// The user's column names; `None` for a headerless file.
     pub header: Option<Vec<String>>,
     /// 0-based index of the latitude column.
@@ -108,6 +134,8 @@ pub enum InputError {
     SameColumn(usize),
     #[error("unsupported delimiter {0:?}: use one of , ; tab |")]
     Delimiter(String),
+    #[error("unsupported quote mode {0:?}: use none or double")]
+    QuoteMode(String),
     #[error("CSV syntax error at line {line}: {message}")]
     Syntax { line: u64, message: String },
     #[error("reading the file failed: {0}")]
@@ -250,7 +278,8 @@ pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
         Some(d) => d,
         None => detect_delimiter(complete),
     };
-    let first = first_record(complete, delimiter)?;
+    let quote = opts.quote.unwrap_or_else(|| detect_quoting(complete, delimiter));
+    let first = first_record(complete, delimiter, quote)?;
     let names: Vec<String> = first
         .iter()
         .map(|f| String::from_utf8_lossy(f).trim().to_string())
@@ -284,22 +313,24 @@ pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
     }
     Ok(Layout {
         delimiter,
+        quote,
         header: has_header.then_some(names),
         lat_index,
         lon_index,
     })
 }
 
-fn reader_for(data: &[u8], delimiter: u8) -> csv::Reader<&[u8]> {
+fn reader_for(data: &[u8], delimiter: u8, quote: Quote) -> csv::Reader<&[u8]> {
     csv::ReaderBuilder::new()
         .delimiter(delimiter)
+        .quoting(quote == Quote::Double)
         .has_headers(false)
         .flexible(true)
         .from_reader(data)
 }
 
-fn first_record(data: &[u8], delimiter: u8) -> Result<csv::ByteRecord, InputError> {
-    let mut rdr = reader_for(data, delimiter);
+fn first_record(data: &[u8], delimiter: u8, quote: Quote) -> Result<csv::ByteRecord, InputError> {
+    let mut rdr = reader_for(data, delimiter, quote);
     let mut rec = csv::ByteRecord::new();
     match rdr.read_byte_record(&mut rec) {
         Ok(true) => Ok(rec),
@@ -311,12 +342,72 @@ fn first_record(data: &[u8], delimiter: u8) -> Result<csv::ByteRecord, InputErro
     }
 }
 
+/// Whether a file quotes its fields: comma and semicolon files do (RFC 4180,
+/// Excel); a tab or pipe file only when every `"` in the sample sits at a
+/// field boundary as quoting puts it (`"…"` whole fields, `""` inside them).
+/// Tab and pipe files are often written without quoting, and one stray
+/// quote (`Ben "Nevis`) would otherwise swallow the lines after it.
+pub fn detect_quoting(sample: &[u8], delimiter: u8) -> Quote {
+    if matches!(delimiter, b',' | b';') {
+        return Quote::Double;
+    }
+    let all_paired = sample
+        .split(|&b| b == b'\n')
+        .all(|line| quotes_at_boundaries(line, delimiter));
+    if all_paired {
+        Quote::Double
+    } else {
+        Quote::None
+    }
+}
+
+/// Whether every `"` of `line` is where quoting puts one: opening a field,
+/// doubled inside a quoted field, or closing it before a delimiter or the end.
+fn quotes_at_boundaries(line: &[u8], delimiter: u8) -> bool {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut i = 0;
+    loop {
+        if line.get(i) == Some(&b'"') {
+            i += 1;
+            loop {
+                match (line.get(i), line.get(i + 1)) {
+                    (Some(b'"'), Some(b'"')) => i += 2,
+                    (Some(b'"'), next) => {
+                        i += 1;
+                        if next.is_some_and(|&b| b != delimiter) {
+                            return false;
+                        }
+                        break;
+                    }
+                    (Some(_), _) => i += 1,
+                    // A field open at the line end: a line break inside quotes, or a stray quote.
+                    (None, _) => return false,
+                }
+            }
+        } else {
+            while let Some(&b) = line.get(i) {
+                if b == delimiter {
+                    break;
+                }
+                if b == b'"' {
+                    return false;
+                }
+                i += 1;
+            }
+        }
+        if i >= line.len() {
+            return true;
+        }
+        i += 1; // the delimiter
+    }
+}
+
 /// Picks the delimiter that splits the sample's records into the same number (≥ 2)
 /// of fields most consistently; `,` when nothing splits.
 fn detect_delimiter(sample: &[u8]) -> u8 {
     let mut best = (b',', 0usize, 0usize); // (delimiter, records agreeing, width)
     for &d in &DELIMITERS {
-        let mut rdr = reader_for(sample, d);
+        let mut rdr = reader_for(sample, d, Quote::Double);
         let mut widths = Vec::new();
         let mut rec = csv::ByteRecord::new();
         while widths.len() < 100 {
@@ -402,6 +493,8 @@ pub struct RowReader {
     skip_records: u8,
     /// Fields whose bytes were replaced: NUL bytes and invalid UTF-8 become U+FFFD.
     replaced: u64,
+    /// Rows whose quoted fields span lines (each is `invalid`).
+    spanning: u64,
     width: usize,
     newlines: Arc<Mutex<VecDeque<u64>>>,
     end: Arc<Mutex<Option<u64>>>,
@@ -441,6 +534,7 @@ impl RowReader {
         let source: Source = BufReader::with_capacity(256 * 1024, indexed);
         let csv = csv::ReaderBuilder::new()
             .delimiter(layout.delimiter)
+            .quoting(layout.quote == Quote::Double)
             .has_headers(false)
             .flexible(true)
             .from_reader(source);
@@ -452,6 +546,7 @@ impl RowReader {
             next_row: 1,
             skip_records,
             replaced: 0,
+            spanning: 0,
             width,
             newlines,
             end,
@@ -495,7 +590,18 @@ impl RowReader {
             if is_blank(&self.record) {
                 continue;
             }
-            let coordinate = validate(&self.record, &self.layout, line);
+            let spans = self.record.iter().map(line_ends_in).sum::<u64>();
+            let coordinate = if spans > 0 {
+                self.spanning += 1;
+                Err(format!(
+                    "lines {line}-{}: a quoted field spans lines {line} to {}, so their records were read as one; \
+                     check for a stray quote, or read the file unquoted (--quote none, spec.csv.quote: none)",
+                    line + spans,
+                    line + spans
+                ))
+            } else {
+                validate(&self.record, &self.layout, line)
+            };
             let fields = self.encode_fields()?;
             let row = Row {
                 row_number: self.next_row,
@@ -531,6 +637,12 @@ impl RowReader {
             inside = inside.saturating_sub(1);
         }
         self.lines_before + 1 - inside.min(self.lines_before)
+    }
+
+    /// Rows so far whose quoted fields span lines: each is `invalid` and the
+    /// load's summary warns about them.
+    pub fn spanning_rows(&self) -> u64 {
+        self.spanning
     }
 
     /// Fields whose bytes were replaced so far (NUL bytes and invalid UTF-8
@@ -709,7 +821,7 @@ mod tests {
         let opts = CsvOptions {
             lat_column: Some("2".into()),
             lon_column: Some("3".into()),
-            delimiter: None,
+            ..CsvOptions::default()
         };
         let (_, r) = rows("1,51.5,-0.1\n", &opts).unwrap();
         assert_eq!(r[0].coordinate, Ok((51.5, -0.1)));
@@ -721,6 +833,7 @@ mod tests {
             lat_column: Some("PickupLat".into()),
             lon_column: Some("pickuplon".into()),
             delimiter: Some(b','),
+            quote: None,
         };
         let (l, _) = rows("PickupLat,PickupLon\n1,2\n", &opts).unwrap();
         assert_eq!((l.lat_index, l.lon_index), (0, 1));
@@ -768,11 +881,47 @@ mod tests {
     }
 
     #[test]
-    fn quoted_newline_keeps_the_starting_line() {
+    fn a_quoted_field_spanning_lines_is_invalid_with_its_lines() {
         let (_, r) = ok("name,lat,lon\n\"a\nb\",51,0\nc,52,0\n");
         assert_eq!(r[0].line, 2);
         assert_eq!(r[1].line, 4);
         assert_eq!(r[0].fields, "\"a\nb\",51,0");
+        assert!(r[0]
+            .coordinate
+            .as_ref()
+            .unwrap_err()
+            .starts_with("lines 2-3: a quoted field spans"));
+        assert!(r[1].coordinate.is_ok());
+    }
+
+    #[test]
+    fn a_stray_quote_in_a_tab_or_pipe_file_merges_nothing() {
+        for d in ['\t', '|'] {
+            let text = "id,locality,lat,lon\n1,Ben \"Nevis,56.79,-5.00\n2,Fort William,56.82,-5.10\n3,Glen,56.80,-5.05\n"
+                .replace(',', &d.to_string());
+            let (layout, r) = ok(&text);
+            assert_eq!(layout.quote, Quote::None, "{d:?}");
+            assert_eq!(r.len(), 3, "{d:?}");
+            assert_eq!(r[0].coordinate, Ok((56.79, -5.0)));
+            assert_eq!(r[1].coordinate, Ok((56.82, -5.1)));
+            assert_eq!(r[0].fields, "1,\"Ben \"\"Nevis\",56.79,-5.00");
+        }
+        // Properly quoted tab files keep quoting; --quote double forces it.
+        let (layout, _) = ok("id\tlat\tlon\n\"a\tb\"\t1\t2\n");
+        assert_eq!(layout.quote, Quote::Double);
+        let forced = CsvOptions {
+            quote: Some(Quote::Double),
+            ..CsvOptions::default()
+        };
+        let (_, r) = rows("id\tlat\tlon\n\"1 x\t1\t2\n2\t3\t4\n", &forced).unwrap();
+        assert_eq!(r.len(), 1, "forced quoting merges, and says so");
+        assert!(
+            r[0].coordinate.as_ref().unwrap_err().starts_with("lines 2-"),
+            "{:?}",
+            r[0].coordinate
+        );
+        assert_eq!("none".parse::<Quote>(), Ok(Quote::None));
+        assert!("single".parse::<Quote>().is_err());
     }
 
     #[test]
@@ -905,6 +1054,7 @@ mod tests {
                 lat_column: Some("y".into()),
                 lon_column: Some("x".into()),
                 delimiter: None,
+                quote: None,
             },
         )
         .unwrap();

@@ -179,6 +179,7 @@ pub async fn load(
         if !batch.is_empty() {
             let _ = rows_tx.blocking_send(batch);
         }
+        warn_about_repairs(&reader);
         Ok(())
     });
     let (layout, width) = layout_rx
@@ -200,6 +201,23 @@ pub async fn load(
             Ok(ie) => Err(LoadError::Input(ie)),
             Err(e) => Err(LoadError::Other(e)),
         },
+    }
+}
+
+/// Says what the reader had to repair or could not read as records.
+fn warn_about_repairs(reader: &RowReader) {
+    if reader.spanning_rows() > 0 {
+        tracing::warn!(
+            rows = reader.spanning_rows(),
+            "rows whose quoted field spans lines are invalid (their error names the lines); \
+             a stray quote? read the file unquoted with --quote none (spec.csv.quote: none)"
+        );
+    }
+    if reader.replaced_fields() > 0 {
+        tracing::warn!(
+            fields = reader.replaced_fields(),
+            "fields held NUL bytes or invalid UTF-8: those bytes are stored as U+FFFD"
+        );
     }
 }
 

@@ -38,6 +38,9 @@ struct Args {
     /// Field delimiter: , ; tab | (detected when absent).
     #[arg(long)]
     delimiter: Option<String>,
+    /// Quoting: `double` or `none` (detected when absent).
+    #[arg(long)]
+    quote: Option<String>,
 }
 
 #[tokio::main]
@@ -61,10 +64,17 @@ async fn run(args: &Args) -> Result<(), (i32, anyhow::Error)> {
         .map(parse_delimiter)
         .transpose()
         .map_err(|e| (EXIT_PERMANENT, e.into()))?;
+    let quote = args
+        .quote
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e: pipeline::csv_input::InputError| (EXIT_PERMANENT, e.into()))?;
     let opts = CsvOptions {
         lat_column: args.lat_column.clone(),
         lon_column: args.lon_column.clone(),
         delimiter,
+        quote,
     };
     let store = Store::connect(&args.database_url).await.map_err(retryable)?;
     let import = store

@@ -127,6 +127,12 @@ pub struct CsvSpec {
     /// One of `,` `;` `tab` `|`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delimiter: Option<String>,
+    /// `double` (RFC 4180 quoting) or `none` (`"` is an ordinary character);
+    /// detected when absent: comma and semicolon files are quoted, tab and
+    /// pipe files only when their quotes pair up at field boundaries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^(none|double)$"))]
+    pub quote: Option<String>,
 }
 
 /// postcodes.io endpoint and search radii.

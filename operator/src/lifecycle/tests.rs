@@ -22,6 +22,7 @@ fn plan(shards: u32) -> ImportPlan {
         lat_column: None,
         lon_column: None,
         delimiter: None,
+        quote: None,
         backoff_limit: 3,
     }
 }

@@ -118,6 +118,7 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
     });
     env.dedup_by(|a, b| a.name == b.name);
 
+    let template = import.spec.pod_template.clone().unwrap_or_default();
     let container = Container {
         name: "job".into(),
         image: Some(settings.image.clone()),
@@ -125,6 +126,8 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
         command: Some(vec![spec.command.clone()]),
         args: Some(spec.args.clone()),
         env: Some(env),
+        volume_mounts: (!template.volume_mounts.is_empty()).then_some(template.volume_mounts),
+        resources: template.resources,
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -179,6 +182,7 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
+                    volumes: (!template.volumes.is_empty()).then_some(template.volumes),
                     ..PodSpec::default()
                 }),
             },

@@ -32,7 +32,10 @@ use serde_json::json;
 
 use crate::{
     crd::{Phase, PostcodeImport, PostcodeImportStatus, API_VERSION, FINALIZER},
-    jobs::{database_secret_name, job, job_state, JobSettings, JobState, IMPORT_LABEL, MANAGED_BY},
+    jobs::{
+        database_secret_name, job, job_state, last_pod_failure, JobSettings, JobState, IMPORT_LABEL,
+        MANAGED_BY,
+    },
     plan::{enricher_jobs, reader_job, ImportPlan, ProviderSpec},
 };
 
@@ -369,9 +372,13 @@ async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
         }
         match job_state(&reader) {
             JobState::Failed { reason, message } => {
-                let why = record
-                    .and_then(|r| r.error)
-                    .unwrap_or(format!("{reason}: {message}"));
+                let why = match record.and_then(|r| r.error) {
+                    Some(e) => e,
+                    None => match last_pod_failure(&ctx.client, &ns, &spec.name).await {
+                        Some(pod) => format!("{reason}: {message}; {pod}"),
+                        None => format!("{reason}: {message}"),
+                    },
+                };
                 publish(ctx, &imp, EventType::Warning, "LoadFailed", why.clone()).await;
                 new.phase = Some(Phase::Failed);
                 new.message = Some(why.clone());
@@ -461,7 +468,11 @@ async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
                     // The budget was raised since this Job stopped: run the shard again.
                     jobs.delete(&spec.name, &DeleteParams::background()).await?;
                 } else {
-                    failed.push(format!("Job {} failed: {reason}: {message}", spec.name));
+                    let pod = last_pod_failure(&ctx.client, &ns, &spec.name)
+                        .await
+                        .map(|p| format!("; {p}"))
+                        .unwrap_or_default();
+                    failed.push(format!("Job {} failed: {reason}: {message}{pod}", spec.name));
                 }
             }
         }

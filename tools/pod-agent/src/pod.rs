@@ -254,7 +254,8 @@ pub async fn supervise(shared: Arc<Shared>, mut rx: watch::Receiver<Option<Pod>>
         let _ = std::fs::create_dir_all(&ctx.dir);
         let _ = std::fs::write(
             ctx.dir.join("pod.json"),
-            serde_json::to_vec_pretty(&json!({"namespace": ctx.ns, "name": ctx.name, "uid": uid})).unwrap_or_default(),
+            serde_json::to_vec_pretty(&json!({"namespace": ctx.ns, "name": ctx.name, "uid": uid, "labels": pod.labels()}))
+                .unwrap_or_default(),
         );
         run(&ctx, pod, &mut rx).await;
         shared.bound.lock().unwrap().remove(&uid);

@@ -281,6 +281,7 @@ async fn watch_pods(shared: Arc<Shared>) -> Result<()> {
             Ok(Event::Delete(p)) => {
                 let uid = p.uid().unwrap_or_default();
                 unbound.remove(&uid);
+                shared.bound.lock().unwrap().remove(&uid);
                 if let Some(s) = sups.get(&uid) {
                     s.tx.send_replace(None);
                 }

@@ -144,7 +144,9 @@ impl PodState {
             .conditions
             .iter()
             .map(|(t, (s, r, at))| {
-                let mut c = json!({"type": t, "status": s, "lastTransitionTime": at, "lastProbeTime": null});
+                // null removes what an earlier patch set (strategic merge keeps it otherwise)
+                let mut c = json!({"type": t, "status": s, "lastTransitionTime": at, "lastProbeTime": null,
+                    "reason": null, "message": null});
                 if let Some(r) = r {
                     c["reason"] = json!(r);
                     if r == "ContainersNotReady" {

@@ -344,7 +344,6 @@ impl Runtime {
                 "env": p.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
                 "cwd": p.cwd,
                 "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1_048_576u64, "soft": 1_048_576u64}],
                 "noNewPrivileges": p.no_new_privileges,
             },
             "root": {"path": "rootfs", "readonly": p.read_only_root},
@@ -364,7 +363,7 @@ impl Runtime {
             let state: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
             let pid = state["pid"].as_i64().unwrap_or(0);
             let status = state["status"].as_str().unwrap_or("");
-            if status == "stopped" || (!out.status.success() && pid == 0) {
+            if status == "stopped" {
                 return None;
             }
             if pid > 0 && status == "running" {
@@ -435,10 +434,19 @@ impl Runtime {
         use std::os::unix::process::ExitStatusExt;
         let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(9));
         let mem = self.memory_dir(&plan.pod_uid, &plan.name);
-        let failcnt: u64 = std::fs::read_to_string(mem.join("memory.failcnt"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+        // The cgroup reached its limit: it hit it (failcnt, memory or memory+swap)
+        // or its peak usage is the limit (the kernel does not always count the
+        // hit that ends in an OOM kill). A plain SIGKILL leaves both below it.
+        let read = |f: &str| -> u64 {
+            std::fs::read_to_string(mem.join(f))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let peak = read("memory.max_usage_in_bytes").max(read("memory.memsw.max_usage_in_bytes"));
+        let failcnt = read("memory.failcnt")
+            + read("memory.memsw.failcnt")
+            + plan.memory_limit.map_or(0, |l| u64::from(peak + 65536 >= l));
         let _ = self.runc().args(["delete", "--force", &plan.id()]).output().await;
         let tail = read_from(log, log_offset);
         let start_error = code != 0 && tail.lines().any(|l| l.contains("runc run failed") || l.starts_with("runc run:"));

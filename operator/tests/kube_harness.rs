@@ -170,7 +170,7 @@ test "$(cat /etc/creds/x)" = secret-value; test "$(cat /etc/conf/y)" = config-va
 echo scratch > /scratch/f; echo kept > /data/f
 if echo no > /x 2>/dev/null; then echo "root is writable"; exit 1; fi
 if echo no > /etc/creds/z 2>/dev/null; then echo "secret volume is writable"; exit 1; fi
-echo "all good" > /dev/termination-log
+echo "all good" > /dev/termination-log; sleep 1
 "#;
     let mut j = job("envvol", &["sh", "-c", check], 0, json!({}));
     let c = container_mut(&mut j);

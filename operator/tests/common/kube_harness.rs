@@ -48,7 +48,11 @@ pub async fn test_client() -> Client {
 pub async fn fresh_namespace(client: &Client) -> String {
     let name = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
     let ns: Namespace = serde_json::from_value(json!({
-        "metadata": { "name": name, "labels": { "postcodes.dev/test": "true" } }
+        "metadata": { "name": name, "labels": {
+            "postcodes.dev/test": "true",
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+        } }
     }))
     .unwrap();
     Api::<Namespace>::all(client.clone())

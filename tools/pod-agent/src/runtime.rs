@@ -358,7 +358,7 @@ impl Runtime {
     /// ended first.
     pub async fn inspect(&self, plan: &Plan, image_name: &str) -> Option<Value> {
         let id = plan.id();
-        for _ in 0..200 {
+        for _ in 0..800 {
             let out = self.runc().args(["state", &id]).output().await.ok()?;
             let state: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
             let pid = state["pid"].as_i64().unwrap_or(0);
@@ -410,7 +410,7 @@ impl Runtime {
                     return Some(record);
                 }
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         None
     }

@@ -10,13 +10,16 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# The root filesystem: the three binaries plus exactly the shared libraries ldd
+# reports for them, and /etc/passwd naming user 65532. The test cluster's pod
+# agent runs the Jobs from a root filesystem made by the same script.
 RUN cargo build --release --locked --workspace --bins \
- && mkdir -p /out \
- && cp target/release/postcode-operator target/release/reader-job target/release/enricher-job /out/
+ && tools/image-rootfs.sh /out target/release/postcode-operator target/release/reader-job target/release/enricher-job
 
-# glibc, libgcc and CA certificates, no shell, non-root user 65532.
-FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=builder /out/postcode-operator /out/reader-job /out/enricher-job /usr/local/bin/
+# Nothing but that root filesystem; non-root user 65532.
+FROM scratch
+COPY --from=builder /out/rootfs/ /
+ENV PATH=/usr/local/bin
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["postcode-operator"]

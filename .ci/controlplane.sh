@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
-# A throwaway Kubernetes control plane for tests (envtest style): etcd +
-# kube-apiserver (+ kube-controller-manager running only the garbage collector
-# and namespace controllers), all on 127.0.0.1 with free ports, all state in DIR.
-# No kubelet, no scheduler, no Job controller: the test harness plays those.
+# A throwaway Kubernetes cluster for tests: etcd + kube-apiserver +
+# kube-controller-manager (the real Job, TTL-after-finished, ServiceAccount,
+# ServiceAccount-token, root-CA publisher, ResourceQuota, garbage collector and
+# namespace controllers) + the pod agent (tools/pod-agent: one Node whose Pods
+# run with runc), all on 127.0.0.1 with free ports, all state in DIR.
+# There is no kube-scheduler: the pod agent binds Pods to its Node itself
+# (the Binding subresource, as the scheduler does) -- one Node, nothing to choose
+# between, and one long Go build less (see tools/pod-agent/README.md).
 #
 # Usage:
-#   .ci/controlplane.sh start DIR   start, wait for /readyz, write DIR/kubeconfig and DIR/env
+#   .ci/controlplane.sh start DIR   start, wait for /readyz (and the Node), write DIR/kubeconfig and DIR/env
 #   .ci/controlplane.sh stop DIR    stop everything started in DIR (pid files in DIR)
 #   .ci/controlplane.sh status DIR  exit 0 if the processes of DIR are alive and /readyz is ok
 #   .ci/controlplane.sh selftest [DIR]  start, check namespaces, ownerReference GC, a CRD with
 #                                   CEL validation and helm, then stop (DIR default: a temp dir)
 #
 # DIR/env holds KEY=value lines (source it with `set -a; . DIR/env; set +a`):
-#   KUBECONFIG, APISERVER_URL, ETCD_URL, ADMIN_TOKEN, CONTROLPLANE_DIR
+#   KUBECONFIG, APISERVER_URL, ETCD_URL, ADMIN_TOKEN, CONTROLPLANE_DIR, AUDIT_LOG,
+#   and with the pod agent POD_AGENT_STATE_DIR, POD_AGENT_NODE, RUNC_ROOT
 # DIR/kubeconfig authenticates as user "admin" (group system:masters) with an
 # embedded client certificate; ADMIN_TOKEN is a bearer token for the same user.
-# Logs: DIR/etcd.log, DIR/kube-apiserver.log, DIR/kube-controller-manager.log.
+# The API server writes an audit log (DIR/audit.log, JSON lines, level Metadata:
+# who made each write) for tests that check which identity made a call.
+# Logs: DIR/etcd.log, DIR/kube-apiserver.log, DIR/kube-controller-manager.log, DIR/pod-agent.log.
 #
 # Environment:
 #   TOOLS_BIN            where the binaries are (default $TOOLS_CACHE/bin, i.e. <repo>/.cache/bin);
 #                        build them with .ci/install-tools.sh
-#   KCM=0                do not start kube-controller-manager (no GC / namespace cleanup)
-#   KCM_CONTROLLERS      controllers for kube-controller-manager (default garbagecollector,namespace)
+#   KCM=0                do not start kube-controller-manager
+#   KCM_CONTROLLERS      controllers for kube-controller-manager (default: the list above)
+#   POD_AGENT            the pod-agent binary (cargo build -p pod-agent); unset: no Node, no Pod runs
+#   POD_AGENT_IMAGES     space-separated NAME=DIR images for the agent (tools/image-rootfs.sh makes DIR)
+#   POD_AGENT_MEMORY     allocatable memory of the Node (default 16Gi)
 #   CONTROLPLANE_APPLY   file or dir applied with kubectl before the controller manager starts
 #                        (e.g. CRDs, so the garbage collector watches their kinds from the start;
 #                        kinds added later are picked up by its 30 s discovery resync)
@@ -31,7 +41,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${TOOLS_BIN:-${TOOLS_CACHE:-$REPO/.cache}/bin}
 TIMEOUT=${CONTROLPLANE_TIMEOUT:-120}
-COMPONENTS=(kube-controller-manager kube-apiserver etcd) # stop order
+COMPONENTS=(pod-agent kube-controller-manager kube-apiserver etcd) # stop order
+DEFAULT_KCM_CONTROLLERS=job,ttl-after-finished,serviceaccount,serviceaccount-token,root-ca-cert-publisher,resourcequota,garbagecollector,namespace
 
 log() { printf '[controlplane %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -79,7 +90,9 @@ cmd_stop() {
   local dir=$1
   [[ -d $dir ]] || { log "nothing to stop: $dir does not exist"; return 0; }
   dir=$(cd "$dir" && pwd)
-  # clients of etcd first (the apiserver hangs on shutdown without etcd)
+  # the pod agent first (it stops its containers while the API server is up),
+  # then the clients of etcd (the apiserver hangs on shutdown without etcd)
+  term_and_wait "$dir" pod-agent
   term_and_wait "$dir" kube-controller-manager kube-apiserver
   term_and_wait "$dir" etcd
 }
@@ -178,10 +191,20 @@ fail_start() {
 
 # launch NAME ARGS...: start BIN/NAME in the background, logging to DIR/NAME.log
 STARTED=()
+node_ready() {
+  kubectl --kubeconfig "$1" get node pod-agent \
+    -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True
+}
+
 launch() {
-  local name=$1
-  shift
-  "$BIN/$name" "$@" </dev/null >"$DIR/$name.log" 2>&1 &
+  launch_bin "$1" "$BIN/$1" "${@:2}"
+}
+
+# launch_bin NAME PATH ARGS...
+launch_bin() {
+  local name=$1 path=$2
+  shift 2
+  "$path" "$@" </dev/null >"$DIR/$name.log" 2>&1 &
   echo $! >"$DIR/$name.pid"
   STARTED+=("$name")
   log "started $name (pid $!)"
@@ -228,6 +251,18 @@ cmd_start() {
   wait_for etcd curl -fsS "$etcd_url/health" || fail_start "etcd not healthy (exited, or not within ${TIMEOUT}s)"
 
   local p=$DIR/pki
+  # Who made each write, without bodies; reads, leases and events are noise.
+  cat >"$DIR/audit-policy.yaml" <<'EOF'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: None
+  verbs: [get, list, watch]
+- level: None
+  resources: [{group: coordination.k8s.io, resources: [leases]}, {group: "", resources: [events]}, {group: events.k8s.io, resources: [events]}]
+- level: Metadata
+EOF
   launch kube-apiserver \
     --etcd-servers="$etcd_url" \
     --bind-address=127.0.0.1 \
@@ -243,7 +278,11 @@ cmd_start() {
     --service-cluster-ip-range=10.0.0.0/24 \
     --authorization-mode=RBAC \
     --allow-privileged=true \
-    --disable-admission-plugins=ServiceAccount \
+    --enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,PodSecurity,ResourceQuota \
+    --audit-policy-file="$DIR/audit-policy.yaml" \
+    --audit-log-path="$DIR/audit.log" \
+    --audit-log-format=json \
+    --audit-log-maxsize=0 \
     --enable-priority-and-fairness=false \
     --profiling=false \
     --v=1
@@ -265,7 +304,9 @@ cmd_start() {
   if [[ ${KCM:-1} != 0 ]]; then
     launch kube-controller-manager \
       --kubeconfig="$DIR/kubeconfig" \
-      --controllers="${KCM_CONTROLLERS:-garbagecollector,namespace}" \
+      --controllers="${KCM_CONTROLLERS:-$DEFAULT_KCM_CONTROLLERS}" \
+      --service-account-private-key-file="$p/sa.key" \
+      --root-ca-file="$p/ca.crt" \
       --leader-elect=false \
       --secure-port=0 \
       --kube-api-qps=200 \
@@ -275,14 +316,35 @@ cmd_start() {
     # No health port (secure-port=0): wait for the log line saying the
     # controllers run (for the GC: its informers for every kind have synced).
     local started='Controller starting'
-    [[ ${KCM_CONTROLLERS:-garbagecollector} != *garbage* ]] ||
+    [[ ${KCM_CONTROLLERS:-$DEFAULT_KCM_CONTROLLERS} != *garbage* ]] ||
       started='Garbage collector: all resource monitors have synced'
     wait_for "kube-controller-manager" grep -qF "$started" "$DIR/kube-controller-manager.log" ||
       fail_start "kube-controller-manager did not log '$started'"
   fi
 
+  local agent_env=""
+  if [[ -n ${POD_AGENT:-} ]]; then
+    [[ -x $POD_AGENT ]] || fail_start "POD_AGENT=$POD_AGENT is not an executable"
+    local images=() i
+    for i in ${POD_AGENT_IMAGES:-}; do images+=(--image "$i"); done
+    mkdir -p "$DIR/pod-agent"
+    launch_bin pod-agent "$POD_AGENT" \
+      --kubeconfig="$DIR/kubeconfig" \
+      --state-dir="$DIR/pod-agent" \
+      --node-name=pod-agent \
+      --memory="${POD_AGENT_MEMORY:-16Gi}" \
+      "${images[@]}"
+    wait_for "the pod agent's Node" node_ready "$DIR/kubeconfig" ||
+      fail_start "the pod agent's Node did not become Ready"
+    agent_env="POD_AGENT_STATE_DIR=$(printf '%q' "$DIR/pod-agent")
+POD_AGENT_NODE=pod-agent
+RUNC_ROOT=$(printf '%q' "$DIR/pod-agent/runc")"
+  fi
+
   cat >"$DIR/env" <<EOF
 KUBECONFIG=$(printf '%q' "$DIR/kubeconfig")
+AUDIT_LOG=$(printf '%q' "$DIR/audit.log")
+$agent_env
 APISERVER_URL=$api_url
 ETCD_URL=$etcd_url
 ADMIN_TOKEN=$token
@@ -297,7 +359,7 @@ cmd_status() {
   local ok=0
   for c in "${COMPONENTS[@]}"; do
     if pid_alive "$dir" "$c"; then echo "$c: running (pid $(cat "$dir/$c.pid"))"
-    elif [[ $c == kube-controller-manager ]]; then echo "$c: not running"
+    elif [[ $c == kube-controller-manager || $c == pod-agent ]]; then echo "$c: not running"
     else echo "$c: not running"; ok=1; fi
   done
   [[ -f $dir/kubeconfig ]] || return 1

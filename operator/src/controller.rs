@@ -32,7 +32,7 @@ use postcode_resource::{Phase, PostcodeImport, PostcodeImportStatus, API_VERSION
 use serde_json::json;
 
 use crate::{
-    jobs::{database_secret_name, job, job_state, JobSettings, IMPORT_LABEL, MANAGED_BY},
+    jobs::{database_secret_name, job, job_state, last_pod_failure, JobSettings, IMPORT_LABEL, MANAGED_BY},
     lifecycle::{decide, Decision, JobState, Load, Next, Observed, Report, Want},
     plan::{enricher_jobs, reader_job, ImportPlan},
 };
@@ -268,9 +268,20 @@ async fn create_job(jobs: &Api<Job>, j: &Job) -> Result<()> {
     }
 }
 
-/// The state of the Job `name`, `None` when it does not exist.
-async fn job_state_of(jobs: &Api<Job>, name: &str) -> Result<Option<JobState>> {
-    Ok(jobs.get_opt(name).await?.as_ref().map(job_state))
+/// The state of the Job `name`, `None` when it does not exist. A failed
+/// Job's message says why its last pod ended ([`last_pod_failure`]).
+async fn job_state_of(jobs: &Api<Job>, ctx: &Context, name: &str) -> Result<Option<JobState>> {
+    let Some(job) = jobs.get_opt(name).await? else {
+        return Ok(None);
+    };
+    let mut state = job_state(&job);
+    if let JobState::Failed { message, .. } = &mut state {
+        let ns = job.namespace().unwrap_or_default();
+        if let Some(pod) = last_pod_failure(&ctx.client, &ns, name).await {
+            message.push_str(&format!("; {pod}"));
+        }
+    }
+    Ok(Some(state))
 }
 
 /// What [`lifecycle::decide`] looks at, read from the API server and the database.
@@ -312,13 +323,13 @@ async fn observe(
         o.load = Load::NotLoaded {
             error: record.as_ref().and_then(|r| r.error.clone()),
         };
-        o.reader = job_state_of(jobs, &reader_job(plan).name).await?;
+        o.reader = job_state_of(jobs, ctx, &reader_job(plan).name).await?;
         return Ok((o, record));
     }
     let r = record.as_ref().expect("loaded");
     o.load = Load::Loaded;
     for spec in enricher_jobs(plan) {
-        o.enrichers.push(job_state_of(jobs, &spec.name).await?);
+        o.enrichers.push(job_state_of(jobs, ctx, &spec.name).await?);
     }
     o.budget_spent = ctx.store.budget_spent(r.id).await?;
     o.counts = ctx.store.counts(r).await?;

@@ -17,7 +17,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use kube::{Resource, ResourceExt};
+use kube::{api::ListParams, Api, Client, Resource, ResourceExt};
 use pipeline::exit::JobExit;
 use postcode_resource::PostcodeImport;
 
@@ -119,7 +119,8 @@ fn env(spec: &JobSpec, settings: &JobSettings) -> Vec<EnvVar> {
     env
 }
 
-fn container(spec: &JobSpec, settings: &JobSettings) -> Container {
+fn container(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) -> Container {
+    let template = import.spec.pod_template.clone().unwrap_or_default();
     Container {
         name: "job".into(),
         image: Some(settings.image.clone()),
@@ -127,6 +128,8 @@ fn container(spec: &JobSpec, settings: &JobSettings) -> Container {
         command: Some(vec![spec.command.clone()]),
         args: Some(spec.args.clone()),
         env: Some(env(spec, settings)),
+        volume_mounts: (!template.volume_mounts.is_empty()).then_some(template.volume_mounts),
+        resources: template.resources,
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -172,7 +175,13 @@ fn pod_spec(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) -> 
             }),
             ..PodSecurityContext::default()
         }),
-        containers: vec![container(spec, settings)],
+        containers: vec![container(spec, import, settings)],
+        volumes: import
+            .spec
+            .pod_template
+            .as_ref()
+            .map(|t| t.volumes.clone())
+            .filter(|v| !v.is_empty()),
         ..PodSpec::default()
     }
 }
@@ -243,4 +252,38 @@ pub fn is_owned_by(job: &Job, import: &PostcodeImport) -> bool {
     job.owner_references()
         .iter()
         .any(|o| Some(&o.uid) == import.meta().uid.as_ref())
+}
+
+/// Why the last failed pod of a Job ended, as its container status says (e.g.
+/// `pod trips-enricher-0-x7k2p: OOMKilled (exit code 137)`): the Job's own
+/// condition only says the backoff limit was reached. None when no pod failed
+/// or they cannot be read.
+pub async fn last_pod_failure(client: &Client, namespace: &str, job: &str) -> Option<String> {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let lp = ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}"));
+    let list = pods.list(&lp).await.ok()?;
+    list.items
+        .iter()
+        .filter_map(|p| {
+            let status = p.status.as_ref()?;
+            let t = status
+                .container_statuses
+                .iter()
+                .flatten()
+                .find_map(|c| c.state.as_ref()?.terminated.clone())
+                .filter(|t| t.exit_code != 0)?;
+            let mut why = format!(
+                "pod {}: {} (exit code {})",
+                p.name_any(),
+                t.reason.clone().unwrap_or_else(|| "Error".into()),
+                t.exit_code
+            );
+            if let Some(m) = t.message.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+                let m: String = m.chars().take(300).collect();
+                why.push_str(&format!(": {m}"));
+            }
+            Some((t.finished_at.clone().map(|f| f.0), why))
+        })
+        .max_by_key(|(at, _)| *at)
+        .map(|(_, why)| why)
 }

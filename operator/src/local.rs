@@ -239,6 +239,7 @@ fn spec_of(args: &LocalArgs, shards: u32, offline: Option<&Path>) -> PostcodeImp
         keep_results: false,
         backoff_limit: args.backoff_limit,
         priority_class_name: None,
+        pod_template: None,
     }
 }
 

@@ -610,6 +610,7 @@ fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str]
             &["get", "list", "watch", "create", "delete", "patch"],
         ),
         ("", "secrets", &["get", "create", "patch", "delete"]),
+        ("", "pods", &["list"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ]);
     // The upload API creates imports (server-side apply of a new object needs
@@ -1264,7 +1265,8 @@ fn rbac_is_enforced_as_intended_by_the_api_server() {
         // ... and nothing more
         (op, "list", "secrets", o, false), (op, "watch", "secrets", None, false), (op, "update", "secrets", o, false),
         (op, "create", "leases.coordination.k8s.io", o, false), (op, "delete", "leases.coordination.k8s.io", hm, false),
-        (op, "deletecollection", pi, o, false), (op, "create", "pods", o, false), (op, "create", "deployments.apps", o, false),
+        (op, "list", "pods", o, true),
+        (op, "deletecollection", pi, o, false), (op, "create", "pods", o, false), (op, "delete", "pods", o, false), (op, "create", "deployments.apps", o, false),
         (op, "create", "rolebindings.rbac.authorization.k8s.io", o, false), (op, "update", "jobs.batch/status", o, false),
         // Job pods: read their import, read/patch its status, in their namespaces only
         (job_a, "get", pi, an, true), (job_a, "get", pis, an, true), (job_a, "patch", pis, an, true),

@@ -1,6 +1,8 @@
-//! The operator against a real kube-apiserver (started by `make test`), with a
-//! real PostgreSQL, the real binaries as "pods" (the fake kubelet runs each Job's
-//! container command as a local process), and the upload API over HTTP.
+//! The operator against the test cluster (started by `make test`: kube-apiserver,
+//! the real Job controller, the pod agent running every Pod with runc from the
+//! image's root filesystem), with a real PostgreSQL and the upload API over
+//! HTTP. The Jobs run as the Job ServiceAccount, in namespaces where PodSecurity
+//! `restricted` is enforced.
 
 mod common;
 
@@ -110,8 +112,12 @@ fn status_i64(o: &DynamicObject, key: &str) -> i64 {
         .unwrap_or(-1)
 }
 
-/// A namespace with the database Secret the operator copies for its Jobs, and a kubelet.
-async fn setup() -> (Client, String, String, FakeKubelet) {
+/// The Job ServiceAccount (JOB_SERVICE_ACCOUNT's default).
+const JOB_SA: &str = "postcode-operator-job";
+
+/// A namespace with the database Secret the operator copies for its Jobs and
+/// the Job ServiceAccount with the chart's Role; what the pod agent runs there.
+async fn setup() -> (Client, String, String, Pods) {
     let client = test_client().await;
     let ns = fresh_namespace(&client).await;
     let db = fresh_pg().await;
@@ -123,14 +129,9 @@ async fn setup() -> (Client, String, String, FakeKubelet) {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-    let kubeconfig = std::env::var("KUBECONFIG").unwrap();
-    let kubelet = FakeKubelet::start(
-        client.clone(),
-        &ns,
-        bin_dir(),
-        vec![("KUBECONFIG".into(), kubeconfig)],
-    );
-    (client, ns, db, kubelet)
+    create_job_service_account(&client, &ns, JOB_SA).await;
+    let pods = Pods::new(&client, &ns);
+    (client, ns, db, pods)
 }
 
 async fn upload(url: &str, file: &std::path::Path, query: &str) -> Value {
@@ -171,24 +172,140 @@ fn kubectl_get(ns: &str) -> String {
     }
 }
 
-/// The `make e2e` run: the real 100,000-row file uploaded, 4 shards, offline provider.
-/// Prints `E2E PASSED …` (or panics with `E2E FAILED …`).
+/// Serves one file over HTTP on loopback (the reader Job fetches `source.url`).
+async fn serve_file(path: std::path::PathBuf) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/input.csv",
+        axum::routing::get(move || {
+            let path = path.clone();
+            async move { tokio::fs::read(path).await.unwrap() }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/input.csv")
+}
+
+/// A PersistentVolume (hostPath: the shared data directory, read-only) and a
+/// claim bound to it: how the NSPL file reaches the enricher pods.
+async fn nspl_claim(client: &Client, ns: &str) -> String {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let dir = postcodes_file().parent().unwrap().canonicalize().unwrap();
+    let pv: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": format!("nspl-{ns}")},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": dir},
+                 "claimRef": {"namespace": ns, "name": "nspl"}},
+    }))
+    .unwrap();
+    Api::<PersistentVolume>::all(client.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .unwrap();
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "nspl"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}},
+                 "volumeName": format!("nspl-{ns}"), "storageClassName": ""},
+    }))
+    .unwrap();
+    Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &pvc)
+        .await
+        .unwrap();
+    "nspl".into()
+}
+
+/// Rows enriched and no_match when `local` enriches [`real_input`] offline
+/// (99,648 and 352 on the real file with the full NSPL).
+fn offline_counts() -> (usize, usize) {
+    let dir = temp_dir("e2e-offline-reference");
+    let out = dir.join("out.csv");
+    let o = run_local(&[
+        real_input().to_str().unwrap(),
+        "--offline-postcodes",
+        postcodes_file().to_str().unwrap(),
+        "--db",
+        dir.join("ref.db").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let s = by_status(&read_output(&out).1);
+    (
+        s.get("enriched").copied().unwrap_or(0),
+        s.get("no_match").copied().unwrap_or(0),
+    )
+}
+
+/// The pod template that mounts the NSPL claim at /data.
+fn nspl_pod_template(claim: &str) -> Value {
+    json!({
+        "volumes": [{"name": "nspl", "persistentVolumeClaim": {"claimName": claim, "readOnly": true}}],
+        "volumeMounts": [{"name": "nspl", "mountPath": "/data", "readOnly": true}],
+    })
+}
+
+/// Creates a PostcodeImport as `kubectl apply` would.
+async fn create_import(client: &Client, ns: &str, name: &str, spec: Value) {
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "postcodes.dev/v1alpha1", "kind": "PostcodeImport",
+        "metadata": {"name": name, "namespace": ns}, "spec": spec,
+    }))
+    .unwrap();
+    imports_api(client, ns)
+        .create(&PostParams::default(), &obj)
+        .await
+        .unwrap();
+}
+
+/// Checks from the pod agent's records that every pod of the import ran under
+/// runc as 65532 with a read-only root and a seccomp filter; returns how many ran.
+fn assert_pods_ran_confined(pods: &Pods, jobs: &[String]) -> usize {
+    let mut n = 0;
+    for job in jobs {
+        for run in pods.of_job(job).iter().filter(|r| r.started("job")) {
+            let rt = run
+                .runtime("job")
+                .unwrap_or_else(|| panic!("no runtime record for pod {}: {}", run.name, run.log("job")));
+            assert_eq!(rt["runtime"], "runc", "{rt:#}");
+            assert_eq!(
+                rt["uid"],
+                json!(["65532", "65532", "65532", "65532"]),
+                "{}: {rt:#}",
+                run.name
+            );
+            assert_eq!(rt["rootReadOnly"], true, "{}: {rt:#}", run.name);
+            assert_eq!(rt["seccomp"], "2", "{}: {rt:#}", run.name);
+            assert_eq!(rt["capEff"], "0000000000000000", "{}: {rt:#}", run.name);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The `make e2e` run: the real 100,000-row file, 4 shards, offline provider
+/// with the NSPL file reaching the enricher pods through a volume of the
+/// import's pod template. Prints `E2E PASSED …` (or panics with `E2E FAILED …`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_upload_the_real_file_and_read_the_results() {
     let started = Instant::now();
-    let (client, ns, db, kubelet) = setup().await;
+    let (client, ns, db, pods) = setup().await;
     let op = Operator::start(&ns, &db, &[]);
-    let nspl = postcodes_file();
-    let created = upload(
-        &op.url,
-        &real_input(),
-        &format!(
-            "name=trips&namespace={ns}&shards=4&offlinePostcodes={}",
-            nspl.display()
-        ),
+    let claim = nspl_claim(&client, &ns).await;
+    let url = serve_file(real_input()).await;
+    create_import(
+        &client,
+        &ns,
+        "trips",
+        json!({
+            "source": {"url": url},
+            "shards": 4,
+            "offlinePostcodes": format!("/data/{}", postcodes_file().file_name().unwrap().to_string_lossy()),
+            "podTemplate": nspl_pod_template(&claim),
+        }),
     )
     .await;
-    assert_eq!(created["name"], "trips");
     let api = imports_api(&client, &ns);
     // Live progress as a user sees it, while it runs.
     let watcher_ns = ns.clone();
@@ -219,37 +336,76 @@ async fn e2e_upload_the_real_file_and_read_the_results() {
     let rows = results(&op.url, &ns, "trips").await;
     let s = by_status(&rows);
     let get = |k: &str| s.get(k).copied().unwrap_or(0);
+    let jobs: Vec<String> = std::iter::once("trips-reader".to_string())
+        .chain((0..4).map(|i| format!("trips-enricher-{i}")))
+        .collect();
+    let all_logs: String = jobs.iter().map(|j| pods.logs(j)).collect();
+    let n_pods = if phase(&done) == "Succeeded" {
+        assert_pods_ran_confined(&pods, &jobs)
+    } else {
+        0
+    };
     let line = format!(
-        "import=trips phase={} rows={} enriched={} no_match={} invalid={} failed={} seconds={:.0}",
+        "import=trips phase={} rows={} enriched={} no_match={} invalid={} failed={} pods={} runtime=runc seconds={:.0}",
         phase(&done),
         rows.len(),
         get("enriched"),
         get("no_match"),
         get("invalid"),
         get("failed"),
+        n_pods,
         started.elapsed().as_secs_f64()
     );
+    let (want_enriched, want_no_match) = offline_counts();
     let ok = phase(&done) == "Succeeded"
-        && rows.len() == 100_000
-        && get("enriched") == 99_648
-        && get("no_match") == 352
+        && rows.len() == REAL_ROWS
+        && get("enriched") == want_enriched
+        && get("no_match") == want_no_match
         && get("invalid") == 0
         && get("failed") == 0;
+    if !ok {
+        panic!(
+            "E2E FAILED {line}\nstatus: {:#}\noperator log:\n{}\npod logs:\n{all_logs}",
+            done.data["status"],
+            op.log()
+        );
+    }
     assert_eq!(
         status_i64(&done, "rowsEnriched"),
-        99_648,
+        want_enriched as i64,
         "status counts: {:#?}",
         done.data["status"]
     );
-    for shard in 0..4 {
-        assert_eq!(kubelet.runs(&format!("trips-enricher-{shard}")), 1);
+    for job in &jobs {
+        assert_eq!(pods.runs(job), 1, "{job}: {}", pods.logs(job));
     }
-    assert_eq!(kubelet.runs("trips-reader"), 1);
-    if !ok {
-        panic!("E2E FAILED {line}\noperator log:\n{}", op.log());
-    }
+    // The enrichers' status patches were made as the Job ServiceAccount, never as admin.
+    let sa_user = format!("system:serviceaccount:{ns}:{JOB_SA}");
+    let patches: Vec<(String, String)> = audit_events(&ns)
+        .iter()
+        .filter(|e| {
+            e["objectRef"]["resource"] == "postcodeimports"
+                && e["objectRef"]["subresource"] == "status"
+                && e["verb"] == "patch"
+                && e["stage"] == "ResponseComplete"
+        })
+        .map(|e| {
+            (
+                e["user"]["username"].as_str().unwrap_or("").to_string(),
+                e["userAgent"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let by_jobs: Vec<&(String, String)> = patches.iter().filter(|(u, _)| *u == sa_user).collect();
+    assert!(
+        by_jobs.len() >= 4,
+        "the enrichers' status patches as {sa_user}: {patches:?}"
+    );
+    assert!(
+        patches.iter().all(|(u, _)| *u == sa_user || u == "admin"),
+        "status patched by someone else: {patches:?}"
+    );
     println!("E2E PASSED {line}");
-    kubelet.stop().await;
     op.kill();
 }
 
@@ -271,7 +427,7 @@ async fn start_slow_import(op_url: &str, ns: &str, name: &str, server: &TestServ
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_import_mid_run_removes_its_jobs_and_rows() {
     let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
-    let (client, ns, db, kubelet) = setup().await;
+    let (client, ns, db, pods) = setup().await;
     let op = Operator::start(&ns, &db, &[]);
     start_slow_import(&op.url, &ns, "doomed", &server, 5_000).await;
     let api = imports_api(&client, &ns);
@@ -280,10 +436,7 @@ async fn deleting_an_import_mid_run_removes_its_jobs_and_rows() {
     })
     .await;
     let uid = running.metadata.uid.clone().unwrap();
-    kubelet
-        .wait_until(Duration::from_secs(60), "an enricher runs", |k| {
-            k.running("doomed-enricher-0") || k.running("doomed-enricher-1")
-        })
+    pods.wait_running("doomed-enricher-0", Duration::from_secs(60))
         .await;
     api.delete("doomed", &DeleteParams::default()).await.unwrap();
     kube::runtime::wait::await_condition(
@@ -306,12 +459,8 @@ async fn deleting_an_import_mid_run_removes_its_jobs_and_rows() {
             .map(|j| j.metadata.name.clone())
             .collect::<Vec<_>>()
     );
-    kubelet
-        .wait_idle("doomed-enricher-0", Duration::from_secs(30))
-        .await;
-    kubelet
-        .wait_idle("doomed-enricher-1", Duration::from_secs(30))
-        .await;
+    pods.wait_idle("doomed-enricher-0", Duration::from_secs(60)).await;
+    pods.wait_idle("doomed-enricher-1", Duration::from_secs(60)).await;
     let store = pipeline::db::Store::connect(&db).await.unwrap();
     assert!(
         store.import(&uid).await.unwrap().is_none(),
@@ -323,7 +472,7 @@ async fn deleting_an_import_mid_run_removes_its_jobs_and_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_operator_reattaches_and_a_killed_pod_is_retried() {
     let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
-    let (client, ns, db, kubelet) = setup().await;
+    let (client, ns, db, pods) = setup().await;
     let op = Operator::start(&ns, &db, &[]);
     start_slow_import(&op.url, &ns, "sturdy", &server, 8_000).await;
     let api = imports_api(&client, &ns);
@@ -331,16 +480,15 @@ async fn a_restarted_operator_reattaches_and_a_killed_pod_is_retried() {
         phase(o) == "Enriching"
     })
     .await;
-    kubelet
-        .wait_until(Duration::from_secs(60), "enricher 1 runs", |k| {
-            k.running("sturdy-enricher-1")
-        })
+    pods.wait_running("sturdy-enricher-1", Duration::from_secs(60))
         .await;
+    // Let it finish some batches first.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     // The operator dies mid-run; a new one takes over.
     op.kill();
     let before = server.state.stats().requests;
-    // A "pod" dies too: its Job runs it again and the shard resumes.
-    assert!(kubelet.kill("sturdy-enricher-1"));
+    // A pod is SIGKILLed too: the Job controller runs a new one and the shard resumes.
+    assert!(pods.kill("sturdy-enricher-1").await);
     let op2 = Operator::start(&ns, &db, &[]);
     let done = wait_for(&api, "sturdy", Duration::from_secs(300), |o| {
         matches!(phase(o).as_str(), "Succeeded" | "Failed")
@@ -353,14 +501,15 @@ async fn a_restarted_operator_reattaches_and_a_killed_pod_is_retried() {
         done.data["status"],
         op2.log()
     );
-    assert_eq!(kubelet.runs("sturdy-reader"), 1, "the reader ran twice");
-    assert_eq!(kubelet.runs("sturdy-enricher-0"), 1, "a Job was created again");
+    assert_eq!(pods.runs("sturdy-reader"), 1, "the reader ran twice");
+    assert_eq!(pods.runs("sturdy-enricher-0"), 1, "a Job was created again");
     assert_eq!(
-        kubelet.runs("sturdy-enricher-1"),
+        pods.runs("sturdy-enricher-1"),
         2,
         "the killed pod was not retried exactly once"
     );
     let st = server.state.stats();
+    // At most the batch in flight when the pod died is asked again.
     assert!(st.repeated_batches <= 1, "finished batches asked twice: {st:?}");
     assert!(st.requests > before);
     let rows = results(&op2.url, &ns, "sturdy").await;
@@ -382,7 +531,7 @@ async fn a_restarted_operator_reattaches_and_a_killed_pod_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_with_leader_election_reconcile_each_import_once() {
     let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
-    let (client, ns, db, kubelet) = setup().await;
+    let (client, ns, db, pods) = setup().await;
     let a = Operator::start(
         &ns,
         &db,
@@ -401,7 +550,7 @@ async fn two_replicas_with_leader_election_reconcile_each_import_once() {
     .await;
     assert_eq!(phase(&done), "Succeeded");
     for j in ["shared-reader", "shared-enricher-0", "shared-enricher-1"] {
-        assert_eq!(kubelet.runs(j), 1, "{j}");
+        assert_eq!(pods.runs(j), 1, "{j}");
     }
     let leading: Vec<bool> = [&a, &b]
         .iter()
@@ -416,7 +565,7 @@ async fn two_replicas_with_leader_election_reconcile_each_import_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_upload_fails_the_import_with_the_reason_and_no_retries() {
-    let (client, ns, db, kubelet) = setup().await;
+    let (client, ns, db, pods) = setup().await;
     let op = Operator::start(&ns, &db, &[]);
     let dir = temp_dir("binary");
     let file = dir.join("sheet.xlsx");
@@ -440,12 +589,23 @@ async fn an_unreadable_upload_fails_the_import_with_the_reason_and_no_retries() 
         .cloned()
         .unwrap();
     assert_eq!(failed["status"], "True");
+    // The reader exited 2: the Job's podFailurePolicy fails it at once.
     assert_eq!(
-        kubelet.runs("sheet-reader"),
+        pods.runs("sheet-reader"),
         1,
         "a permanent input error must not be retried"
     );
-    assert_eq!(kubelet.runs("sheet-enricher-0"), 0);
+    let reader: Job = Api::namespaced(client.clone(), &ns)
+        .get("sheet-reader")
+        .await
+        .unwrap();
+    let failed = find_job_condition(&reader, "Failed").expect("the reader Job failed");
+    assert_eq!(failed.reason.as_deref(), Some("PodFailurePolicy"), "{failed:?}");
+    assert!(
+        failed.message.as_deref().unwrap_or("").contains("exit code 2"),
+        "{failed:?}"
+    );
+    assert_eq!(pods.runs("sheet-enricher-0"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -593,7 +753,7 @@ async fn upload_api_checks_tokens_sizes_and_names() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_stops_the_enrichers_and_resume_finishes_the_import() {
     let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
-    let (client, ns, db, kubelet) = setup().await;
+    let (client, ns, db, pods) = setup().await;
     let op = Operator::start(&ns, &db, &[]);
     start_slow_import(&op.url, &ns, "pausable", &server, 6_000).await;
     let api = imports_api(&client, &ns);
@@ -601,10 +761,7 @@ async fn suspend_stops_the_enrichers_and_resume_finishes_the_import() {
         phase(o) == "Enriching"
     })
     .await;
-    kubelet
-        .wait_until(Duration::from_secs(60), "an enricher runs", |k| {
-            k.running("pausable-enricher-0") || k.running("pausable-enricher-1")
-        })
+    pods.wait_running("pausable-enricher-0", Duration::from_secs(60))
         .await;
     let patch = kube::api::Patch::Merge(json!({"spec": {"suspend": true}}));
     api.patch("pausable", &kube::api::PatchParams::default(), &patch)
@@ -621,12 +778,13 @@ async fn suspend_stops_the_enrichers_and_resume_finishes_the_import() {
     })
     .await;
     assert_eq!(phase(&suspended), "Enriching");
-    kubelet
-        .wait_idle("pausable-enricher-0", Duration::from_secs(30))
-        .await;
-    kubelet
-        .wait_idle("pausable-enricher-1", Duration::from_secs(30))
-        .await;
+    // The Jobs' spec.suspend: the Job controller deletes their pods (SIGTERM first).
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    for j in ["pausable-enricher-0", "pausable-enricher-1"] {
+        let job = jobs.get(j).await.unwrap();
+        assert_eq!(job.spec.unwrap().suspend, Some(true), "{j}");
+        pods.wait_idle(j, Duration::from_secs(60)).await;
+    }
     let paused_at = server.state.stats().requests;
     api.patch(
         "pausable",
@@ -656,4 +814,55 @@ async fn suspend_stops_the_enrichers_and_resume_finishes_the_import() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("shards is immutable"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enricher_over_its_memory_limit_is_oom_killed_and_the_import_says_so() {
+    let (client, ns, db, pods) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    let claim = nspl_claim(&client, &ns).await;
+    let dir = temp_dir("oom");
+    let url = serve_file(head_of_real_file(500, &dir)).await;
+    let mut template = nspl_pod_template(&claim);
+    // Enough for the reader, far too little for the offline index of the enrichers.
+    template["resources"] = json!({"limits": {"memory": "24Mi"}, "requests": {"memory": "24Mi"}});
+    create_import(
+        &client,
+        &ns,
+        "small",
+        json!({
+            "source": {"url": url},
+            "shards": 1,
+            "backoffLimit": 0,
+            "offlinePostcodes": "/data/nspl-latlon.csv.gz",
+            "podTemplate": template,
+        }),
+    )
+    .await;
+    let api = imports_api(&client, &ns);
+    let done = wait_for(&api, "small", Duration::from_secs(180), |o| {
+        matches!(phase(o).as_str(), "Succeeded" | "Failed")
+    })
+    .await;
+    let msg = done
+        .data
+        .pointer("/status/message")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(
+        phase(&done),
+        "Failed",
+        "{:#}\n{}\n{}",
+        done.data["status"],
+        pods.logs("small-enricher-0"),
+        op.log()
+    );
+    assert!(msg.contains("OOMKilled (exit code 137)"), "{msg}");
+    let run = &pods.of_job("small-enricher-0")[0];
+    assert_eq!(
+        run.runtime("job").map(|r| r["memoryLimitBytes"].clone()),
+        Some(json!(24 * 1024 * 1024)),
+        "the limit reached the container"
+    );
 }

@@ -81,6 +81,25 @@ pub struct PostcodeImportSpec {
     /// `priorityClassName` of the Job pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+    /// Settings of the Job pods (the reader's and every enricher's), e.g. a
+    /// volume holding the `offlinePostcodes` file. Read when a Job is created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_template: Option<PodTemplate>,
+}
+
+/// What an import sets in its Job pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplate {
+    /// Volumes added to the pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<k8s_openapi::api::core::v1::Volume>,
+    /// Mounts added to the Job container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<k8s_openapi::api::core::v1::VolumeMount>,
+    /// Requests and limits of the Job container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
 }
 
 fn default_shards() -> u32 {

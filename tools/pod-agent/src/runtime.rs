@@ -406,7 +406,7 @@ impl Runtime {
                     let root_opts = mountinfo
                         .lines()
                         .filter(|l| l.split(' ').nth(4) == Some("/"))
-                        .last()
+                        .next_back()
                         .and_then(|l| l.split(' ').nth(5))
                         .unwrap_or("")
                         .to_string();

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# `make e2e`: PostgreSQL, the control plane and the operator; uploads
-# ../shared/data/postcodesgeo.csv (4 shards, offline provider), waits for
-# Succeeded, checks results.csv. The last line is `E2E PASSED …` or `E2E FAILED …`.
+# `make e2e`: PostgreSQL, the test cluster (control plane, real Job controller,
+# the pod agent running the Jobs' pods with runc) and the operator; imports
+# ../shared/data/postcodesgeo.csv (4 shards, offline provider, the NSPL file
+# mounted into the enricher pods from a PersistentVolumeClaim through
+# spec.podTemplate), waits for Succeeded, checks results.csv and how the pods
+# ran. The last line is `E2E PASSED …` or `E2E FAILED …`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=$(mktemp)

@@ -75,6 +75,7 @@ struct Args {
 #[tokio::main]
 async fn main() {
     pipeline::init_process();
+    pipeline::exit_on_sigterm();
     let args = Args::parse();
     match run(&args).await {
         Ok(Finish::Done) => {}

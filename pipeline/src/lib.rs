@@ -43,6 +43,22 @@ pub fn init_process() {
         .try_init();
 }
 
+/// For the Job binaries: SIGTERM ends the process at once with 143 (128 +
+/// SIGTERM), as it ends a process without a handler. Needed because in a
+/// container the Job is PID 1, and the kernel ignores signals PID 1 has no
+/// handler for: a suspended or deleted Job's pod would run on through its whole
+/// grace period (30 s), finishing work the suspension meant to stop. Call from
+/// inside the Tokio runtime.
+pub fn exit_on_sigterm() {
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::spawn(async move {
+            term.recv().await;
+            eprintln!("SIGTERM: stopping");
+            std::process::exit(143);
+        });
+    }
+}
+
 /// FNV-1a 64 of `bytes` started from `seed` (the standard offset basis is
 /// [`FNV1A_OFFSET`]): a stable, dependency-free hash for ids and cache names,
 /// not for anything adversarial.

@@ -46,6 +46,7 @@ struct Args {
 #[tokio::main]
 async fn main() {
     pipeline::init_process();
+    pipeline::exit_on_sigterm();
     let args = Args::parse();
     match run(&args).await {
         Ok(()) => {}

@@ -374,9 +374,10 @@ async fn run(ctx: &Ctx, pod: Pod, rx: &mut watch::Receiver<Option<Pod>>) {
                 c.ready = true;
                 c.id = Some(running.id.clone());
                 ids.insert(plan.name.clone(), running.id.clone());
-                let inspect_plan = plan.clone();
-                let s2 = shared.clone();
-                tokio::spawn(async move { s2.runtime.inspect(&inspect_plan, &image).await });
+                // Started means the container's own process runs (exec done), as
+                // a runtime's StartContainer returns: a SIGTERM sent earlier would
+                // reach `runc init`, which drops it.
+                shared.runtime.inspect(&plan, &image).await;
                 exits.push(Box::pin(async move {
                     let status = running.child.wait().await.unwrap_or_else(|e| {
                         warn!("wait for runc: {e}");

@@ -93,6 +93,7 @@ async fn main() {
     }
 }
 
+#[allow(clippy::too_many_lines)] // TODO(issue 15): split in the store/provider redesign
 async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
     let permanent = |e: anyhow::Error| (EXIT_PERMANENT, e);
     let retryable = |e: anyhow::Error| (1, e);

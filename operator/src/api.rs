@@ -449,14 +449,14 @@ async fn results_csv(
         }
     });
     let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(header) }).chain(pages);
-    Ok(Response::builder()
+    Response::builder()
         .header(header::CONTENT_TYPE, "text/csv; charset=utf-8")
         .header(
             header::CONTENT_DISPOSITION,
             format!("attachment; filename=\"{name}.enriched.csv\""),
         )
         .body(Body::from_stream(stream))
-        .map_err(internal)?)
+        .map_err(internal)
 }
 
 #[cfg(test)]

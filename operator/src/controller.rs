@@ -319,7 +319,7 @@ async fn observe(
         return Ok((o, None));
     }
     let record = ctx.store.import(&plan.uid).await?;
-    if !record.as_ref().is_some_and(|r| r.phase == "Loaded") {
+    if record.as_ref().is_none_or(|r| r.phase != "Loaded") {
         o.load = Load::NotLoaded {
             error: record.as_ref().and_then(|r| r.error.clone()),
         };

@@ -321,7 +321,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
             pipeline::offline::OfflineIndex::ensure_cache(&p, &pipeline::offline::default_cache_dir())
         })
     });
-    let decision = run.to_the_end().await?;
+    let decision = run.until_done().await?;
     let import = store.import(&import.uid).await?.context("import vanished")?;
     if !matches!(decision.report.as_ref().map(|r| r.phase), Some(Phase::Failed)) || import.phase == "Loaded" {
         summarise(&store, &import, &files.out, &decision, run.log_dir(), started).await?;
@@ -416,7 +416,7 @@ impl<'a> LocalRun<'a> {
     }
 
     /// Observes, decides and acts until the import ends or nothing runs; the last decision.
-    async fn to_the_end(&mut self) -> anyhow::Result<Decision> {
+    async fn until_done(&mut self) -> anyhow::Result<Decision> {
         loop {
             let (o, record) = self.observe().await?;
             let d = decide(&o);

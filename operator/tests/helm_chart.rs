@@ -8,6 +8,7 @@
 //! `.ci/install-tools.sh`) and, for the API server tests, `KUBECONFIG` pointing
 //! at the test control plane (`make test` starts one). Nothing is skipped: a
 //! missing tool or control plane fails the test with what to do.
+#![allow(clippy::too_many_lines)] // the 80-line limit is for non-test code
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -1,6 +1,7 @@
 //! End-to-end tests of the pipeline through `postcode-operator local`: real
 //! binaries as child processes, SQLite and a real PostgreSQL, the real input file,
 //! and the postcodes.io-compatible test server for the HTTP path.
+#![allow(clippy::too_many_lines)] // the 80-line limit is for non-test code
 
 mod common;
 

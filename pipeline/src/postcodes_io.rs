@@ -43,6 +43,7 @@ impl std::fmt::Display for CallError {
 
 /// The answer for one query of a bulk request.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // answers live in one batch of at most 100
 pub enum Answer {
     Found(Match),
     /// `result: null`: no postcode within the radius.
@@ -304,6 +305,7 @@ mod tests {
         let a = parse_bulk(&body, &q).unwrap();
         assert!(a.iter().all(|x| *x == Answer::NoPostcode));
         // a server printing fewer digits still matches its query
+        #[allow(clippy::excessive_precision)]
         let a = parse_bulk(r#"{"status":200,"result":[{"query":{"latitude":51.30002000000001,"longitude":-0.4},"result":null}]}"#, &[(51.300020000000004, -0.4)]).unwrap();
         assert_eq!(a[0], Answer::NoPostcode);
     }

@@ -289,6 +289,7 @@ fn search_params(radius: Option<f64>, limit: Option<f64>, widesearch: bool) -> (
     }
 }
 
+#[allow(clippy::too_many_lines)] // TODO(issue 15): split in the store/provider redesign
 async fn bulk(State(state): State<ServerState>, body: axum::body::Bytes) -> Response {
     let fate = decide(&state);
     let (fewer, reorder, slow) = match fate {

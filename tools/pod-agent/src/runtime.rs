@@ -405,8 +405,7 @@ impl Runtime {
                     // The last mount on "/" is the one the process sees.
                     let root_opts = mountinfo
                         .lines()
-                        .filter(|l| l.split(' ').nth(4) == Some("/"))
-                        .next_back()
+                        .rfind(|l| l.split(' ').nth(4) == Some("/"))
                         .and_then(|l| l.split(' ').nth(5))
                         .unwrap_or("")
                         .to_string();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make e2e`: PostgreSQL, the test cluster (control plane, real Job controller,
 # the pod agent running the Jobs' pods with runc) and the operator; imports
-# ../shared/data/postcodesgeo.csv (4 shards, offline provider, the NSPL file
+# the real 100,000-row file (POSTCODE_DATA_DIR or ../shared/data; the samples
+# otherwise, as the tests say) (4 shards, offline provider, the NSPL file
 # mounted into the enricher pods from a PersistentVolumeClaim through
 # spec.podTemplate), waits for Succeeded, checks results.csv and how the pods
 # ran. The last line is `E2E PASSED …` or `E2E FAILED …`.

@@ -33,7 +33,7 @@ use serde_json::json;
 
 use crate::{
     jobs::{database_secret_name, job, job_state, last_pod_failure, JobSettings, IMPORT_LABEL, MANAGED_BY},
-    lifecycle::{decide, Decision, JobState, Load, Next, Observed, Report, Want},
+    lifecycle::{decide, pending_by_shard, Decision, JobState, Load, Next, Observed, Report, Want},
     plan::{enricher_jobs, reader_job, ImportPlan},
 };
 
@@ -333,12 +333,7 @@ async fn observe(
     }
     o.budget_spent = ctx.store.budget_spent(r.id).await?;
     o.counts = ctx.store.counts(r).await?;
-    o.shard_pending = vec![0; plan.shards as usize];
-    for s in ctx.store.shard_counts(r.id).await? {
-        if let Some(p) = o.shard_pending.get_mut(s.shard as usize) {
-            *p = s.rows - s.done;
-        }
-    }
+    o.shard_pending = pending_by_shard(plan.shards, &ctx.store.shard_counts(r.id).await?);
     Ok((o, record))
 }
 

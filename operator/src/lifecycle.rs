@@ -88,6 +88,18 @@ pub struct Observed {
     pub finished_for: Option<Duration>,
 }
 
+/// [`Observed::shard_pending`] from the store's per-shard counts: rows not
+/// yet finished per shard, 0 for a shard with no planned lookups.
+pub fn pending_by_shard(shards: u32, counts: &[pipeline::db::ShardCounts]) -> Vec<i64> {
+    let mut pending = vec![0; shards as usize];
+    for s in counts {
+        if let Some(p) = pending.get_mut(s.shard as usize) {
+            *p = s.rows - s.done;
+        }
+    }
+    pending
+}
+
 /// A condition as the import's status should hold it (Kubernetes API
 /// conventions: `type`, `status`, `reason`, `message`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use postcode_resource::{limits, ApiSpec, CsvSpec, Phase, PostcodeImportSpec, Quo
 use tokio::{process::Command, task::JoinSet};
 
 use crate::{
-    lifecycle::{decide, Decision, JobState, Load, Observed},
+    lifecycle::{decide, pending_by_shard, Decision, JobState, Load, Observed},
     plan::{ImportPlan, JobSpec},
 };
 
@@ -505,12 +505,7 @@ impl LocalRun<'_> {
         o.load = Load::Loaded;
         o.budget_spent = self.store.budget_spent(r.id).await?;
         o.counts = self.store.counts(r).await?;
-        o.shard_pending = vec![0; self.plan.shards as usize];
-        for s in self.store.shard_counts(r.id).await? {
-            if let Some(p) = o.shard_pending.get_mut(s.shard as usize) {
-                *p = s.rows - s.done;
-            }
-        }
+        o.shard_pending = pending_by_shard(self.plan.shards, &self.store.shard_counts(r.id).await?);
         Ok((o, record))
     }
 

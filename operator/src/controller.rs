@@ -27,7 +27,7 @@ use kube::{
     },
     Api, Client, Resource, ResourceExt,
 };
-use pipeline::{db::Store, lookup::SearchPlan};
+use pipeline::{lookup::SearchPlan, model::ImportPhase, store::Store};
 use serde_json::json;
 
 use crate::{
@@ -352,7 +352,7 @@ async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
     ensure_database_secret(ctx, &imp, &ns).await?;
     let settings = job_settings_for(ctx, &imp);
     let record = ctx.store.import(&plan.uid).await?;
-    let loaded = record.as_ref().is_some_and(|r| r.phase == "Loaded");
+    let loaded = record.as_ref().is_some_and(|r| r.phase == ImportPhase::Loaded);
 
     if !loaded {
         let spec = reader_job(&plan);
@@ -598,16 +598,11 @@ async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
     Ok(action)
 }
 
-fn record_metrics(imp: &PostcodeImport, c: &pipeline::db::Counts, q: &pipeline::db::QuotaCounters) {
+fn record_metrics(imp: &PostcodeImport, c: &pipeline::store::Counts, q: &pipeline::store::QuotaCounters) {
     let name = format!("{}/{}", imp.namespace().unwrap_or_default(), imp.name_any());
-    for (status, n) in [
-        ("enriched", c.rows_enriched),
-        ("no_match", c.rows_no_match),
-        ("invalid", c.rows_invalid),
-        ("failed", c.rows_failed),
-        ("pending", c.rows_pending),
-    ] {
-        metrics::gauge!("postcode_import_rows", "import" => name.clone(), "status" => status).set(n as f64);
+    for (status, n) in c.rows_by_status() {
+        metrics::gauge!("postcode_import_rows", "import" => name.clone(), "status" => status.as_str())
+            .set(n as f64);
     }
     metrics::gauge!("postcode_import_api_requests", "import" => name.clone()).set(q.requests as f64);
     metrics::gauge!("postcode_import_api_throttled", "import" => name).set(q.throttled as f64);

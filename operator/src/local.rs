@@ -13,10 +13,11 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Args;
 use pipeline::{
-    db::{ImportRecord, Store},
     export::write_csv,
     load::sha256_file,
     lookup::SearchPlan,
+    model::ImportPhase,
+    store::{ImportRecord, Store},
     EXIT_PERMANENT, EXIT_QUOTA_EXHAUSTED,
 };
 use tokio::process::Command;
@@ -206,7 +207,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     let mut import = store
         .ensure_import(&uid, &sanitise(stem), &path_str, args.shards as i32)
         .await?;
-    let resumed = import.phase == "Loaded" && import.source_sha256.as_deref() == Some(sha.as_str());
+    let resumed =
+        import.phase == ImportPhase::Loaded && import.source_sha256.as_deref() == Some(sha.as_str());
     let shards = if resumed {
         import.shards as u32
     } else {

@@ -16,7 +16,8 @@ use std::{
 
 use common::*;
 use pipeline::{
-    db::Store,
+    model::ImportPhase,
+    store::Store,
     test_server::{Faults, TestServer},
 };
 
@@ -190,7 +191,7 @@ async fn reader_killed_mid_load_then_rerun_is_exact(db: String) {
     let store = Store::connect(&db).await.unwrap();
     let partial = store.import("killed-reader").await.unwrap();
     assert!(
-        partial.as_ref().is_none_or(|i| i.phase != "Loaded"),
+        partial.as_ref().is_none_or(|i| i.phase != ImportPhase::Loaded),
         "a killed load must not look finished: {partial:?}"
     );
 
@@ -200,8 +201,8 @@ async fn reader_killed_mid_load_then_rerun_is_exact(db: String) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let imp = store.import("killed-reader").await.unwrap().unwrap();
     assert_eq!(
-        (imp.phase.as_str(), imp.rows_total, imp.rows_invalid),
-        ("Loaded", 100_000, 0)
+        (imp.phase, imp.rows_total, imp.rows_invalid),
+        (ImportPhase::Loaded, 100_000, 0)
     );
     let counts = store.counts(&imp).await.unwrap();
     assert_eq!(counts.rows_pending, 100_000);

@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use pipeline::{db::Store, test_server};
+use pipeline::{store::Store, test_server};
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {

@@ -9,12 +9,13 @@ use clap::Parser;
 
 mod status;
 use pipeline::{
-    db::Store,
     enrich::{run_shard, Finish, Provider, ShardConfig},
     lookup::SearchPlan,
+    model::ImportPhase,
     offline::OfflineIndex,
     postcodes_io::PostcodesIo,
     retry::RetryPolicy,
+    store::Store,
     EXIT_PERMANENT, EXIT_QUOTA_EXHAUSTED,
 };
 use status::StatusReporter;
@@ -113,7 +114,7 @@ async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
                 args.import_uid
             ))
         })?;
-    if import.phase != "Loaded" {
+    if import.phase != ImportPhase::Loaded {
         return Err(permanent(anyhow::anyhow!(
             "import {} is {}, not Loaded",
             import.name,

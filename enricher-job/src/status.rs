@@ -9,7 +9,7 @@ use std::{
 };
 
 use kube::api::{Api, Patch, PatchParams};
-use pipeline::db::Store;
+use pipeline::store::Store;
 use postcode_resource::{PostcodeImport, PostcodeImportStatus, ShardStatus, API_VERSION};
 
 /// At most this often per shard (etcd and watchers see a few writes a minute).

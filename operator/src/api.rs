@@ -21,7 +21,7 @@ use axum::{
 use futures::StreamExt;
 use kube::{api::PostParams, Api, Client, ResourceExt};
 use metrics_exporter_prometheus::PrometheusHandle;
-use pipeline::{db::Store, export::LineEncoder};
+use pipeline::{export::LineEncoder, model::ImportPhase, store::Store};
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -419,7 +419,7 @@ async fn results_csv(
     let imp = api.get(&name).await?;
     let uid = imp.uid().unwrap_or_default();
     let record = s.store.import(&uid).await.map_err(internal)?;
-    let Some(record) = record.filter(|r| r.phase == "Loaded") else {
+    let Some(record) = record.filter(|r| r.phase == ImportPhase::Loaded) else {
         return Err(ApiError(
             StatusCode::CONFLICT,
             format!("import {ns}/{name} has not loaded yet"),

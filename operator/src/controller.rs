@@ -27,7 +27,10 @@ use kube::{
     },
     Api, Client, Resource, ResourceExt,
 };
-use pipeline::db::{Counts, ImportRecord, QuotaCounters, Store};
+use pipeline::{
+    model::ImportPhase,
+    store::{Counts, ImportRecord, QuotaCounters, Store},
+};
 use postcode_resource::{Phase, PostcodeImport, PostcodeImportStatus, API_VERSION, FINALIZER};
 use serde_json::json;
 
@@ -319,7 +322,7 @@ async fn observe(
         return Ok((o, None));
     }
     let record = ctx.store.import(&plan.uid).await?;
-    if record.as_ref().is_none_or(|r| r.phase != "Loaded") {
+    if record.as_ref().is_none_or(|r| r.phase != ImportPhase::Loaded) {
         o.load = Load::NotLoaded {
             error: record.as_ref().and_then(|r| r.error.clone()),
         };
@@ -459,16 +462,11 @@ async fn write_report(
     write_status(&api, imp, &old, new).await
 }
 
-fn record_metrics(imp: &PostcodeImport, c: &pipeline::db::Counts, q: &pipeline::db::QuotaCounters) {
+fn record_metrics(imp: &PostcodeImport, c: &pipeline::store::Counts, q: &pipeline::store::QuotaCounters) {
     let name = format!("{}/{}", imp.namespace().unwrap_or_default(), imp.name_any());
-    for (status, n) in [
-        ("enriched", c.rows_enriched),
-        ("no_match", c.rows_no_match),
-        ("invalid", c.rows_invalid),
-        ("failed", c.rows_failed),
-        ("pending", c.rows_pending),
-    ] {
-        metrics::gauge!("postcode_import_rows", "import" => name.clone(), "status" => status).set(n as f64);
+    for (status, n) in c.rows_by_status() {
+        metrics::gauge!("postcode_import_rows", "import" => name.clone(), "status" => status.as_str())
+            .set(n as f64);
     }
     metrics::gauge!("postcode_import_api_requests", "import" => name.clone()).set(q.requests as f64);
     metrics::gauge!("postcode_import_api_throttled", "import" => name).set(q.throttled as f64);

@@ -22,7 +22,7 @@
 
 use std::time::Duration;
 
-use pipeline::{db::Counts, exit::JobExit};
+use pipeline::{exit::JobExit, store::Counts};
 use postcode_resource::Phase;
 
 use crate::plan::{enricher_jobs, reader_job, ImportPlan, JobSpec};
@@ -90,7 +90,7 @@ pub struct Observed {
 
 /// [`Observed::shard_pending`] from the store's per-shard counts: rows not
 /// yet finished per shard, 0 for a shard with no planned lookups.
-pub fn pending_by_shard(shards: u32, counts: &[pipeline::db::ShardCounts]) -> Vec<i64> {
+pub fn pending_by_shard(shards: u32, counts: &[pipeline::store::ShardCounts]) -> Vec<i64> {
     let mut pending = vec![0; shards as usize];
     for s in counts {
         if let Some(p) = pending.get_mut(s.shard as usize) {

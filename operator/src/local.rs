@@ -13,7 +13,8 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Args;
 use pipeline::{
-    db::{ImportRecord, Store},
+    model::ImportPhase,
+    store::{ImportRecord, Store},
     exit::JobExit,
     export::write_csv,
     load::sha256_file,
@@ -292,7 +293,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     let store = Store::connect(&args.db).await?;
     store.migrate().await?;
     let (import, sha) = import_of(&store, &files, &args).await?;
-    let resumed = import.phase == "Loaded" && import.source_sha256.as_deref() == Some(sha.as_str());
+    let resumed = import.phase == ImportPhase::Loaded && import.source_sha256.as_deref() == Some(sha.as_str());
     let shards = if resumed {
         import.shards as u32
     } else {
@@ -323,7 +324,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     });
     let decision = run.until_done().await?;
     let import = store.import(&import.uid).await?.context("import vanished")?;
-    if !matches!(decision.report.as_ref().map(|r| r.phase), Some(Phase::Failed)) || import.phase == "Loaded" {
+    if !matches!(decision.report.as_ref().map(|r| r.phase), Some(Phase::Failed)) || import.phase == ImportPhase::Loaded {
         summarise(&store, &import, &files.out, &decision, run.log_dir(), started).await?;
     }
     store.close().await;
@@ -497,7 +498,7 @@ impl LocalRun<'_> {
         let same_content = |r: &&ImportRecord| r.source_sha256.as_deref() == Some(self.content_sha.as_str());
         let Some(r) = record
             .as_ref()
-            .filter(|r| r.phase == "Loaded")
+            .filter(|r| r.phase == ImportPhase::Loaded)
             .filter(same_content)
         else {
             return Ok((o, record));
@@ -594,7 +595,7 @@ impl Progress {
         Duration::from_millis(if self.bar.is_some() { 500 } else { 10_000 })
     }
 
-    async fn show(&mut self, c: &pipeline::db::Counts, store: &Store, plan: &ImportPlan) {
+    async fn show(&mut self, c: &pipeline::store::Counts, store: &Store, plan: &ImportPlan) {
         // The database may be away for a moment (a restart): the Jobs retry
         // on their own, the progress display just waits.
         let Ok(Some(import)) = store.import(&plan.uid).await else {

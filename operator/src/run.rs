@@ -8,7 +8,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::Args;
 use kube::Client;
-use pipeline::db::Store;
+use pipeline::store::Store;
 use postcode_resource::limits;
 
 use crate::{

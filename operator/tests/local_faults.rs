@@ -17,7 +17,8 @@ use std::{
 
 use common::*;
 use pipeline::{
-    db::Store,
+    model::ImportPhase,
+    store::Store,
     test_server::{Faults, TestServer},
 };
 
@@ -191,7 +192,7 @@ async fn reader_killed_mid_load_then_rerun_is_exact(db: String) {
     let store = Store::connect(&db).await.unwrap();
     let partial = store.import("killed-reader").await.unwrap();
     assert!(
-        partial.as_ref().is_none_or(|i| i.phase != "Loaded"),
+        partial.as_ref().is_none_or(|i| i.phase != ImportPhase::Loaded),
         "a killed load must not look finished: {partial:?}"
     );
 
@@ -201,8 +202,8 @@ async fn reader_killed_mid_load_then_rerun_is_exact(db: String) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let imp = store.import("killed-reader").await.unwrap().unwrap();
     assert_eq!(
-        (imp.phase.as_str(), imp.rows_total, imp.rows_invalid),
-        ("Loaded", REAL_ROWS as i64, 0)
+        (imp.phase, imp.rows_total, imp.rows_invalid),
+        (ImportPhase::Loaded, REAL_ROWS as i64, 0)
     );
     let counts = store.counts(&imp).await.unwrap();
     assert_eq!(counts.rows_pending, REAL_ROWS as i64);

@@ -462,7 +462,7 @@ async fn deleting_an_import_mid_run_removes_its_jobs_and_rows() {
     );
     pods.wait_idle("doomed-enricher-0", Duration::from_secs(60)).await;
     pods.wait_idle("doomed-enricher-1", Duration::from_secs(60)).await;
-    let store = pipeline::db::Store::connect(&db).await.unwrap();
+    let store = pipeline::store::Store::connect(&db).await.unwrap();
     assert!(
         store.import(&uid).await.unwrap().is_none(),
         "rows of the deleted import remain"
@@ -703,8 +703,8 @@ async fn upload_api_checks_tokens_sizes_and_names() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
-    let store = pipeline::db::Store::connect(&db).await.unwrap();
-    let pipeline::db::Store::Postgres(pool) = &store else {
+    let store = pipeline::store::Store::connect(&db).await.unwrap();
+    let pipeline::store::Store::Postgres(pool) = &store else {
         unreachable!()
     };
     let (uploads,): (i64,) = sqlx::query_as("SELECT count(*) FROM uploads")

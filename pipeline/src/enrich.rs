@@ -12,13 +12,14 @@ use std::{sync::Arc, time::Duration};
 use rand::RngExt;
 
 use crate::{
-    db::{Claimed, Outcome, Saved, Store},
     geo::LatLon,
     lookup::{SearchPlan, MAX_BULK_GEOLOCATIONS},
+    model::Stage,
     offline::OfflineIndex,
     postcodes_io::{Answer, CallError, PostcodesIo},
     quota::{Slot, LATE_TOLERANCE_S},
     retry::RetryPolicy,
+    store::{Claimed, Outcome, Saved, Store},
 };
 
 /// Where answers come from.
@@ -69,13 +70,13 @@ const OFFLINE_BATCH: i64 = 4096;
 
 /// The stage to claim next: a full batch of a later stage first, then stage 0,
 /// then what is left of later stages; `None` when the shard is finished.
-async fn next_stage(store: &Store, cfg: &ShardConfig, batch: i64) -> anyhow::Result<Option<i16>> {
-    for s in [2, 1] {
+async fn next_stage(store: &Store, cfg: &ShardConfig, batch: i64) -> anyhow::Result<Option<Stage>> {
+    for s in [Stage::Widesearch, Stage::MaxRadius] {
         if store.pending_at_stage(cfg.import_id, cfg.shard, s, batch).await? >= batch {
             return Ok(Some(s));
         }
     }
-    for s in [0, 1, 2] {
+    for s in Stage::ALL {
         if store.pending_at_stage(cfg.import_id, cfg.shard, s, 1).await? > 0 {
             return Ok(Some(s));
         }
@@ -141,7 +142,7 @@ pub async fn run_shard(
 /// once: stage by stage, each stage's coordinates asked together
 /// ([`OfflineIndex::lookup_many`]).
 pub fn offline_batch(index: &OfflineIndex, plan: &SearchPlan, items: &[Claimed]) -> Vec<Saved> {
-    let mut stage: Vec<Option<i16>> = items.iter().map(|c| Some(c.stage)).collect();
+    let mut stage: Vec<Option<Stage>> = items.iter().map(|c| Some(c.stage)).collect();
     let mut found: Vec<Option<crate::lookup::Match>> = vec![None; items.len()];
     // Stages only move forward (`next_stage` > the stage, or none): the loop ends.
     while let Some(s) = stage.iter().flatten().min().copied() {
@@ -182,7 +183,7 @@ async fn api_batch(
     store: &Store,
     api: &PostcodesIo,
     cfg: &ShardConfig,
-    stage: i16,
+    stage: Stage,
     items: &[Claimed],
     stats: &mut RunStats,
 ) -> anyhow::Result<Option<Vec<Saved>>> {
@@ -260,7 +261,7 @@ async fn api_batch(
         };
         retries += 1;
         stats.retries += 1;
-        tracing::warn!(shard = cfg.shard, stage, attempt, error = %err, "request failed; retrying in {:.2}s", wait.as_secs_f64());
+        tracing::warn!(shard = cfg.shard, stage = stage.as_i16(), attempt, error = %err, "request failed; retrying in {:.2}s", wait.as_secs_f64());
         tokio::time::sleep(wait).await;
     };
     stats.throttled += throttled as u64;

@@ -1,12 +1,14 @@
 //! The enriched CSV: the user's columns, then `row_number`, `status`,
-//! `postcode`, `distance_m`, the area columns and `error` (DESIGN.md "Interfaces").
+//! `postcode`, `distance_m`, the area columns and `error` (DESIGN.md
+//! "Interfaces"), written from the rows the store reads.
 
 use std::io::Write;
 
 use crate::{
     csv_input::push_csv_field,
-    db::{ImportRecord, ResultRow, Store},
     lookup::Area,
+    model::RowStatus,
+    store::{ImportRecord, ResultBatch, ResultRef, ResultRow, Store},
 };
 
 /// The columns the product appends to the user's.
@@ -61,83 +63,14 @@ impl LineEncoder {
     /// One result line (with `\n`): the stored user fields, then the product's columns.
     pub fn row(&mut self, r: &ResultRow) -> &[u8] {
         self.buf.clear();
-        push_line(&mut self.buf, &RowRef::from(r));
+        push_line(&mut self.buf, &ResultRef::from(r));
         self.buf.as_bytes()
-    }
-}
-
-/// One row of the export, borrowed from wherever it was read.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RowRef<'a> {
-    pub row_number: i64,
-    /// The user's fields as stored: CSV-encoded, comma-separated.
-    pub fields: &'a str,
-    pub status: &'a str,
-    pub postcode: Option<&'a str>,
-    /// Metres.
-    pub distance_m: Option<f64>,
-    /// In [`Area::COLUMNS`] order.
-    pub area: [Option<&'a str>; 11],
-    pub error: Option<&'a str>,
-}
-
-impl<'a> From<&'a ResultRow> for RowRef<'a> {
-    fn from(r: &'a ResultRow) -> Self {
-        RowRef {
-            row_number: r.row_number,
-            fields: &r.fields,
-            status: &r.status,
-            postcode: r.postcode.as_deref(),
-            distance_m: r.distance_m,
-            area: [
-                &r.outcode,
-                &r.incode,
-                &r.country,
-                &r.region,
-                &r.admin_district,
-                &r.admin_county,
-                &r.admin_ward,
-                &r.parish,
-                &r.parliamentary_constituency,
-                &r.lsoa,
-                &r.msoa,
-            ]
-            .map(|v| v.as_deref()),
-            error: r.error.as_deref(),
-        }
-    }
-}
-
-impl From<&RowRef<'_>> for ResultRow {
-    fn from(r: &RowRef<'_>) -> Self {
-        let s = |v: Option<&str>| v.map(str::to_string);
-        let [outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa] =
-            r.area.map(s);
-        ResultRow {
-            row_number: r.row_number,
-            fields: r.fields.to_string(),
-            status: r.status.to_string(),
-            postcode: s(r.postcode),
-            distance_m: r.distance_m,
-            outcode,
-            incode,
-            country,
-            region,
-            admin_district,
-            admin_county,
-            admin_ward,
-            parish,
-            parliamentary_constituency,
-            lsoa,
-            msoa,
-            error: s(r.error),
-        }
     }
 }
 
 /// Appends one result line (with `\n`) to `b`: the stored user fields, then the
 /// product's columns, the distance to 0.1 m.
-pub fn push_line(b: &mut String, r: &RowRef<'_>) {
+pub fn push_line(b: &mut String, r: &ResultRef<'_>) {
     use std::fmt::Write as _;
     b.push_str(r.fields);
     let _ = write!(b, ",{},{},", r.row_number, r.status);
@@ -165,69 +98,64 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, status: &str) {
+    fn add(&mut self, status: RowStatus) {
         self.rows += 1;
         match status {
-            "enriched" => self.enriched += 1,
-            "no_match" => self.no_match += 1,
-            "invalid" => self.invalid += 1,
-            "failed" => self.failed += 1,
-            _ => self.pending += 1,
+            RowStatus::Enriched => self.enriched += 1,
+            RowStatus::NoMatch => self.no_match += 1,
+            RowStatus::Invalid => self.invalid += 1,
+            RowStatus::Failed => self.failed += 1,
+            RowStatus::Pending => self.pending += 1,
         }
+    }
+
+    fn merge(&mut self, other: &Tally) {
+        self.rows += other.rows;
+        self.enriched += other.enriched;
+        self.no_match += other.no_match;
+        self.invalid += other.invalid;
+        self.failed += other.failed;
+        self.pending += other.pending;
+    }
+}
+
+/// Bytes of CSV a [`Chunk`] gathers before it is written.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// Lines of the enriched CSV encoded where the rows are read, and their tally.
+struct Chunk {
+    text: String,
+    tally: Tally,
+}
+
+impl ResultBatch for Chunk {
+    fn empty() -> Self {
+        Chunk {
+            text: String::with_capacity(CHUNK_BYTES + 4096),
+            tally: Tally::default(),
+        }
+    }
+
+    fn push(&mut self, row: &ResultRef<'_>) -> bool {
+        push_line(&mut self.text, row);
+        self.tally.add(row.status);
+        self.text.len() >= CHUNK_BYTES
     }
 }
 
 /// Writes the import's enriched CSV to `out`; returns its data rows by status.
-/// On SQLite the rows are read and encoded on a blocking thread
-/// ([`crate::sqlite_export::results`]) while this task writes.
+/// The lines are encoded in chunks as the store reads the rows (on SQLite, on
+/// the reading thread) while this task writes them.
 pub async fn write_csv(store: &Store, import: &ImportRecord, out: &mut impl Write) -> anyhow::Result<Tally> {
-    let mut enc = LineEncoder::default();
-    out.write_all(&enc.header(import))?;
-    let n = match store {
-        Store::Sqlite(pool) => {
-            const CHUNK: usize = 1 << 20;
-            let (path, import_id) = (crate::sqlite_bulk::path_of(pool), import.id);
-            let (tx, mut chunks) = tokio::sync::mpsc::channel::<String>(4);
-            let encoder = tokio::task::spawn_blocking(move || {
-                let (mut buf, mut n) = (String::with_capacity(CHUNK + 4096), Tally::default());
-                crate::sqlite_export::results(
-                    &path,
-                    import_id,
-                    crate::sqlite_export::JOIN_BUDGET_BYTES,
-                    |row| {
-                        push_line(&mut buf, row);
-                        n.add(row.status);
-                        Ok(buf.len() < CHUNK
-                            || tx
-                                .blocking_send(std::mem::replace(
-                                    &mut buf,
-                                    String::with_capacity(CHUNK + 4096),
-                                ))
-                                .is_ok())
-                    },
-                )?;
-                if !buf.is_empty() {
-                    let _ = tx.blocking_send(buf);
-                }
-                anyhow::Ok(n)
-            });
-            while let Some(chunk) = chunks.recv().await {
-                out.write_all(chunk.as_bytes())?;
-            }
-            encoder.await??
-        }
-        Store::Postgres(_) => {
-            let mut n = Tally::default();
-            store
-                .for_each_result(import.id, |row| {
-                    out.write_all(enc.row(&row))?;
-                    n.add(&row.status);
-                    Ok(())
-                })
-                .await?;
-            n
-        }
-    };
+    out.write_all(&LineEncoder::default().header(import))?;
+    let mut tally = Tally::default();
+    store
+        .results_in_batches(import.id, |chunk: Chunk| {
+            out.write_all(chunk.text.as_bytes())?;
+            tally.merge(&chunk.tally);
+            Ok(())
+        })
+        .await?;
     out.flush()?;
-    Ok(n)
+    Ok(tally)
 }

@@ -4,7 +4,6 @@
 //! and the enriched-CSV export.
 
 pub mod csv_input;
-pub mod db;
 pub mod degrees;
 pub mod enrich;
 pub mod exit;
@@ -13,14 +12,14 @@ pub mod geo;
 pub mod grid;
 pub mod load;
 pub mod lookup;
+pub mod model;
 pub mod offline;
 pub mod postcode;
 pub mod postcodes_io;
 pub mod quota;
 pub mod retry;
 pub mod slab;
-pub mod sqlite_bulk;
-pub mod sqlite_export;
+pub mod store;
 pub mod test_server;
 
 /// Exit code of a Job that failed for a reason a retry will not fix (bad input,

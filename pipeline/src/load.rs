@@ -14,7 +14,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::{
     csv_input::{open_maybe_gzip, CsvOptions, InputError, Layout, Row, RowReader},
-    db::{ImportRecord, LoadCounts, Store},
+    store::{ImportRecord, LoadCounts, Store},
 };
 
 /// Where an import's CSV comes from.

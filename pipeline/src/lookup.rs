@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::Stage;
+
 /// postcodes.io's widesearch range in metres ("search up to 20km radius").
 pub const WIDESEARCH_RADIUS_M: f64 = 20_000.0;
 /// postcodes.io clamps a reverse-geocoding radius above this to this (metres).
@@ -48,22 +50,29 @@ impl Default for SearchPlan {
 }
 
 impl SearchPlan {
-    /// The radius of stage 0 (radius), 1 (maximum radius) or 2 (widesearch).
-    pub fn radius(&self, stage: i16) -> Radius {
+    /// How far `stage` searches.
+    pub fn radius(&self, stage: Stage) -> Radius {
         match stage {
-            0 => Radius::Metres(self.radius_m),
-            1 => Radius::Metres(self.max_radius_m),
-            _ => Radius::Widesearch,
+            Stage::Radius => Radius::Metres(self.radius_m),
+            Stage::MaxRadius => Radius::Metres(self.max_radius_m),
+            Stage::Widesearch => Radius::Widesearch,
         }
     }
 
-    /// The stage to try after `stage` found nothing, `None` when the row is `no_match`.
-    pub fn next_stage(&self, stage: i16) -> Option<i16> {
-        let mut s = stage + 1;
-        if s == 1 && self.max_radius_m.min(MAX_API_RADIUS_M) <= self.radius_m.min(MAX_API_RADIUS_M) {
-            s = 2;
+    /// The stage to try after `stage` found nothing, `None` when the row is
+    /// `no_match`. The maximum radius is skipped when it searches no further
+    /// than the first.
+    pub fn next_stage(&self, stage: Stage) -> Option<Stage> {
+        let widesearch = self.widesearch.then_some(Stage::Widesearch);
+        match stage {
+            Stage::Radius
+                if self.max_radius_m.min(MAX_API_RADIUS_M) > self.radius_m.min(MAX_API_RADIUS_M) =>
+            {
+                Some(Stage::MaxRadius)
+            }
+            Stage::Radius | Stage::MaxRadius => widesearch,
+            Stage::Widesearch => None,
         }
-        (s == 1 || (s == 2 && self.widesearch)).then_some(s)
     }
 }
 
@@ -86,7 +95,8 @@ pub struct Area {
 }
 
 impl Area {
-    /// Column names of the area data, in export order.
+    /// Column names of the area data, in export order: the one list the
+    /// store's SQL and the enriched CSV's header are built from.
     pub const COLUMNS: [&'static str; 11] = [
         "outcode",
         "incode",
@@ -101,7 +111,8 @@ impl Area {
         "msoa",
     ];
 
-    pub fn values(&self) -> [&Option<String>; 11] {
+    /// The values in [`Area::COLUMNS`] order.
+    pub fn values(&self) -> [&Option<String>; Area::COLUMNS.len()] {
         [
             &self.outcode,
             &self.incode,
@@ -116,6 +127,25 @@ impl Area {
             &self.msoa,
         ]
     }
+
+    /// The area from values in [`Area::COLUMNS`] order.
+    pub fn from_values(values: [Option<String>; Area::COLUMNS.len()]) -> Self {
+        let [outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa] =
+            values;
+        Area {
+            outcode,
+            incode,
+            country,
+            region,
+            admin_district,
+            admin_county,
+            admin_ward,
+            parish,
+            parliamentary_constituency,
+            lsoa,
+            msoa,
+        }
+    }
 }
 
 /// The nearest postcode to a query.
@@ -128,4 +158,39 @@ pub struct Match {
     pub area: Area,
     /// The provider's raw result object (postcodes.io JSON), when there is one.
     pub raw: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ladder_climbs_radius_max_radius_widesearch() {
+        let plan = SearchPlan::default();
+        assert_eq!(plan.next_stage(Stage::Radius), Some(Stage::MaxRadius));
+        assert_eq!(plan.next_stage(Stage::MaxRadius), Some(Stage::Widesearch));
+        assert_eq!(plan.next_stage(Stage::Widesearch), None);
+        let no_wide = SearchPlan {
+            widesearch: false,
+            ..plan
+        };
+        assert_eq!(no_wide.next_stage(Stage::MaxRadius), None);
+        // A maximum radius no wider than the first (after clamping) is skipped.
+        let flat = SearchPlan {
+            radius_m: 2500.0,
+            max_radius_m: 3000.0,
+            widesearch: true,
+        };
+        assert_eq!(flat.next_stage(Stage::Radius), Some(Stage::Widesearch));
+        assert_eq!(
+            SearchPlan {
+                widesearch: false,
+                ..flat
+            }
+            .next_stage(Stage::Radius),
+            None
+        );
+        assert_eq!(plan.radius(Stage::MaxRadius), Radius::Metres(2000.0));
+        assert_eq!(plan.radius(Stage::Widesearch), Radius::Widesearch);
+    }
 }

@@ -11,13 +11,13 @@ use std::{sync::Arc, time::Duration};
 
 use pipeline::{
     csv_input::CsvOptions,
-    db::{ImportRecord, Store},
     enrich::{run_shard, Finish, Provider, ShardConfig},
     load::{load, Source},
     lookup::SearchPlan,
     offline::OfflineIndex,
     postcodes_io::PostcodesIo,
     retry::RetryPolicy,
+    store::{ImportRecord, Store},
     test_server::{Faults, TestServer},
 };
 

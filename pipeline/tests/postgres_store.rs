@@ -11,14 +11,15 @@ use std::{io::Write, sync::Arc};
 
 use pipeline::{
     csv_input::CsvOptions,
-    db::{Outcome, Saved},
     enrich::{run_shard, Provider, ShardConfig},
     load::{load, Source},
     lookup::SearchPlan,
+    model::{ImportPhase, Stage},
     offline::OfflineIndex,
     postcodes_io::PostcodesIo,
     quota::Slot,
     retry::RetryPolicy,
+    store::{Outcome, Saved, ShardPlan},
     test_server::{Faults, TestServer},
 };
 
@@ -81,8 +82,8 @@ async fn copy_load_counts_every_row_and_a_reload_replaces() {
     assert_eq!(c, c2);
     let imp = store.import("u1").await.unwrap().unwrap();
     assert_eq!(
-        (imp.phase.as_str(), imp.rows_total, imp.rows_invalid),
-        ("Loaded", 25_001, 1)
+        (imp.phase, imp.rows_total, imp.rows_invalid),
+        (ImportPhase::Loaded, 25_001, 1)
     );
     let counts = store.counts(&imp).await.unwrap();
     assert_eq!(
@@ -90,7 +91,7 @@ async fn copy_load_counts_every_row_and_a_reload_replaces() {
         (25_000, 0),
         "no shard planned yet"
     );
-    let mut planned = pipeline::db::ShardPlan::default();
+    let mut planned = ShardPlan::default();
     for shard in 0..4 {
         let p = store.plan_shard(imp.id, shard).await.unwrap();
         assert_eq!(store.plan_shard(imp.id, shard).await.unwrap(), p, "planned once");
@@ -152,8 +153,8 @@ async fn claims_skip_locked_rows_and_a_lost_batch_is_claimed_again() {
         .await
         .unwrap();
     store.plan_shard(imp.id, 0).await.unwrap();
-    let a = store.claim(imp.id, 0, 0, 100).await.unwrap();
-    let b = store.claim(imp.id, 0, 0, 100).await.unwrap();
+    let a = store.claim(imp.id, 0, Stage::Radius, 100).await.unwrap();
+    let b = store.claim(imp.id, 0, Stage::Radius, 100).await.unwrap();
     let sa: Vec<_> = a.items.iter().map(|c| c.lat.to_bits()).collect();
     assert_eq!(a.items.len(), 100);
     assert_eq!(b.items.len(), 100);
@@ -175,7 +176,7 @@ async fn claims_skip_locked_rows_and_a_lost_batch_is_claimed_again() {
     store.save(a, &saved).await.unwrap();
     drop(b);
     assert_eq!(store.pending(imp.id, Some(0)).await.unwrap(), 200);
-    let c = store.claim(imp.id, 0, 0, 500).await.unwrap();
+    let c = store.claim(imp.id, 0, Stage::Radius, 500).await.unwrap();
     assert_eq!(c.items.len(), 200);
     assert!(
         c.items.iter().all(|x| !sa.contains(&x.lat.to_bits())),

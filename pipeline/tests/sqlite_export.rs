@@ -8,13 +8,16 @@ use std::{path::PathBuf, sync::Arc};
 
 use pipeline::{
     csv_input::CsvOptions,
-    db::{ImportRecord, ResultRow, Store},
     enrich::{run_shard, Finish, Provider, ShardConfig},
     load::{load, Source},
     lookup::SearchPlan,
+    model::RowStatus,
     offline::OfflineIndex,
     retry::RetryPolicy,
-    sqlite_export::{results, JOIN_BUDGET_BYTES},
+    store::{
+        sqlite::export::{results, JOIN_BUDGET_BYTES},
+        ImportRecord, ResultRow, Store,
+    },
 };
 
 fn temp(name: &str) -> PathBuf {
@@ -111,16 +114,12 @@ async fn the_join_in_memory_gives_the_views_rows() {
     let in_memory = rows(&db, imp.id, JOIN_BUDGET_BYTES);
     assert_eq!(by_view.len(), 600);
     assert_eq!(in_memory, by_view);
-    let statuses: std::collections::BTreeSet<&str> = by_view.iter().map(|r| r.status.as_str()).collect();
-    assert_eq!(
-        statuses,
-        ["enriched", "failed", "invalid", "no_match", "pending"]
-            .into_iter()
-            .collect()
-    );
+    let statuses: std::collections::HashSet<RowStatus> = by_view.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, RowStatus::ALL.iter().copied().collect());
     assert!(by_view
         .iter()
-        .any(|r| r.region.as_deref() == Some("London, \"Greater\"") && r.parish.as_deref() == Some("")));
+        .any(|r| r.area.region.as_deref() == Some("London, \"Greater\"")
+            && r.area.parish.as_deref() == Some("")));
     assert!(by_view
         .iter()
         .all(|r| r.row_number >= 1 && r.fields.contains("with \"\"quotes\"\"")));

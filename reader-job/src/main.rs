@@ -6,8 +6,8 @@
 use clap::Parser;
 use pipeline::{
     csv_input::{parse_delimiter, CsvOptions},
-    db::Store,
     load::{load, Source},
+    store::Store,
     EXIT_PERMANENT,
 };
 

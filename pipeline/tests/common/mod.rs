@@ -1,6 +1,6 @@
 //! Shared by the storage tests: a fresh, migrated PostgreSQL database per test.
 
-use pipeline::db::Store;
+use pipeline::store::Store;
 use sqlx::Connection;
 
 /// A new database on the test server (`TEST_DATABASE_URL`, set by `make test`),

@@ -1,29 +1,35 @@
-//! The SQLite store's bulk paths (load, save, export) on rusqlite: prepared
+//! The SQLite store's bulk writes (load, plan, save) on rusqlite: prepared
 //! statements stepped row by row on a blocking thread, which is what SQLite is
 //! fast at. sqlx's SQLite driver hands every statement and every row across a
-//! channel to its worker thread, which made these paths 4–10× slower
-//! (measured in BENCHMARKS.md). Both use the same SQLite library
-//! (libsqlite3-sys 0.37) and the same database file; the file's WAL journal
-//! lets the connections of several processes share it.
+//! channel to its worker thread, which made these paths 4–10× slower. Both use
+//! the same SQLite library (libsqlite3-sys 0.37) and the same database file;
+//! the file's WAL journal lets the connections of several processes share it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Statement, TransactionBehavior};
 use tokio::sync::mpsc;
 
 use crate::{
     csv_input::Row,
-    db::{Claimed, Cols, LoadCounts, Saved, ShardPlan, PLAN, PLANNED, PLAN_COUNT, RECORD_PLAN},
     geo::shard_of,
     lookup::Area,
+    model::{ImportPhase, RowStatus, Stage},
+    store::{
+        columns,
+        records::{AnswerColumns, Claimed, LoadCounts, Saved, ShardPlan},
+    },
 };
+
+const PLANNED: &str = "SELECT coordinates, rows FROM shard_plans WHERE import_id = ?1 AND shard = ?2";
+const RECORD_PLAN: &str = "INSERT INTO shard_plans (import_id, shard, coordinates, rows) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING";
 
 /// Opens a connection to the store's file with the pragmas every bulk path wants:
 /// a 60 s wait for other processes' writes ([`wait_for_lock`]) and a 32 MiB page cache, so
 /// memory stays flat at any file size. No memory-mapped I/O: mapped pages of
 /// the file count as the process's resident memory, which then grew with the
 /// file (+100 MB for an enricher at 1M rows), for about 0.5 s less export time.
-pub fn open(path: &Path) -> anyhow::Result<Connection> {
+pub(super) fn open(path: &Path) -> anyhow::Result<Connection> {
     let conn = Connection::open(path)
         .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
     conn.busy_handler(Some(wait_for_lock))?;
@@ -41,15 +47,12 @@ fn wait_for_lock(attempts: i32) -> bool {
     attempts < 60_000
 }
 
-/// The result columns of a lookup, in this order from parameter `first`:
-/// status, postcode, distance_m, result, error, then [`Area::COLUMNS`].
-const ANSWER_COLUMNS: [&str; 5] = ["status", "postcode", "distance_m", "result", "error"];
-
-fn bind_answer(stmt: &mut rusqlite::Statement<'_>, first: usize, c: &Cols<'_>) -> rusqlite::Result<()> {
-    stmt.raw_bind_parameter(first, c.status)?;
-    stmt.raw_bind_parameter(first + 1, c.m.map(|m| m.postcode.as_str()))?;
-    stmt.raw_bind_parameter(first + 2, c.m.map(|m| m.distance_m))?;
-    stmt.raw_bind_parameter(first + 3, c.m.and_then(|m| m.raw.as_deref()))?;
+/// Binds [`columns::ANSWER`] from parameter `first`.
+fn bind_answer(stmt: &mut Statement<'_>, first: usize, c: &AnswerColumns<'_>) -> rusqlite::Result<()> {
+    stmt.raw_bind_parameter(first, c.status.as_str())?;
+    stmt.raw_bind_parameter(first + 1, c.postcode())?;
+    stmt.raw_bind_parameter(first + 2, c.distance_m())?;
+    stmt.raw_bind_parameter(first + 3, c.raw())?;
     stmt.raw_bind_parameter(first + 4, c.error)?;
     for i in 0..Area::COLUMNS.len() {
         stmt.raw_bind_parameter(first + 5 + i, c.area(i))?;
@@ -57,26 +60,12 @@ fn bind_answer(stmt: &mut rusqlite::Statement<'_>, first: usize, c: &Cols<'_>) -
     Ok(())
 }
 
-/// `name = ?n, …` for the answer columns from parameter `first`.
-fn answer_assignments(first: usize) -> String {
-    ANSWER_COLUMNS
-        .iter()
-        .chain(Area::COLUMNS.iter())
-        .enumerate()
-        .map(|(i, c)| format!("{c} = ?{}", first + i))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The database file behind a sqlx SQLite pool.
-pub fn path_of(pool: &sqlx::SqlitePool) -> PathBuf {
-    pool.connect_options().get_filename().to_path_buf()
-}
+// ---------------------------------------------------------------- load
 
 /// Step 1 of a SQLite load: in chunks of committed transactions, inserts every
-/// row received on `rows` into `points`. Returns the connection so the caller can
-/// finish the load (lookups, phase) in a last transaction.
-pub fn insert_points(
+/// row received on `rows` into `points`. Returns the connection for
+/// [`finish_load`].
+pub(super) fn insert_points(
     path: &Path,
     import_id: i64,
     shards: u32,
@@ -118,6 +107,17 @@ pub fn insert_points(
     Ok((conn, counts))
 }
 
+/// Step 2 of a SQLite load: the import is `Loaded`, with its counts and the source's SHA-256.
+pub(super) fn finish_load(conn: &Connection, id: i64, counts: LoadCounts, sha: &str) -> anyhow::Result<()> {
+    const DONE: &str =
+        "UPDATE imports SET phase = ?5, rows_total = ?2, rows_invalid = ?3, source_sha256 = ?4 WHERE id = ?1";
+    conn.execute(
+        DONE,
+        params![id, counts.rows, counts.invalid, sha, ImportPhase::Loaded.as_str()],
+    )?;
+    Ok(())
+}
+
 /// Rows an `INSERT INTO points` statement of [`insert_points`] takes (9 × 64
 /// parameters, well under SQLite's limit of 32766).
 const ROWS_A_STATEMENT: usize = 64;
@@ -143,7 +143,7 @@ fn insert_points_sql(rows: usize) -> String {
 
 /// Binds one row's 9 columns from parameter `at + 1`, counting it.
 fn bind_point(
-    stmt: &mut rusqlite::Statement<'_>,
+    stmt: &mut Statement<'_>,
     at: usize,
     import_id: i64,
     shards: u32,
@@ -160,7 +160,7 @@ fn bind_point(
             stmt.raw_bind_parameter(at + 5, lat)?;
             stmt.raw_bind_parameter(at + 6, lon)?;
             stmt.raw_bind_parameter(at + 7, shard_of(*lat, *lon, shards) as i32)?;
-            stmt.raw_bind_parameter(at + 8, "pending")?;
+            stmt.raw_bind_parameter(at + 8, RowStatus::Pending.as_str())?;
             stmt.raw_bind_parameter(at + 9, None::<&str>)?;
         }
         Err(e) => {
@@ -168,18 +168,23 @@ fn bind_point(
             stmt.raw_bind_parameter(at + 5, None::<f64>)?;
             stmt.raw_bind_parameter(at + 6, None::<f64>)?;
             stmt.raw_bind_parameter(at + 7, None::<i32>)?;
-            stmt.raw_bind_parameter(at + 8, "invalid")?;
+            stmt.raw_bind_parameter(at + 8, RowStatus::Invalid.as_str())?;
             stmt.raw_bind_parameter(at + 9, e.as_str())?;
         }
     }
     Ok(())
 }
 
-/// [`crate::db::Store::plan_shard`] on SQLite, in one `BEGIN IMMEDIATE` transaction
+// ---------------------------------------------------------------- plan
+
+/// [`crate::store::Store::plan_shard`] on SQLite, in one `BEGIN IMMEDIATE` transaction
 /// (a deferred one could not wait for the write lock it upgrades to).
-pub fn plan_shard(path: &Path, import_id: i64, shard: i32) -> anyhow::Result<ShardPlan> {
+pub(super) fn plan_shard(path: &Path, import_id: i64, shard: i32) -> anyhow::Result<ShardPlan> {
+    const PLAN: &str = "INSERT INTO lookups (import_id, lat, lon, shard, rows) SELECT import_id, lat, lon, shard, COUNT(*) FROM points WHERE import_id = ?1 AND shard = ?2 AND status = 'pending' GROUP BY import_id, shard, lat, lon ON CONFLICT DO NOTHING";
+    const COUNT: &str =
+        "SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM lookups WHERE import_id = ?1 AND shard = ?2";
     let mut conn = open(path)?;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let planned = tx
         .query_row(PLANNED, params![import_id, shard], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
@@ -187,13 +192,15 @@ pub fn plan_shard(path: &Path, import_id: i64, shard: i32) -> anyhow::Result<Sha
         return Ok(ShardPlan { coordinates, rows });
     }
     tx.execute(PLAN, params![import_id, shard])?;
-    let (coordinates, rows): (i64, i64) = tx.query_row(PLAN_COUNT, params![import_id, shard], |r| {
-        Ok((r.get(0)?, r.get(1)?))
-    })?;
+    let (coordinates, rows): (i64, i64) =
+        tx.query_row(COUNT, params![import_id, shard], |r| Ok((r.get(0)?, r.get(1)?)))?;
     tx.execute(RECORD_PLAN, params![import_id, shard, coordinates, rows])?;
     tx.commit()?;
     Ok(ShardPlan { coordinates, rows })
 }
+
+/// Coordinates [`plan_shard_answered`] answers and writes a transaction.
+const ANSWERED_BATCH: usize = 4096;
 
 /// Plans a shard and answers it in the same pass, for a provider that answers at
 /// once (the offline index): the shard's distinct coordinates are read in
@@ -203,17 +210,15 @@ pub fn plan_shard(path: &Path, import_id: i64, shard: i32) -> anyhow::Result<Sha
 /// is recorded: the next run repeats the pass, keeping the lookups already
 /// written (`ON CONFLICT DO NOTHING`). Returns `None` when the shard was
 /// already planned.
-#[allow(clippy::too_many_lines)] // TODO(issue 15): split in the store/provider redesign
-pub fn plan_shard_answered(
+pub(super) fn plan_shard_answered(
     path: &Path,
     import_id: i64,
     shard: i32,
     answer: impl Fn(&[Claimed]) -> Vec<Saved>,
 ) -> anyhow::Result<Option<ShardPlan>> {
     const DISTINCT: &str = "SELECT lat, lon, COUNT(*) FROM points WHERE import_id = ?1 AND shard = ?2 AND status = 'pending' GROUP BY lat, lon ORDER BY lat, lon";
-    const BATCH: usize = 4096;
     let reader = open(path)?;
-    let mut writer = open(path)?;
+    let writer = open(path)?;
     // This process also holds the postcode index: smaller caches keep it flat
     // (the reader's sort spills to disk; the writer appends in key order).
     reader.execute_batch("PRAGMA cache_size = -8192")?;
@@ -225,93 +230,126 @@ pub fn plan_shard_answered(
     {
         return Ok(None);
     }
-    let columns: Vec<&str> = ANSWER_COLUMNS
-        .iter()
-        .chain(Area::COLUMNS.iter())
-        .copied()
-        .collect();
-    let values: Vec<String> = (1..=6 + columns.len()).map(|i| format!("?{i}")).collect();
-    let sql = format!(
-        "INSERT INTO lookups (import_id, shard, lat, lon, rows, attempts, {}) VALUES ({}) ON CONFLICT DO NOTHING",
-        columns.join(", "),
-        values.join(", ")
-    );
-    let (mut batch, mut counts) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH));
-    let mut plan = ShardPlan {
-        coordinates: 0,
-        rows: 0,
-    };
-    let mut write = |batch: &mut Vec<Claimed>, counts: &mut Vec<i64>| -> anyhow::Result<()> {
-        plan.coordinates += batch.len() as i64;
-        plan.rows += counts.iter().sum::<i64>();
-        let results = answer(batch);
-        let tx = writer.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        {
-            let mut ins = tx.prepare_cached(&sql)?;
-            for (s, n) in results.iter().zip(counts.iter()) {
-                let c = Cols::of(s);
-                ins.raw_bind_parameter(1, import_id)?;
-                ins.raw_bind_parameter(2, shard)?;
-                ins.raw_bind_parameter(3, s.lat)?;
-                ins.raw_bind_parameter(4, s.lon)?;
-                ins.raw_bind_parameter(5, n)?;
-                ins.raw_bind_parameter(6, s.attempts)?;
-                bind_answer(&mut ins, 7, &c)?;
-                ins.raw_execute()?;
-            }
-        }
-        tx.commit()?;
-        batch.clear();
-        counts.clear();
-        Ok(())
-    };
-    let mut feed = |lat: f64, lon: f64, n: i64| -> anyhow::Result<()> {
-        batch.push(Claimed {
-            lat,
-            lon,
-            stage: 0,
-            attempts: 0,
-        });
-        counts.push(n);
-        if batch.len() == BATCH {
-            write(&mut batch, &mut counts)?;
-        }
-        Ok(())
-    };
+    let mut out = AnsweredWriter::new(writer, import_id, shard, answer);
     match shard_coordinates(&reader, import_id, shard)? {
         Some(sorted) => {
             drop(reader); // no read transaction held open while writing
             for run in sorted.chunk_by(|a, b| a == b) {
-                feed(run[0].0, run[0].1, run.len() as i64)?;
+                out.feed(run[0].0, run[0].1, run.len() as i64)?;
             }
         }
         None => {
             let mut stmt = reader.prepare(DISTINCT)?;
             let mut rows = stmt.query(params![import_id, shard])?;
             while let Some(r) = rows.next()? {
-                feed(r.get(0)?, r.get(1)?, r.get(2)?)?;
+                out.feed(r.get(0)?, r.get(1)?, r.get(2)?)?;
             }
         }
     }
-    if !batch.is_empty() {
-        write(&mut batch, &mut counts)?;
+    out.finish().map(Some)
+}
+
+/// The writing side of [`plan_shard_answered`]: gathers coordinates, answers
+/// and inserts them a batch at a time, and finally records the plan.
+struct AnsweredWriter<F> {
+    conn: Connection,
+    sql: String,
+    import_id: i64,
+    shard: i32,
+    answer: F,
+    batch: Vec<Claimed>,
+    rows: Vec<i64>,
+    plan: ShardPlan,
+}
+
+impl<F: Fn(&[Claimed]) -> Vec<Saved>> AnsweredWriter<F> {
+    fn new(conn: Connection, import_id: i64, shard: i32, answer: F) -> Self {
+        // ?1 import, ?2 shard, ?3 lat, ?4 lon, ?5 rows, ?6 attempts, then the answer from ?7.
+        let answer_columns = &*columns::ANSWER;
+        let values: Vec<String> = (1..=6 + answer_columns.len()).map(|i| format!("?{i}")).collect();
+        let sql = format!(
+            "INSERT INTO lookups (import_id, shard, lat, lon, rows, attempts, {}) VALUES ({}) ON CONFLICT DO NOTHING",
+            answer_columns.join(", "),
+            values.join(", ")
+        );
+        AnsweredWriter {
+            conn,
+            sql,
+            import_id,
+            shard,
+            answer,
+            batch: Vec::with_capacity(ANSWERED_BATCH),
+            rows: Vec::with_capacity(ANSWERED_BATCH),
+            plan: ShardPlan::default(),
+        }
     }
-    // Every distinct coordinate of the shard now has its lookup (written by this
-    // pass or, after a kill, by an earlier one of the same set), so the counts of
-    // this pass are the plan; nothing is left for `PLAN` to add.
-    let tx = writer.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    if tx
-        .query_row(PLANNED, params![import_id, shard], |_| Ok(()))
-        .optional()?
-        .is_none()
-    {
-        tx.execute(
-            RECORD_PLAN,
-            params![import_id, shard, plan.coordinates, plan.rows],
-        )?;
+
+    /// Adds a distinct coordinate of `rows` rows.
+    fn feed(&mut self, lat: f64, lon: f64, rows: i64) -> anyhow::Result<()> {
+        self.batch.push(Claimed {
+            lat,
+            lon,
+            stage: Stage::Radius,
+            attempts: 0,
+        });
+        self.rows.push(rows);
+        if self.batch.len() == ANSWERED_BATCH {
+            self.write()?;
+        }
+        Ok(())
     }
-    tx.commit()?;
-    Ok(Some(plan))
+
+    /// Answers and inserts the batch in one transaction.
+    fn write(&mut self) -> anyhow::Result<()> {
+        self.plan.coordinates += self.batch.len() as i64;
+        self.plan.rows += self.rows.iter().sum::<i64>();
+        let results = (self.answer)(&self.batch);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut ins = tx.prepare_cached(&self.sql)?;
+            for (s, n) in results.iter().zip(self.rows.iter()) {
+                ins.raw_bind_parameter(1, self.import_id)?;
+                ins.raw_bind_parameter(2, self.shard)?;
+                ins.raw_bind_parameter(3, s.lat)?;
+                ins.raw_bind_parameter(4, s.lon)?;
+                ins.raw_bind_parameter(5, n)?;
+                ins.raw_bind_parameter(6, s.attempts)?;
+                bind_answer(&mut ins, 7, &AnswerColumns::of(s))?;
+                ins.raw_execute()?;
+            }
+        }
+        tx.commit()?;
+        self.batch.clear();
+        self.rows.clear();
+        Ok(())
+    }
+
+    /// Writes what is left and records the plan. Every distinct coordinate of
+    /// the shard now has its lookup (written by this pass or, after a kill, by
+    /// an earlier one of the same set), so the counts of this pass are the plan.
+    fn finish(mut self) -> anyhow::Result<ShardPlan> {
+        if !self.batch.is_empty() {
+            self.write()?;
+        }
+        let (import_id, shard, plan) = (self.import_id, self.shard, self.plan);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if tx
+            .query_row(PLANNED, params![import_id, shard], |_| Ok(()))
+            .optional()?
+            .is_none()
+        {
+            tx.execute(
+                RECORD_PLAN,
+                params![import_id, shard, plan.coordinates, plan.rows],
+            )?;
+        }
+        tx.commit()?;
+        Ok(plan)
+    }
 }
 
 /// Rows of a shard whose coordinates [`shard_coordinates`] sorts in memory
@@ -360,24 +398,31 @@ fn shard_coordinates(
     Ok(Some(all))
 }
 
+// ---------------------------------------------------------------- save
+
 /// Writes a batch of results in one transaction (one prepared UPDATE a coordinate).
-pub fn save(path: &Path, import_id: i64, results: &[Saved]) -> anyhow::Result<()> {
+pub(super) fn save(path: &Path, import_id: i64, results: &[Saved]) -> anyhow::Result<()> {
     // ?1 import, ?2 lat, ?3 lon, ?4 attempts, ?5 stage, then the answer from ?6.
+    let assignments: Vec<String> = columns::ANSWER
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{c} = ?{}", 6 + i))
+        .collect();
     let sql = format!(
         "UPDATE lookups SET stage = COALESCE(?5, stage), attempts = ?4, {} WHERE import_id = ?1 AND lat = ?2 AND lon = ?3",
-        answer_assignments(6)
+        assignments.join(", ")
     );
     let mut conn = open(path)?;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
         let mut stmt = tx.prepare(&sql)?;
         for s in results {
-            let c = Cols::of(s);
+            let c = AnswerColumns::of(s);
             stmt.raw_bind_parameter(1, import_id)?;
             stmt.raw_bind_parameter(2, s.lat)?;
             stmt.raw_bind_parameter(3, s.lon)?;
             stmt.raw_bind_parameter(4, s.attempts)?;
-            stmt.raw_bind_parameter(5, c.stage)?;
+            stmt.raw_bind_parameter(5, c.stage())?;
             bind_answer(&mut stmt, 6, &c)?;
             stmt.raw_execute()?;
         }

@@ -1,9 +1,9 @@
-//! The SQLite export: every row of an import in row order with its
-//! coordinate's lookup, as the `point_results` view defines it.
+//! The SQLite store's read of the output: every row of an import in row order
+//! with its coordinate's lookup, as the `point_results` view defines it.
 //!
 //! The view's plan probes the lookups' primary key once a row: about 4 µs a row
-//! at 1M rows (B-tree descent and record decoding in SQLite; measured in
-//! BENCHMARKS.md), most of an end-to-end run. When the import's lookups fit
+//! at 1M rows (B-tree descent and record decoding in SQLite), most of an
+//! end-to-end run. When the import's lookups fit
 //! [`JOIN_BUDGET_BYTES`], they are instead read once in key order into a hash
 //! table, answers packed and shared between the coordinates that have the same
 //! one (a postcode's area data is the same for all its coordinates), and the
@@ -25,7 +25,12 @@ use foldhash::fast::RandomState;
 use indexmap::{Equivalent, IndexSet};
 use rusqlite::{types::ValueRef, Connection, OptionalExtension};
 
-use crate::{export::RowRef, lookup::Area, sqlite_bulk::open};
+use super::bulk::open;
+use crate::{
+    lookup::Area,
+    model::RowStatus,
+    store::{columns, records::ResultRef},
+};
 
 /// Memory the in-memory join may hold (hash tables and packed answers), bytes.
 /// Each half's table is a power of two of 33-byte slots within half of it:
@@ -175,7 +180,10 @@ impl Half {
         budget: usize,
     ) -> anyhow::Result<Option<Self>> {
         let conn = open_for_scan(path)?;
-        let sql = format!("SELECT lat, lon, distance_m, status, postcode, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, error FROM lookups WHERE import_id = ?1 AND {condition}");
+        let sql = format!(
+            "SELECT lat, lon, distance_m, {} FROM lookups WHERE import_id = ?1 AND {condition}",
+            *columns::PACKED
+        );
         let n: i64 = conn.query_row(
             &format!("SELECT COUNT(*) FROM lookups WHERE import_id = ?1 AND {condition}"),
             rusqlite::params![import_id, split],
@@ -243,6 +251,11 @@ fn text<'a>(r: &'a rusqlite::Row<'_>, i: usize) -> anyhow::Result<Option<&'a str
     })
 }
 
+/// A stored status (`None`, a row without a lookup, is pending).
+fn status(text: Option<&str>) -> anyhow::Result<RowStatus> {
+    Ok(text.map(str::parse).transpose()?.unwrap_or(RowStatus::Pending))
+}
+
 /// Calls `emit` with every row of the import in row order, until it returns
 /// `false`; joins in memory within `budget` bytes, else with the view's plan.
 /// Errors: the database's.
@@ -250,7 +263,7 @@ pub fn results(
     path: &Path,
     import_id: i64,
     budget: usize,
-    mut emit: impl FnMut(&RowRef<'_>) -> anyhow::Result<bool>,
+    mut emit: impl FnMut(&ResultRef<'_>) -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let Some(lookups) = Lookups::read(path, import_id, budget)? else {
@@ -275,18 +288,17 @@ pub fn results(
             _ => None,
         };
         let column = |i: usize| found.and_then(|(a, _)| a.column(i));
-        let point_status = text(r, 2)?.unwrap_or("pending");
+        let point_status = status(text(r, 2)?)?;
         let mut area = [None; Area::COLUMNS.len()];
         for (i, v) in area.iter_mut().enumerate() {
             *v = column(2 + i);
         }
-        let row = RowRef {
+        let row = ResultRef {
             row_number: r.get(0)?,
             fields: text(r, 1)?.unwrap_or(""),
-            status: if point_status == "invalid" {
-                "invalid"
-            } else {
-                column(0).unwrap_or("pending")
+            status: match point_status {
+                RowStatus::Invalid => RowStatus::Invalid,
+                _ => status(column(0))?,
             },
             postcode: column(1),
             distance_m: found.map(|(_, d)| d).filter(|d| !d.is_nan()),
@@ -304,24 +316,23 @@ pub fn results(
 fn results_by_view(
     conn: &Connection,
     import_id: i64,
-    mut emit: impl FnMut(&RowRef<'_>) -> anyhow::Result<bool>,
+    mut emit: impl FnMut(&ResultRef<'_>) -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
-    const SQL: &str = "SELECT row_number, fields, status, postcode, distance_m, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, error FROM point_results WHERE import_id = ?1 ORDER BY row_number";
-    let mut stmt = conn.prepare(SQL)?;
+    let mut stmt = conn.prepare(&columns::select_results("?1", "ORDER BY row_number"))?;
     let mut rows = stmt.query([import_id])?;
     while let Some(r) = rows.next()? {
         let mut area = [None; Area::COLUMNS.len()];
         for (i, v) in area.iter_mut().enumerate() {
             *v = text(r, 5 + i)?;
         }
-        let row = RowRef {
+        let row = ResultRef {
             row_number: r.get(0)?,
             fields: text(r, 1)?.unwrap_or(""),
-            status: text(r, 2)?.unwrap_or("pending"),
+            status: status(text(r, 2)?)?,
             postcode: text(r, 3)?,
             distance_m: r.get(4)?,
             area,
-            error: text(r, 16)?,
+            error: text(r, 5 + Area::COLUMNS.len())?,
         };
         if !emit(&row)? {
             break;

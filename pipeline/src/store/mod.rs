@@ -1,0 +1,112 @@
+//! Storage: PostgreSQL in a cluster, a SQLite file for the local runner; one
+//! schema, migrations for both (`migrations/postgres`, `migrations/sqlite`).
+//!
+//! Tables: `uploads`/`upload_chunks` (CSV bytes), `imports`, `points` (every
+//! input row, its fields and load status), `lookups` (one per distinct coordinate:
+//! the unit of enrichment work and its result), `shard_plans`, `quotas` (the
+//! shared request quota). The view `point_results` gives every row with its
+//! final status.
+//!
+//! [`Store`] is the one type callers use. Its methods are grouped by concern:
+//! `imports.rs` (imports and the load), `quota.rs`, `claims.rs` (planning,
+//! claiming and saving enrichment work), `results.rs` (counts and the output
+//! rows), `uploads.rs`. A statement both dialects read alike is written there
+//! once and run on either pool; what differs is written out in full in
+//! `postgres.rs` and `sqlite.rs` (its bulk paths on rusqlite in `sqlite/bulk.rs`
+//! and `sqlite/export.rs`). `records.rs` holds the types read and written,
+//! `columns.rs` the column lists built from [`crate::lookup::Area::COLUMNS`].
+//!
+//! Module dependencies run one way: the facade → the dialects → records, columns.
+
+mod claims;
+mod columns;
+mod imports;
+mod postgres;
+mod quota;
+mod records;
+mod results;
+pub mod sqlite;
+mod uploads;
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    postgres::{PgPool, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+};
+
+pub use records::{
+    Claim, Claimed, Counts, ImportRecord, LoadCounts, Outcome, QuotaCounters, ResultBatch, ResultRef,
+    ResultRow, Saved, ShardCounts, ShardPlan,
+};
+
+/// A database connection pool of either kind.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool the store holds: for
+/// statements both dialects read alike.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match $store {
+            Store::Postgres($pool) => $body,
+            Store::Sqlite($pool) => $body,
+        }
+    };
+}
+use on_pool;
+
+impl Store {
+    /// Connects to `postgres://…`, `sqlite://…` or a plain file path (SQLite,
+    /// created if missing, WAL journal). Does not migrate.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect(url)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+            return Ok(Store::Postgres(pool));
+        }
+        let url = if url.starts_with("sqlite:") {
+            url.to_string()
+        } else {
+            format!("sqlite://{url}")
+        };
+        let opts = SqliteConnectOptions::from_str(&url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(60))
+            .pragma("cache_size", "-16384");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(opts)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open SQLite database {url}: {e}"))?;
+        Ok(Store::Sqlite(pool))
+    }
+
+    /// Applies the migrations of this store's kind.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        match self {
+            Store::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
+            Store::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
+        }
+        Ok(())
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        on_pool!(self, p => p.close().await)
+    }
+}

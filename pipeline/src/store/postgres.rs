@@ -1,0 +1,382 @@
+//! The PostgreSQL dialect of the store: the statements whose PostgreSQL text
+//! differs from SQLite's (casts of `SUM`, the database clock, `FOR UPDATE SKIP
+//! LOCKED`, advisory locks, `unnest` arrays) and the bulk paths (`COPY` load,
+//! streamed results). Called by the [`super::Store`] facade only.
+
+use std::{fmt::Write as _, future::Future, sync::LazyLock};
+
+use futures::TryStreamExt;
+use sqlx::{postgres::PgPool, Postgres, Transaction};
+use tokio::sync::mpsc;
+
+use super::{
+    columns,
+    records::{
+        AnswerColumns, Claim, Claimed, LoadCounts, LoadStart, ResultBatch, ResultRef, ResultRow, Saved,
+        ShardPlan,
+    },
+};
+use crate::{
+    csv_input::Row,
+    geo::shard_of,
+    lookup::Area,
+    model::{ImportPhase, RowStatus, Stage},
+    quota::interval_s,
+};
+
+// ---------------------------------------------------------------- load
+
+/// [`super::Store::load`]: the start, the `COPY` of every row and the end in one transaction.
+pub(super) async fn load(
+    pool: &PgPool,
+    start: &LoadStart,
+    done: impl Future<Output = anyhow::Result<String>>,
+    mut rows: mpsc::Receiver<Vec<Row>>,
+) -> anyhow::Result<LoadCounts> {
+    const START: &str = "UPDATE imports SET phase = $7, error = NULL, delimiter = $2, header = $3, width = $4, lat_index = $5, lon_index = $6, rows_total = 0, rows_invalid = 0 WHERE id = $1";
+    const DELETES: [&str; 3] = [
+        "DELETE FROM points WHERE import_id = $1",
+        "DELETE FROM lookups WHERE import_id = $1",
+        "DELETE FROM shard_plans WHERE import_id = $1",
+    ];
+    const DONE: &str =
+        "UPDATE imports SET phase = $5, rows_total = $2, rows_invalid = $3, source_sha256 = $4 WHERE id = $1";
+    let id = start.id;
+    let mut tx = pool.begin().await?;
+    sqlx::query(START)
+        .bind(id)
+        .bind(&start.delimiter)
+        .bind(&start.header)
+        .bind(start.width)
+        .bind(start.lat_index)
+        .bind(start.lon_index)
+        .bind(ImportPhase::Loading.as_str())
+        .execute(&mut *tx)
+        .await?;
+    for sql in DELETES {
+        sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+    }
+    let counts = copy_points(&mut tx, id, start.shards, &mut rows).await?;
+    let sha = done.await?;
+    sqlx::query(DONE)
+        .bind(id)
+        .bind(counts.rows)
+        .bind(counts.invalid)
+        .bind(sha)
+        .bind(ImportPhase::Loaded.as_str())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(counts)
+}
+
+/// `COPY`s every row received on `rows` into `points`, in text format, about 1 MiB a message.
+async fn copy_points(
+    tx: &mut Transaction<'static, Postgres>,
+    id: i64,
+    shards: u32,
+    rows: &mut mpsc::Receiver<Vec<Row>>,
+) -> anyhow::Result<LoadCounts> {
+    const COPY: &str = "COPY points (import_id, row_number, line, fields, lat, lon, shard, status, error) FROM STDIN WITH (FORMAT text)";
+    let mut counts = LoadCounts::default();
+    let mut copy = tx.copy_in_raw(COPY).await?;
+    let mut buf = String::with_capacity(1 << 20);
+    while let Some(batch) = rows.recv().await {
+        for r in &batch {
+            counts.rows += 1;
+            if r.coordinate.is_err() {
+                counts.invalid += 1;
+            }
+            copy_line(&mut buf, id, shards, r);
+        }
+        if buf.len() >= 1 << 20 {
+            copy.send(buf.as_bytes()).await?;
+            buf.clear();
+        }
+    }
+    if !buf.is_empty() {
+        copy.send(buf.as_bytes()).await?;
+    }
+    copy.finish().await?;
+    Ok(counts)
+}
+
+const PG_TEXT_NULL: &str = "\\N";
+
+/// Appends one row of `points` as a `COPY` text-format line.
+fn copy_line(buf: &mut String, id: i64, shards: u32, r: &Row) {
+    let _ = write!(buf, "{id}\t{}\t{}\t", r.row_number, r.line);
+    copy_text(buf, &r.fields);
+    match &r.coordinate {
+        Ok((lat, lon)) => {
+            let _ = writeln!(
+                buf,
+                "\t{lat}\t{lon}\t{}\t{}\t{PG_TEXT_NULL}",
+                shard_of(*lat, *lon, shards),
+                RowStatus::Pending
+            );
+        }
+        Err(e) => {
+            let _ = write!(
+                buf,
+                "\t{PG_TEXT_NULL}\t{PG_TEXT_NULL}\t{PG_TEXT_NULL}\t{}\t",
+                RowStatus::Invalid
+            );
+            copy_text(buf, e);
+            buf.push('\n');
+        }
+    }
+}
+
+/// Appends a value to a PostgreSQL COPY text-format line, escaped.
+fn copy_text(buf: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => buf.push_str("\\\\"),
+            '\t' => buf.push_str("\\t"),
+            '\n' => buf.push_str("\\n"),
+            '\r' => buf.push_str("\\r"),
+            c => buf.push(c),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- quota
+
+/// [`super::Store::reserve`] on the database clock: `(slot, now)`, `None` when the budget is spent.
+pub(super) async fn reserve(pool: &PgPool, import_id: i64) -> anyhow::Result<Option<(f64, f64)>> {
+    const SQL: &str = "WITH c AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now)
+         UPDATE quotas q SET next_at = GREATEST(c.now, q.next_at, q.paused_until) + $2 / q.requests_per_second, requests = q.requests + 1
+         FROM c WHERE q.import_id = $1 AND (q.max_requests IS NULL OR q.requests < q.max_requests)
+         RETURNING q.next_at - $2 / q.requests_per_second, c.now";
+    Ok(sqlx::query_as(SQL)
+        .bind(import_id)
+        .bind(interval_s(1.0))
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// [`super::Store::pause`] on the database clock.
+pub(super) async fn pause(pool: &PgPool, import_id: i64, seconds: f64) -> anyhow::Result<()> {
+    const SQL: &str = "UPDATE quotas SET paused_until = GREATEST(paused_until, extract(epoch FROM clock_timestamp())::float8 + $2) WHERE import_id = $1";
+    sqlx::query(SQL)
+        .bind(import_id)
+        .bind(seconds)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- claims
+
+/// [`super::Store::plan_shard`]: an advisory lock serialises two enrichers of
+/// one shard (a Job's replacement pod) until the plan commits.
+pub(super) async fn plan_shard(pool: &PgPool, import_id: i64, shard: i32) -> anyhow::Result<ShardPlan> {
+    const LOCK: &str = "SELECT pg_advisory_xact_lock($1, $2)";
+    const PLANNED: &str = "SELECT coordinates, rows FROM shard_plans WHERE import_id = $1 AND shard = $2";
+    const PLAN: &str = "INSERT INTO lookups (import_id, lat, lon, shard, rows) SELECT import_id, lat, lon, shard, COUNT(*) FROM points WHERE import_id = $1 AND shard = $2 AND status = 'pending' GROUP BY import_id, shard, lat, lon ON CONFLICT DO NOTHING";
+    const COUNT: &str =
+        "SELECT COUNT(*), COALESCE(SUM(rows)::int8, 0) FROM lookups WHERE import_id = $1 AND shard = $2";
+    const RECORD: &str = "INSERT INTO shard_plans (import_id, shard, coordinates, rows) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
+    let mut tx = pool.begin().await?;
+    sqlx::query(LOCK)
+        .bind(import_id as i32)
+        .bind(shard)
+        .execute(&mut *tx)
+        .await?;
+    let planned: Option<(i64, i64)> = sqlx::query_as(PLANNED)
+        .bind(import_id)
+        .bind(shard)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some((coordinates, rows)) = planned {
+        return Ok(ShardPlan { coordinates, rows });
+    }
+    sqlx::query(PLAN)
+        .bind(import_id)
+        .bind(shard)
+        .execute(&mut *tx)
+        .await?;
+    let (coordinates, rows): (i64, i64) = sqlx::query_as(COUNT)
+        .bind(import_id)
+        .bind(shard)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query(RECORD)
+        .bind(import_id)
+        .bind(shard)
+        .bind(coordinates)
+        .bind(rows)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(ShardPlan { coordinates, rows })
+}
+
+/// [`super::Store::claim`]: the claimed rows stay locked (`SKIP LOCKED` for
+/// other claims) in the claim's transaction.
+pub(super) async fn claim(
+    pool: &PgPool,
+    import_id: i64,
+    shard: i32,
+    stage: Stage,
+    limit: i64,
+) -> anyhow::Result<Claim> {
+    const SQL: &str = "SELECT lat, lon, stage, attempts FROM lookups WHERE import_id = $1 AND shard = $2 AND status = 'pending' AND stage = $3 ORDER BY lat, lon LIMIT $4 FOR UPDATE SKIP LOCKED";
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(f64, f64, i16, i32)> = sqlx::query_as(SQL)
+        .bind(import_id)
+        .bind(shard)
+        .bind(stage.as_i16())
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+    Ok(Claim {
+        tx: Some(tx),
+        import_id,
+        items: rows
+            .into_iter()
+            .map(Claimed::from_row)
+            .collect::<anyhow::Result<_>>()?,
+    })
+}
+
+/// [`super::Store::save`]: one `UPDATE … FROM unnest(…)` of arrays per 5000
+/// results, in the claim's transaction: $1 import, $2 lat, $3 lon, $4
+/// attempts, $5 stage, then [`columns::ANSWER`] from $6.
+static SAVE: LazyLock<String> = LazyLock::new(|| {
+    let answer = &*columns::ANSWER;
+    let pg_type = |c: &str| if c == "distance_m" { "float8" } else { "text" };
+    let set: Vec<String> = answer.iter().map(|c| format!("{c} = v.{c}")).collect();
+    let arrays: Vec<String> = answer
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("${}::{}[]", 6 + i, pg_type(c)))
+        .collect();
+    format!(
+        "UPDATE lookups l SET stage = COALESCE(v.stage, l.stage), attempts = v.attempts, {} FROM unnest($2::float8[], $3::float8[], $4::int4[], $5::int2[], {}) AS v(lat, lon, attempts, stage, {}) WHERE l.import_id = $1 AND l.lat = v.lat AND l.lon = v.lon",
+        set.join(", "),
+        arrays.join(", "),
+        answer.join(", ")
+    )
+});
+
+pub(super) async fn save(pool: &PgPool, claim: Claim, results: &[Saved]) -> anyhow::Result<()> {
+    let mut tx = match claim.tx {
+        Some(tx) => tx,
+        None => pool.begin().await?,
+    };
+    for chunk in results.chunks(5000) {
+        let c: Vec<AnswerColumns> = chunk.iter().map(AnswerColumns::of).collect();
+        let mut q = sqlx::query(SAVE.as_str())
+            .bind(claim.import_id)
+            .bind(chunk.iter().map(|s| s.lat).collect::<Vec<f64>>())
+            .bind(chunk.iter().map(|s| s.lon).collect::<Vec<f64>>())
+            .bind(chunk.iter().map(|s| s.attempts).collect::<Vec<i32>>())
+            .bind(c.iter().map(AnswerColumns::stage).collect::<Vec<Option<i16>>>())
+            .bind(c.iter().map(|c| c.status.as_str()).collect::<Vec<&str>>())
+            .bind(texts(&c, AnswerColumns::postcode))
+            .bind(
+                c.iter()
+                    .map(AnswerColumns::distance_m)
+                    .collect::<Vec<Option<f64>>>(),
+            )
+            .bind(texts(&c, AnswerColumns::raw))
+            .bind(texts(&c, |c| c.error));
+        for i in 0..Area::COLUMNS.len() {
+            q = q.bind(texts(&c, |c| c.area(i)));
+        }
+        q.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// One text column of a chunk of answers, as an array.
+fn texts<'a>(
+    c: &[AnswerColumns<'a>],
+    f: impl Fn(&AnswerColumns<'a>) -> Option<&'a str>,
+) -> Vec<Option<&'a str>> {
+    c.iter().map(f).collect()
+}
+
+// ---------------------------------------------------------------- results
+
+/// `(status, coordinates, rows)` of the import's lookups, by status.
+pub(super) async fn status_groups(pool: &PgPool, import_id: i64) -> anyhow::Result<Vec<(String, i64, i64)>> {
+    const SQL: &str = "SELECT status, COUNT(*), COALESCE(SUM(rows)::int8, 0) FROM lookups WHERE import_id = $1 GROUP BY status";
+    Ok(sqlx::query_as(SQL).bind(import_id).fetch_all(pool).await?)
+}
+
+/// `(shard, rows, finished rows, failed rows)` of the import's lookups, by shard.
+pub(super) async fn shard_counts(pool: &PgPool, import_id: i64) -> anyhow::Result<Vec<(i32, i64, i64, i64)>> {
+    const SQL: &str = "SELECT shard, COALESCE(SUM(rows)::int8, 0), COALESCE(SUM(CASE WHEN status <> 'pending' THEN rows ELSE 0 END)::int8, 0), COALESCE(SUM(CASE WHEN status = 'failed' THEN rows ELSE 0 END)::int8, 0) FROM lookups WHERE import_id = $1 GROUP BY shard ORDER BY shard";
+    Ok(sqlx::query_as(SQL).bind(import_id).fetch_all(pool).await?)
+}
+
+/// Pending lookups of the import, of one shard or all.
+pub(super) async fn pending_lookups(
+    pool: &PgPool,
+    import_id: i64,
+    shard: Option<i32>,
+) -> anyhow::Result<i64> {
+    const SQL: &str = "SELECT COUNT(*) FROM lookups WHERE import_id = $1 AND status = 'pending' AND ($2::int4 IS NULL OR shard = $2)";
+    let (n,): (i64,) = sqlx::query_as(SQL)
+        .bind(import_id)
+        .bind(shard)
+        .fetch_one(pool)
+        .await?;
+    Ok(n)
+}
+
+static RESULTS: LazyLock<String> = LazyLock::new(|| columns::select_results("$1", "ORDER BY row_number"));
+
+/// [`super::Store::for_each_result`]: the rows streamed from `point_results`.
+pub(super) async fn for_each_result(
+    pool: &PgPool,
+    import_id: i64,
+    mut sink: impl FnMut(ResultRow) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    let mut stream = sqlx::query_as::<_, ResultRow>(RESULTS.as_str())
+        .bind(import_id)
+        .fetch(pool);
+    let mut n = 0u64;
+    while let Some(row) = stream.try_next().await? {
+        sink(row)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// [`super::Store::results_in_batches`]: the rows streamed from `point_results`, batched as they come.
+pub(super) async fn results_in_batches<B: ResultBatch>(
+    pool: &PgPool,
+    import_id: i64,
+    mut sink: impl FnMut(B) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let (mut batch, mut unsent) = (B::empty(), false);
+    for_each_result(pool, import_id, |row| {
+        unsent = !batch.push(&ResultRef::from(&row));
+        if !unsent {
+            sink(std::mem::replace(&mut batch, B::empty()))?;
+        }
+        Ok(())
+    })
+    .await?;
+    if unsent {
+        sink(batch)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_text;
+
+    #[test]
+    fn copy_text_escapes_what_copy_would_misread() {
+        let mut s = String::new();
+        copy_text(&mut s, "a\tb\\c\nd\re");
+        assert_eq!(s, "a\\tb\\\\c\\nd\\re");
+    }
+}

@@ -1,0 +1,111 @@
+//! [`Store`]: progress (counts by status, per shard, pending work), the retry
+//! of failed work, and the rows of the enriched output in row order.
+
+use super::{
+    columns, on_pool, postgres,
+    records::{Counts, ImportRecord, ResultBatch, ResultRow, ShardCounts},
+    sqlite, Store,
+};
+
+impl Store {
+    /// Row and coordinate counts of the import by status.
+    pub async fn counts(&self, import: &ImportRecord) -> anyhow::Result<Counts> {
+        const TOTALS: &str = "SELECT rows_total, rows_invalid FROM imports WHERE id = $1";
+        let groups = match self {
+            Store::Postgres(p) => postgres::status_groups(p, import.id).await?,
+            Store::Sqlite(p) => sqlite::status_groups(p, import.id).await?,
+        };
+        let totals: (i64, i64) =
+            on_pool!(self, p => sqlx::query_as(TOTALS).bind(import.id).fetch_one(p).await)?;
+        Counts::of(totals, groups)
+    }
+
+    /// Rows, finished rows and failed rows per shard.
+    pub async fn shard_counts(&self, import_id: i64) -> anyhow::Result<Vec<ShardCounts>> {
+        let rows = match self {
+            Store::Postgres(p) => postgres::shard_counts(p, import_id).await?,
+            Store::Sqlite(p) => sqlite::shard_counts(p, import_id).await?,
+        };
+        Ok(rows.into_iter().map(ShardCounts::from).collect())
+    }
+
+    /// Number of pending coordinates in the shard (all of them when `shard` is
+    /// `None`); for a shard not planned yet, its pending rows.
+    pub async fn pending(&self, import_id: i64, shard: Option<i32>) -> anyhow::Result<i64> {
+        const PLANNED: &str = "SELECT coordinates FROM shard_plans WHERE import_id = $1 AND shard = $2";
+        const ROWS: &str =
+            "SELECT COUNT(*) FROM points WHERE import_id = $1 AND shard = $2 AND status = 'pending'";
+        if let Some(shard) = shard {
+            let planned: Option<(i64,)> = on_pool!(self, p => sqlx::query_as(PLANNED).bind(import_id).bind(shard).fetch_optional(p).await)?;
+            if planned.is_none() {
+                let (n,): (i64,) =
+                    on_pool!(self, p => sqlx::query_as(ROWS).bind(import_id).bind(shard).fetch_one(p).await)?;
+                return Ok(n);
+            }
+        }
+        match self {
+            Store::Postgres(p) => postgres::pending_lookups(p, import_id, shard).await,
+            Store::Sqlite(p) => sqlite::pending_lookups(p, import_id, shard).await,
+        }
+    }
+
+    /// Puts the import's `failed` coordinates back to `pending` (attempts reset,
+    /// search stage kept) and returns how many; finished work is never touched.
+    pub async fn requeue_failed(&self, import_id: i64) -> anyhow::Result<u64> {
+        const SQL: &str = "UPDATE lookups SET status = 'pending', attempts = 0, error = NULL WHERE import_id = $1 AND status = 'failed'";
+        let r = on_pool!(self, p => sqlx::query(SQL).bind(import_id).execute(p).await?.rows_affected());
+        Ok(r)
+    }
+
+    /// Streams the import's rows in row order to `sink`; returns how many.
+    pub async fn for_each_result(
+        &self,
+        import_id: i64,
+        mut sink: impl FnMut(ResultRow) -> anyhow::Result<()>,
+    ) -> anyhow::Result<u64> {
+        match self {
+            Store::Postgres(p) => postgres::for_each_result(p, import_id, sink).await,
+            Store::Sqlite(p) => {
+                let mut n = 0u64;
+                sqlite::results_in_batches(p, import_id, |page: Vec<ResultRow>| {
+                    for row in page {
+                        sink(row)?;
+                        n += 1;
+                    }
+                    Ok(())
+                })
+                .await?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// Streams the import's rows in row order, gathered into batches of `B`,
+    /// to `sink`. On SQLite the rows are read (and batched) on a blocking
+    /// thread while this task takes the batches.
+    pub async fn results_in_batches<B: ResultBatch>(
+        &self,
+        import_id: i64,
+        sink: impl FnMut(B) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Store::Postgres(p) => postgres::results_in_batches(p, import_id, sink).await,
+            Store::Sqlite(p) => sqlite::results_in_batches(p, import_id, sink).await,
+        }
+    }
+
+    /// Up to `limit` rows after row number `after`, in row order (keyset
+    /// pagination on the primary key, for streaming an export in pages).
+    pub async fn results_page(
+        &self,
+        import_id: i64,
+        after: i64,
+        limit: i64,
+    ) -> anyhow::Result<Vec<ResultRow>> {
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            columns::select_results("$1", "AND row_number > $2 ORDER BY row_number LIMIT $3")
+        });
+        let rows = on_pool!(self, p => sqlx::query_as(SQL.as_str()).bind(import_id).bind(after).bind(limit).fetch_all(p).await?);
+        Ok(rows)
+    }
+}

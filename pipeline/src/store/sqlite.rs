@@ -1,0 +1,227 @@
+//! The SQLite dialect of the store: the statements whose SQLite text differs
+//! from PostgreSQL's (this process's clock for the quota, `INDEXED BY` for
+//! claims), and the bulk paths, which run on rusqlite on a blocking thread
+//! (`bulk`: load, plan, save; [`export`]: the rows of the output). Called by
+//! the [`super::Store`] facade only, but for the export's join, which its
+//! tests compare with the view.
+
+mod bulk;
+pub mod export;
+
+use std::{future::Future, path::PathBuf};
+
+use sqlx::SqlitePool;
+use tokio::sync::mpsc;
+
+use super::records::{Claim, Claimed, LoadCounts, LoadStart, ResultBatch, Saved, ShardPlan};
+use crate::{
+    csv_input::Row,
+    model::{ImportPhase, Stage},
+    quota::interval_s,
+};
+
+/// The database file behind a sqlx SQLite pool.
+fn path_of(pool: &SqlitePool) -> PathBuf {
+    pool.connect_options().get_filename().to_path_buf()
+}
+
+/// Seconds since the Unix epoch on this machine's clock.
+fn now_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+// ---------------------------------------------------------------- load
+
+/// [`super::Store::load`]: the start committed first (the phase says
+/// `Loading` while the rows go in, in committed chunks), then the rows, then the end.
+pub(super) async fn load(
+    pool: &SqlitePool,
+    start: LoadStart,
+    done: impl Future<Output = anyhow::Result<String>>,
+    rows: mpsc::Receiver<Vec<Row>>,
+) -> anyhow::Result<LoadCounts> {
+    const START: &str = "UPDATE imports SET phase = ?7, error = NULL, delimiter = ?2, header = ?3, width = ?4, lat_index = ?5, lon_index = ?6, rows_total = 0, rows_invalid = 0 WHERE id = ?1";
+    const DELETES: [&str; 3] = [
+        "DELETE FROM points WHERE import_id = ?1",
+        "DELETE FROM lookups WHERE import_id = ?1",
+        "DELETE FROM shard_plans WHERE import_id = ?1",
+    ];
+    let id = start.id;
+    let mut tx = pool.begin().await?;
+    sqlx::query(START)
+        .bind(id)
+        .bind(&start.delimiter)
+        .bind(&start.header)
+        .bind(start.width)
+        .bind(start.lat_index)
+        .bind(start.lon_index)
+        .bind(ImportPhase::Loading.as_str())
+        .execute(&mut *tx)
+        .await?;
+    for sql in DELETES {
+        sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    let path = path_of(pool);
+    let (conn, counts) = blocking(move || bulk::insert_points(&path, id, start.shards, rows)).await?;
+    let sha = done.await?;
+    blocking(move || bulk::finish_load(&conn, id, counts, &sha)).await?;
+    Ok(counts)
+}
+
+// ---------------------------------------------------------------- quota
+
+/// [`super::Store::reserve`] on this machine's clock (every process sharing a
+/// SQLite file shares the machine): `(slot, now)`, `None` when the budget is spent.
+pub(super) async fn reserve(pool: &SqlitePool, import_id: i64) -> anyhow::Result<Option<(f64, f64)>> {
+    const SQL: &str = "UPDATE quotas SET next_at = max(?2, next_at, paused_until) + ?3 / requests_per_second, requests = requests + 1
+         WHERE import_id = ?1 AND (max_requests IS NULL OR requests < max_requests)
+         RETURNING next_at - ?3 / requests_per_second, ?2";
+    Ok(sqlx::query_as(SQL)
+        .bind(import_id)
+        .bind(now_s())
+        .bind(interval_s(1.0))
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// [`super::Store::pause`] on this machine's clock.
+pub(super) async fn pause(pool: &SqlitePool, import_id: i64, seconds: f64) -> anyhow::Result<()> {
+    const SQL: &str = "UPDATE quotas SET paused_until = max(paused_until, ?2) WHERE import_id = ?1";
+    sqlx::query(SQL)
+        .bind(import_id)
+        .bind(now_s() + seconds)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- claims
+
+/// [`super::Store::plan_shard`], see [`bulk::plan_shard`].
+pub(super) async fn plan_shard(pool: &SqlitePool, import_id: i64, shard: i32) -> anyhow::Result<ShardPlan> {
+    let path = path_of(pool);
+    blocking(move || bulk::plan_shard(&path, import_id, shard)).await
+}
+
+/// [`super::Store::plan_shard_answered`], see [`bulk::plan_shard_answered`];
+/// `None` when the shard was already planned.
+pub(super) async fn plan_shard_answered(
+    pool: &SqlitePool,
+    import_id: i64,
+    shard: i32,
+    answer: impl Fn(&[Claimed]) -> Vec<Saved> + Send + 'static,
+) -> anyhow::Result<Option<ShardPlan>> {
+    let path = path_of(pool);
+    blocking(move || bulk::plan_shard_answered(&path, import_id, shard, answer)).await
+}
+
+/// [`super::Store::claim`]. Without table statistics SQLite walks the primary
+/// key for the `ORDER BY`, scanning every finished row on each claim; the claim
+/// index gives the same order. A SQLite claim holds no lock.
+pub(super) async fn claim(
+    pool: &SqlitePool,
+    import_id: i64,
+    shard: i32,
+    stage: Stage,
+    limit: i64,
+) -> anyhow::Result<Claim> {
+    const SQL: &str = "SELECT lat, lon, stage, attempts FROM lookups INDEXED BY lookups_claim WHERE import_id = ?1 AND shard = ?2 AND status = 'pending' AND stage = ?3 ORDER BY lat, lon LIMIT ?4";
+    let rows: Vec<(f64, f64, i16, i32)> = sqlx::query_as(SQL)
+        .bind(import_id)
+        .bind(shard)
+        .bind(stage.as_i16())
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    Ok(Claim {
+        tx: None,
+        import_id,
+        items: rows
+            .into_iter()
+            .map(Claimed::from_row)
+            .collect::<anyhow::Result<_>>()?,
+    })
+}
+
+/// [`super::Store::save`], see [`bulk::save`].
+pub(super) async fn save(pool: &SqlitePool, import_id: i64, results: &[Saved]) -> anyhow::Result<()> {
+    let (path, results) = (path_of(pool), results.to_vec());
+    blocking(move || bulk::save(&path, import_id, &results)).await
+}
+
+// ---------------------------------------------------------------- results
+
+/// `(status, coordinates, rows)` of the import's lookups, by status.
+pub(super) async fn status_groups(
+    pool: &SqlitePool,
+    import_id: i64,
+) -> anyhow::Result<Vec<(String, i64, i64)>> {
+    const SQL: &str =
+        "SELECT status, COUNT(*), COALESCE(SUM(rows), 0) FROM lookups WHERE import_id = ?1 GROUP BY status";
+    Ok(sqlx::query_as(SQL).bind(import_id).fetch_all(pool).await?)
+}
+
+/// `(shard, rows, finished rows, failed rows)` of the import's lookups, by shard.
+pub(super) async fn shard_counts(
+    pool: &SqlitePool,
+    import_id: i64,
+) -> anyhow::Result<Vec<(i32, i64, i64, i64)>> {
+    const SQL: &str = "SELECT shard, COALESCE(SUM(rows), 0), COALESCE(SUM(CASE WHEN status <> 'pending' THEN rows ELSE 0 END), 0), COALESCE(SUM(CASE WHEN status = 'failed' THEN rows ELSE 0 END), 0) FROM lookups WHERE import_id = ?1 GROUP BY shard ORDER BY shard";
+    Ok(sqlx::query_as(SQL).bind(import_id).fetch_all(pool).await?)
+}
+
+/// Pending lookups of the import, of one shard or all.
+pub(super) async fn pending_lookups(
+    pool: &SqlitePool,
+    import_id: i64,
+    shard: Option<i32>,
+) -> anyhow::Result<i64> {
+    const SQL: &str = "SELECT COUNT(*) FROM lookups WHERE import_id = ?1 AND status = 'pending' AND (?2 IS NULL OR shard = ?2)";
+    let (n,): (i64,) = sqlx::query_as(SQL)
+        .bind(import_id)
+        .bind(shard)
+        .fetch_one(pool)
+        .await?;
+    Ok(n)
+}
+
+/// [`super::Store::results_in_batches`]: the rows are read ([`export::results`])
+/// and gathered into batches on a blocking thread, which hands each full batch
+/// over a channel to this task, for `sink`. Both the enriched CSV and
+/// [`super::Store::for_each_result`] read the rows this way.
+pub(super) async fn results_in_batches<B: ResultBatch>(
+    pool: &SqlitePool,
+    import_id: i64,
+    mut sink: impl FnMut(B) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let path = path_of(pool);
+    let (tx, mut batches) = mpsc::channel::<B>(4);
+    let reader = tokio::task::spawn_blocking(move || {
+        let (mut batch, mut unsent) = (B::empty(), false);
+        export::results(&path, import_id, export::JOIN_BUDGET_BYTES, |row| {
+            unsent = !batch.push(row);
+            Ok(unsent
+                || tx
+                    .blocking_send(std::mem::replace(&mut batch, B::empty()))
+                    .is_ok())
+        })?;
+        if unsent {
+            let _ = tx.blocking_send(batch);
+        }
+        anyhow::Ok(())
+    });
+    while let Some(batch) = batches.recv().await {
+        sink(batch)?;
+    }
+    reader.await?
+}

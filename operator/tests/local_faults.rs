@@ -15,10 +15,8 @@ use std::{
 };
 
 use common::*;
-use pipeline::{
-    db::Store,
-    test_server::{Faults, TestServer},
-};
+use pipeline::db::Store;
+use postcodes_io_test_server::{Faults, TestServer};
 
 /// The first `n` rows of the real file, enriched offline: the reference answer.
 fn offline_reference(

@@ -7,10 +7,8 @@ mod common;
 use std::{collections::HashSet, path::Path, time::Duration};
 
 use common::*;
-use pipeline::{
-    geo::{distance_m, LatLon},
-    test_server::{Faults, TestServer},
-};
+use pipeline::geo::{distance_m, LatLon};
+use postcodes_io_test_server::{Faults, TestServer};
 
 const REAL_ROWS: usize = 100_000;
 const REAL_DISTINCT: usize = 87_064;

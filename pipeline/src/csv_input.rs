@@ -262,7 +262,27 @@ pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
     let lat_opt = by_option(&opts.lat_column)?;
     let lon_opt = by_option(&opts.lon_column)?;
 
-    let (lat_index, lon_index) = if has_header {
+    let (lat_index, lon_index) = coordinate_columns(&names, has_header, lat_opt, lon_opt)?;
+    if lat_index == lon_index {
+        return Err(InputError::SameColumn(lat_index + 1));
+    }
+    Ok(Layout {
+        delimiter,
+        header: has_header.then_some(names),
+        lat_index,
+        lon_index,
+    })
+}
+
+/// The latitude and longitude columns (0-based): the ones the options name,
+/// else found by header name, else the two columns of a headerless file.
+fn coordinate_columns(
+    names: &[String],
+    has_header: bool,
+    lat_opt: Option<usize>,
+    lon_opt: Option<usize>,
+) -> Result<(usize, usize), InputError> {
+    if has_header {
         let find = |list: &[&str]| {
             list.iter()
                 .find_map(|cand| names.iter().position(|n| normalise_name(n) == *cand))
@@ -276,25 +296,16 @@ pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
             (find(&["y"]), find(&["x"]))
         };
         match (lat_opt.or(dlat), lon_opt.or(dlon)) {
-            (Some(a), Some(b)) => (a, b),
-            _ => return Err(InputError::NoCoordinateColumns(names)),
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(InputError::NoCoordinateColumns(names.to_vec())),
         }
     } else {
         match (lat_opt, lon_opt) {
-            (Some(a), Some(b)) => (a, b),
-            _ if names.len() == 2 => (lat_opt.unwrap_or(0), lon_opt.unwrap_or(1)),
-            _ => return Err(InputError::AmbiguousHeaderless(names.len())),
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ if names.len() == 2 => Ok((lat_opt.unwrap_or(0), lon_opt.unwrap_or(1))),
+            _ => Err(InputError::AmbiguousHeaderless(names.len())),
         }
-    };
-    if lat_index == lon_index {
-        return Err(InputError::SameColumn(lat_index + 1));
     }
-    Ok(Layout {
-        delimiter,
-        header: has_header.then_some(names),
-        lat_index,
-        lon_index,
-    })
 }
 
 fn reader_for(data: &[u8], delimiter: u8) -> csv::Reader<&[u8]> {
@@ -487,7 +498,7 @@ impl RowReader {
         // A quote left open at the end of the file swallows the last line end
         // into the field: that newline is the one at `last`, not before it.
         let at_eof = *self.end.lock().expect("line index") == Some(self.csv.position().byte());
-        if at_eof && self.record.iter().last().is_some_and(|f| f.ends_with(b"\n")) {
+        if at_eof && self.record.iter().next_back().is_some_and(|f| f.ends_with(b"\n")) {
             inside = inside.saturating_sub(1);
         }
         self.lines_before + 1 - inside.min(self.lines_before)

@@ -281,13 +281,13 @@ impl Grid {
     /// those rings cover the grid.
     fn ring_bound(&self, q: &Query, k: usize) -> f64 {
         let mut gap = f64::INFINITY;
-        if q.row >= k + 1 {
+        if q.row > k {
             gap = gap.min((q.phi - self.row_edge(q.row - k)).max(0.0));
         }
         if q.row + k + 1 < self.rows {
             gap = gap.min((self.row_edge(q.row + k + 1) - q.phi).max(0.0));
         }
-        if q.col >= k + 1 {
+        if q.col > k {
             gap = gap.min(lon_gap(q.cos_phi, q.lam - self.col_edge(q.col - k)));
         }
         if q.col + k + 1 < self.cols {
@@ -335,8 +335,8 @@ impl Grid {
                     return;
                 }
                 let cell = r * self.cols + c;
-                for i in start[cell] as usize..start[cell + 1] as usize {
-                    let u = &units[i];
+                let (first, end) = (start[cell] as usize, start[cell + 1] as usize);
+                for (i, u) in (first..).zip(&units[first..end]) {
                     let (dx, dy, dz) = (u[0] - q.q[0], u[1] - q.q[1], u[2] - q.q[2]);
                     found.offer(dx * dx + dy * dy + dz * dz, i);
                 }
@@ -416,18 +416,20 @@ impl Grid {
 
     /// Requests the cell starts of the 3 × 3 cells around `at` (a hint to the CPU only).
     fn prefetch_starts(&self, at: LatLon) {
+        let start: &[u32] = &self.start;
         for (first, end) in self.block(at) {
-            prefetch(&self.start[first]);
-            prefetch(&self.start[end]);
+            prefetch(&start[first]);
+            prefetch(&start[end]);
         }
     }
 
     /// Requests the first points of the 3 × 3 cells around `at` (a hint to the CPU only).
     fn prefetch_points(&self, at: LatLon) {
+        let (start, units): (&[u32], &[[f64; 3]]) = (&self.start, &self.units);
         for (first, end) in self.block(at) {
-            let (lo, hi) = (self.start[first] as usize, self.start[end] as usize);
+            let (lo, hi) = (start[first] as usize, start[end] as usize);
             for i in (lo..hi).step_by(3).take(4) {
-                prefetch(&self.units[i]); // 3 unit vectors are 72 bytes: about a cache line each step
+                prefetch(&units[i]); // 3 unit vectors are 72 bytes: about a cache line each step
             }
         }
     }

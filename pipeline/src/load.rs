@@ -168,13 +168,12 @@ pub async fn load(
         let mut batch = Vec::with_capacity(BATCH_ROWS);
         while let Some(row) = reader.next_row()? {
             batch.push(row);
-            if batch.len() == BATCH_ROWS {
-                if rows_tx
+            if batch.len() == BATCH_ROWS
+                && rows_tx
                     .blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS)))
                     .is_err()
-                {
-                    return Ok(()); // the writer failed; its error is reported
-                }
+            {
+                return Ok(()); // the writer failed; its error is reported
             }
         }
         if !batch.is_empty() {

@@ -1,6 +1,7 @@
-//! What a provider answers: the nearest postcode to a coordinate within a radius,
-//! and the search stages (radius, maximum radius, widesearch) of DESIGN.md
-//! "Enrichment rules".
+//! What a provider answers: the nearest postcode to a coordinate within a radius
+//! ([`Match`], with its [`Area`]), how far one request searches ([`Radius`]), and
+//! an import's search settings ([`SearchPlan`]; the ladder of stages they make
+//! is [`crate::ladder`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +30,8 @@ impl Radius {
     }
 }
 
-/// The search ladder: `radius_m` first, then `max_radius_m`, then widesearch.
+/// An import's search settings: `radius_m` first, then `max_radius_m`, then
+/// widesearch (the stages and their order: [`crate::ladder`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SearchPlan {
     pub radius_m: f64,
@@ -44,26 +46,6 @@ impl Default for SearchPlan {
             max_radius_m: 2000.0,
             widesearch: true,
         }
-    }
-}
-
-impl SearchPlan {
-    /// The radius of stage 0 (radius), 1 (maximum radius) or 2 (widesearch).
-    pub fn radius(&self, stage: i16) -> Radius {
-        match stage {
-            0 => Radius::Metres(self.radius_m),
-            1 => Radius::Metres(self.max_radius_m),
-            _ => Radius::Widesearch,
-        }
-    }
-
-    /// The stage to try after `stage` found nothing, `None` when the row is `no_match`.
-    pub fn next_stage(&self, stage: i16) -> Option<i16> {
-        let mut s = stage + 1;
-        if s == 1 && self.max_radius_m.min(MAX_API_RADIUS_M) <= self.radius_m.min(MAX_API_RADIUS_M) {
-            s = 2;
-        }
-        (s == 1 || (s == 2 && self.widesearch)).then_some(s)
     }
 }
 

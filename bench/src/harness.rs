@@ -290,7 +290,10 @@ fn median(mut runs: Vec<Measured>) -> Measured {
     }
 }
 
-fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<Load>)> {
+/// The input files of the benchmark: (rows, path).
+type Inputs = Vec<(u64, PathBuf)>;
+
+fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Inputs, Vec<Load>)> {
     let mut inputs = Vec::new();
     for &n in &ctx.args.sizes {
         inputs.push((n, ctx.input(n)?));
@@ -308,128 +311,144 @@ fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<
 
     let mut loads = Vec::new();
     for (n, file) in &inputs {
-        let name = size_name(*n);
-        eprintln!("load {name}");
-        let file_s = file.display().to_string();
-        let db = ctx.work.join("bench-load.db");
-        let db_s = db.display().to_string();
-        let uid = format!("bench-load-{name}");
-        // Median of ten runs at 100k rows, of three at 1M, one run at 10M (each side alike).
-        let reps = if *n >= 10_000_000 {
-            1
-        } else if *n >= 1_000_000 {
-            3
-        } else {
-            10
-        };
-        let (mut pg, mut pg_ref, mut sqlite, mut sqlite_ref) = (vec![], vec![], vec![], vec![]);
-        for _ in 0..reps {
-            // PostgreSQL: psql \copy into a table keyed by row number, then the reader.
-            ctx.psql("DROP TABLE IF EXISTS bench_ref; CREATE TABLE bench_ref (row_number bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, lat double precision, lon double precision)")?;
-            // Each side starts with no dirty pages of the other's to write back.
-            ctx.psql("CHECKPOINT")?;
-            let pg_ref_m = measure(
-                Command::new("psql").args([
-                    &ctx.args.database_url,
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-c",
-                    &format!("\\copy bench_ref (lat, lon) FROM '{file_s}' WITH (FORMAT csv, HEADER true)"),
-                ]),
-                &ctx.log(&format!("psql-copy-{name}")),
-            )?;
-            ctx.psql("DROP TABLE bench_ref")?;
-            ctx.psql("CHECKPOINT")?;
-            let pg_m = measure(
-                ctx.bin("reader-job").args([
-                    "--import-uid",
-                    &uid,
-                    "--import-name",
-                    "bench",
-                    "--source",
-                    &file_s,
-                    "--shards",
-                    "4",
-                    "--database-url",
-                    &ctx.args.database_url,
-                ]),
-                &ctx.log(&format!("reader-pg-{name}")),
-            )?;
-            ctx.rt.block_on(async {
-                let store = Store::connect(&ctx.args.database_url).await?;
-                store.delete_import(&uid).await?;
-                store.close().await;
-                anyhow::Ok(())
-            })?;
-            ctx.psql("VACUUM")?;
-            // SQLite: sqlite3 .import into a rowid table, then the reader.
-            let ref_db = ctx.work.join("bench-ref.db");
-            let _ = std::fs::remove_file(&ref_db);
-            let sqlite_ref_m = measure(
-                Command::new("sqlite3").arg(&ref_db).args([
-                    "CREATE TABLE bench_ref (lat DOUBLE PRECISION, lon DOUBLE PRECISION)",
-                    &format!(".import --csv --skip 1 {file_s} bench_ref"),
-                ]),
-                &ctx.log(&format!("sqlite3-import-{name}")),
-            )?;
-            let _ = std::fs::remove_file(&ref_db);
-            ctx.sqlite_store(&db)?;
-            let sqlite_m = measure(
-                ctx.bin("reader-job").args([
-                    "--import-uid",
-                    &uid,
-                    "--import-name",
-                    "bench",
-                    "--source",
-                    &file_s,
-                    "--shards",
-                    "4",
-                    "--database-url",
-                    &db_s,
-                ]),
-                &ctx.log(&format!("reader-sqlite-{name}")),
-            )?;
-            pg.push(pg_m);
-            pg_ref.push(pg_ref_m);
-            sqlite.push(sqlite_m);
-            sqlite_ref.push(sqlite_ref_m);
-        }
-        let (pg, pg_ref, sqlite, sqlite_ref) =
-            (median(pg), median(pg_ref), median(sqlite), median(sqlite_ref));
-        // One enricher (shard 0 of 4) on what the reader loaded, for its memory.
-        let enricher = measure(
-            ctx.bin("enricher-job")
-                .args([
-                    "--import-uid",
-                    &uid,
-                    "--shard",
-                    "0",
-                    "--database-url",
-                    &db_s,
-                    "--offline-postcodes",
-                ])
-                .arg(&ctx.nspl)
-                .arg("--index-cache-dir")
-                .arg(&index_cache),
-            &ctx.log(&format!("enricher-sqlite-{name}")),
-        )?;
-        ctx.sqlite_store(&db)?;
-        loads.push(Load {
-            rows: *n,
-            pg,
-            pg_ref,
-            sqlite,
-            sqlite_ref,
-            enricher,
-        });
+        loads.push(load_size(ctx, *n, file, &index_cache)?);
     }
+    write_loads(md, &loads)?;
+    Ok((inputs, loads))
+}
 
+/// Loads of the `n`-row input by each side (the median of `reps` runs), and one enricher's memory.
+fn load_size(ctx: &Ctx, n: u64, file: &Path, index_cache: &Path) -> Result<Load> {
+    let name = size_name(n);
+    eprintln!("load {name}");
+    let file_s = file.display().to_string();
+    let db = ctx.work.join("bench-load.db");
+    let db_s = db.display().to_string();
+    let uid = format!("bench-load-{name}");
+    // Median of ten runs at 100k rows, of three at 1M, one run at 10M (each side alike).
+    let reps = if n >= 10_000_000 {
+        1
+    } else if n >= 1_000_000 {
+        3
+    } else {
+        10
+    };
+    let (mut pg, mut pg_ref, mut sqlite, mut sqlite_ref) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..reps {
+        let [pg_m, pg_ref_m, sqlite_m, sqlite_ref_m] = load_once(ctx, &name, &file_s, &db, &uid)?;
+        pg.push(pg_m);
+        pg_ref.push(pg_ref_m);
+        sqlite.push(sqlite_m);
+        sqlite_ref.push(sqlite_ref_m);
+    }
+    let (pg, pg_ref, sqlite, sqlite_ref) = (median(pg), median(pg_ref), median(sqlite), median(sqlite_ref));
+    // One enricher (shard 0 of 4) on what the reader loaded, for its memory.
+    let enricher = measure(
+        ctx.bin("enricher-job")
+            .args([
+                "--import-uid",
+                &uid,
+                "--shard",
+                "0",
+                "--database-url",
+                &db_s,
+                "--offline-postcodes",
+            ])
+            .arg(&ctx.nspl)
+            .arg("--index-cache-dir")
+            .arg(index_cache),
+        &ctx.log(&format!("enricher-sqlite-{name}")),
+    )?;
+    ctx.sqlite_store(&db)?;
+    Ok(Load {
+        rows: n,
+        pg,
+        pg_ref,
+        sqlite,
+        sqlite_ref,
+        enricher,
+    })
+}
+
+/// One load of `file` by each side: reader → PostgreSQL, `psql \copy`,
+/// reader → SQLite, `sqlite3 .import`.
+fn load_once(ctx: &Ctx, name: &str, file_s: &str, db: &Path, uid: &str) -> Result<[Measured; 4]> {
+    let db_s = db.display().to_string();
+    // PostgreSQL: psql \copy into a table keyed by row number, then the reader.
+    ctx.psql("DROP TABLE IF EXISTS bench_ref; CREATE TABLE bench_ref (row_number bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, lat double precision, lon double precision)")?;
+    // Each side starts with no dirty pages of the other's to write back.
+    ctx.psql("CHECKPOINT")?;
+    let pg_ref_m = measure(
+        Command::new("psql").args([
+            &ctx.args.database_url,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            &format!("\\copy bench_ref (lat, lon) FROM '{file_s}' WITH (FORMAT csv, HEADER true)"),
+        ]),
+        &ctx.log(&format!("psql-copy-{name}")),
+    )?;
+    ctx.psql("DROP TABLE bench_ref")?;
+    ctx.psql("CHECKPOINT")?;
+    let pg_m = measure(
+        ctx.bin("reader-job").args([
+            "--import-uid",
+            uid,
+            "--import-name",
+            "bench",
+            "--source",
+            file_s,
+            "--shards",
+            "4",
+            "--database-url",
+            &ctx.args.database_url,
+        ]),
+        &ctx.log(&format!("reader-pg-{name}")),
+    )?;
+    ctx.rt.block_on(async {
+        let store = Store::connect(&ctx.args.database_url).await?;
+        store.delete_import(uid).await?;
+        store.close().await;
+        anyhow::Ok(())
+    })?;
+    ctx.psql("VACUUM")?;
+    // SQLite: sqlite3 .import into a rowid table, then the reader.
+    let ref_db = ctx.work.join("bench-ref.db");
+    let _ = std::fs::remove_file(&ref_db);
+    let sqlite_ref_m = measure(
+        Command::new("sqlite3").arg(&ref_db).args([
+            "CREATE TABLE bench_ref (lat DOUBLE PRECISION, lon DOUBLE PRECISION)",
+            &format!(".import --csv --skip 1 {file_s} bench_ref"),
+        ]),
+        &ctx.log(&format!("sqlite3-import-{name}")),
+    )?;
+    let _ = std::fs::remove_file(&ref_db);
+    ctx.sqlite_store(db)?;
+    let sqlite_m = measure(
+        ctx.bin("reader-job").args([
+            "--import-uid",
+            uid,
+            "--import-name",
+            "bench",
+            "--source",
+            file_s,
+            "--shards",
+            "4",
+            "--database-url",
+            &db_s,
+        ]),
+        &ctx.log(&format!("reader-sqlite-{name}")),
+    )?;
+    Ok([pg_m, pg_ref_m, sqlite_m, sqlite_ref_m])
+}
+
+fn write_loads(md: &mut String, loads: &[Load]) -> Result<()> {
     writeln!(md, "## 1. Load\n")?;
     writeln!(md, "`reader-job` (detect the layout, validate every row, store it with its line, fields, shard and status; the shards' lookups are planned later by the enrichers) against the database's own bulk loader putting the same file into a table keyed by row number: `psql \\copy` and `sqlite3 .import`.")?;
     writeln!(md, "Inputs: the real file (100k rows), and synthetic files made from it by `postcode-bench synth` (copies after the first moved by up to ±0.001°). Median of ten runs each at 100k rows, of three at 1M, one run at 10M; each time includes process start.\n")?;
     writeln!(md, "| rows | reader → PostgreSQL | `psql \\copy` | ratio (target ≤ 1.3) | reader → SQLite | `sqlite3 .import` | ratio (target ≤ 1.5) |")?;
     writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|")?;
-    for l in &loads {
+    for l in loads {
         let (rp, rs) = (
             l.pg.seconds / l.pg_ref.seconds,
             l.sqlite.seconds / l.sqlite_ref.seconds,
@@ -451,7 +470,7 @@ fn load_section(ctx: &Ctx, md: &mut String) -> Result<(Vec<(u64, PathBuf)>, Vec<
         )?;
     }
     writeln!(md)?;
-    Ok((inputs, loads))
+    Ok(())
 }
 
 fn lookups_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], md: &mut String) -> Result<()> {

@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use pipeline::{store::Store, test_server};
+use pipeline::store::Store;
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -739,7 +739,7 @@ fn api_section(ctx: &Ctx, md: &mut String) -> Result<()> {
                 .arg(&out),
             &ctx.log(&format!("api-{q}")),
         )?;
-        let stats: test_server::Stats = ctx
+        let stats: postcodes_io_test_server::Stats = ctx
             .rt
             .block_on(async { reqwest::get(format!("{base}/__stats")).await?.json().await })?;
         let _ = server.kill();

@@ -9,11 +9,12 @@ use clap::Parser;
 
 mod status;
 use pipeline::{
-    enrich::{run_shard, Finish, Provider, ShardConfig},
+    enrich::{run_shard, Finish, ShardConfig},
     lookup::SearchPlan,
     model::ImportPhase,
     offline::OfflineIndex,
     postcodes_io::PostcodesIo,
+    provider::Provider,
     retry::RetryPolicy,
     store::Store,
     EXIT_PERMANENT, EXIT_QUOTA_EXHAUSTED,
@@ -128,51 +129,8 @@ async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
             import.shards
         )));
     }
-    let provider = match &args.offline_postcodes {
-        Some(path) => {
-            let started = std::time::Instant::now();
-            let index = tokio::task::spawn_blocking({
-                let path = path.clone();
-                let cache = args
-                    .index_cache_dir
-                    .clone()
-                    .unwrap_or_else(pipeline::offline::default_cache_dir);
-                move || OfflineIndex::load_cached(&path, &cache)
-            })
-            .await
-            .map_err(|e| retryable(e.into()))?
-            .map_err(|e| permanent(e.into()))?;
-            tracing::info!(
-                postcodes = index.postcodes(),
-                seconds = started.elapsed().as_secs_f64(),
-                "offline index loaded"
-            );
-            Provider::Offline(Arc::new(index))
-        }
-        None => {
-            store
-                .ensure_quota(import.id, args.quota_rps, args.max_requests)
-                .await
-                .map_err(retryable)?;
-            Provider::Api(PostcodesIo::new(
-                &args.api_url,
-                Duration::from_secs_f64(args.timeout_s),
-            ))
-        }
-    };
-    let cfg = ShardConfig {
-        import_id: import.id,
-        shard: args.shard,
-        plan: SearchPlan {
-            radius_m: args.radius_m,
-            max_radius_m: args.max_radius_m,
-            widesearch: args.widesearch,
-        },
-        retry: RetryPolicy {
-            max_attempts: args.max_attempts,
-            ..RetryPolicy::default()
-        },
-    };
+    let provider = provider(args, &store, import.id).await?;
+    let cfg = shard_config(args, import.id);
     let started = std::time::Instant::now();
     let reporter = StatusReporter::from_env(args.shard).await;
     let progress = reporter
@@ -180,7 +138,7 @@ async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
         .map(|r| r.spawn_periodic(store.clone(), import.id));
     let mut last = RunStatsLog::default();
     let retries = reporter.as_ref().map(|r| r.retries.clone()).unwrap_or_default();
-    let result = run_shard(&store, &provider, &cfg, |s| {
+    let result = run_shard(&store, provider, &cfg, |s| {
         retries.store(s.retries as i64, std::sync::atomic::Ordering::Relaxed);
         last.maybe_log(args.shard, s)
     })
@@ -204,6 +162,67 @@ async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
     );
     store.close().await;
     Ok(finish)
+}
+
+/// The offline index when `--offline-postcodes` names a postcode file (built
+/// or mapped from its cache), postcodes.io otherwise (the import's quota row
+/// created if it has none).
+async fn provider(
+    args: &Args,
+    store: &Store,
+    import_id: i64,
+) -> Result<Arc<dyn Provider>, (i32, anyhow::Error)> {
+    let permanent = |e: anyhow::Error| (EXIT_PERMANENT, e);
+    let retryable = |e: anyhow::Error| (1, e);
+    let provider: Arc<dyn Provider> = match &args.offline_postcodes {
+        Some(path) => {
+            let started = std::time::Instant::now();
+            let index = tokio::task::spawn_blocking({
+                let path = path.clone();
+                let cache = args
+                    .index_cache_dir
+                    .clone()
+                    .unwrap_or_else(pipeline::offline::default_cache_dir);
+                move || OfflineIndex::load_cached(&path, &cache)
+            })
+            .await
+            .map_err(|e| retryable(e.into()))?
+            .map_err(|e| permanent(e.into()))?;
+            tracing::info!(
+                postcodes = index.postcodes(),
+                seconds = started.elapsed().as_secs_f64(),
+                "offline index loaded"
+            );
+            Arc::new(index)
+        }
+        None => {
+            store
+                .ensure_quota(import_id, args.quota_rps, args.max_requests)
+                .await
+                .map_err(retryable)?;
+            Arc::new(PostcodesIo::new(
+                &args.api_url,
+                Duration::from_secs_f64(args.timeout_s),
+            ))
+        }
+    };
+    Ok(provider)
+}
+
+fn shard_config(args: &Args, import_id: i64) -> ShardConfig {
+    ShardConfig {
+        import_id,
+        shard: args.shard,
+        plan: SearchPlan {
+            radius_m: args.radius_m,
+            max_radius_m: args.max_radius_m,
+            widesearch: args.widesearch,
+        },
+        retry: RetryPolicy {
+            max_attempts: args.max_attempts,
+            ..RetryPolicy::default()
+        },
+    }
 }
 
 /// Logs progress at most every 10 seconds.

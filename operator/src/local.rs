@@ -13,11 +13,11 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Args;
 use pipeline::{
-    model::ImportPhase,
-    store::{ImportRecord, Store},
     exit::JobExit,
     export::write_csv,
     load::sha256_file,
+    model::ImportPhase,
+    store::{ImportRecord, Store},
 };
 use postcode_resource::{limits, ApiSpec, CsvSpec, Phase, PostcodeImportSpec, QuotaSpec};
 use tokio::{process::Command, task::JoinSet};
@@ -293,7 +293,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     let store = Store::connect(&args.db).await?;
     store.migrate().await?;
     let (import, sha) = import_of(&store, &files, &args).await?;
-    let resumed = import.phase == ImportPhase::Loaded && import.source_sha256.as_deref() == Some(sha.as_str());
+    let resumed =
+        import.phase == ImportPhase::Loaded && import.source_sha256.as_deref() == Some(sha.as_str());
     let shards = if resumed {
         import.shards as u32
     } else {
@@ -324,7 +325,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     });
     let decision = run.until_done().await?;
     let import = store.import(&import.uid).await?.context("import vanished")?;
-    if !matches!(decision.report.as_ref().map(|r| r.phase), Some(Phase::Failed)) || import.phase == ImportPhase::Loaded {
+    if !matches!(decision.report.as_ref().map(|r| r.phase), Some(Phase::Failed))
+        || import.phase == ImportPhase::Loaded
+    {
         summarise(&store, &import, &files.out, &decision, run.log_dir(), started).await?;
     }
     store.close().await;

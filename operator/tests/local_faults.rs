@@ -16,11 +16,8 @@ use std::{
 };
 
 use common::*;
-use pipeline::{
-    model::ImportPhase,
-    store::Store,
-    test_server::{Faults, TestServer},
-};
+use pipeline::{model::ImportPhase, store::Store};
+use postcodes_io_test_server::{Faults, TestServer};
 
 /// The first `n` rows of the real file, enriched offline: the reference answer.
 fn offline_reference(

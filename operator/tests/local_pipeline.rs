@@ -8,10 +8,8 @@ mod common;
 use std::{collections::HashSet, path::Path, time::Duration};
 
 use common::*;
-use pipeline::{
-    geo::{distance_m, LatLon},
-    test_server::{Faults, TestServer},
-};
+use pipeline::geo::{distance_m, LatLon};
+use postcodes_io_test_server::{Faults, TestServer};
 
 /// Distinct coordinates of [`real_input`] (87,064 in the real file).
 fn real_distinct() -> usize {

@@ -22,7 +22,7 @@ use kube::{
     api::{ApiResource, DeleteParams, DynamicObject, ListParams, PostParams},
     Api, Client,
 };
-use pipeline::test_server::{Faults, TestServer};
+use postcodes_io_test_server::{Faults, TestServer};
 use serde_json::{json, Value};
 
 /// A `postcode-operator run` process.

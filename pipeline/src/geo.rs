@@ -5,7 +5,8 @@
 pub const EARTH_RADIUS_M: f64 = 6_371_008.8;
 
 /// A WGS84 position in degrees: latitude in -90..=90, longitude in -180..=180.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Plain numbers ([`bytemuck::Pod`]), so a mapped index file can hold them.
+#[derive(Debug, Clone, Copy, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C)]
 pub struct LatLon {
     pub lat: f64,

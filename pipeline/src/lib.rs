@@ -1,7 +1,11 @@
 //! Shared pieces of the postcode enrichment pipeline, used by `reader-job`,
 //! `enricher-job` and `postcode-operator`: the CSV input rules, storage, the
-//! providers (postcodes.io and the offline ONS index), quota and retry policy,
-//! and the enriched-CSV export.
+//! providers (postcodes.io and the offline ONS index) and the search ladder,
+//! quota and retry policy, and the enriched-CSV export.
+//!
+//! How a lookup is answered: [`provider`] (the interface; [`postcodes_io`] and
+//! [`offline`] implement it) and [`ladder`] (the search stages), driven by
+//! [`enrich`]; how the quota works: [`quota`]; when a request is retried: [`retry`].
 
 pub mod csv_input;
 pub mod degrees;
@@ -10,17 +14,18 @@ pub mod exit;
 pub mod export;
 pub mod geo;
 pub mod grid;
+pub mod ladder;
 pub mod load;
 pub mod lookup;
 pub mod model;
 pub mod offline;
 pub mod postcode;
 pub mod postcodes_io;
+pub mod provider;
 pub mod quota;
 pub mod retry;
 pub mod slab;
 pub mod store;
-pub mod test_server;
 
 /// Exit code of a Job that failed for a reason a retry will not fix (bad input,
 /// bad configuration): [`exit::JobExit::Permanent`].

@@ -1,10 +1,9 @@
-//! What a provider answers: the nearest postcode to a coordinate within a radius,
-//! and the search stages (radius, maximum radius, widesearch) of DESIGN.md
-//! "Enrichment rules".
+//! What a provider answers: the nearest postcode to a coordinate within a radius
+//! ([`Match`], with its [`Area`]), how far one request searches ([`Radius`]), and
+//! an import's search settings ([`SearchPlan`]; the ladder of stages they make
+//! is [`crate::ladder`]).
 
 use serde::{Deserialize, Serialize};
-
-use crate::model::Stage;
 
 /// postcodes.io's widesearch range in metres ("search up to 20km radius").
 pub const WIDESEARCH_RADIUS_M: f64 = 20_000.0;
@@ -31,7 +30,8 @@ impl Radius {
     }
 }
 
-/// The search ladder: `radius_m` first, then `max_radius_m`, then widesearch.
+/// An import's search settings: `radius_m` first, then `max_radius_m`, then
+/// widesearch (the stages and their order: [`crate::ladder`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SearchPlan {
     pub radius_m: f64,
@@ -45,33 +45,6 @@ impl Default for SearchPlan {
             radius_m: 100.0,
             max_radius_m: 2000.0,
             widesearch: true,
-        }
-    }
-}
-
-impl SearchPlan {
-    /// How far `stage` searches.
-    pub fn radius(&self, stage: Stage) -> Radius {
-        match stage {
-            Stage::Radius => Radius::Metres(self.radius_m),
-            Stage::MaxRadius => Radius::Metres(self.max_radius_m),
-            Stage::Widesearch => Radius::Widesearch,
-        }
-    }
-
-    /// The stage to try after `stage` found nothing, `None` when the row is
-    /// `no_match`. The maximum radius is skipped when it searches no further
-    /// than the first.
-    pub fn next_stage(&self, stage: Stage) -> Option<Stage> {
-        let widesearch = self.widesearch.then_some(Stage::Widesearch);
-        match stage {
-            Stage::Radius
-                if self.max_radius_m.min(MAX_API_RADIUS_M) > self.radius_m.min(MAX_API_RADIUS_M) =>
-            {
-                Some(Stage::MaxRadius)
-            }
-            Stage::Radius | Stage::MaxRadius => widesearch,
-            Stage::Widesearch => None,
         }
     }
 }
@@ -158,39 +131,4 @@ pub struct Match {
     pub area: Area,
     /// The provider's raw result object (postcodes.io JSON), when there is one.
     pub raw: Option<String>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ladder_climbs_radius_max_radius_widesearch() {
-        let plan = SearchPlan::default();
-        assert_eq!(plan.next_stage(Stage::Radius), Some(Stage::MaxRadius));
-        assert_eq!(plan.next_stage(Stage::MaxRadius), Some(Stage::Widesearch));
-        assert_eq!(plan.next_stage(Stage::Widesearch), None);
-        let no_wide = SearchPlan {
-            widesearch: false,
-            ..plan
-        };
-        assert_eq!(no_wide.next_stage(Stage::MaxRadius), None);
-        // A maximum radius no wider than the first (after clamping) is skipped.
-        let flat = SearchPlan {
-            radius_m: 2500.0,
-            max_radius_m: 3000.0,
-            widesearch: true,
-        };
-        assert_eq!(flat.next_stage(Stage::Radius), Some(Stage::Widesearch));
-        assert_eq!(
-            SearchPlan {
-                widesearch: false,
-                ..flat
-            }
-            .next_stage(Stage::Radius),
-            None
-        );
-        assert_eq!(plan.radius(Stage::MaxRadius), Radius::Metres(2000.0));
-        assert_eq!(plan.radius(Stage::Widesearch), Radius::Widesearch);
-    }
 }

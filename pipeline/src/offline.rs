@@ -16,17 +16,22 @@
 
 use std::{fs::File, io::Read, path::Path};
 
-use crate::{
-    grid::{Grid, GridShape},
-    slab::Slab,
-};
+use futures::future::BoxFuture;
+use sha2::{Digest, Sha256};
 
 use crate::{
     csv_input::open_maybe_gzip,
     geo::{distance_m, squared_chord_for_m, LatLon},
+    grid::{Grid, GridShape},
     lookup::{Area, Match, Radius},
     postcode::{outcode_incode, to_pcds},
+    provider::{Answer, CallError, Provider},
+    slab::Slab,
 };
+
+/// Coordinates the enricher answers at once from the index (no request limit
+/// applies; a few thousand keep each database transaction short).
+const BATCH: usize = 4096;
 
 /// One postcode of a postcode file: WGS84 latitude and longitude in degrees, and
 /// its `pcds` form padded with spaces to 8 bytes.
@@ -202,7 +207,7 @@ impl OfflineIndex {
     /// The nearest postcode to a WGS84 position within `radius_m` metres
     /// (great-circle), or `None`.
     pub fn nearest(&self, at: LatLon, radius_m: f64) -> Option<Nearest<'_>> {
-        let codes = &self.codes;
+        let codes: &[[u8; 8]] = &self.codes;
         let (_, pos) = self
             .grid
             .nearest_at(at, squared_chord_for_m(radius_m), |a, b| codes[a] < codes[b])?;
@@ -212,7 +217,7 @@ impl OfflineIndex {
     /// [`OfflineIndex::nearest`] for each of `ats`, in order: the same answers,
     /// faster on many queries ([`Grid::nearest_each`] overlaps their memory reads).
     pub fn nearest_many(&self, ats: &[LatLon], radius_m: f64) -> Vec<Option<Nearest<'_>>> {
-        let codes = &self.codes;
+        let (centroids, codes): (&[LatLon], &[[u8; 8]]) = (&self.centroids, &self.codes);
         let mut found = Vec::with_capacity(ats.len());
         self.grid.nearest_each(
             ats,
@@ -224,8 +229,8 @@ impl OfflineIndex {
         (0..ats.len())
             .map(|i| {
                 if let Some(&Some(ahead)) = found.get(i + 4) {
-                    crate::grid::prefetch(&self.centroids[ahead]);
-                    crate::grid::prefetch(&self.codes[ahead]);
+                    crate::grid::prefetch(&centroids[ahead]);
+                    crate::grid::prefetch(&codes[ahead]);
                 }
                 found[i].map(|pos| self.found(ats[i], pos))
             })
@@ -286,6 +291,33 @@ impl OfflineIndex {
     }
 }
 
+/// The index answers in memory: no quota, no retries, and the enricher climbs a
+/// batch's whole search ladder at once.
+impl Provider for OfflineIndex {
+    fn name(&self) -> String {
+        format!("the offline index of {} postcodes", self.postcodes)
+    }
+
+    fn batch_size(&self) -> usize {
+        BATCH
+    }
+
+    fn answers_locally(&self) -> bool {
+        true
+    }
+
+    fn answer<'a>(
+        &'a self,
+        at: &'a [LatLon],
+        radius: Radius,
+    ) -> BoxFuture<'a, Result<Vec<Answer>, CallError>> {
+        let answers = self.lookup_many(at, radius).into_iter();
+        Box::pin(std::future::ready(Ok(answers
+            .map(|m| m.map_or(Answer::NoPostcode, Answer::Found))
+            .collect())))
+    }
+}
+
 /// The default cache directory of [`OfflineIndex::load_cached`]:
 /// `postcode-operator-index` in the temporary directory, created when missing.
 pub fn default_cache_dir() -> std::path::PathBuf {
@@ -326,10 +358,8 @@ fn cache_path(path: &Path, cache_dir: &Path) -> Result<std::path::PathBuf, Offli
         meta.len(),
         mtime
     );
-    Ok(cache_dir.join(format!(
-        "postcode-index-{:016x}.bin",
-        crate::fnv1a(crate::FNV1A_OFFSET, key.as_bytes())
-    )))
+    let digest = Sha256::digest(key.as_bytes());
+    Ok(cache_dir.join(format!("postcode-index-{}.bin", hex::encode(&digest[..16]))))
 }
 
 fn parse_into_cache(path: &Path, cache: &Path) -> Result<OfflineIndex, OfflineError> {

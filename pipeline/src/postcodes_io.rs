@@ -7,50 +7,22 @@
 //! range), so only validated coordinates are sent; a global `?widesearch=` query
 //! parameter turns widesearch on whatever its value, so options go per
 //! geolocation in the body and the query string stays empty.
+//!
+//! As a [`Provider`]: batches of 100, one search stage a request; the
+//! enricher paces them by the quota and retries them ([`crate::enrich`]).
 
 use std::{collections::HashMap, time::Duration};
 
+use futures::future::BoxFuture;
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
+    geo::LatLon,
     lookup::{Area, Match, Radius, MAX_BULK_GEOLOCATIONS},
     postcode::to_pcds,
+    provider::{Answer, CallError, Provider},
 };
-
-/// Why a request did not give answers.
-#[derive(Debug, Clone, PartialEq)]
-pub enum CallError {
-    /// HTTP 429; `retry_after` from the `Retry-After` header when present.
-    Throttled { retry_after: Option<Duration> },
-    /// Worth retrying: 5xx, timeout, connection error, malformed body.
-    Transient(String),
-    /// Not worth retrying (4xx other than 429): the request itself is wrong.
-    Permanent(String),
-}
-
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CallError::Throttled { retry_after: Some(d) } => {
-                write!(f, "HTTP 429 (Retry-After {}s)", d.as_secs_f64())
-            }
-            CallError::Throttled { retry_after: None } => write!(f, "HTTP 429"),
-            CallError::Transient(m) | CallError::Permanent(m) => f.write_str(m),
-        }
-    }
-}
-
-/// The answer for one query of a bulk request.
-#[derive(Debug, Clone, PartialEq)]
-#[allow(clippy::large_enum_variant)] // answers live in one batch of at most 100
-pub enum Answer {
-    Found(Match),
-    /// `result: null`: no postcode within the radius.
-    NoPostcode,
-    /// The response did not contain this query (fewer results than queries).
-    Missing,
-}
 
 #[derive(Serialize)]
 struct Geolocation {
@@ -146,6 +118,29 @@ impl PostcodesIo {
             return Err(CallError::Permanent(format!("HTTP {status}: {}", snippet(&text))));
         }
         parse_bulk(&text, queries)
+    }
+}
+
+impl Provider for PostcodesIo {
+    fn name(&self) -> String {
+        format!("postcodes.io at {}", self.url.trim_end_matches("/postcodes"))
+    }
+
+    fn batch_size(&self) -> usize {
+        MAX_BULK_GEOLOCATIONS
+    }
+
+    fn answers_locally(&self) -> bool {
+        false
+    }
+
+    fn answer<'a>(
+        &'a self,
+        at: &'a [LatLon],
+        radius: Radius,
+    ) -> BoxFuture<'a, Result<Vec<Answer>, CallError>> {
+        let queries: Vec<(f64, f64)> = at.iter().map(|p| (p.lat, p.lon)).collect();
+        Box::pin(async move { self.bulk_reverse(&queries, radius).await })
     }
 }
 

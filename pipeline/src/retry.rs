@@ -1,8 +1,19 @@
-//! Retry policy for external API calls: exponential backoff with full jitter
-//! (AWS Architecture Blog, "Exponential Backoff and Jitter"), never shorter than a
-//! server's `Retry-After`, and a bounded number of attempts.
+//! Retries of a provider's requests: the policy (exponential backoff with full
+//! jitter, AWS Architecture Blog "Exponential Backoff and Jitter", never shorter
+//! than a server's `Retry-After`, a bounded number of attempts) and the
+//! accounting of one batch's requests ([`Tries`]): what counts as a retry, as
+//! throttled, and how many attempts a coordinate has left.
+//!
+//! A 429 is the server asking for patience, not a fault: it does not count as
+//! an attempt, but against an allowance four times larger, and its wait pauses
+//! every shard of the import (through the quota) instead of only this one.
 
 use std::time::Duration;
+
+use crate::provider::CallError;
+
+/// 429s one batch may meet, per attempt of [`RetryPolicy::max_attempts`], before it fails.
+const THROTTLES_PER_ATTEMPT: u32 = 4;
 
 /// When and how often to retry one request.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,19 +53,129 @@ impl RetryPolicy {
     pub fn allows(&self, attempt: u32) -> bool {
         attempt <= self.max_attempts
     }
+
+    /// Whether a coordinate that a response left out, after `requests` requests
+    /// for it in all, is asked again (stays pending) rather than `failed`.
+    pub fn asks_again(&self, requests: i32) -> bool {
+        (requests as u32) < self.max_attempts
+    }
+}
+
+/// What to do after a failed request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    /// Send it again after `wait`; `pause_all` is a 429's wait, for every shard
+    /// of the import (the quota's pause) rather than this one alone.
+    Retry {
+        wait: Duration,
+        pause_all: Option<Duration>,
+    },
+    /// Stop: the batch's coordinates fail with this error.
+    GiveUp,
+}
+
+/// The requests of one batch: sent, throttled, retried.
+#[derive(Debug, Clone)]
+pub struct Tries {
+    policy: RetryPolicy,
+    /// Requests sent.
+    sent: u32,
+    /// Of those, answered 429.
+    throttled: u32,
+    /// Failures followed by another request.
+    retries: u32,
+}
+
+impl Tries {
+    pub fn new(policy: RetryPolicy) -> Self {
+        Self {
+            policy,
+            sent: 0,
+            throttled: 0,
+            retries: 0,
+        }
+    }
+
+    /// A request is being sent.
+    pub fn sent(&mut self) {
+        self.sent += 1;
+    }
+
+    /// The last request sent failed with `err`; `jitter` is a sample of [0, 1)
+    /// that scales the backoff. Decides whether and when to send it again.
+    pub fn failed(&mut self, err: &CallError, jitter: f64) -> Verdict {
+        let verdict = match err {
+            CallError::Permanent(_) => Verdict::GiveUp,
+            CallError::Throttled { retry_after } => {
+                self.throttled += 1;
+                if self.throttled > self.policy.max_attempts * THROTTLES_PER_ATTEMPT {
+                    Verdict::GiveUp
+                } else {
+                    let pause = self.policy.delay(self.throttled, *retry_after, jitter);
+                    Verdict::Retry {
+                        wait: Duration::ZERO,
+                        pause_all: Some(pause),
+                    }
+                }
+            }
+            CallError::Transient(_) if !self.policy.allows(self.attempts() + 1) => Verdict::GiveUp,
+            CallError::Transient(_) => Verdict::Retry {
+                wait: self.policy.delay(self.attempts(), None, jitter),
+                pause_all: None,
+            },
+        };
+        if matches!(verdict, Verdict::Retry { .. }) {
+            self.retries += 1;
+        }
+        verdict
+    }
+
+    /// Requests sent that count as attempts (all but the 429s).
+    pub fn attempts(&self) -> u32 {
+        self.sent - self.throttled
+    }
+
+    /// Requests sent, 429s included: what each coordinate of the batch is charged.
+    pub fn requests(&self) -> u32 {
+        self.sent
+    }
+
+    /// Requests answered 429.
+    pub fn throttled(&self) -> u32 {
+        self.throttled
+    }
+
+    /// Failed requests that were sent again (429s included).
+    pub fn retries(&self) -> u32 {
+        self.retries
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn backoff_doubles_up_to_the_cap_and_honours_retry_after() {
-        let p = RetryPolicy {
-            max_attempts: 3,
+    fn policy(max_attempts: u32) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts,
             base: Duration::from_secs(1),
             cap: Duration::from_secs(5),
-        };
+        }
+    }
+
+    fn transient() -> CallError {
+        CallError::Transient("HTTP 503".into())
+    }
+
+    fn throttled(retry_after: Option<u64>) -> CallError {
+        CallError::Throttled {
+            retry_after: retry_after.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_honours_retry_after() {
+        let p = policy(3);
         assert_eq!(p.delay(1, None, 1.0), Duration::from_secs(1));
         assert_eq!(p.delay(3, None, 1.0), Duration::from_secs(4));
         assert_eq!(p.delay(9, None, 1.0), Duration::from_secs(5));
@@ -64,5 +185,102 @@ mod tests {
             Duration::from_secs(7)
         );
         assert!(p.allows(3) && !p.allows(4));
+    }
+
+    #[test]
+    fn transient_failures_retry_with_growing_backoff_until_the_attempts_are_spent() {
+        let mut t = Tries::new(policy(3));
+        let mut waits = vec![];
+        loop {
+            t.sent();
+            match t.failed(&transient(), 1.0) {
+                Verdict::Retry { wait, pause_all } => {
+                    assert_eq!(pause_all, None, "a 5xx waits alone");
+                    waits.push(wait.as_secs());
+                }
+                Verdict::GiveUp => break,
+            }
+        }
+        assert_eq!(waits, [1, 2], "3 attempts: 2 retries, backoff 1 s then 2 s");
+        assert_eq!(
+            (t.requests(), t.attempts(), t.retries(), t.throttled()),
+            (3, 3, 2, 0)
+        );
+    }
+
+    #[test]
+    fn a_permanent_error_gives_up_at_once() {
+        let mut t = Tries::new(policy(8));
+        t.sent();
+        assert_eq!(
+            t.failed(&CallError::Permanent("HTTP 400".into()), 0.5),
+            Verdict::GiveUp
+        );
+        assert_eq!((t.requests(), t.retries()), (1, 0));
+    }
+
+    #[test]
+    fn throttles_pause_every_shard_and_do_not_spend_attempts() {
+        let mut t = Tries::new(policy(2));
+        t.sent();
+        // The pause is the backoff of the nth 429, or Retry-After when longer.
+        assert_eq!(
+            t.failed(&throttled(Some(3)), 0.0),
+            Verdict::Retry {
+                wait: Duration::ZERO,
+                pause_all: Some(Duration::from_secs(3))
+            }
+        );
+        t.sent();
+        assert_eq!(
+            t.failed(&throttled(None), 1.0),
+            Verdict::Retry {
+                wait: Duration::ZERO,
+                pause_all: Some(Duration::from_secs(2))
+            }
+        );
+        // Two 429s cost no attempt: a 5xx still gets its one retry of two attempts,
+        // with the backoff of a first retry.
+        t.sent();
+        assert_eq!(t.attempts(), 1);
+        assert_eq!(
+            t.failed(&transient(), 1.0),
+            Verdict::Retry {
+                wait: Duration::from_secs(1),
+                pause_all: None
+            }
+        );
+        t.sent();
+        assert_eq!(t.failed(&transient(), 1.0), Verdict::GiveUp);
+        assert_eq!(
+            (t.requests(), t.attempts(), t.throttled(), t.retries()),
+            (4, 2, 2, 3)
+        );
+    }
+
+    #[test]
+    fn throttles_give_up_after_four_per_attempt() {
+        let mut t = Tries::new(policy(2));
+        for n in 1..=8 {
+            t.sent();
+            assert!(
+                matches!(t.failed(&throttled(None), 0.0), Verdict::Retry { .. }),
+                "429 number {n}"
+            );
+        }
+        t.sent();
+        assert_eq!(t.failed(&throttled(None), 0.0), Verdict::GiveUp);
+        assert_eq!(
+            (t.requests(), t.throttled(), t.retries(), t.attempts()),
+            (9, 9, 8, 0)
+        );
+    }
+
+    #[test]
+    fn a_coordinate_left_out_is_asked_again_while_attempts_remain() {
+        let p = policy(3);
+        assert!(p.asks_again(2));
+        assert!(!p.asks_again(3));
+        assert!(!p.asks_again(i32::MAX));
     }
 }

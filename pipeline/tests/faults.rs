@@ -11,15 +11,15 @@ use std::{sync::Arc, time::Duration};
 
 use pipeline::{
     csv_input::CsvOptions,
-    enrich::{run_shard, Finish, Provider, ShardConfig},
+    enrich::{run_shard, Finish, ShardConfig},
     load::{load, Source},
     lookup::SearchPlan,
     offline::OfflineIndex,
     postcodes_io::PostcodesIo,
     retry::RetryPolicy,
     store::{ImportRecord, Store},
-    test_server::{Faults, TestServer},
 };
+use postcodes_io_test_server::{Faults, TestServer};
 
 /// Postcodes on a 0.01° grid around London: every test point has one within 100 m.
 fn grid_index() -> Arc<OfflineIndex> {
@@ -85,20 +85,20 @@ async fn enrich(
     timeout: Duration,
     retry: RetryPolicy,
 ) -> Finish {
-    let provider = Provider::Api(PostcodesIo::new(url, timeout));
+    let provider = Arc::new(PostcodesIo::new(url, timeout));
     let cfg = ShardConfig {
         import_id: imp.id,
         shard: 0,
         plan: SearchPlan::default(),
         retry,
     };
-    run_shard(store, &provider, &cfg, |_| {}).await.unwrap()
+    run_shard(store, provider, &cfg, |_| {}).await.unwrap()
 }
 
 /// Runs 250 points (3 batches of at most 100) with `script` as the first
 /// requests' fates and checks that every row ends enriched after exactly
 /// `requests` requests (the 3 batches plus the retries the faults cost).
-async fn survives(script: &[&str], faults: Faults, requests: u64) -> pipeline::test_server::Stats {
+async fn survives(script: &[&str], faults: Faults, requests: u64) -> postcodes_io_test_server::Stats {
     let store = fresh_pg().await;
     let imp = import(&store, 250).await;
     let faults = Faults {

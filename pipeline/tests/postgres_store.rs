@@ -11,7 +11,7 @@ use std::{io::Write, sync::Arc};
 
 use pipeline::{
     csv_input::CsvOptions,
-    enrich::{run_shard, Provider, ShardConfig},
+    enrich::{run_shard, ShardConfig},
     load::{load, Source},
     lookup::SearchPlan,
     model::{ImportPhase, Stage},
@@ -20,8 +20,8 @@ use pipeline::{
     quota::Slot,
     retry::RetryPolicy,
     store::{Outcome, Saved, ShardPlan},
-    test_server::{Faults, TestServer},
 };
+use postcodes_io_test_server::{Faults, TestServer};
 
 fn csv_file(text: &str) -> tempfile_path::Path {
     tempfile_path::Path::with(text)
@@ -212,7 +212,7 @@ async fn four_shards_share_one_quota_and_finish_every_row() {
     let api = PostcodesIo::new(&server.url(), std::time::Duration::from_secs(10));
     let mut tasks = vec![];
     for shard in 0..4 {
-        let (store, provider) = (store.clone(), Provider::Api(api.clone()));
+        let (store, provider) = (store.clone(), Arc::new(api.clone()));
         let cfg = ShardConfig {
             import_id: imp.id,
             shard,
@@ -220,7 +220,7 @@ async fn four_shards_share_one_quota_and_finish_every_row() {
             retry: RetryPolicy::default(),
         };
         tasks.push(tokio::spawn(async move {
-            run_shard(&store, &provider, &cfg, |_| {}).await.unwrap()
+            run_shard(&store, provider, &cfg, |_| {}).await.unwrap()
         }));
     }
     for t in tasks {

@@ -8,7 +8,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use pipeline::{
     csv_input::CsvOptions,
-    enrich::{run_shard, Finish, Provider, ShardConfig},
+    enrich::{run_shard, Finish, ShardConfig},
     load::{load, Source},
     lookup::SearchPlan,
     model::RowStatus,
@@ -97,9 +97,7 @@ async fn the_join_in_memory_gives_the_views_rows() {
         retry: RetryPolicy::default(),
     };
     assert_eq!(
-        run_shard(&store, &Provider::Offline(index()), &cfg, |_| {})
-            .await
-            .unwrap(),
+        run_shard(&store, index(), &cfg, |_| {}).await.unwrap(),
         Finish::Done
     );
     // Some lookups failed, some with area data that needs quoting, sharing one answer.

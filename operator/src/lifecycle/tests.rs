@@ -1,7 +1,7 @@
 //! Table-driven tests of [`decide`]: each case is an observed state and the
 //! Jobs, phase, conditions and next step it must lead to.
 
-use pipeline::{exit::JobExit, store::Counts, lookup::SearchPlan};
+use pipeline::{exit::JobExit, lookup::SearchPlan, store::Counts};
 use postcode_resource::Phase;
 
 use super::*;

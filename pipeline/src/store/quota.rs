@@ -2,7 +2,9 @@
 //! [`crate::quota`]; the reservation, which reads a clock, is per dialect).
 
 use super::{on_pool, postgres, records::QuotaCounters, sqlite, Store};
-use crate::quota::Slot;
+use std::future::Future;
+
+use crate::quota::{QuotaStore, Slot};
 
 impl Store {
     /// Sets the import's quota (requests per second, optional total budget);
@@ -88,5 +90,20 @@ impl Store {
         const SQL: &str = "SELECT COUNT(*) FROM quotas WHERE import_id = $1 AND max_requests IS NOT NULL AND requests >= max_requests";
         let (n,): (i64,) = on_pool!(self, p => sqlx::query_as(SQL).bind(import_id).fetch_one(p).await)?;
         Ok(n > 0)
+    }
+}
+
+/// [`crate::quota::Quota`] paces requests with these statements.
+impl QuotaStore for Store {
+    fn reserve(&self, import_id: i64) -> impl Future<Output = anyhow::Result<Slot>> + Send {
+        Store::reserve(self, import_id)
+    }
+
+    fn release_slot(&self, import_id: i64) -> impl Future<Output = anyhow::Result<()>> + Send {
+        Store::release_slot(self, import_id)
+    }
+
+    fn pause(&self, import_id: i64, seconds: f64) -> impl Future<Output = anyhow::Result<()>> + Send {
+        Store::pause(self, import_id, seconds)
     }
 }

@@ -6,6 +6,9 @@
 //! `GET /postcodes?lon=&lat=` (single). Radius clamped to 2000 m, limit to 100,
 //! widesearch 20 km and at most 10 results; `result: null` when nothing is in
 //! range. Test endpoints: `GET /__stats`, `PUT /__faults`.
+//!
+//! In a test, [`TestServer::start`] runs it on a loopback port of the test's
+//! own runtime; the `postcodes-io-test-server` binary runs it as a process.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -26,7 +29,7 @@ use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::{
+use pipeline::{
     geo::LatLon,
     lookup::{MAX_API_RADIUS_M, MAX_BULK_GEOLOCATIONS, WIDESEARCH_RADIUS_M},
     offline::{Nearest, OfflineIndex},
@@ -289,79 +292,109 @@ fn search_params(radius: Option<f64>, limit: Option<f64>, widesearch: bool) -> (
     }
 }
 
-#[allow(clippy::too_many_lines)] // TODO(issue 15): split in the store/provider redesign
-async fn bulk(State(state): State<ServerState>, body: axum::body::Bytes) -> Response {
-    let fate = decide(&state);
-    let (fewer, reorder, slow) = match fate {
+/// A request answered without postcodes: a fault, or postcodes.io's refusal.
+type Refused = Box<Response>;
+
+/// The response of a fate that gives no answers, or how to answer.
+fn faulty(state: &ServerState, fate: Fate) -> Result<(bool, bool, Option<Duration>), Refused> {
+    match fate {
         Fate::Throttle(ra) => {
-            count_status(&state, 429);
+            count_status(state, 429);
             let mut r = error_body(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
             if let Some(s) = ra {
                 r.headers_mut().insert(header::RETRY_AFTER, s.into());
             }
-            return r;
+            Err(Box::new(r))
         }
         Fate::Status(code) => {
-            count_status(&state, code.as_u16());
-            return error_body(code, "injected fault");
+            count_status(state, code.as_u16());
+            Err(Box::new(error_body(code, "injected fault")))
         }
         Fate::Garbage => {
-            count_status(&state, 200);
-            return (StatusCode::OK, "<html><body>502 upstream hiccup</body></html>").into_response();
+            count_status(state, 200);
+            Err(Box::new(
+                (StatusCode::OK, "<html><body>502 upstream hiccup</body></html>").into_response(),
+            ))
         }
         Fate::Truncated => {
-            count_status(&state, 200);
-            return (
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                "{\"status\":200,\"result\":[{\"query\":{\"lat",
-            )
-                .into_response();
+            count_status(state, 200);
+            Err(Box::new(
+                (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    "{\"status\":200,\"result\":[{\"query\":{\"lat",
+                )
+                    .into_response(),
+            ))
         }
         Fate::Reset => {
-            count_status(&state, 0);
+            count_status(state, 0);
             let stream = futures::stream::once(async {
                 Err::<bytes::Bytes, std::io::Error>(std::io::Error::other("injected reset"))
             });
-            return Response::builder()
-                .status(200)
-                .body(Body::from_stream(stream))
-                .expect("response");
+            Err(Box::new(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from_stream(stream))
+                    .expect("response"),
+            ))
         }
-        Fate::Answer { fewer, reorder, slow } => (fewer, reorder, slow),
+        Fate::Answer { fewer, reorder, slow } => Ok((fewer, reorder, slow)),
+    }
+}
+
+/// The geolocations of a bulk request body, or postcodes.io's 400.
+fn geolocations(state: &ServerState, body: &[u8]) -> Result<Vec<Value>, Refused> {
+    let bad = |msg: &str| {
+        count_status(state, 400);
+        Box::new(error_body(StatusCode::BAD_REQUEST, msg))
     };
-    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
-        count_status(&state, 400);
-        return error_body(
-            StatusCode::BAD_REQUEST,
+    let Ok(mut v) = serde_json::from_slice::<Value>(body) else {
+        return Err(bad(
             "Invalid JSON submitted. You need to submit a JSON object with an array of geolocation objects",
-        );
+        ));
     };
-    let Some(list) = v.get("geolocations").and_then(Value::as_array) else {
-        count_status(&state, 400);
-        return error_body(
-            StatusCode::BAD_REQUEST,
-            "Invalid data submitted. You need to provide a JSON array",
-        );
+    let Some(Value::Array(list)) = v.get_mut("geolocations").map(Value::take) else {
+        return Err(bad("Invalid data submitted. You need to provide a JSON array"));
     };
     if list.len() > MAX_BULK_GEOLOCATIONS {
-        count_status(&state, 400);
-        return error_body(
-            StatusCode::BAD_REQUEST,
+        return Err(bad(
             "Too many locations submitted. Up to 100 locations can be bulk requested at a time",
-        );
+        ));
     }
-    let mut results = Vec::with_capacity(list.len());
-    let mut keys = Vec::with_capacity(list.len());
-    let mut first_radius = None;
+    Ok(list)
+}
+
+/// One bulk request's answers, as postcodes.io words them.
+struct Answered {
+    results: Vec<Value>,
+    /// (latitude, longitude, radius) bits of each geolocation.
+    keys: Vec<(u64, u64, u64)>,
+    first_radius: Option<String>,
+}
+
+/// Answers each geolocation, or fails the whole request as postcodes.io does
+/// (400 for a non-number, 500 for a coordinate out of range).
+fn answer_all(state: &ServerState, list: &[Value]) -> Result<Answered, Refused> {
+    let mut out = Answered {
+        results: Vec::with_capacity(list.len()),
+        keys: Vec::with_capacity(list.len()),
+        first_radius: None,
+    };
     for g in list {
         let (Some(lat), Some(lon)) = (as_number(g.get("latitude")), as_number(g.get("longitude"))) else {
-            count_status(&state, 400);
-            return error_body(StatusCode::BAD_REQUEST, "Invalid longitude/latitude submitted");
+            count_status(state, 400);
+            return Err(Box::new(error_body(
+                StatusCode::BAD_REQUEST,
+                "Invalid longitude/latitude submitted",
+            )));
         };
         if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
-            count_status(&state, 500);
-            return error_body(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error");
+            count_status(state, 500);
+            return Err(Box::new(error_body(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Internal Server Error",
+            )));
         }
         let (radius, limit) = search_params(
             as_number(g.get("radius")),
@@ -374,38 +407,59 @@ async fn bulk(State(state): State<ServerState>, body: axum::body::Bytes) -> Resp
         } else {
             Value::Array(found.iter().map(postcode_json).collect())
         };
-        first_radius.get_or_insert_with(|| format!("{radius}"));
-        keys.push(((lat + 0.0).to_bits(), (lon + 0.0).to_bits(), radius.to_bits()));
-        results.push(json!({"query": g, "result": result}));
+        out.first_radius.get_or_insert_with(|| format!("{radius}"));
+        out.keys
+            .push(((lat + 0.0).to_bits(), (lon + 0.0).to_bits(), radius.to_bits()));
+        out.results.push(json!({"query": g, "result": result}));
     }
+    Ok(out)
+}
+
+/// Counts a bulk request answered 200: its geolocations, the ones answered before, its radius.
+fn count_answered(state: &ServerState, keys: Vec<(u64, u64, u64)>, first_radius: Option<String>) {
+    let mut g = state.inner.lock().expect("server state");
+    g.stats.geolocations += keys.len() as u64;
+    let mut all_repeated = !keys.is_empty();
+    for k in keys {
+        let n = {
+            let n = g.answered.entry(k).or_default();
+            *n += 1;
+            *n
+        };
+        if n == 2 {
+            g.stats.repeated_queries += 1;
+        }
+        all_repeated &= n > 1;
+    }
+    if all_repeated {
+        g.stats.repeated_batches += 1;
+    }
+    *g.stats.by_status.entry(200).or_default() += 1;
+    let t = g.started.elapsed().as_secs_f64();
+    g.stats.log.push((t, 200));
+    if let Some(r) = first_radius {
+        *g.stats.answered_by_radius.entry(r).or_default() += 1;
+    }
+}
+
+async fn bulk(State(state): State<ServerState>, body: axum::body::Bytes) -> Response {
+    let answered = faulty(&state, decide(&state)).and_then(|how| {
+        let list = geolocations(&state, &body)?;
+        Ok((how, answer_all(&state, &list)?))
+    });
+    let ((fewer, reorder, slow), answered) = match answered {
+        Ok(a) => a,
+        Err(response) => return *response,
+    };
     if let Some(d) = slow {
         tokio::time::sleep(d).await;
     }
-    {
-        let mut g = state.inner.lock().expect("server state");
-        g.stats.geolocations += list.len() as u64;
-        let mut all_repeated = !keys.is_empty();
-        for k in keys {
-            let n = {
-                let n = g.answered.entry(k).or_default();
-                *n += 1;
-                *n
-            };
-            if n == 2 {
-                g.stats.repeated_queries += 1;
-            }
-            all_repeated &= n > 1;
-        }
-        if all_repeated {
-            g.stats.repeated_batches += 1;
-        }
-        *g.stats.by_status.entry(200).or_default() += 1;
-        let t = g.started.elapsed().as_secs_f64();
-        g.stats.log.push((t, 200));
-        if let Some(r) = first_radius {
-            *g.stats.answered_by_radius.entry(r).or_default() += 1;
-        }
-    }
+    let Answered {
+        mut results,
+        keys,
+        first_radius,
+    } = answered;
+    count_answered(&state, keys, first_radius);
     if fewer {
         results.pop();
     }

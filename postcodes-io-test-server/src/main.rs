@@ -4,10 +4,8 @@
 use std::{path::PathBuf, sync::Arc};
 
 use clap::Parser;
-use pipeline::{
-    offline::OfflineIndex,
-    test_server::{router, Faults, ServerState},
-};
+use pipeline::offline::OfflineIndex;
+use postcodes_io_test_server::{router, Faults, ServerState};
 
 #[derive(Parser)]
 #[command(

@@ -16,7 +16,7 @@ use pipeline::{
     postcodes_io::PostcodesIo,
     provider::Provider,
     retry::RetryPolicy,
-    store::Store,
+    store::{ImportRecord, Store},
     EXIT_PERMANENT, EXIT_QUOTA_EXHAUSTED,
 };
 use status::StatusReporter;
@@ -95,16 +95,42 @@ async fn main() {
     }
 }
 
-#[allow(clippy::too_many_lines)] // TODO(issue 15): split in the store/provider redesign
-async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
-    let permanent = |e: anyhow::Error| (EXIT_PERMANENT, e);
-    let retryable = |e: anyhow::Error| (1, e);
+/// Exit code and error of a failed run: [`EXIT_PERMANENT`] for what a retry
+/// will not fix, 1 for the rest.
+type Failure = (i32, anyhow::Error);
+
+fn permanent(e: anyhow::Error) -> Failure {
+    (EXIT_PERMANENT, e)
+}
+
+fn retryable(e: anyhow::Error) -> Failure {
+    (1, e)
+}
+
+async fn run(args: &Args) -> Result<Finish, Failure> {
     if !(args.quota_rps > 0.0 && args.quota_rps.is_finite()) {
         return Err(permanent(anyhow::anyhow!(
             "--quota-rps must be a positive number"
         )));
     }
     let store = Store::connect(&args.database_url).await.map_err(retryable)?;
+    let import = loaded_import(args, &store).await?;
+    let provider = provider(args, &store, import.id).await?;
+    let started = std::time::Instant::now();
+    let finish = enrich(args, &store, import.id, provider).await?;
+    tracing::info!(
+        shard = args.shard,
+        seconds = started.elapsed().as_secs_f64(),
+        ?finish,
+        "shard run ended"
+    );
+    store.close().await;
+    Ok(finish)
+}
+
+/// The import, when it is loaded and has the shard asked for; a permanent
+/// failure otherwise (the reader has not run, or the arguments are wrong).
+async fn loaded_import(args: &Args, store: &Store) -> Result<ImportRecord, Failure> {
     let import = store
         .import(&args.import_uid)
         .await
@@ -129,16 +155,25 @@ async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
             import.shards
         )));
     }
-    let provider = provider(args, &store, import.id).await?;
-    let cfg = shard_config(args, import.id);
-    let started = std::time::Instant::now();
+    Ok(import)
+}
+
+/// Runs the shard to its end, reporting progress to the import's status when
+/// running in a cluster ([`StatusReporter`]).
+async fn enrich(
+    args: &Args,
+    store: &Store,
+    import_id: i64,
+    provider: Arc<dyn Provider>,
+) -> Result<Finish, Failure> {
+    let cfg = shard_config(args, import_id);
     let reporter = StatusReporter::from_env(args.shard).await;
     let progress = reporter
         .as_ref()
-        .map(|r| r.spawn_periodic(store.clone(), import.id));
+        .map(|r| r.spawn_periodic(store.clone(), import_id));
     let mut last = RunStatsLog::default();
     let retries = reporter.as_ref().map(|r| r.retries.clone()).unwrap_or_default();
-    let result = run_shard(&store, provider, &cfg, |s| {
+    let result = run_shard(store, provider, &cfg, |s| {
         retries.store(s.retries as i64, std::sync::atomic::Ordering::Relaxed);
         last.maybe_log(args.shard, s)
     })
@@ -152,28 +187,15 @@ async fn run(args: &Args) -> Result<Finish, (i32, anyhow::Error)> {
             Finish::Done => "Succeeded",
             Finish::QuotaExhausted => "QuotaExhausted",
         };
-        r.report(&store, import.id, phase).await;
+        r.report(store, import_id, phase).await;
     }
-    tracing::info!(
-        shard = args.shard,
-        seconds = started.elapsed().as_secs_f64(),
-        ?finish,
-        "shard run ended"
-    );
-    store.close().await;
     Ok(finish)
 }
 
 /// The offline index when `--offline-postcodes` names a postcode file (built
 /// or mapped from its cache), postcodes.io otherwise (the import's quota row
 /// created if it has none).
-async fn provider(
-    args: &Args,
-    store: &Store,
-    import_id: i64,
-) -> Result<Arc<dyn Provider>, (i32, anyhow::Error)> {
-    let permanent = |e: anyhow::Error| (EXIT_PERMANENT, e);
-    let retryable = |e: anyhow::Error| (1, e);
+async fn provider(args: &Args, store: &Store, import_id: i64) -> Result<Arc<dyn Provider>, Failure> {
     let provider: Arc<dyn Provider> = match &args.offline_postcodes {
         Some(path) => {
             let started = std::time::Instant::now();

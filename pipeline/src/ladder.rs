@@ -295,9 +295,12 @@ mod tests {
     #[tokio::test]
     async fn claims_prefer_full_batches_of_later_stages() {
         let order = |pending: [i64; 3]| async move {
-            stage_to_claim(100, |s, cap| async move { Ok(pending[s.as_i16() as usize].min(cap)) })
-                .await
-                .unwrap()
+            stage_to_claim(
+                100,
+                |s, cap| async move { Ok(pending[s.as_i16() as usize].min(cap)) },
+            )
+            .await
+            .unwrap()
         };
         assert_eq!(order([500, 100, 100]).await, Some(Stage::Widesearch));
         assert_eq!(order([500, 100, 99]).await, Some(Stage::MaxRadius));

@@ -213,16 +213,17 @@ async fn http_429_with_retry_after_pauses_every_request() {
         .find(|(_, c)| *c == 429)
         .expect("a 429 was served")
         .0;
-    let next = st
+    // The other worker may have reserved its slot before the 429 came back:
+    // that one request can still arrive; every later one waits for the pause.
+    let early: Vec<f64> = st
         .arrivals
         .iter()
-        .copied()
-        .filter(|&t| t > t429 + 1e-6)
-        .fold(f64::INFINITY, f64::min);
+        .map(|&t| t - t429)
+        .filter(|&d| d > 1e-6 && d < 1.9)
+        .collect();
     assert!(
-        next >= t429 + 1.9,
-        "a request arrived {:.3}s after the 429 (Retry-After 2)",
-        next - t429
+        early.len() <= 1,
+        "requests arrived {early:?}s after the 429 (Retry-After 2); only one reserved before it may"
     );
     let q = store.quota_counters(imp.id).await.unwrap();
     assert_eq!(q.throttled, 1);

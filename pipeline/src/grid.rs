@@ -400,6 +400,64 @@ impl Grid {
         }
     }
 
+    /// Candidates for the nearest points under another metric whose ratio to
+    /// the sphere's lies in `1..=factor` after scaling (the geodesic one, see
+    /// [`crate::geo::SPHERE_TO_ELLIPSOID`]): into `out`, as (squared chord,
+    /// position) nearest first, every point within squared chord `max_c2`
+    /// whose great-circle distance is at most `factor` × that of the point
+    /// where the `weight`s (≥ 1 each) of the points nearer or as near first
+    /// add up to `need` (all of them when they never do). So the `need`
+    /// nearest under the other metric, counted by weight, are among them.
+    /// `need` ≥ 1; `factor` ≥ 1.
+    pub fn candidates_at(
+        &self,
+        at: LatLon,
+        max_c2: f64,
+        need: u32,
+        factor: f64,
+        weight: impl Fn(usize) -> u32,
+        out: &mut Vec<(f64, usize)>,
+    ) {
+        out.clear();
+        let mut found = Candidates {
+            max_c2,
+            limit: max_c2,
+            // chord(kθ) ≤ k·chord(θ) for k ≥ 1 (the chord is concave in the angle)
+            factor2: factor * factor,
+            need,
+            weight,
+            found: out,
+        };
+        self.search(at, &mut found);
+    }
+
+    /// [`Grid::candidates_at`] for each of `ats` in order, handing `each(i,
+    /// candidates)`; faster on many queries (see [`Grid::nearest_each`]).
+    pub fn candidates_each(
+        &self,
+        ats: &[LatLon],
+        max_c2: f64,
+        factor: f64,
+        mut each: impl FnMut(usize, &[(f64, usize)]),
+    ) {
+        let mut out = Vec::with_capacity(16);
+        for (i, &at) in ats.iter().enumerate() {
+            if let Some(&ahead) = ats.get(i + STARTS_AHEAD) {
+                self.prefetch_starts(ahead);
+            }
+            if let Some(&ahead) = ats.get(i + POINTS_AHEAD) {
+                self.prefetch_points(ahead);
+            }
+            self.candidates_at(at, max_c2, 1, factor, |_| 1, &mut out);
+            each(i, &out);
+        }
+    }
+
+    /// The unit vectors, by position.
+    pub fn units(&self) -> &[[f64; 3]] {
+        &self.units
+    }
+
     /// The item at each position: `items()[pos]` is the number, in the order
     /// given to [`Grid::build`], of the point at `pos`.
     pub fn items(&self) -> &[u32] {
@@ -503,6 +561,42 @@ impl Found for NearestN {
             let at = self.found.partition_point(|f| f.0 <= d2);
             self.found.insert(at, (d2, pos));
             self.found.truncate(self.n);
+        }
+    }
+}
+
+/// Everything within `factor` of the point where the weights reach `need` (see [`Grid::candidates_at`]).
+struct Candidates<'o, W> {
+    max_c2: f64,
+    limit: f64,
+    factor2: f64,
+    need: u32,
+    weight: W,
+    found: &'o mut Vec<(f64, usize)>,
+}
+
+impl<W: Fn(usize) -> u32> Found for Candidates<'_, W> {
+    #[inline]
+    fn limit(&self) -> f64 {
+        self.limit
+    }
+
+    #[inline]
+    fn offer(&mut self, d2: f64, pos: usize) {
+        if d2 > self.limit {
+            return;
+        }
+        let at = self.found.partition_point(|f| f.0 <= d2);
+        self.found.insert(at, (d2, pos));
+        let mut sum = 0u32;
+        for (j, &(d, p)) in self.found.iter().enumerate() {
+            sum = sum.saturating_add((self.weight)(p));
+            if sum >= self.need {
+                self.limit = self.max_c2.min(d * self.factor2);
+                let keep = self.found.partition_point(|f| f.0 <= self.limit).max(j + 1);
+                self.found.truncate(keep);
+                break;
+            }
         }
     }
 }

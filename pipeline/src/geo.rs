@@ -196,7 +196,7 @@ mod tests {
     fn sphere_and_ellipsoid_stay_within_their_bounds() {
         let (lo, hi) = SPHERE_TO_ELLIPSOID;
         for (a, b) in [
-            ((0.0, 0.0), (0.01, 0.0)),   // meridian at the equator: the smallest ratio
+            ((0.0, 0.0), (0.01, 0.0)),    // meridian at the equator: the smallest ratio
             ((89.98, 0.0), (89.99, 0.0)), // near the pole: the largest
             ((0.0, 0.0), (0.0, 0.01)),
             ((54.0, -2.0), (54.1, -2.1)),

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     csv_input::open_maybe_gzip,
-    geo::{geodesic_units, squared_chord_for_m, LatLon, SPHERE_TO_ELLIPSOID},
+    geo::{geodesic_units, karney_m, squared_chord_for_m, LatLon, SPHERE_TO_ELLIPSOID},
     grid::{Grid, GridShape},
     lookup::{Area, Match, Radius},
     postcode::{outcode_incode, to_pcds},
@@ -54,6 +54,11 @@ pub type Entry = (f64, f64, [u8; 8]);
 pub const WIDESEARCH_COUNT: usize = 10;
 /// See [`WIDESEARCH_COUNT`].
 pub const WIDESEARCH_LAST_RANGE_M: f64 = 19_500.0;
+
+/// Centroids whose series distances ([`geodesic_units`]) are this close (metres)
+/// are measured again by Karney's algorithm: well above the series' error
+/// (under 0.1 mm, `geo`'s tests).
+const NEAR_TIE_M: f64 = 1e-3;
 
 /// How the offline provider answers a widesearch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -282,21 +287,39 @@ impl OfflineIndex {
     }
 
     /// Of sphere candidates, the geodesically nearest within `radius_m` (ties:
-    /// the alphabetically first postcode), as (metres, position).
+    /// the alphabetically first postcode), as (metres, position). Candidates
+    /// within [`NEAR_TIE_M`] of the nearest by [`geodesic_units`]' series are
+    /// measured again by Karney's algorithm, which decides between them: where
+    /// two centroids are equally far but for rounding (mirror images of each
+    /// other about the query), postcodes.io's order is Karney's rounding.
     fn best_of(&self, at: LatLon, candidates: &[(f64, usize)], radius_m: f64) -> Option<(f64, usize)> {
         let u = at.unit_vector();
-        let mut best: Option<(f64, usize)> = None;
-        for &(_, pos) in candidates {
-            let d = self.geodesic(at, u, pos);
-            let better = match best {
-                None => true,
-                Some((b, bp)) => d < b || (d == b && self.codes[pos] < self.codes[bp]),
-            };
-            if better && d <= radius_m {
-                best = Some((d, pos));
-            }
+        if candidates.is_empty() {
+            return None;
         }
-        best
+        if let [(_, pos)] = candidates {
+            let d = self.geodesic(at, u, *pos);
+            return (d <= radius_m).then_some((d, *pos));
+        }
+        let measured: Vec<(f64, usize)> = candidates
+            .iter()
+            .map(|&(_, pos)| (self.geodesic(at, u, pos), pos))
+            .collect();
+        let nearest = measured.iter().map(|m| m.0).fold(f64::INFINITY, f64::min);
+        let near: Vec<usize> = measured
+            .iter()
+            .filter(|m| m.0 <= nearest + NEAR_TIE_M)
+            .map(|m| m.1)
+            .collect();
+        let (d, pos) = if near.len() == 1 {
+            (nearest, near[0])
+        } else {
+            near.iter()
+                .map(|&pos| (karney_m(at, self.centroids[pos]), pos))
+                .min_by(|a, b| a.0.total_cmp(&b.0).then(self.codes[a.1].cmp(&self.codes[b.1])))
+                .expect("a candidate")
+        };
+        (d <= radius_m).then_some((d, pos))
     }
 
     /// The nearest postcode to a WGS84 position within `radius_m` metres
@@ -360,10 +383,11 @@ impl OfflineIndex {
             |pos| self.weight(pos),
             &mut candidates,
         );
-        let u = at.unit_vector();
         let mut out: Vec<Nearest<'_>> = Vec::new();
         for &(_, pos) in &candidates {
-            let d = self.geodesic(at, u, pos);
+            // Karney's for every candidate: lists are not the hot path, and ties in them
+            // (see `best_of`) are ordered as postcodes.io orders them.
+            let d = karney_m(at, self.centroids[pos]);
             if d <= radius_m {
                 let all = std::iter::once(self.code(pos)).chain(self.other_codes(pos));
                 out.extend(all.map(|postcode| Nearest {

@@ -64,20 +64,20 @@ pub fn distance_m(a: LatLon, b: LatLon) -> f64 {
 /// `c + c³ / (24 ρ²)` with ρ Euler's radius of curvature in the line's
 /// direction; the terms left out are below 10⁻⁶ m at 30 km, and the module's
 /// tests hold it to Karney's (the `geographiclib-rs` crate) within 0.1 mm.
-/// It needs no trigonometry given the points' unit vectors ([`geodesic_units`]).
+/// It needs no trigonometry given the points' unit vectors ([`geodesic_series`]).
 pub fn geodesic_m(a: LatLon, b: LatLon) -> f64 {
-    geodesic_units(a, a.unit_vector(), b, b.unit_vector())
+    geodesic_series(a.unit_vector(), b.unit_vector()).unwrap_or_else(|| karney_m(a, b))
 }
 
-/// [`geodesic_m`] for points whose [`LatLon::unit_vector`]s are at hand (the
-/// index keeps them).
+/// [`geodesic_m`]'s series for points given by their [`LatLon::unit_vector`]s
+/// (the index keeps them); `None` for lines too long for it (then [`karney_m`]).
 #[inline]
-pub fn geodesic_units(a: LatLon, ua: [f64; 3], b: LatLon, ub: [f64; 3]) -> f64 {
+pub fn geodesic_series(ua: [f64; 3], ub: [f64; 3]) -> Option<f64> {
     let (pa, pb) = (ellipsoid_point(ua), ellipsoid_point(ub));
     let d = [pb[0] - pa[0], pb[1] - pa[1], pb[2] - pa[2]];
     let c2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2];
     if c2 > SERIES_MAX_CHORD_M * SERIES_MAX_CHORD_M {
-        return karney_m(a, b);
+        return None;
     }
     // Direction of the line at `a`: its east and north components.
     let cos_phi = ua[0].hypot(ua[1]);
@@ -100,7 +100,7 @@ pub fn geodesic_units(a: LatLon, ua: [f64; 3], b: LatLon, ub: [f64; 3]) -> f64 {
         inv_rho * inv_rho
     };
     let c = c2.sqrt();
-    c + c * c2 * inv_rho2 / 24.0
+    Some(c + c * c2 * inv_rho2 / 24.0)
 }
 
 /// Karney's geodesic distance on WGS84, metres (`geographiclib-rs`).

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     csv_input::open_maybe_gzip,
-    geo::{geodesic_units, karney_m, squared_chord_for_m, LatLon, SPHERE_TO_ELLIPSOID},
+    geo::{geodesic_series, karney_m, squared_chord_for_m, LatLon, SPHERE_TO_ELLIPSOID},
     grid::{Grid, GridShape},
     lookup::{Area, Match, Radius},
     postcode::{outcode_incode, to_pcds},
@@ -55,7 +55,7 @@ pub const WIDESEARCH_COUNT: usize = 10;
 /// See [`WIDESEARCH_COUNT`].
 pub const WIDESEARCH_LAST_RANGE_M: f64 = 19_500.0;
 
-/// Centroids whose series distances ([`geodesic_units`]) are this close (metres)
+/// Centroids whose series distances ([`geodesic_series`]) are this close (metres)
 /// are measured again by Karney's algorithm: well above the series' error
 /// (under 0.1 mm, `geo`'s tests).
 const NEAR_TIE_M: f64 = 1e-3;
@@ -283,42 +283,39 @@ impl OfflineIndex {
     /// Geodesic distance from `at` (unit vector `u`) to the centroid at `pos`, metres.
     #[inline]
     fn geodesic(&self, at: LatLon, u: [f64; 3], pos: usize) -> f64 {
-        geodesic_units(at, u, self.centroids[pos], self.grid.units()[pos])
+        geodesic_series(u, self.grid.units()[pos]).unwrap_or_else(|| karney_m(at, self.centroids[pos]))
     }
 
     /// Of sphere candidates, the geodesically nearest within `radius_m` (ties:
     /// the alphabetically first postcode), as (metres, position). Candidates
-    /// within [`NEAR_TIE_M`] of the nearest by [`geodesic_units`]' series are
+    /// within [`NEAR_TIE_M`] of the nearest by [`geodesic_series`]' series are
     /// measured again by Karney's algorithm, which decides between them: where
     /// two centroids are equally far but for rounding (mirror images of each
     /// other about the query), postcodes.io's order is Karney's rounding.
-    fn best_of(&self, at: LatLon, candidates: &[(f64, usize)], radius_m: f64) -> Option<(f64, usize)> {
-        let u = at.unit_vector();
-        if candidates.is_empty() {
-            return None;
+    fn best_of(
+        &self,
+        at: LatLon,
+        u: [f64; 3],
+        candidates: &[(f64, usize)],
+        radius_m: f64,
+    ) -> Option<(f64, usize)> {
+        let mut best: Option<(f64, usize)> = None;
+        for &(_, pos) in candidates {
+            let d = self.geodesic(at, u, pos);
+            if best.is_none_or(|(b, bp)| d < b || (d == b && self.codes[pos] < self.codes[bp])) {
+                best = Some((d, pos));
+            }
         }
-        if let [(_, pos)] = candidates {
-            let d = self.geodesic(at, u, *pos);
-            return (d <= radius_m).then_some((d, *pos));
-        }
-        let measured: Vec<(f64, usize)> = candidates
-            .iter()
-            .map(|&(_, pos)| (self.geodesic(at, u, pos), pos))
-            .collect();
-        let nearest = measured.iter().map(|m| m.0).fold(f64::INFINITY, f64::min);
-        let near: Vec<usize> = measured
-            .iter()
-            .filter(|m| m.0 <= nearest + NEAR_TIE_M)
-            .map(|m| m.1)
-            .collect();
-        let (d, pos) = if near.len() == 1 {
-            (nearest, near[0])
-        } else {
-            near.iter()
-                .map(|&pos| (karney_m(at, self.centroids[pos]), pos))
+        let (mut d, mut pos) = best?;
+        let near = |&&(_, p): &&(f64, usize)| p != pos && self.geodesic(at, u, p) <= d + NEAR_TIE_M;
+        if candidates.len() > 1 && candidates.iter().any(|c| near(&c)) {
+            (d, pos) = candidates
+                .iter()
+                .filter(|&&(_, p)| p == pos || self.geodesic(at, u, p) <= d + NEAR_TIE_M)
+                .map(|&(_, p)| (karney_m(at, self.centroids[p]), p))
                 .min_by(|a, b| a.0.total_cmp(&b.0).then(self.codes[a.1].cmp(&self.codes[b.1])))
-                .expect("a candidate")
-        };
+                .expect("the nearest itself");
+        }
         (d <= radius_m).then_some((d, pos))
     }
 
@@ -326,11 +323,12 @@ impl OfflineIndex {
     /// (geodesic, inclusive), or `None`; of postcodes equally near, the
     /// alphabetically first.
     pub fn nearest(&self, at: LatLon, radius_m: f64) -> Option<Nearest<'_>> {
-        let mut candidates = Vec::new();
+        let mut candidates = Vec::with_capacity(8);
         let factor = SPHERE_TO_ELLIPSOID.1 / SPHERE_TO_ELLIPSOID.0;
-        self.grid
+        let u = self
+            .grid
             .candidates_at(at, Self::sphere_c2(radius_m), 1, factor, |_| 1, &mut candidates);
-        let (d, pos) = self.best_of(at, &candidates, radius_m)?;
+        let (d, pos) = self.best_of(at, u, &candidates, radius_m)?;
         Some(self.found(pos, d))
     }
 
@@ -341,8 +339,8 @@ impl OfflineIndex {
         let mut found = Vec::with_capacity(ats.len());
         let factor = SPHERE_TO_ELLIPSOID.1 / SPHERE_TO_ELLIPSOID.0;
         self.grid
-            .candidates_each(ats, Self::sphere_c2(radius_m), factor, |i, candidates| {
-                found.push(self.best_of(ats[i], candidates, radius_m));
+            .candidates_each(ats, Self::sphere_c2(radius_m), factor, |i, u, candidates| {
+                found.push(self.best_of(ats[i], u, candidates, radius_m));
             });
         // Each result's centroid and postcode are requested a few results ahead.
         (0..ats.len())
@@ -849,6 +847,69 @@ mod tests {
             "ZZ9 9ZZ"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        // Clustered centroids, some shared by several postcodes, queries near and far:
+        // the index answers what measuring every postcode by Karney's geodesic does.
+        #[test]
+        fn answers_are_the_geodesic_brute_force(
+            seeds in proptest::collection::vec((49.9f64..58.7, -7.6f64..1.8), 1..6),
+            offsets in proptest::collection::vec((0usize..6, -0.03f64..0.03, -0.05f64..0.05, 1usize..4), 1..300),
+            queries in proptest::collection::vec((0usize..6, -0.2f64..0.2, -0.3f64..0.3), 1..30),
+        ) {
+            let mut text = String::from("pcds,lat,long\n");
+            let mut all = Vec::new();
+            for (i, &(s, dl, dn, copies)) in offsets.iter().enumerate() {
+                let (la, lo) = seeds[s % seeds.len()];
+                let (lat, lon) = ((la + dl) * 1e5, (lo + dn) * 1e5);
+                let (lat, lon) = (lat.round() / 1e5, lon.round() / 1e5); // NSPL's 5 decimals: ties happen
+                for c in 0..copies {
+                    let code = format!("{}B{} {c}AA", char::from(b'A' + (i / 100) as u8), i % 100); // distinct
+                    text.push_str(&format!("{code},{lat},{lon}\n"));
+                    all.push((code, LatLon { lat, lon }));
+                }
+            }
+            let idx = index(&text);
+            for &(s, dl, dn) in &queries {
+                let (la, lo) = seeds[s % seeds.len()];
+                let at = LatLon { lat: la + dl, lon: lo + dn };
+                let mut brute: Vec<(f64, &str)> = all.iter().map(|(c, p)| (karney_m(at, *p), c.as_str())).collect();
+                brute.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(b.1)));
+                for radius in [100.0, 2000.0, 20_000.0] {
+                    let want = brute.iter().find(|b| b.0 <= radius);
+                    let got = idx.nearest(at, radius);
+                    proptest::prop_assert_eq!(want.map(|w| w.1), got.as_ref().map(|g| g.postcode), "at {:?} r {}", at, radius);
+                    if let (Some(w), Some(g)) = (want, got) {
+                        proptest::prop_assert!((w.0 - g.distance_m).abs() < 1e-4);
+                    }
+                    let list = idx.nearest_n(at, radius, 7);
+                    let want: Vec<&str> = brute.iter().filter(|b| b.0 <= radius).take(7).map(|b| b.1).collect();
+                    proptest::prop_assert_eq!(list.iter().map(|n| n.postcode).collect::<Vec<_>>(), want);
+                }
+                // widesearch: postcodes.io's rule against its definition (10 within 19.5 km)
+                let ten = brute.len() >= 10 && brute[9].0 <= WIDESEARCH_LAST_RANGE_M;
+                let wide = idx.lookup(at, Radius::Widesearch);
+                proptest::prop_assert_eq!(wide.map(|m| m.postcode), ten.then(|| brute[0].1.to_string()));
+            }
+        }
+    }
+
+    #[test]
+    fn terminated_postcodes_are_left_out() {
+        // A terminated postcode nearer than any live one: never answered, never counted.
+        let text =
+            "pcds,doterm,lat,long\nAB1 0AA,,57.1,-2.2\nAB1 0AB,202301,57.10001,-2.2\nAB1 0AD,,57.1002,-2.2\n";
+        let idx = index(text);
+        let at = LatLon {
+            lat: 57.10001,
+            lon: -2.2,
+        };
+        assert_eq!(idx.postcodes(), 2);
+        assert_eq!(idx.nearest(at, 100.0).unwrap().postcode, "AB1 0AA");
+        let list: Vec<_> = idx.nearest_n(at, 2000.0, 10).iter().map(|n| n.postcode).collect();
+        assert_eq!(list, ["AB1 0AA", "AB1 0AD"]);
     }
 
     #[test]

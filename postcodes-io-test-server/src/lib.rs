@@ -686,3 +686,180 @@ impl Drop for TestServer {
         self.task.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_read_as_javascript_reads_them() {
+        assert_eq!(parse_float(" 51.5abc"), Some(51.5));
+        assert_eq!(parse_float("-.5e2x"), Some(-50.0));
+        assert_eq!(parse_float("1e"), Some(1.0));
+        assert_eq!(parse_float("abc"), None);
+        assert_eq!(parse_float("."), None);
+        assert_eq!(parse_int("12.9"), Some(12));
+        assert_eq!(parse_int("-3"), Some(-3));
+        assert_eq!(parse_int("x1"), None);
+        assert!(truthy(Some(&json!("false"))) && !truthy(Some(&json!(0))) && !truthy(Some(&json!(""))));
+    }
+
+    fn options(v: Value) -> serde_json::Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn parameters_take_postcodes_io_defaults_and_clamps() {
+        let at = json!({"latitude": 51.5, "longitude": "-0.1"});
+        let with = |extra: Value| {
+            let mut o = options(at.clone());
+            o.extend(options(extra));
+            search_of(&o)
+        };
+        let base = Search {
+            lat: 51.5,
+            lon: -0.1,
+            radius: 100.0,
+            limit: 10,
+            widesearch: false,
+        };
+        assert_eq!(with(json!({})), Ok(base));
+        // a numeric 0 is falsy: the default
+        assert_eq!(with(json!({"radius": 0, "limit": 0})), Ok(base));
+        // a string "0" is not
+        assert_eq!(
+            with(json!({"radius": "0", "limit": "0"})),
+            Ok(Search {
+                radius: 0.0,
+                limit: 0,
+                ..base
+            })
+        );
+        assert_eq!(
+            with(json!({"radius": 5000, "limit": 500})),
+            Ok(Search {
+                radius: 2000.0,
+                limit: 100,
+                ..base
+            })
+        );
+        assert_eq!(
+            with(json!({"widesearch": "false", "limit": 50})),
+            Ok(Search {
+                widesearch: true,
+                limit: 10,
+                ..base
+            })
+        );
+        assert_eq!(
+            with(json!({"limit": "many"})),
+            Err("Invalid result limit submitted")
+        );
+        assert_eq!(
+            with(json!({"radius": "far"})),
+            Err("Invalid lookup radius submitted")
+        );
+        assert_eq!(
+            search_of(&options(json!({"latitude": 1}))),
+            Err("Invalid longitude/latitude submitted")
+        );
+    }
+
+    fn tiny() -> Arc<OfflineIndex> {
+        // 12 postcodes 0–1.1 km north of (57.1, -2.2), one far away
+        let mut text = String::from("pcds,lat,long\n");
+        for i in 0..12 {
+            text.push_str(&format!("AB1 {i}AA,{},-2.2\n", 57.1 + f64::from(i) * 0.001));
+        }
+        text.push_str("ZE1 0AA,60.2,-1.1\n");
+        Arc::new(
+            OfflineIndex::from_reader(Box::new(std::io::Cursor::new(text.into_bytes())), "tiny").unwrap(),
+        )
+    }
+
+    #[test]
+    fn searches_answer_as_postcodes_io_does() {
+        let index = tiny();
+        let q = |lat: f64, lon: f64, radius: f64, limit: i64, widesearch: bool| {
+            search(
+                &index,
+                &Search {
+                    lat,
+                    lon,
+                    radius,
+                    limit,
+                    widesearch,
+                },
+            )
+            .map(|r| r.map(|l| l.len()))
+        };
+        assert_eq!(q(57.1, -2.2, 100.0, 10, false), Ok(Some(1)));
+        assert_eq!(
+            q(57.1, -2.2, 0.0, 10, false),
+            Ok(Some(1)),
+            "radius 0: the postcode right there"
+        );
+        assert_eq!(q(57.1, -2.2, 2000.0, 0, false), Ok(None), "LIMIT 0");
+        assert_eq!(
+            q(57.1, -2.2, 2000.0, -1, false),
+            Err(()),
+            "LIMIT -1: PostgreSQL's error"
+        );
+        assert_eq!(q(95.0, -2.2, 2000.0, 10, false), Ok(None), "out of range: null");
+        // widesearch: 10 postcodes within 19.5 km near Aberdeen, not near Lerwick
+        assert_eq!(q(57.2, -2.2, 100.0, 10, true), Ok(Some(10)));
+        assert_eq!(q(60.2, -1.1, 100.0, 10, true), Ok(None));
+    }
+
+    #[tokio::test]
+    async fn http_parameters_as_postcodes_io() {
+        let server = TestServer::start(tiny(), Faults::default()).await.unwrap();
+        let client = reqwest::Client::new();
+        let get = |query: &str| {
+            let url = format!("{}/postcodes?{query}", server.url());
+            let client = client.clone();
+            async move {
+                let r = client.get(url).send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            }
+        };
+        // query strings are strings: "0" is truthy, so radius 0 (the point itself) and LIMIT 0
+        let (status, body) = get("lat=57.1&lon=-2.2&radius=0").await;
+        assert_eq!(
+            (status, body["result"].as_array().map(Vec::len)),
+            (200, Some(1)),
+            "{body}"
+        );
+        assert_eq!(
+            get("lat=57.1&lon=-2.2&limit=0").await,
+            (200, json!({"status": 200, "result": null}))
+        );
+        assert_eq!(get("lat=95&lon=-2.2").await.1["result"], Value::Null);
+        assert_eq!(get("lat=57.1&lon=-2.2&limit=-1").await.0, 500);
+        assert_eq!(get("lat=57.1&lon=-2.2&radius=x").await.0, 400);
+        let (status, body) = get("latitude=57.2&longitude=-2.2&widesearch=true&limit=3").await;
+        assert_eq!((status, body["result"].as_array().map(Vec::len)), (200, Some(3)));
+        let bulk = client
+            .post(format!("{}/postcodes?limit=2", server.url()))
+            .json(&json!({"geolocations": [
+                {"latitude": 57.1, "longitude": -2.2, "radius": 2000},
+                {"latitude": 57.1, "longitude": -2.2, "radius": 2000, "limit": 4},
+                {"latitude": -95, "longitude": -2.2},
+                {"latitude": 57.1005, "longitude": -2.2, "radius": 0, "limit": 0}
+            ]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bulk.status().as_u16(), 200);
+        let body: Value = bulk.json().await.unwrap();
+        let lens: Vec<Option<usize>> = body["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["result"].as_array().map(Vec::len))
+            .collect();
+        // the query's limit under each geolocation's own; a numeric 0 overrides it and is falsy:
+        // radius 100 m, limit 10, which hold the two postcodes 56 m away
+        assert_eq!(lens, [Some(2), Some(4), None, Some(2)]);
+    }
+}

@@ -146,8 +146,9 @@ fn real_file_offline_every_row_once_with_the_true_nearest_postcode() {
                     r["postcode"]
                 );
                 let ours: f64 = r["distance_m"].parse().unwrap();
+                // the output is written to 0.1 m
                 assert!(
-                    (ours - d).abs() <= 0.01,
+                    (ours - d).abs() <= 0.05 + 1e-9,
                     "row {}: distance {ours} vs {d}",
                     i + 1
                 );

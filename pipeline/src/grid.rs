@@ -1,5 +1,7 @@
 //! Exact nearest-neighbour search on the sphere over a latitude/longitude grid,
-//! for the offline provider's 2 M postcode centroids.
+//! for the offline provider's 2 M postcode centroids; and the candidates for
+//! the nearest under a metric within a known ratio of the sphere's
+//! ([`Grid::candidates_at`]: the offline provider ranks them by geodesic).
 //!
 //! Points are bucketed into cells of [`CELL_LAT_DEG`] × [`CELL_LON_DEG`]
 //! (about 450 m × 420 m in Great Britain) stored contiguously in cell order

@@ -205,8 +205,9 @@ impl OfflineIndex {
         Ok(entries)
     }
 
-    /// Builds the index from parsed entries: sorts them, keeps one entry per
-    /// centroid (the alphabetically first postcode) and builds the k-d tree.
+    /// Builds the index from parsed entries: sorts them, groups them by
+    /// centroid (the alphabetically first postcode beside the grid's points)
+    /// and builds the grid.
     pub fn from_entries(entries: Vec<Entry>) -> Self {
         let postcodes = entries.len();
         let groups = distinct_centroids(entries);
@@ -252,7 +253,7 @@ impl OfflineIndex {
         self.postcodes
     }
 
-    /// Number of distinct centroids in the tree.
+    /// Number of distinct centroids in the grid.
     pub fn centroids(&self) -> usize {
         self.centroids.len()
     }

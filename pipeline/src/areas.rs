@@ -454,4 +454,58 @@ mod tests {
         );
         assert_eq!(column_of(&KIND[0], &h("pcds,lat,long")), None);
     }
+
+    #[test]
+    fn names_files_in_latin_1_or_utf_8_with_tabs_or_commas() {
+        let dir = std::env::temp_dir().join(format!("pco-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let latin1 = dir.join("latin1.txt");
+        // "Bôn-y-maen" in Latin-1 (0xF4), tab separated, the name column third.
+        let mut bytes = b"WD22CD\tWD22CDO\tWD22NM\nW05001040\t\tB".to_vec();
+        bytes.extend([0xF4]);
+        bytes.extend(b"n-y-maen \n");
+        std::fs::write(&latin1, bytes).unwrap();
+        let pairs = read_names_file(&latin1).unwrap();
+        assert_eq!(pairs, [("W05001040".to_string(), "B\u{f4}n-y-maen".to_string())]);
+        let utf8 = dir.join("utf8.csv");
+        std::fs::write(
+            &utf8,
+            "\u{feff}PCON24CD,PCON24NM,PCON24NMW\nW07000112,Ynys M\u{f4}n,Ynys M\u{f4}n\n",
+        )
+        .unwrap();
+        let pairs = read_names_file(&utf8).unwrap();
+        assert_eq!(pairs, [("W07000112".to_string(), "Ynys M\u{f4}n".to_string())]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pseudo_codes_keep_their_code_and_lose_their_name_where_postcodes_io_drops_it() {
+        let dir = std::env::temp_dir().join(format!("pco-pseudo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("County names and codes UK as at 04_23.csv"),
+            "CTY23CD,CTY23NM\nE99999999,(pseudo) England\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("LA_UA names and codes UK as at 04_23.csv"),
+            "LAD23CD,LAD23NM\nL99999999,Channel Islands\n",
+        )
+        .unwrap();
+        let headers = csv::StringRecord::from(vec!["pcds", "cty", "laua"]);
+        let mut b = AreaBuilder::new(&headers);
+        let id = b.add(&csv::ByteRecord::from(vec!["GY1 1AA", "E99999999", "L99999999"]));
+        let none = b.add(&csv::ByteRecord::from(vec!["ZZ1 1ZZ", "", ""]));
+        let mut table = b.finish();
+        table.read_names(&dir);
+        assert!(table.is_consistent() && table.len() == 2 && none == 0);
+        let mut area = Area::default();
+        table.fill(id, &mut area);
+        assert_eq!(
+            (area.admin_county, area.admin_county_code.as_deref()),
+            (None, Some("E99999999"))
+        );
+        assert_eq!(area.admin_district.as_deref(), Some("Channel Islands"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -133,7 +133,7 @@ fn read_coords(path: &PathBuf) -> Result<Vec<pipeline::geo::LatLon>> {
     Ok(out)
 }
 
-fn lookups(postcodes: &PathBuf, queries: &PathBuf, passes: usize) -> Result<()> {
+fn lookups(postcodes: &std::path::Path, queries: &PathBuf, passes: usize) -> Result<()> {
     use pipeline::offline::OfflineIndex;
     use std::time::Instant;
     let rss0 = rss_kib();

@@ -31,7 +31,7 @@
 //! by hand (`appendMissing` in its scripts); those stay `None` here.
 //!
 //! Each postcode keeps one `u32`: the id of its distinct combination of area
-//! codes (a few hundred thousand in the whole NSPL), each combination nine
+//! codes (far fewer combinations than postcodes), each combination nine
 //! indices into per-kind tables of distinct codes and names.
 
 use std::{

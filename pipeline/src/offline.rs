@@ -58,7 +58,9 @@ pub type Entry = (f64, f64, [u8; 8], u32);
 
 /// A parsed postcode file: its postcodes and their areas.
 pub struct Parsed {
+    /// The file's live postcodes with coordinates, in file order.
     pub entries: Vec<Entry>,
+    /// The areas the entries' ids refer to (empty without area columns).
     pub areas: AreaTable,
 }
 

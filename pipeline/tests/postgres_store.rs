@@ -101,8 +101,7 @@ async fn copy_load_counts_every_row_and_a_reload_replaces() {
     assert_eq!((planned.coordinates, planned.rows), (1000, 25_000));
     let counts = store.counts(&imp).await.unwrap();
     assert_eq!((counts.rows_pending, counts.coordinates_total), (25_000, 1000));
-    // the user's fields survive COPY escaping (stored rows end with the
-    // `extra_fields` field, empty here: migration 0004)
+    // the user's fields survive COPY escaping
     let mut first = None;
     store
         .for_each_result(imp.id, |r| {
@@ -113,6 +112,7 @@ async fn copy_load_counts_every_row_and_a_reload_replaces() {
         })
         .await
         .unwrap();
+    // (the stored record ends with the `extra_fields` field, empty here)
     assert_eq!(first.unwrap().fields, "0,51,-0.5,\"tab\there, back\\slash\",");
 }
 

@@ -133,15 +133,15 @@ fn read_coords(path: &PathBuf) -> Result<Vec<pipeline::geo::LatLon>> {
     Ok(out)
 }
 
-fn lookups(postcodes: &PathBuf, queries: &PathBuf, passes: usize) -> Result<()> {
+fn lookups(postcodes: &std::path::Path, queries: &PathBuf, passes: usize) -> Result<()> {
     use pipeline::offline::OfflineIndex;
     use std::time::Instant;
     let rss0 = rss_kib();
     let t = Instant::now();
-    let entries = OfflineIndex::parse(Box::new(File::open(postcodes)?), &postcodes.display().to_string())?;
+    let parsed = OfflineIndex::parse_file(postcodes)?;
     let parse_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let index = OfflineIndex::from_entries(entries);
+    let index = OfflineIndex::from_parsed(parsed);
     let build_s = t.elapsed().as_secs_f64();
     let index_kib = rss_kib().saturating_sub(rss0);
     let qs = read_coords(queries)?;

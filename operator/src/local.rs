@@ -51,7 +51,8 @@ pub struct LocalArgs {
         conflicts_with = "offline_postcodes"
     )]
     pub api_url: String,
-    /// Answer from an ONS postcode file (NSPL/ONSPD style CSV, plain or gzip) instead of the API.
+    /// Answer from an ONS postcode file (NSPL/ONSPD style CSV, plain or gzip) instead of the API;
+    /// area names from the ONS `Documents/` folder beside it or beside its folder.
     #[arg(long)]
     pub offline_postcodes: Option<PathBuf>,
     /// External API requests per second, all shards together.

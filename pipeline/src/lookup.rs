@@ -53,9 +53,13 @@ impl Default for SearchPlan {
     }
 }
 
-/// Area data that comes with a postcode (postcodes.io field names; `None` when the
-/// provider does not know it, e.g. the offline provider for everything but the
-/// outcode and incode).
+/// Area data that comes with a postcode: names as postcodes.io gives them
+/// (its field names), and the ONS GSS codes of those areas as postcodes.io
+/// gives them under `codes` (its `codes.admin_district` … here
+/// `admin_district_code` …; postcodes.io has no code for country and region).
+/// `None` when the provider does not know it: the offline provider fills the
+/// codes from the postcode file's area columns and the names from the ONS
+/// names-and-codes files shipped with it ([`crate::offline`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Area {
     pub outcode: Option<String>,
@@ -69,61 +73,59 @@ pub struct Area {
     pub parliamentary_constituency: Option<String>,
     pub lsoa: Option<String>,
     pub msoa: Option<String>,
+    pub admin_district_code: Option<String>,
+    pub admin_county_code: Option<String>,
+    pub admin_ward_code: Option<String>,
+    pub parish_code: Option<String>,
+    pub parliamentary_constituency_code: Option<String>,
+    pub lsoa_code: Option<String>,
+    pub msoa_code: Option<String>,
 }
 
-impl Area {
-    /// Column names of the area data, in export order: the one list the
-    /// store's SQL and the enriched CSV's header are built from.
-    pub const COLUMNS: [&'static str; 11] = [
-        "outcode",
-        "incode",
-        "country",
-        "region",
-        "admin_district",
-        "admin_county",
-        "admin_ward",
-        "parish",
-        "parliamentary_constituency",
-        "lsoa",
-        "msoa",
-    ];
+/// [`Area::COLUMNS`], [`Area::values`] and [`Area::from_values`] from the
+/// one list of field names below.
+macro_rules! area_impl {
+    ($($f:ident),*) => {
+        impl Area {
+            /// Column names of the area data, in export order: the one list the
+            /// store's SQL and the enriched CSV's header are built from (names
+            /// first, then the `*_code` columns).
+            pub const COLUMNS: [&'static str; 18] = [$(stringify!($f)),*];
 
-    /// The values in [`Area::COLUMNS`] order.
-    pub fn values(&self) -> [&Option<String>; Area::COLUMNS.len()] {
-        [
-            &self.outcode,
-            &self.incode,
-            &self.country,
-            &self.region,
-            &self.admin_district,
-            &self.admin_county,
-            &self.admin_ward,
-            &self.parish,
-            &self.parliamentary_constituency,
-            &self.lsoa,
-            &self.msoa,
-        ]
-    }
+            /// The values in [`Area::COLUMNS`] order.
+            pub fn values(&self) -> [&Option<String>; Area::COLUMNS.len()] {
+                [$(&self.$f),*]
+            }
 
-    /// The area from values in [`Area::COLUMNS`] order.
-    pub fn from_values(values: [Option<String>; Area::COLUMNS.len()]) -> Self {
-        let [outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa] =
-            values;
-        Area {
-            outcode,
-            incode,
-            country,
-            region,
-            admin_district,
-            admin_county,
-            admin_ward,
-            parish,
-            parliamentary_constituency,
-            lsoa,
-            msoa,
+            /// The area from values in [`Area::COLUMNS`] order.
+            pub fn from_values(values: [Option<String>; Area::COLUMNS.len()]) -> Self {
+                let [$($f),*] = values;
+                Area { $($f),* }
+            }
         }
-    }
+    };
 }
+
+area_impl!(
+    outcode,
+    incode,
+    country,
+    region,
+    admin_district,
+    admin_county,
+    admin_ward,
+    parish,
+    parliamentary_constituency,
+    lsoa,
+    msoa,
+    admin_district_code,
+    admin_county_code,
+    admin_ward_code,
+    parish_code,
+    parliamentary_constituency_code,
+    lsoa_code,
+    msoa_code
+);
 
 /// The nearest postcode to a query.
 #[derive(Debug, Clone, PartialEq)]

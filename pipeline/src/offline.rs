@@ -6,6 +6,12 @@
 //! coordinates (empty, or the ONS "no grid reference" 99.999999) are skipped, and
 //! rows with `doterm` set (terminated postcodes) when that column exists.
 //!
+//! Area data: when the file has the ONS area code columns (`ctry`, `rgn`,
+//! `laua`, `ward`, `pcon`, `lsoa21` …), each postcode's codes are kept and
+//! named from the ONS names-and-codes files of the `Documents` folder shipped
+//! with it, as postcodes.io names them ([`crate::areas`]); a file without them
+//! (e.g. just `pcds,lat,long`) gives postcodes without area data.
+//!
 //! Distances and order are postcodes.io's: geodesics on the WGS84 ellipsoid
 //! ([`crate::geo::geodesic_m`], what PostGIS `geography` measures), results
 //! ordered `distance ASC, postcode ASC` (its `nearestPostcodeQuery`). The
@@ -31,6 +37,7 @@ use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use crate::{
+    areas::{documents_dir, names_files, AreaBuilder, AreaStrings, AreaTable, Combo},
     csv_input::open_maybe_gzip,
     geo::{geodesic_series, karney_m, squared_chord_for_m, LatLon, SPHERE_TO_ELLIPSOID},
     grid::{Grid, GridShape},
@@ -44,9 +51,18 @@ use crate::{
 /// applies; a few thousand keep each database transaction short).
 const BATCH: usize = 4096;
 
-/// One postcode of a postcode file: WGS84 latitude and longitude in degrees, and
-/// its `pcds` form padded with spaces to 8 bytes.
-pub type Entry = (f64, f64, [u8; 8]);
+/// One postcode of a postcode file: WGS84 latitude and longitude in degrees,
+/// its `pcds` form padded with spaces to 8 bytes, and the id of its areas in
+/// the file's [`AreaTable`] (0: none).
+pub type Entry = (f64, f64, [u8; 8], u32);
+
+/// A parsed postcode file: its postcodes and their areas.
+pub struct Parsed {
+    /// The file's live postcodes with coordinates, in file order.
+    pub entries: Vec<Entry>,
+    /// The areas the entries' ids refer to (empty without area columns).
+    pub areas: AreaTable,
+}
 
 /// postcodes.io's widesearch: postcodes counted, the range searched up to
 /// (`deriveMaxRange` in its `app/models/postcode.ts`: `SEARCH_LIMIT`, and the
@@ -82,6 +98,11 @@ pub struct OfflineIndex {
     /// at the centroid at `pos`, alphabetically.
     others_start: Slab<u32>,
     others: Slab<[u8; 8]>,
+    /// Area ids ([`AreaTable`]) of `codes` and of `others`, index for index;
+    /// both empty when the file had no area data.
+    code_areas: Slab<u32>,
+    other_areas: Slab<u32>,
+    areas: AreaTable,
     postcodes: usize,
     wide: WideRule,
 }
@@ -92,6 +113,8 @@ pub struct Nearest<'a> {
     pub postcode: &'a str,
     pub distance_m: f64,
     pub centroid: LatLon,
+    /// Its areas' id ([`OfflineIndex::area`] gives them; 0: none).
+    pub area: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,17 +132,29 @@ fn find(headers: &csv::StringRecord, names: &[&str]) -> Option<usize> {
 }
 
 impl OfflineIndex {
-    /// Loads a postcode file (see module docs). Errors when it cannot be read or
-    /// has no postcode/lat/long columns.
+    /// Loads a postcode file (see module docs), its areas named from the
+    /// `Documents` folder beside it or beside its folder
+    /// ([`crate::areas::documents_dir`]) when there is one. Errors when it
+    /// cannot be read or has no postcode/lat/long columns.
     pub fn load(path: &Path) -> Result<Self, OfflineError> {
-        let name = path.display().to_string();
-        let file = File::open(path).map_err(|e| OfflineError::Open(name.clone(), e))?;
-        Self::from_reader(Box::new(file), &name)
+        Ok(Self::from_parsed(Self::parse_file(path)?))
     }
 
-    /// Like [`OfflineIndex::load`] from any byte stream; `name` is for messages.
+    /// Parses the postcode file at `path` and names its areas (see [`OfflineIndex::load`]).
+    pub fn parse_file(path: &Path) -> Result<Parsed, OfflineError> {
+        let name = path.display().to_string();
+        let file = File::open(path).map_err(|e| OfflineError::Open(name.clone(), e))?;
+        let mut parsed = Self::parse(Box::new(file), &name)?;
+        if let Some(documents) = documents_dir(path).filter(|_| !parsed.areas.is_empty()) {
+            parsed.areas.read_names(&documents);
+        }
+        Ok(parsed)
+    }
+
+    /// Like [`OfflineIndex::load`] from any byte stream, without names for
+    /// the areas (codes only); `name` is for messages.
     pub fn from_reader(reader: Box<dyn Read + Send>, name: &str) -> Result<Self, OfflineError> {
-        Ok(Self::from_entries(Self::parse(reader, name)?))
+        Ok(Self::from_parsed(Self::parse(reader, name)?))
     }
 
     /// Like [`OfflineIndex::load`], through a cache of the built index in
@@ -149,8 +184,10 @@ impl OfflineIndex {
         Ok(())
     }
 
-    /// Parses a postcode file into (latitude, longitude, space-padded `pcds`) entries (see module docs).
-    pub fn parse(reader: Box<dyn Read + Send>, name: &str) -> Result<Vec<Entry>, OfflineError> {
+    /// Parses a postcode file into (latitude, longitude, space-padded `pcds`,
+    /// area id) entries and the table of their area codes, unnamed (see
+    /// module docs; [`AreaTable::read_names`] names them).
+    pub fn parse(reader: Box<dyn Read + Send>, name: &str) -> Result<Parsed, OfflineError> {
         let fmt = |m: String| OfflineError::Format(name.to_string(), m);
         let reader = open_maybe_gzip(reader).map_err(|e| fmt(e.to_string()))?;
         let mut rdr = csv::ReaderBuilder::new()
@@ -168,6 +205,7 @@ impl OfflineIndex {
         let lon = find(&headers, &["long", "lon", "lng", "longitude"])
             .ok_or_else(|| fmt("no long column".into()))?;
         let doterm = find(&headers, &["doterm"]);
+        let mut areas = AreaBuilder::new(&headers);
 
         let mut entries: Vec<Entry> = Vec::with_capacity(1 << 16);
         let mut rec = csv::ByteRecord::new();
@@ -197,25 +235,28 @@ impl OfflineIndex {
             };
             let mut packed = [b' '; 8];
             packed[..code.len()].copy_from_slice(code.as_bytes());
-            entries.push((la, lo, packed));
+            entries.push((la, lo, packed, areas.add(&rec)));
         }
         if entries.is_empty() {
             return Err(fmt("no postcode with coordinates".into()));
         }
-        Ok(entries)
+        Ok(Parsed {
+            entries,
+            areas: areas.finish(),
+        })
     }
 
-    /// Builds the index from parsed entries: sorts them, groups them by
+    /// Builds the index from a parsed file: sorts its entries, groups them by
     /// centroid (the alphabetically first postcode beside the grid's points)
     /// and builds the grid.
-    pub fn from_entries(entries: Vec<Entry>) -> Self {
-        let postcodes = entries.len();
-        let groups = distinct_centroids(entries);
-        Self::from_parts(groups, postcodes)
+    pub fn from_parsed(parsed: Parsed) -> Self {
+        let postcodes = parsed.entries.len();
+        let groups = distinct_centroids(parsed.entries);
+        Self::from_parts(groups, postcodes, parsed.areas)
     }
 
     /// The grid over distinct centroids (in (latitude, longitude) order) and their postcodes.
-    fn from_parts(groups: Centroids, postcodes: usize) -> Self {
+    fn from_parts(groups: Centroids, postcodes: usize, areas: AreaTable) -> Self {
         let grid = Grid::build(&groups.centroids);
         // In the grid's order: a search's result is read beside the points it scanned.
         let mut centroids = Vec::with_capacity(groups.centroids.len());
@@ -231,15 +272,40 @@ impl OfflineIndex {
             others.extend_from_slice(&group[1..]);
             others_start.push(others.len() as u32);
         }
+        let (mut code_areas, mut other_areas) = (Vec::new(), Vec::new());
+        if !areas.is_empty() {
+            for &i in grid.items() {
+                let ids =
+                    &groups.areas[groups.start[i as usize] as usize..groups.start[i as usize + 1] as usize];
+                code_areas.push(ids[0]);
+                other_areas.extend_from_slice(&ids[1..]);
+            }
+        }
         Self {
             grid,
             centroids: centroids.into(),
             codes: codes.into(),
             others_start: others_start.into(),
             others: others.into(),
+            code_areas: code_areas.into(),
+            other_areas: other_areas.into(),
+            areas,
             postcodes,
             wide: WideRule::default(),
         }
+    }
+
+    /// Whether the postcodes have area data (the file had area columns).
+    pub fn has_areas(&self) -> bool {
+        !self.areas.is_empty()
+    }
+
+    /// The areas of an answer: names and codes as postcodes.io gives them
+    /// ([`crate::areas`]), outcode and incode left `None`.
+    pub fn area(&self, n: &Nearest<'_>) -> Area {
+        let mut area = Area::default();
+        self.areas.fill(n.area, &mut area);
+        area
     }
 
     /// The same index, answering widesearch by `rule`.
@@ -361,6 +427,7 @@ impl OfflineIndex {
             postcode: self.code(pos),
             distance_m,
             centroid: self.centroids[pos],
+            area: self.code_areas.get(pos).copied().unwrap_or(0),
         }
     }
 
@@ -388,12 +455,14 @@ impl OfflineIndex {
             // (see `best_of`) are ordered as postcodes.io orders them.
             let d = karney_m(at, self.centroids[pos]);
             if d <= radius_m {
-                let all = std::iter::once(self.code(pos)).chain(self.other_codes(pos));
-                out.extend(all.map(|postcode| Nearest {
+                let first = self.found(pos, d);
+                let range = self.others_start[pos] as usize..self.others_start[pos + 1] as usize;
+                let others = self.other_codes(pos).zip(range).map(|(postcode, i)| Nearest {
                     postcode,
-                    distance_m: d,
-                    centroid: self.centroids[pos],
-                }));
+                    area: self.other_areas.get(i).copied().unwrap_or(0),
+                    ..first
+                });
+                out.extend(std::iter::once(first.clone()).chain(others));
             }
         }
         out.sort_by(|a, b| {
@@ -426,8 +495,8 @@ impl OfflineIndex {
     /// [`Match`], or by the widesearch rule.
     pub fn lookup(&self, at: LatLon, radius: Radius) -> Option<Match> {
         match radius {
-            Radius::Metres(_) => self.nearest(at, radius.metres()).map(|n| Self::answer(&n)),
-            Radius::Widesearch => self.widesearch(at, 1).first().map(Self::answer),
+            Radius::Metres(_) => self.nearest(at, radius.metres()).map(|n| self.to_match(&n)),
+            Radius::Widesearch => self.widesearch(at, 1).first().map(|n| self.to_match(n)),
         }
     }
 
@@ -437,22 +506,24 @@ impl OfflineIndex {
             Radius::Metres(_) => self
                 .nearest_many(ats, radius.metres())
                 .into_iter()
-                .map(|n| n.map(|n| Self::answer(&n)))
+                .map(|n| n.map(|n| self.to_match(&n)))
                 .collect(),
             Radius::Widesearch => ats.iter().map(|&at| self.lookup(at, radius)).collect(),
         }
     }
 
-    fn answer(n: &Nearest<'_>) -> Match {
+    fn to_match(&self, n: &Nearest<'_>) -> Match {
         let (out, inc) = outcode_incode(n.postcode);
+        let mut area = Area {
+            outcode: Some(out.to_string()),
+            incode: Some(inc.to_string()),
+            ..Area::default()
+        };
+        self.areas.fill(n.area, &mut area);
         Match {
             postcode: n.postcode.to_string(),
             distance_m: n.distance_m,
-            area: Area {
-                outcode: Some(out.to_string()),
-                incode: Some(inc.to_string()),
-                ..Area::default()
-            },
+            area,
             raw: None,
         }
     }
@@ -494,22 +565,29 @@ pub fn default_cache_dir() -> std::path::PathBuf {
 }
 
 /// Distinct centroids and their postcodes: `codes[start[i]..start[i + 1]]`,
-/// alphabetically, are at `centroids[i]`.
+/// alphabetically, are at `centroids[i]`, with their area ids in `areas`.
 struct Centroids {
     centroids: Vec<LatLon>,
     start: Vec<u32>,
     codes: Vec<[u8; 8]>,
+    areas: Vec<u32>,
 }
 
 /// Sorts entries by (latitude, longitude, postcode) and groups them by centroid
-/// (a postcode listed twice at one centroid counts once).
+/// (a postcode listed twice at one centroid counts once, with the lowest area id).
 fn distinct_centroids(mut entries: Vec<Entry>) -> Centroids {
-    entries.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
-    entries.dedup();
+    entries.sort_unstable_by(|a, b| {
+        a.0.total_cmp(&b.0)
+            .then(a.1.total_cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    entries.dedup_by(|b, a| a.0 == b.0 && a.1 == b.1 && a.2 == b.2);
     let mut groups = Centroids {
         centroids: Vec::new(),
         start: Vec::new(),
         codes: Vec::with_capacity(entries.len()),
+        areas: Vec::with_capacity(entries.len()),
     };
     for (i, e) in entries.iter().enumerate() {
         if i == 0 || entries[i - 1].0 != e.0 || entries[i - 1].1 != e.1 {
@@ -517,66 +595,88 @@ fn distinct_centroids(mut entries: Vec<Entry>) -> Centroids {
             groups.start.push(i as u32);
         }
         groups.codes.push(e.2);
+        groups.areas.push(e.3);
     }
     groups.start.push(entries.len() as u32);
     groups
 }
 
-/// The cache's layout version: 005 added the other postcodes of each centroid.
-const CACHE_MAGIC: &[u8; 8] = b"PCIDX005";
+/// The cache's layout version: 005 added the other postcodes of each
+/// centroid, 006 the area data (older caches are rebuilt, not misread).
+const CACHE_MAGIC: &[u8; 8] = b"PCIDX006";
 /// Written in the header in this machine's byte order: a cache from a machine of the other order is refused.
 const BYTE_ORDER_MARK: u64 = 0x0102_0304_0506_0708;
 /// Header: magic, byte-order mark, postcodes, centroids, grid rows, grid
-/// columns (u64), grid origin latitude and longitude (f64), other postcodes (u64).
-const CACHE_HEADER: usize = 72;
+/// columns (u64), grid origin latitude and longitude (f64), other postcodes,
+/// area combinations, bytes of the area strings' JSON (u64; see [`sections`]).
+const CACHE_HEADER: usize = 88;
 
-/// The cache file of a postcode file: named after its path, size and modification time.
-fn cache_path(path: &Path, cache_dir: &Path) -> Result<std::path::PathBuf, OfflineError> {
+/// Path, size and modification time (ns since the epoch) of a file, as text.
+fn file_key(path: &Path) -> Result<String, OfflineError> {
     let meta = std::fs::metadata(path).map_err(|e| OfflineError::Open(path.display().to_string(), e))?;
     let mtime = meta
         .modified()
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos());
-    let key = format!(
-        "{}\0{}\0{}",
-        std::fs::canonicalize(path)
-            .unwrap_or(path.to_path_buf())
-            .display(),
-        meta.len(),
-        mtime
-    );
+    let path = std::fs::canonicalize(path).unwrap_or(path.to_path_buf());
+    Ok(format!("{}\0{}\0{}", path.display(), meta.len(), mtime))
+}
+
+/// The cache file of a postcode file: named after its path, size and
+/// modification time, and those of the names files of its `Documents`
+/// folder (the names are in the cache too).
+fn cache_path(path: &Path, cache_dir: &Path) -> Result<std::path::PathBuf, OfflineError> {
+    let mut key = file_key(path)?;
+    for (_, names) in documents_dir(path).map(|d| names_files(&d)).unwrap_or_default() {
+        key.push('\0');
+        key.push_str(&file_key(&names)?);
+    }
     let digest = Sha256::digest(key.as_bytes());
     Ok(cache_dir.join(format!("postcode-index-{}.bin", hex::encode(&digest[..16]))))
 }
 
 fn parse_into_cache(path: &Path, cache: &Path) -> Result<OfflineIndex, OfflineError> {
-    let name = path.display().to_string();
-    let entries = OfflineIndex::parse(
-        Box::new(File::open(path).map_err(|e| OfflineError::Open(name.clone(), e))?),
-        &name,
-    )?;
-    let index = OfflineIndex::from_entries(entries);
+    let index = OfflineIndex::from_parsed(OfflineIndex::parse_file(path)?);
     if let Err(e) = write_cache(cache, &index) {
         tracing::debug!(cache = %cache.display(), "offline index cache not written: {e}");
     }
     Ok(index)
 }
 
-/// Byte lengths of the sections after the header, each padded to 8 bytes:
-/// centroids, codes, unit vectors, cell starts, items, other postcodes' starts, other postcodes.
-/// `None` when the sizes overflow (a damaged header).
-fn sections(centroids: usize, cells: usize, others: usize) -> Option<[(usize, usize); 7]> {
+/// Counts of a cache's sections, from its header.
+#[derive(Clone, Copy)]
+struct Counts {
+    centroids: usize,
+    cells: usize,
+    others: usize,
+    /// Area combinations: 0 or 1 when there is no area data (then no area ids).
+    combos: usize,
+    /// Bytes of the area strings' JSON.
+    strings: usize,
+}
+
+/// (count, byte length padded to 8) of the sections after the header:
+/// centroids, codes, unit vectors, cell starts, items, other postcodes'
+/// starts, other postcodes, area ids of codes and of other postcodes, area
+/// combinations, area strings' JSON. `None` when the sizes overflow (a
+/// damaged header).
+fn sections(c: Counts) -> Option<[(usize, usize); 11]> {
+    let ids = |n: usize| if c.combos > 1 { n } else { 0 };
     let sized = [
-        (centroids, 16),
-        (centroids, 8),
-        (centroids, 24),
-        (cells.checked_add(1)?, 4),
-        (centroids, 4),
-        (centroids.checked_add(1)?, 4),
-        (others, 8),
+        (c.centroids, 16),
+        (c.centroids, 8),
+        (c.centroids, 24),
+        (c.cells.checked_add(1)?, 4),
+        (c.centroids, 4),
+        (c.centroids.checked_add(1)?, 4),
+        (c.others, 8),
+        (ids(c.centroids), 4),
+        (ids(c.others), 4),
+        (c.combos, std::mem::size_of::<Combo>()),
+        (c.strings, 1),
     ];
-    let mut out = [(0, 0); 7];
+    let mut out = [(0, 0); 11];
     for (o, (n, size)) in out.iter_mut().zip(sized) {
         *o = (n, n.checked_mul(size)?.checked_next_multiple_of(8)?);
     }
@@ -607,44 +707,92 @@ fn read_cache(path: &Path) -> Option<OfflineIndex> {
         rows,
         cols,
     };
-    let [c, k, u, s, i, os, o] = sections(n, rows.checked_mul(cols)?, word(8) as usize)?;
-    let mut at = CACHE_HEADER;
-    let mut next = |(_, bytes): (usize, usize)| {
-        let offset = at;
-        at = at.checked_add(bytes)?;
-        Some(offset)
+    let counts = Counts {
+        centroids: n,
+        cells: rows.checked_mul(cols)?,
+        others: word(8) as usize,
+        combos: word(9) as usize,
+        strings: word(10) as usize,
     };
-    let (c_at, k_at, u_at, s_at, i_at) = (next(c)?, next(k)?, next(u)?, next(s)?, next(i)?);
-    let (os_at, o_at) = (next(os)?, next(o)?);
+    let sized = sections(counts)?;
+    let mut at = CACHE_HEADER;
+    let mut offsets = [0usize; 11];
+    for (o, &(_, bytes)) in offsets.iter_mut().zip(&sized) {
+        *o = at;
+        at = at.checked_add(bytes)?;
+    }
     if at != map.len() || n == 0 {
         return None;
     }
-    let centroids = Slab::mapped(&map, c_at, c.0)?;
-    let codes: Slab<[u8; 8]> = Slab::mapped(&map, k_at, k.0)?;
-    let others_start: Slab<u32> = Slab::mapped(&map, os_at, os.0)?;
-    let others: Slab<[u8; 8]> = Slab::mapped(&map, o_at, o.0)?;
-    let others_fit = others_start.first() == Some(&0)
-        && others_start.last().map(|&l| l as usize) == Some(others.len())
-        && others_start.windows(2).all(|w| w[0] <= w[1]);
-    if !others_fit || !codes.iter().chain(others.iter()).all(|code| code.is_ascii()) {
-        return None;
-    }
-    let grid = Grid::from_parts(
-        shape,
-        Slab::mapped(&map, s_at, s.0)?,
-        Slab::mapped(&map, u_at, u.0)?,
-        Slab::mapped(&map, i_at, i.0)?,
-        n,
-    )?;
-    Some(OfflineIndex {
-        grid,
-        centroids,
-        codes,
-        others_start,
-        others,
+    let part = |i: usize| (offsets[i], sized[i].0);
+    let index = OfflineIndex {
+        grid: Grid::from_parts(
+            shape,
+            slab(&map, part(3))?,
+            slab(&map, part(2))?,
+            slab(&map, part(4))?,
+            n,
+        )?,
+        centroids: slab(&map, part(0))?,
+        codes: slab(&map, part(1))?,
+        others_start: slab(&map, part(5))?,
+        others: slab(&map, part(6))?,
+        code_areas: slab(&map, part(7))?,
+        other_areas: slab(&map, part(8))?,
+        areas: read_areas(&map, part(9), part(10))?,
         postcodes,
         wide: WideRule::default(),
-    })
+    };
+    index.is_consistent().then_some(index)
+}
+
+/// [`Slab::mapped`] of (byte offset, count).
+fn slab<T: bytemuck::Pod>(
+    map: &std::sync::Arc<memmap2::Mmap>,
+    (offset, len): (usize, usize),
+) -> Option<Slab<T>> {
+    Slab::mapped(map, offset, len)
+}
+
+/// The area table of a mapped cache: its combinations at `combos` and its
+/// strings' JSON at `strings` ((byte offset, count) each); `None` when unreadable.
+fn read_areas(
+    map: &std::sync::Arc<memmap2::Mmap>,
+    combos: (usize, usize),
+    strings: (usize, usize),
+) -> Option<AreaTable> {
+    if combos.1 == 0 {
+        return Some(AreaTable::default());
+    }
+    let json = map.get(strings.0..strings.0.checked_add(strings.1)?)?;
+    let strings: AreaStrings = serde_json::from_slice(json).ok()?;
+    Some(AreaTable::from_parts(strings, slab(map, combos)?))
+}
+
+impl OfflineIndex {
+    /// Whether a mapped cache's arrays fit together: other postcodes' starts,
+    /// ASCII postcodes, area ids within the area table.
+    fn is_consistent(&self) -> bool {
+        let others_fit = self.others_start.first() == Some(&0)
+            && self.others_start.last().map(|&l| l as usize) == Some(self.others.len())
+            && self.others_start.windows(2).all(|w| w[0] <= w[1]);
+        let with_areas = !self.areas.is_empty();
+        let areas_fit = self.areas.is_consistent()
+            && self.code_areas.len() == if with_areas { self.codes.len() } else { 0 }
+            && self.other_areas.len() == if with_areas { self.others.len() } else { 0 }
+            && self
+                .code_areas
+                .iter()
+                .chain(self.other_areas.iter())
+                .all(|&id| (id as usize) < self.areas.len());
+        others_fit
+            && areas_fit
+            && self
+                .codes
+                .iter()
+                .chain(self.others.iter())
+                .all(|code| code.is_ascii())
+    }
 }
 
 fn write_cache(path: &Path, index: &OfflineIndex) -> std::io::Result<()> {
@@ -665,6 +813,24 @@ fn write_cache(path: &Path, index: &OfflineIndex) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let shape = index.grid.shape();
     let (start, units, items) = index.grid.arrays();
+    let (strings, combos) = index.areas.parts();
+    let strings = if index.areas.is_empty() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(strings)?
+    };
+    let combos: &[u8] = if index.areas.is_empty() {
+        &[]
+    } else {
+        combos.as_bytes()
+    };
+    let counts = Counts {
+        centroids: index.centroids.len(),
+        cells: shape.rows * shape.cols,
+        others: index.others.len(),
+        combos: combos.len() / std::mem::size_of::<Combo>(),
+        strings: strings.len(),
+    };
     out.write_all(CACHE_MAGIC)?;
     for w in [
         BYTE_ORDER_MARK,
@@ -674,7 +840,9 @@ fn write_cache(path: &Path, index: &OfflineIndex) -> std::io::Result<()> {
         shape.cols as u64,
         shape.lat0.to_bits(),
         shape.lon0.to_bits(),
-        index.others.len() as u64,
+        counts.others as u64,
+        counts.combos as u64,
+        counts.strings as u64,
     ] {
         out.write_all(&w.to_ne_bytes())?;
     }
@@ -686,20 +854,28 @@ fn write_cache(path: &Path, index: &OfflineIndex) -> std::io::Result<()> {
         items.as_bytes(),
         index.others_start.as_bytes(),
         index.others.as_bytes(),
+        index.code_areas.as_bytes(),
+        index.other_areas.as_bytes(),
+        combos,
+        &strings,
     ];
-    let sizes = sections(index.centroids.len(), shape.rows * shape.cols, index.others.len())
-        .ok_or_else(|| std::io::Error::other("index too large to cache"))?;
+    let sizes = sections(counts).ok_or_else(|| std::io::Error::other("index too large to cache"))?;
     for (bytes, (_, padded)) in parts.into_iter().zip(sizes) {
         out.write_all(bytes)?;
         out.write_all(&[0u8; 8][..padded - bytes.len()])?;
     }
+    finish_cache(out, &tmp, path)
+}
+
+/// Syncs the written cache `tmp` and renames it to `path` (removing it on failure).
+fn finish_cache(out: std::io::BufWriter<File>, tmp: &Path, path: &Path) -> std::io::Result<()> {
     let file = out.into_inner().map_err(|e| e.into_error())?;
     let synced = file.sync_all();
     drop(file);
-    match synced.and_then(|()| std::fs::rename(&tmp, path)) {
+    match synced.and_then(|()| std::fs::rename(tmp, path)) {
         Ok(()) => Ok(()),
         Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(tmp);
             Err(e)
         }
     }

@@ -232,11 +232,19 @@ pub fn parse_bulk(text: &str, queries: &[(f64, f64)]) -> Result<Vec<Answer>, Cal
     Ok(answers)
 }
 
-/// Converts a postcodes.io postcode object into a [`Match`].
+/// Converts a postcodes.io postcode object into a [`Match`]: the area's names
+/// from its fields, their codes from its `codes` object (absent ones `None`).
 pub fn to_match(obj: &Value) -> Option<Match> {
     let postcode = to_pcds(obj.get("postcode")?.as_str()?)?;
     let distance_m = obj.get("distance").and_then(number).unwrap_or(0.0);
     let s = |k: &str| obj.get(k).and_then(Value::as_str).map(str::to_string);
+    // postcodes.io's `codes`: the GSS codes of the named areas.
+    let code = |k: &str| {
+        obj.get("codes")
+            .and_then(|c| c.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
     let area = Area {
         outcode: s("outcode"),
         incode: s("incode"),
@@ -250,6 +258,14 @@ pub fn to_match(obj: &Value) -> Option<Match> {
             .or_else(|| s("parliamentary_constituency")),
         lsoa: s("lsoa"),
         msoa: s("msoa"),
+        admin_district_code: code("admin_district"),
+        admin_county_code: code("admin_county"),
+        admin_ward_code: code("admin_ward"),
+        parish_code: code("parish"),
+        parliamentary_constituency_code: code("parliamentary_constituency_2024")
+            .or_else(|| code("parliamentary_constituency")),
+        lsoa_code: code("lsoa"),
+        msoa_code: code("msoa"),
     };
     Some(Match {
         postcode,
@@ -280,6 +296,24 @@ mod tests {
         }
         assert_eq!(a[1], Answer::NoPostcode);
         assert_eq!(a[2], Answer::Missing);
+    }
+
+    #[test]
+    fn codes_are_read_from_the_codes_object() {
+        let obj = serde_json::json!({"postcode": "AB10 1AA", "distance": 1.5, "admin_ward": "Ward A",
+            "lsoa": "L 001A", "codes": {"admin_ward": "S13002842", "lsoa": "S01006646",
+            "parliamentary_constituency": "S14000001", "parliamentary_constituency_2024": "S14000060",
+            "admin_county": "S99999999"}});
+        let m = to_match(&obj).unwrap();
+        assert_eq!(m.area.admin_ward.as_deref(), Some("Ward A"));
+        assert_eq!(m.area.admin_ward_code.as_deref(), Some("S13002842"));
+        assert_eq!(m.area.lsoa_code.as_deref(), Some("S01006646"));
+        assert_eq!(
+            m.area.parliamentary_constituency_code.as_deref(),
+            Some("S14000060")
+        );
+        assert_eq!(m.area.admin_county_code.as_deref(), Some("S99999999"));
+        assert_eq!((m.area.admin_county, m.area.msoa_code), (None, None));
     }
 
     #[test]

@@ -256,17 +256,33 @@ fn error_body(code: StatusCode, msg: &str) -> Response {
     (code, Json(json!({"status": code.as_u16(), "error": msg}))).into_response()
 }
 
-/// A postcodes.io postcode object for an offline answer.
-fn postcode_json(n: &Nearest<'_>) -> Value {
+/// A postcodes.io postcode object for an offline answer: its area names and,
+/// under `codes`, their codes as postcodes.io gives them (its `toJson` in
+/// `app/models/postcode.ts`) when the postcode file has area data
+/// ([`OfflineIndex::area`]); `null` names and empty `codes` when not.
+fn postcode_json(index: &OfflineIndex, n: &Nearest<'_>) -> Value {
     let (out, inc) = outcode_incode(n.postcode);
+    let a = index.area(n);
+    let codes = if index.has_areas() {
+        json!({
+            "admin_district": a.admin_district_code, "admin_county": a.admin_county_code,
+            "admin_ward": a.admin_ward_code, "parish": a.parish_code,
+            "parliamentary_constituency": a.parliamentary_constituency_code,
+            "parliamentary_constituency_2024": a.parliamentary_constituency_code,
+            "lsoa": a.lsoa_code, "msoa": a.msoa_code
+        })
+    } else {
+        json!({})
+    };
     json!({
-        "postcode": n.postcode, "quality": 1, "eastings": null, "northings": null, "country": null,
+        "postcode": n.postcode, "quality": 1, "eastings": null, "northings": null, "country": a.country,
         "nhs_ha": null, "longitude": n.centroid.lon, "latitude": n.centroid.lat,
-        "european_electoral_region": null, "primary_care_trust": null, "region": null, "lsoa": null,
-        "msoa": null, "incode": inc, "outcode": out, "parliamentary_constituency": null,
-        "parliamentary_constituency_2024": null, "admin_district": null, "parish": null,
-        "admin_county": null, "date_of_introduction": null, "admin_ward": null, "ced": null,
-        "ccg": null, "nuts": null, "pfa": null, "codes": {}, "distance": n.distance_m
+        "european_electoral_region": null, "primary_care_trust": null, "region": a.region, "lsoa": a.lsoa,
+        "msoa": a.msoa, "incode": inc, "outcode": out, "parliamentary_constituency": a.parliamentary_constituency,
+        "parliamentary_constituency_2024": a.parliamentary_constituency, "admin_district": a.admin_district,
+        "parish": a.parish, "admin_county": a.admin_county, "date_of_introduction": null,
+        "admin_ward": a.admin_ward, "ced": null, "ccg": null, "nuts": null, "pfa": null, "codes": codes,
+        "distance": n.distance_m
     })
 }
 
@@ -401,7 +417,7 @@ fn search(index: &OfflineIndex, q: &Search) -> Result<Option<Vec<Value>>, ()> {
     } else {
         index.nearest_n(at, q.radius, limit)
     };
-    Ok((!found.is_empty()).then(|| found.iter().map(postcode_json).collect()))
+    Ok((!found.is_empty()).then(|| found.iter().map(|n| postcode_json(index, n)).collect()))
 }
 
 /// A request answered without postcodes: a fault, or postcodes.io's refusal.

@@ -55,6 +55,8 @@ pub struct PostcodeImportSpec {
     pub api: ApiSpec,
     /// Path, inside the Job pods, of an ONS postcode file (NSPL/ONSPD CSV, plain or
     /// gzip); when set the enrichers answer offline instead of calling the API.
+    /// Its area columns are filled from the file's area codes, named from the
+    /// ONS `Documents/` folder beside the file or beside its folder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline_postcodes: Option<String>,
     /// External API quota for the whole import; may change mid-run.

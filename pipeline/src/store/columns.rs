@@ -52,9 +52,9 @@ mod tests {
     fn lists_hold_the_area_columns_in_order() {
         assert_eq!(
             *RESULT,
-            "row_number, fields, status, postcode, distance_m, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, error"
+            "row_number, fields, status, postcode, distance_m, outcode, incode, country, region, admin_district, admin_county, admin_ward, parish, parliamentary_constituency, lsoa, msoa, admin_district_code, admin_county_code, admin_ward_code, parish_code, parliamentary_constituency_code, lsoa_code, msoa_code, error"
         );
-        assert_eq!(ANSWER.len(), 5 + 11);
-        assert!(PACKED.starts_with("status, postcode, outcode,") && PACKED.ends_with("msoa, error"));
+        assert_eq!(ANSWER.len(), 5 + 18);
+        assert!(PACKED.starts_with("status, postcode, outcode,") && PACKED.ends_with("msoa_code, error"));
     }
 }

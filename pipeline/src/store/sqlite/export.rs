@@ -39,6 +39,7 @@ pub const JOIN_BUDGET_BYTES: usize = 128 << 20;
 
 /// The packed columns of an answer: status, postcode, [`Area::COLUMNS`], error.
 const PACKED: usize = 2 + Area::COLUMNS.len() + 1;
+const _: () = assert!(PACKED <= 32, "a bit of `nulls` per packed column");
 
 /// An answer's text columns in one allocation: `ends[i]` is where column i ends
 /// in `text`; bit i of `nulls` marks a NULL.
@@ -46,14 +47,14 @@ const PACKED: usize = 2 + Area::COLUMNS.len() + 1;
 struct Answer {
     text: Box<str>,
     ends: [u16; PACKED],
-    nulls: u16,
+    nulls: u32,
 }
 
 /// An answer being read, before it is known to be new.
 struct AnswerRef<'a> {
     text: &'a str,
     ends: [u16; PACKED],
-    nulls: u16,
+    nulls: u32,
 }
 
 impl Hash for Answer {
@@ -203,7 +204,7 @@ impl Half {
             let (lat, lon): (f64, f64) = (r.get(0)?, r.get(1)?);
             let distance: Option<f64> = r.get(2)?;
             text.clear();
-            let (mut ends, mut nulls) = ([0u16; PACKED], 0u16);
+            let (mut ends, mut nulls) = ([0u16; PACKED], 0u32);
             for (i, end) in ends.iter_mut().enumerate() {
                 match r.get_ref(3 + i)? {
                     ValueRef::Null => nulls |= 1 << i,

@@ -9,6 +9,7 @@
 
 pub mod csv_input;
 pub mod degrees;
+pub mod egress;
 pub mod enrich;
 pub mod exit;
 pub mod export;

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::{
+    egress::{egress_error_in, EgressPolicy},
     csv_input::{open_maybe_gzip, CsvOptions, InputError, Layout, Row, RowReader},
     store::{ImportRecord, LoadCounts, Store},
 };
@@ -88,16 +89,54 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-async fn open(store: &Store, source: &Source) -> Result<Box<dyn Read + Send>, LoadError> {
+/// Why a fetch of `url` failed: the egress policy's reason when it refused a
+/// connection or a redirect, else reqwest's error with its causes.
+fn fetch_error(url: &str, e: &reqwest::Error) -> LoadError {
+    if let Some(refused) = egress_error_in(e) {
+        return LoadError::Source(format!("cannot fetch {url}: {refused}"));
+    }
+    let mut msg = format!("cannot fetch {url}: {e}");
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        msg.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    LoadError::Source(msg)
+}
+
+/// Opens an http(s) source through the egress policy's client.
+async fn open_url(egress: &EgressPolicy, u: &str) -> Result<reqwest::Response, LoadError> {
+    let url = url::Url::parse(u).map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
+    egress
+        .check_source_url(&url)
+        .map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
+    egress
+        .source_client()
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| fetch_error(u, &e))
+}
+
+async fn open(
+    store: &Store,
+    source: &Source,
+    egress: &EgressPolicy,
+) -> Result<Box<dyn Read + Send>, LoadError> {
     Ok(match source {
+        Source::File(_) if egress.is_enforced() => {
+            return Err(LoadError::Source(
+                "refused by the egress policy: a file path is never a source of a Job \
+                 (use an http(s) URL or an upload)"
+                    .into(),
+            ))
+        }
         Source::File(p) => Box::new(
             std::fs::File::open(p)
                 .map_err(|e| LoadError::Source(format!("cannot open {}: {e}", p.display())))?,
         ),
         Source::Url(u) => {
-            let resp = reqwest::get(u)
-                .await
-                .map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
+            let resp = open_url(egress, u).await?;
             if !resp.status().is_success() {
                 return Err(LoadError::Source(format!(
                     "cannot fetch {u}: HTTP {}",
@@ -134,13 +173,17 @@ const BATCH_ROWS: usize = 8192;
 /// Loads `source` into the import, replacing any earlier load: every data row
 /// ends `pending` or `invalid`. Parsing runs on a blocking thread, writing on
 /// the async side, with a bounded channel between them, so memory stays flat.
+/// `egress` decides what a file or URL source may reach
+/// ([`crate::egress`]); a refused source is a [`LoadError::Source`] and
+/// nothing is stored.
 pub async fn load(
     store: &Store,
     import: &ImportRecord,
     source: &Source,
     opts: &CsvOptions,
+    egress: &EgressPolicy,
 ) -> Result<LoadCounts, LoadError> {
-    let input = open(store, source).await?;
+    let input = open(store, source, egress).await?;
     let state = Arc::new(Mutex::new((Sha256::new(), 0u64)));
     let hashing: Box<dyn Read + Send> = Box::new(Hashing {
         inner: input,

@@ -111,14 +111,19 @@ fn default_backoff_limit() -> i32 {
 }
 
 /// Exactly one of `uploadId` and `url`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ImportSource {
     /// An upload stored by the upload API (`POST /v1/imports`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload_id: Option<String>,
-    /// An http(s) URL the reader Job can fetch.
+    /// An `http://` or `https://` URL the reader Job fetches, at most
+    /// [`limits::MAX_URL_LEN`] characters ([`URL_RULE`]; a path is never a
+    /// source in a cluster). Which addresses it may reach is the cluster's
+    /// egress policy (chart values `egress.*`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = limits::MAX_URL_LEN))]
+    #[x_kube(validation = Rule::new(URL_RULE).message("source.url must be an http:// or https:// URL with a host (a path is never a source in a cluster)"))]
     pub url: Option<String>,
 }
 
@@ -154,11 +159,28 @@ pub struct CsvSpec {
     pub quote: Option<String>,
 }
 
+/// CEL: the string is an absolute `http(s)` URL with a host (Kubernetes CEL
+/// URL library, `isURL` also accepts bare paths, whose scheme is empty).
+pub const URL_RULE: &str =
+    "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''";
+
+/// CEL: an [`URL_RULE`] URL whose host, when an IP address, is not loopback,
+/// link-local, unspecified, private (RFC 1918, 100.64/10, unique local) or
+/// multicast. Names are checked where they resolve (the Jobs' egress policy).
+pub const API_URL_RULE: &str = "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != '' \
+    && (!isIP(url(self).getHostname()) || (ip(url(self).getHostname()).isGlobalUnicast() \
+    && !['10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', '100.64.0.0/10', 'fc00::/7'].exists(c, cidr(c).containsIP(url(self).getHostname()))))";
+
 /// postcodes.io endpoint and search radii.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiSpec {
+    /// postcodes.io base URL, at most [`limits::MAX_URL_LEN`] characters
+    /// ([`API_URL_RULE`]); the enrichers call it only when it is on the
+    /// cluster's allowlist (chart value `egress.allowedApiUrls`).
     #[serde(default = "default_base_url")]
+    #[schemars(length(max = limits::MAX_URL_LEN))]
+    #[x_kube(validation = Rule::new(API_URL_RULE).message("api.baseUrl must be an http:// or https:// URL whose host is not a loopback, link-local or private address"))]
     pub base_url: String,
     /// First search radius in metres.
     #[serde(default = "default_radius")]
@@ -343,6 +365,8 @@ mod tests {
             "jsonPath: .status.rowsEnriched",
             "source is immutable",
             "maximum: 64",
+            "source.url must be an http:// or https:// URL",
+            "api.baseUrl must be an http:// or https:// URL",
         ] {
             assert!(y.contains(want), "missing {want:?} in\n{y}");
         }

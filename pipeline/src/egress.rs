@@ -481,4 +481,91 @@ mod tests {
         }
         std::fs::remove_dir_all(&root).unwrap();
     }
+
+    /// A one-route HTTP server on 127.0.0.1: every request is answered with
+    /// `response` (raw HTTP/1.1). Returns its port.
+    async fn serve(response: String) -> u16 {
+        serve_on("127.0.0.1", response).await
+    }
+
+    /// [`serve`] on another loopback address (Linux routes all of 127/8 to lo).
+    async fn serve_on(ip: &str, response: String) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let response = response.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let _ = sock.read(&mut buf).await;
+                    let _ = sock.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        port
+    }
+
+    fn ok_body(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    fn redirect_to(location: &str) -> String {
+        format!("HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+    }
+
+    async fn fetch(p: &EgressPolicy, url: &str) -> Result<String, String> {
+        let u = Url::parse(url).unwrap();
+        p.check_source_url(&u).map_err(|e| e.to_string())?;
+        match p.source_client().get(u).send().await {
+            Ok(r) if r.status().is_success() => Ok(r.text().await.unwrap()),
+            Ok(r) => Err(format!("HTTP {}", r.status())),
+            Err(e) => Err(egress_error_in(&e).map_or_else(|| format!("not the policy: {e:?}"), ToString::to_string)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_resolving_to_loopback_is_refused_on_the_connection_made() {
+        let port = serve(ok_body("lat,lon\n")).await;
+        // `localhost` goes through the resolver (an IP literal would not): the
+        // check is on the address the connection would use.
+        let err = fetch(&enforced(), &format!("http://localhost:{port}/x.csv")).await.unwrap_err();
+        assert!(err.contains("localhost resolves to") && err.contains("loopback"), "{err}");
+        let err = fetch(&enforced(), &format!("http://127.0.0.1:{port}/x.csv")).await.unwrap_err();
+        assert!(err.contains("127.0.0.1 is a loopback address"), "{err}");
+        // The same server, allowed, answers: the refusal was the policy's.
+        let allowed = EgressPolicy::enforced(vec!["127.0.0.1/32".parse().unwrap()], Vec::new(), Vec::new(), None);
+        assert_eq!(fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv")).await.unwrap(), "lat,lon\n");
+    }
+
+    #[tokio::test]
+    async fn every_redirect_hop_is_checked() {
+        let target = serve(ok_body("secret\n")).await;
+        let allowed = EgressPolicy::enforced(vec!["127.0.0.1/32".parse().unwrap()], Vec::new(), Vec::new(), None);
+        for location in [
+            "http://169.254.169.254/latest/meta-data/".to_string(),
+            "http://10.0.0.1/".to_string(),
+            format!("http://[::1]:{target}/"),
+        ] {
+            let port = serve(redirect_to(&location)).await;
+            let err = fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv")).await.unwrap_err();
+            assert!(err.contains("refused by the egress policy: redirect to"), "{location}: {err}");
+        }
+        // reqwest follows no redirect to another scheme: the reader sees the 302.
+        let port = serve(redirect_to("file:///etc/passwd")).await;
+        let err = fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv")).await.unwrap_err();
+        assert_eq!(err, "HTTP 302 Found");
+        // A redirect from an allowed host (127.0.0.2) to a name that resolves
+        // to a refused address (localhost: 127.0.0.1).
+        let only_2 = EgressPolicy::enforced(vec!["127.0.0.2/32".parse().unwrap()], Vec::new(), Vec::new(), None);
+        let port = serve_on("127.0.0.2", redirect_to(&format!("http://localhost:{target}/"))).await;
+        let err = fetch(&only_2, &format!("http://127.0.0.2:{port}/x.csv")).await.unwrap_err();
+        assert!(err.contains("localhost resolves to"), "{err}");
+        // An allowed hop is followed.
+        let port = serve(redirect_to(&format!("http://127.0.0.1:{target}/"))).await;
+        assert_eq!(fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv")).await.unwrap(), "secret\n");
+    }
 }

@@ -206,6 +206,10 @@ fn pod_spec(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) -> 
     PodSpec {
         restart_policy: Some("Never".into()),
         service_account_name: Some(settings.service_account.clone()),
+        // The reader talks to the database only; an enricher writes its
+        // shard's progress into the import's status (enricher-job status.rs)
+        // and so needs the token (README "Security model").
+        automount_service_account_token: Some(matches!(spec.role, Role::Enricher { .. })),
         priority_class_name: import.spec.priority_class_name.clone(),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),

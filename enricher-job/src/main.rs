@@ -2,8 +2,8 @@
 //!
 //! Exit codes: 0 shard finished; 3 the import's request budget is spent
 //! (unfinished rows stay pending); 2 bad configuration, or an API URL or
-//! offline file the egress policy refuses (the import is marked failed with
-//! the reason); 1 anything else (retry).
+//! offline file the egress policy refuses; 1 anything else (retry). The
+//! error of a failed run is also the pod's termination message.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -92,7 +92,9 @@ async fn main() {
             std::process::exit(EXIT_QUOTA_EXHAUSTED);
         }
         Err((code, e)) => {
-            eprintln!("enricher-job: shard {}: {e:#}", args.shard);
+            let msg = format!("enricher-job: shard {}: {e:#}", args.shard);
+            eprintln!("{msg}");
+            pipeline::write_termination_message(&msg);
             std::process::exit(code);
         }
     }
@@ -118,11 +120,9 @@ async fn run(args: &Args) -> Result<Finish, Failure> {
     }
     let store = Store::connect(&args.database_url).await.map_err(retryable)?;
     let import = loaded_import(args, &store).await?;
-    if let Err(refused) = check_egress(args) {
-        let msg = format!("shard {}: {refused}", args.shard);
-        store.fail_import(import.id, &msg).await.map_err(retryable)?;
-        return Err(permanent(anyhow::anyhow!(msg)));
-    }
+    // Refused: the Job fails at once (exit 2) and the reason reaches the
+    // import's status through the pod's termination message.
+    check_egress(args).map_err(|e| permanent(e.into()))?;
     let provider = provider(args, &store, import.id).await?;
     let started = std::time::Instant::now();
     let finish = enrich(args, &store, import.id, provider).await?;

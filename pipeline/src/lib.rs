@@ -48,6 +48,22 @@ pub fn init_process() {
         .try_init();
 }
 
+/// Where Kubernetes reads a container's termination message (the default
+/// `terminationMessagePath`).
+pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+
+/// For the Job binaries: writes why the process is ending to
+/// [`TERMINATION_MESSAGE_PATH`] when it exists (in a pod; never created
+/// elsewhere), so the Job's pod status, and from it the import's
+/// `status.message`, says why (the kubelet keeps 4 KiB at most).
+pub fn write_termination_message(msg: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).truncate(true).open(TERMINATION_MESSAGE_PATH) {
+        let cut: String = msg.chars().take(1024).collect();
+        let _ = f.write_all(cut.as_bytes());
+    }
+}
+
 /// For the Job binaries: SIGTERM ends the process at once with 143 (128 +
 /// SIGTERM), as it ends a process without a handler. Needed because in a
 /// container the Job is PID 1, and the kernel ignores signals PID 1 has no

@@ -983,7 +983,7 @@ async fn an_import_cannot_reach_what_the_egress_policy_refuses() {
             )
             .await
             .expect_err(base);
-        assert!(err.to_string().contains("api.baseUrl must be an http:// or https:// URL"), "{base}: {err}");
+        assert!(err.to_string().contains("api.baseUrl must"), "{base}: {err}");
     }
 
     // The upload API refuses an API URL or offline file the policy refuses (400).

@@ -54,7 +54,9 @@ async fn main() {
     match run(&args).await {
         Ok(()) => {}
         Err((code, e)) => {
-            eprintln!("reader-job: {e:#}");
+            let msg = format!("reader-job: {e:#}");
+            eprintln!("{msg}");
+            pipeline::write_termination_message(&msg);
             std::process::exit(code);
         }
     }

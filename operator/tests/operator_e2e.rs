@@ -935,7 +935,11 @@ async fn failed_with(client: &Client, ns: &str, db: &str, pods: &Pods, name: &st
     if job.ends_with("reader") {
         assert_eq!(rows_stored(db, &uid).await, 0, "{name}: rows stored: {msg}");
     }
-    assert_eq!(pods.runs(job), 1, "{name}: a refused source or API is not retried: {msg}");
+    assert_eq!(
+        pods.runs(job),
+        1,
+        "{name}: a refused source or API is not retried: {msg}"
+    );
     msg
 }
 
@@ -965,21 +969,47 @@ async fn an_import_cannot_reach_what_the_egress_policy_refuses() {
     };
 
     // The API server refuses a path (any path) as a source, and a private API URL.
-    for (i, path) in ["/etc/passwd", "file:///etc/passwd", "etc/passwd", "/var/run/secrets/kubernetes.io/serviceaccount/token", "ftp://example.org/x.csv", "http:///x.csv"]
-        .iter()
-        .enumerate()
+    for (i, path) in [
+        "/etc/passwd",
+        "file:///etc/passwd",
+        "etc/passwd",
+        "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        "ftp://example.org/x.csv",
+        "http:///x.csv",
+    ]
+    .iter()
+    .enumerate()
     {
-        let err = api
-            .create(&PostParams::default(), &obj(&format!("path-{i}"), json!({"source": {"url": path}})))
-            .await
-            .expect_err(path);
-        assert!(err.to_string().contains("source.url must be an http:// or https:// URL"), "{path}: {err}");
-    }
-    for (i, base) in ["http://10.0.0.1", "http://169.254.169.254/", "http://127.0.0.1:8080", "http://[::1]/", "/var/run"].iter().enumerate() {
         let err = api
             .create(
                 &PostParams::default(),
-                &obj(&format!("api-{i}"), json!({"source": {"url": "https://example.org/x.csv"}, "api": {"baseUrl": base}})),
+                &obj(&format!("path-{i}"), json!({"source": {"url": path}})),
+            )
+            .await
+            .expect_err(path);
+        assert!(
+            err.to_string()
+                .contains("source.url must be an http:// or https:// URL"),
+            "{path}: {err}"
+        );
+    }
+    for (i, base) in [
+        "http://10.0.0.1",
+        "http://169.254.169.254/",
+        "http://127.0.0.1:8080",
+        "http://[::1]/",
+        "/var/run",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let err = api
+            .create(
+                &PostParams::default(),
+                &obj(
+                    &format!("api-{i}"),
+                    json!({"source": {"url": "https://example.org/x.csv"}, "api": {"baseUrl": base}}),
+                ),
             )
             .await
             .expect_err(base);
@@ -996,7 +1026,10 @@ async fn an_import_cannot_reach_what_the_egress_policy_refuses() {
         "offlinePostcodes=/data/../etc/passwd".to_string(),
     ] {
         let resp = reqwest::Client::new()
-            .post(format!("{}/v1/imports?name=refused&namespace={ns}&{query}", op.url))
+            .post(format!(
+                "{}/v1/imports?name=refused&namespace={ns}&{query}",
+                op.url
+            ))
             .header("content-type", "text/csv")
             .body(std::fs::read(&file).unwrap())
             .send()
@@ -1011,57 +1044,123 @@ async fn an_import_cannot_reach_what_the_egress_policy_refuses() {
     // Sources the policy refuses fail the import with the reason, once, no rows.
     let input = std::fs::read(head_of_real_file(50, &temp_dir("egress-input"))).unwrap();
     let loopback = serve_file(head_of_real_file(50, &temp_dir("egress-loopback"))).await;
-    let port = loopback.split(':').nth(2).unwrap().split('/').next().unwrap().to_string();
+    let port = loopback
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
     let public = serve_on("127.0.0.2", input.clone()).await;
     let cases = [
-        ("metadata", "http://169.254.169.254/latest/meta-data/iam/x.csv".to_string(), "169.254.169.254 is a link-local address"),
+        (
+            "metadata",
+            "http://169.254.169.254/latest/meta-data/iam/x.csv".to_string(),
+            "169.254.169.254 is a link-local address",
+        ),
         ("loopback", loopback.clone(), "127.0.0.1 is a loopback address"),
-        ("dns", format!("https://localhost:{port}/input.csv"), "localhost resolves to 127.0.0.1 is a loopback address"),
-        ("redirect", redirect_on("127.0.0.2", loopback.clone()).await, "redirect to http://127.0.0.1"),
+        (
+            "dns",
+            format!("https://localhost:{port}/input.csv"),
+            "localhost resolves to 127.0.0.1 is a loopback address",
+        ),
+        (
+            "redirect",
+            redirect_on("127.0.0.2", loopback.clone()).await,
+            "redirect to http://127.0.0.1",
+        ),
     ];
     for (name, url, _) in &cases {
-        create_import(&client, &ns, name, json!({"source": {"url": url}, "shards": 1, "api": {"baseUrl": allowed_api}})).await;
+        create_import(
+            &client,
+            &ns,
+            name,
+            json!({"source": {"url": url}, "shards": 1, "api": {"baseUrl": allowed_api}}),
+        )
+        .await;
     }
     for (name, url, reason) in &cases {
         let msg = failed_with(&client, &ns, &db, &pods, name, &format!("{name}-reader")).await;
-        assert!(msg.contains("refused by the egress policy") && msg.contains(reason), "{name} ({url}): {msg}");
+        assert!(
+            msg.contains("refused by the egress policy") && msg.contains(reason),
+            "{name} ({url}): {msg}"
+        );
     }
 
     // API URLs and offline files the policy refuses fail the import at the enrichers.
     create_import(&client, &ns, "other-api", json!({"source": {"url": format!("{public}/in.csv")}, "shards": 1, "api": {"baseUrl": "http://localhost:9"}})).await;
     create_import(&client, &ns, "offline-out", json!({"source": {"url": format!("{public}/in.csv")}, "shards": 1, "offlinePostcodes": "/etc/passwd"})).await;
     let msg = failed_with(&client, &ns, &db, &pods, "other-api", "other-api-enricher-0").await;
-    assert!(msg.contains("API URL http://localhost:9 is not one of the allowed API URLs"), "{msg}");
+    assert!(
+        msg.contains("API URL http://localhost:9 is not one of the allowed API URLs"),
+        "{msg}"
+    );
     let msg = failed_with(&client, &ns, &db, &pods, "offline-out", "offline-out-enricher-0").await;
-    assert!(msg.contains("offline postcode files are not allowed") || msg.contains("is not inside"), "{msg}");
+    assert!(
+        msg.contains("offline postcode files are not allowed") || msg.contains("is not inside"),
+        "{msg}"
+    );
 
     // A header that is not coordinates is quoted as an 80-character excerpt at most.
     let secret = "hunter2-".repeat(30);
-    let leaky = serve_on("127.0.0.2", format!("user,password\u{1b}[2J,{secret}\n1,2,3\n").into_bytes()).await;
+    let leaky = serve_on(
+        "127.0.0.2",
+        format!("user,password\u{1b}[2J,{secret}\n1,2,3\n").into_bytes(),
+    )
+    .await;
     create_import(&client, &ns, "leaky", json!({"source": {"url": format!("{leaky}/users.csv")}, "shards": 1, "api": {"baseUrl": allowed_api}})).await;
     let msg = failed_with(&client, &ns, &db, &pods, "leaky", "leaky-reader").await;
-    assert!(msg.contains("no latitude/longitude columns found in header [user, password\\u{1b}[2J, hunter2-"), "{msg}");
+    assert!(
+        msg.contains("no latitude/longitude columns found in header [user, password\\u{1b}[2J, hunter2-"),
+        "{msg}"
+    );
     assert!(!msg.contains(&secret[..100]) && !msg.contains('\u{1b}'), "{msg}");
 
     // An allowed source and API still work.
-    create_import(&client, &ns, "allowed", json!({"source": {"url": format!("{public}/in.csv")}, "shards": 1, "api": {"baseUrl": allowed_api}})).await;
-    let done = wait_for(&api, "allowed", Duration::from_secs(180), |o| phase(o) == "Succeeded" || phase(o) == "Failed").await;
+    create_import(
+        &client,
+        &ns,
+        "allowed",
+        json!({"source": {"url": format!("{public}/in.csv")}, "shards": 1, "api": {"baseUrl": allowed_api}}),
+    )
+    .await;
+    let done = wait_for(&api, "allowed", Duration::from_secs(180), |o| {
+        phase(o) == "Succeeded" || phase(o) == "Failed"
+    })
+    .await;
     assert_eq!(phase(&done), "Succeeded", "{:?}", done.data.pointer("/status"));
     assert_eq!(status_i64(&done, "rowsTotal"), 50);
-    assert!(status_i64(&done, "rowsEnriched") > 0, "{:?}", done.data.pointer("/status"));
+    assert!(
+        status_i64(&done, "rowsEnriched") > 0,
+        "{:?}",
+        done.data.pointer("/status")
+    );
 
     // No event quotes more of any input than the excerpt.
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
     for e in events.list(&ListParams::default()).await.unwrap() {
         let note = e.note.clone().unwrap_or_default();
-        assert!(!note.contains(&secret[..100]) && !note.contains('\u{1b}'), "{note}");
+        assert!(
+            !note.contains(&secret[..100]) && !note.contains('\u{1b}'),
+            "{note}"
+        );
     }
     // Reader pods carry no ServiceAccount token; enricher pods do (status reports).
     let pod_list: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
-    for p in pod_list.list(&ListParams::default().labels("postcodes.dev/role")).await.unwrap() {
+    for p in pod_list
+        .list(&ListParams::default().labels("postcodes.dev/role"))
+        .await
+        .unwrap()
+    {
         let role = p.metadata.labels.as_ref().unwrap()["postcodes.dev/role"].clone();
         let automount = p.spec.as_ref().unwrap().automount_service_account_token;
-        assert_eq!(automount, Some(role == "enricher"), "{role} pod {:?}", p.metadata.name);
+        assert_eq!(
+            automount,
+            Some(role == "enricher"),
+            "{role} pod {:?}",
+            p.metadata.name
+        );
     }
     drop(op);
 }

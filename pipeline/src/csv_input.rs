@@ -767,20 +767,34 @@ mod tests {
     fn messages_quote_at_most_a_sanitised_excerpt_of_the_header() {
         let secret = "s3cr3t".repeat(40);
         let header = format!("user,password\x1b[31m,{secret}\n1,2,3\n");
-        let e = RowReader::new(Box::new(std::io::Cursor::new(header.clone().into_bytes())), &CsvOptions::default()).err().unwrap();
+        let e = RowReader::new(
+            Box::new(std::io::Cursor::new(header.clone().into_bytes())),
+            &CsvOptions::default(),
+        )
+        .err()
+        .unwrap();
         let msg = e.to_string();
         assert!(matches!(e, InputError::NoCoordinateColumns(_)), "{msg}");
         assert!(msg.contains("[user, password\\u{1b}[31m, s3cr3t"), "{msg}");
         assert!(!msg.contains('\x1b') && !msg.contains(&secret[..100]), "{msg}");
         let quoted = msg.split('[').nth(1).unwrap().split(']').next().unwrap();
-        assert!(quoted.chars().count() <= EXCERPT_CHARS + "\\u{1b}".len() + 1, "{quoted}");
+        assert!(
+            quoted.chars().count() <= EXCERPT_CHARS + "\\u{1b}".len() + 1,
+            "{quoted}"
+        );
         let opts = CsvOptions {
             lat_column: Some("lat".into()),
             lon_column: Some("lon".into()),
             ..CsvOptions::default()
         };
-        let msg = RowReader::new(Box::new(std::io::Cursor::new(header.clone().into_bytes())), &opts).err().unwrap().to_string();
-        assert!(msg.contains("column \"lat\" not found") && !msg.contains(&secret[..100]), "{msg}");
+        let msg = RowReader::new(Box::new(std::io::Cursor::new(header.clone().into_bytes())), &opts)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("column \"lat\" not found") && !msg.contains(&secret[..100]),
+            "{msg}"
+        );
         assert_eq!(excerpt("a\tb"), "a\\tb");
         assert_eq!(excerpt(&"é".repeat(81)), format!("{}…", "é".repeat(80)));
     }

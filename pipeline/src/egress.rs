@@ -263,7 +263,8 @@ impl EgressPolicy {
         }
         let Some(dir) = &self.offline_dir else {
             return Err(EgressError(
-                "offline postcode files are not allowed (chart value egress.offlinePostcodesDir is empty)".into(),
+                "offline postcode files are not allowed (chart value egress.offlinePostcodesDir is empty)"
+                    .into(),
             ));
         };
         let outside = || {
@@ -292,7 +293,8 @@ impl EgressPolicy {
         }
         let Some(dir) = &self.offline_dir else {
             return Err(EgressError(
-                "offline postcode files are not allowed (chart value egress.offlinePostcodesDir is empty)".into(),
+                "offline postcode files are not allowed (chart value egress.offlinePostcodesDir is empty)"
+                    .into(),
             ));
         };
         let plain = path.is_absolute()
@@ -315,7 +317,8 @@ impl EgressPolicy {
     /// for the connection being made), re-checks every redirect hop, ignores
     /// proxy variables (the connection made is the one checked).
     pub fn source_client(&self) -> reqwest::Client {
-        let builder = reqwest::Client::builder().user_agent(concat!("postcode-operator/", env!("CARGO_PKG_VERSION")));
+        let builder =
+            reqwest::Client::builder().user_agent(concat!("postcode-operator/", env!("CARGO_PKG_VERSION")));
         if !self.enforce {
             return builder.build().expect("TLS backend available");
         }
@@ -383,7 +386,12 @@ mod tests {
     use super::*;
 
     fn enforced() -> EgressPolicy {
-        EgressPolicy::enforced(Vec::new(), Vec::new(), vec![DEFAULT_ALLOWED_API_URLS.into()], None)
+        EgressPolicy::enforced(
+            Vec::new(),
+            Vec::new(),
+            vec![DEFAULT_ALLOWED_API_URLS.into()],
+            None,
+        )
     }
 
     #[test]
@@ -424,7 +432,10 @@ mod tests {
         assert!(p.check_ip("10.1.0.5".parse().unwrap()).is_ok());
         assert!(p.check_ip("10.2.0.5".parse().unwrap()).is_err());
         assert!(p.check_ip("1.1.1.1".parse().unwrap()).is_err());
-        assert!(p.check_ip("10.1.2.3".parse().unwrap()).is_err(), "deny wins over allow");
+        assert!(
+            p.check_ip("10.1.2.3".parse().unwrap()).is_err(),
+            "deny wins over allow"
+        );
     }
 
     #[test]
@@ -436,7 +447,9 @@ mod tests {
         assert!(check("http://169.254.169.254/latest/meta-data/").is_err());
         assert!(check("http://2130706433/").is_err(), "decimal 127.0.0.1");
         assert!(check("http://[::ffff:7f00:1]/").is_err());
-        assert!(EgressPolicy::unrestricted().check_source_url(&Url::parse("file:///x").unwrap()).is_ok());
+        assert!(EgressPolicy::unrestricted()
+            .check_source_url(&Url::parse("file:///x").unwrap())
+            .is_ok());
     }
 
     #[test]
@@ -470,13 +483,27 @@ mod tests {
         let p = EgressPolicy::enforced(Vec::new(), Vec::new(), Vec::new(), Some(allowed.clone()));
         assert!(p.check_offline_path(&allowed.join("nspl.csv")).is_ok());
         assert!(p.check_offline_path(&allowed.join("../secret.csv")).is_err());
-        assert!(p.check_offline_path(&allowed.join("link.csv")).is_err(), "a symlink out");
+        assert!(
+            p.check_offline_path(&allowed.join("link.csv")).is_err(),
+            "a symlink out"
+        );
         assert!(p.check_offline_path(&allowed.join("missing.csv")).is_err());
-        assert!(p.check_offline_path(&allowed).is_err(), "a directory is not a file");
+        assert!(
+            p.check_offline_path(&allowed).is_err(),
+            "a directory is not a file"
+        );
         assert!(enforced().check_offline_path(&allowed.join("nspl.csv")).is_err());
         let lex = EgressPolicy::enforced(Vec::new(), Vec::new(), Vec::new(), Some("/data".into()));
-        assert!(lex.check_offline_path_lexically(Path::new("/data/nspl.csv")).is_ok());
-        for bad in ["/data/../etc/passwd", "/etc/passwd", "data/nspl.csv", "/data", "/database.csv"] {
+        assert!(lex
+            .check_offline_path_lexically(Path::new("/data/nspl.csv"))
+            .is_ok());
+        for bad in [
+            "/data/../etc/passwd",
+            "/etc/passwd",
+            "data/nspl.csv",
+            "/data",
+            "/database.csv",
+        ] {
             assert!(lex.check_offline_path_lexically(Path::new(bad)).is_err(), "{bad}");
         }
         std::fs::remove_dir_all(&root).unwrap();
@@ -514,7 +541,9 @@ mod tests {
     }
 
     fn redirect_to(location: &str) -> String {
-        format!("HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        format!(
+            "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
     }
 
     async fn fetch(p: &EgressPolicy, url: &str) -> Result<String, String> {
@@ -523,7 +552,9 @@ mod tests {
         match p.source_client().get(u).send().await {
             Ok(r) if r.status().is_success() => Ok(r.text().await.unwrap()),
             Ok(r) => Err(format!("HTTP {}", r.status())),
-            Err(e) => Err(egress_error_in(&e).map_or_else(|| format!("not the policy: {e:?}"), ToString::to_string)),
+            Err(e) => {
+                Err(egress_error_in(&e).map_or_else(|| format!("not the policy: {e:?}"), ToString::to_string))
+            }
         }
     }
 
@@ -532,40 +563,81 @@ mod tests {
         let port = serve(ok_body("lat,lon\n")).await;
         // `localhost` goes through the resolver (an IP literal would not): the
         // check is on the address the connection would use.
-        let err = fetch(&enforced(), &format!("http://localhost:{port}/x.csv")).await.unwrap_err();
-        assert!(err.contains("localhost resolves to") && err.contains("loopback"), "{err}");
-        let err = fetch(&enforced(), &format!("http://127.0.0.1:{port}/x.csv")).await.unwrap_err();
+        let err = fetch(&enforced(), &format!("http://localhost:{port}/x.csv"))
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("localhost resolves to") && err.contains("loopback"),
+            "{err}"
+        );
+        let err = fetch(&enforced(), &format!("http://127.0.0.1:{port}/x.csv"))
+            .await
+            .unwrap_err();
         assert!(err.contains("127.0.0.1 is a loopback address"), "{err}");
         // The same server, allowed, answers: the refusal was the policy's.
-        let allowed = EgressPolicy::enforced(vec!["127.0.0.1/32".parse().unwrap()], Vec::new(), Vec::new(), None);
-        assert_eq!(fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv")).await.unwrap(), "lat,lon\n");
+        let allowed = EgressPolicy::enforced(
+            vec!["127.0.0.1/32".parse().unwrap()],
+            Vec::new(),
+            Vec::new(),
+            None,
+        );
+        assert_eq!(
+            fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv"))
+                .await
+                .unwrap(),
+            "lat,lon\n"
+        );
     }
 
     #[tokio::test]
     async fn every_redirect_hop_is_checked() {
         let target = serve(ok_body("secret\n")).await;
-        let allowed = EgressPolicy::enforced(vec!["127.0.0.1/32".parse().unwrap()], Vec::new(), Vec::new(), None);
+        let allowed = EgressPolicy::enforced(
+            vec!["127.0.0.1/32".parse().unwrap()],
+            Vec::new(),
+            Vec::new(),
+            None,
+        );
         for location in [
             "http://169.254.169.254/latest/meta-data/".to_string(),
             "http://10.0.0.1/".to_string(),
             format!("http://[::1]:{target}/"),
         ] {
             let port = serve(redirect_to(&location)).await;
-            let err = fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv")).await.unwrap_err();
-            assert!(err.contains("refused by the egress policy: redirect to"), "{location}: {err}");
+            let err = fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv"))
+                .await
+                .unwrap_err();
+            assert!(
+                err.contains("refused by the egress policy: redirect to"),
+                "{location}: {err}"
+            );
         }
         // reqwest follows no redirect to another scheme: the reader sees the 302.
         let port = serve(redirect_to("file:///etc/passwd")).await;
-        let err = fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv")).await.unwrap_err();
+        let err = fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv"))
+            .await
+            .unwrap_err();
         assert_eq!(err, "HTTP 302 Found");
         // A redirect from an allowed host (127.0.0.2) to a name that resolves
         // to a refused address (localhost: 127.0.0.1).
-        let only_2 = EgressPolicy::enforced(vec!["127.0.0.2/32".parse().unwrap()], Vec::new(), Vec::new(), None);
+        let only_2 = EgressPolicy::enforced(
+            vec!["127.0.0.2/32".parse().unwrap()],
+            Vec::new(),
+            Vec::new(),
+            None,
+        );
         let port = serve_on("127.0.0.2", redirect_to(&format!("http://localhost:{target}/"))).await;
-        let err = fetch(&only_2, &format!("http://127.0.0.2:{port}/x.csv")).await.unwrap_err();
+        let err = fetch(&only_2, &format!("http://127.0.0.2:{port}/x.csv"))
+            .await
+            .unwrap_err();
         assert!(err.contains("localhost resolves to"), "{err}");
         // An allowed hop is followed.
         let port = serve(redirect_to(&format!("http://127.0.0.1:{target}/"))).await;
-        assert_eq!(fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv")).await.unwrap(), "secret\n");
+        assert_eq!(
+            fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv"))
+                .await
+                .unwrap(),
+            "secret\n"
+        );
     }
 }

@@ -58,7 +58,11 @@ pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 /// `status.message`, says why (the kubelet keeps 4 KiB at most).
 pub fn write_termination_message(msg: &str) {
     use std::io::Write;
-    if let Ok(mut f) = std::fs::OpenOptions::new().write(true).truncate(true).open(TERMINATION_MESSAGE_PATH) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(TERMINATION_MESSAGE_PATH)
+    {
         let cut: String = msg.chars().take(1024).collect();
         let _ = f.write_all(cut.as_bytes());
     }

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::{
-    egress::{egress_error_in, EgressPolicy},
     csv_input::{open_maybe_gzip, CsvOptions, InputError, Layout, Row, RowReader},
+    egress::{egress_error_in, EgressPolicy},
     store::{ImportRecord, LoadCounts, Store},
 };
 

@@ -485,7 +485,7 @@ fn lookups_section(ctx: &Ctx, inputs: &[(u64, PathBuf)], md: &mut String) -> Res
     writeln!(md, "## 2. Offline lookups\n")?;
     writeln!(
         md,
-        "The {:.0} postcodes of `nspl-latlon.csv.gz` ({:.0} distinct centroids in our index); {:.0} queries (the 1M input's coordinates, in file order), one thread. Both index unit vectors on the sphere (exact great-circle nearest). Build excludes reading the CSV, which is listed apart.\n",
+        "The {:.0} postcodes of `nspl-latlon.csv.gz` ({:.0} distinct centroids in our index); {:.0} queries (the 1M input's coordinates, in file order), one thread. Both index unit vectors on the sphere; ours then ranks the candidates by geodesic distance on the WGS84 ellipsoid (exact geodesic nearest, as postcodes.io), scipy's answer is the great-circle nearest. Build excludes reading the CSV, which is listed apart.\n",
         f(&o, "postcodes"),
         f(&o, "centroids"),
         f(&o, "queries")

@@ -330,7 +330,9 @@ async fn observe(
         return Ok((o, record));
     }
     let r = record.as_ref().expect("loaded");
-    o.load = Load::Loaded;
+    o.load = Load::Loaded {
+        warnings: r.warnings.clone(),
+    };
     for spec in enricher_jobs(plan) {
         o.enrichers.push(job_state_of(jobs, ctx, &spec.name).await?);
     }

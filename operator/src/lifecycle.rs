@@ -53,10 +53,9 @@ pub enum JobState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Load {
     /// Not loaded (yet); with the reader's error message when it wrote one.
-    NotLoaded {
-        error: Option<String>,
-    },
-    Loaded,
+    NotLoaded { error: Option<String> },
+    /// Loaded; with what the reader had to repair, one warning a line.
+    Loaded { warnings: Option<String> },
 }
 
 /// Everything [`decide`] looks at.
@@ -220,8 +219,8 @@ pub fn decide(o: &Observed) -> Decision {
     }
     match &o.load {
         Load::NotLoaded { error } => loading(o, plan, error.as_deref()),
-        Load::Loaded if o.retry_wanted => retry(o, plan),
-        Load::Loaded => enriching(o, plan),
+        Load::Loaded { .. } if o.retry_wanted => retry(o, plan),
+        Load::Loaded { .. } => enriching(o, plan),
     }
 }
 
@@ -363,7 +362,15 @@ fn enriching(o: &Observed, plan: &ImportPlan) -> Decision {
         "Loaded",
         true,
         "Loaded",
-        format!("{} rows loaded, {} invalid", c.rows_total, c.rows_invalid),
+        match &o.load {
+            Load::Loaded { warnings: Some(w) } => format!(
+                "{} rows loaded, {} invalid; {}",
+                c.rows_total,
+                c.rows_invalid,
+                w.replace('\n', "; ")
+            ),
+            _ => format!("{} rows loaded, {} invalid", c.rows_total, c.rows_invalid),
+        },
     );
     let quota = quota_condition(plan, shards.quota_stopped, c.rows_pending);
     if !shards.failed.is_empty() {

@@ -186,10 +186,29 @@ struct Files {
     offline: Option<PathBuf>,
 }
 
+/// Why a run cannot start with what it was given (a file that cannot be
+/// opened, an option out of range): `local` exits 2 ([`JobExit::Permanent`]),
+/// as it does for input the reader cannot read.
+#[derive(Debug)]
+pub struct CannotStart(pub String);
+
+impl std::fmt::Display for CannotStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CannotStart {}
+
+/// A path `local` must open, or [`CannotStart`] naming it.
+fn existing(path: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(path)
+        .map_err(|e| CannotStart(format!("cannot open {}: {e}", path.display())).into())
+}
+
 impl Files {
     fn of(args: &LocalArgs) -> anyhow::Result<Files> {
-        let input = std::fs::canonicalize(&args.file)
-            .with_context(|| format!("cannot open {}", args.file.display()))?;
+        let input = existing(&args.file)?;
         let name = input.file_name().and_then(|s| s.to_str()).unwrap_or("import");
         let stem = [".gz", ".csv", ".tsv", ".txt"]
             .iter()
@@ -200,9 +219,7 @@ impl Files {
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("{stem}.enriched.csv")));
         let offline = match &args.offline_postcodes {
-            Some(p) => {
-                Some(std::fs::canonicalize(p).with_context(|| format!("cannot open {}", p.display()))?)
-            }
+            Some(p) => Some(existing(p)?),
             None => None,
         };
         Ok(Files {
@@ -290,7 +307,7 @@ async fn import_of(store: &Store, files: &Files, args: &LocalArgs) -> anyhow::Re
 pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
     if !(args.quota_rps > 0.0 && args.quota_rps.is_finite()) {
-        bail!("--quota-rps must be a positive number");
+        return Err(CannotStart("--quota-rps must be a positive number".into()).into());
     }
     let files = Files::of(&args)?;
     let store = Store::connect(&args.db).await?;
@@ -366,6 +383,9 @@ async fn summarise(
         q.throttled,
         started.elapsed().as_secs_f64()
     );
+    for warning in import.warnings.iter().flat_map(|w| w.lines()) {
+        eprintln!("  warning: {warning}");
+    }
     if tally.failed > 0 {
         eprintln!("  {} rows failed (reason in the error column); run the same command with --retry-failed to try them again", tally.failed);
     }
@@ -454,7 +474,7 @@ impl<'a> LocalRun<'a> {
 
     /// Waits for a Job to end or the next progress tick.
     async fn wait(&mut self, o: &Observed) -> anyhow::Result<()> {
-        if o.load == Load::Loaded {
+        if matches!(o.load, Load::Loaded { .. }) {
             self.progress.show(&o.counts, self.store, &self.plan).await;
         }
         tokio::select! {
@@ -509,7 +529,9 @@ impl LocalRun<'_> {
         else {
             return Ok((o, record));
         };
-        o.load = Load::Loaded;
+        o.load = Load::Loaded {
+            warnings: r.warnings.clone(),
+        };
         o.budget_spent = self.store.budget_spent(r.id).await?;
         o.counts = self.store.counts(r).await?;
         o.shard_pending = pending_by_shard(self.plan.shards, &self.store.shard_counts(r.id).await?);

@@ -48,7 +48,11 @@ async fn main() {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");
-                1
+                if e.is::<local::CannotStart>() {
+                    pipeline::EXIT_PERMANENT
+                } else {
+                    1
+                }
             }
         },
     };

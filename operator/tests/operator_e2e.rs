@@ -496,8 +496,12 @@ async fn a_restarted_operator_reattaches_and_a_killed_pod_is_retried() {
     .await;
     pods.wait_running("sturdy-enricher-1", Duration::from_secs(60))
         .await;
-    // Let it finish some batches first.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Let it finish some batches first: wait until the server has answered 10.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while server.state.stats().requests < 10 {
+        assert!(std::time::Instant::now() < deadline, "no batches answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The operator dies mid-run; a new one takes over.
     op.kill();
     let before = server.state.stats().requests;

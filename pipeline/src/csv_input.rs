@@ -92,6 +92,11 @@ pub struct Layout {
     pub quote: Quote,
     /// The user's column names; `None` for a headerless file.
     pub header: Option<Vec<String>>,
+    /// The number of the user's columns every output row has: the header's,
+    /// or a headerless file's first row's (at least up to its coordinate
+    /// columns). Shorter rows are padded, longer ones keep their surplus in
+    /// the `extra_fields` column ([`RowReader::next_row`]).
+    pub width: usize,
     /// 0-based index of the latitude column.
     pub lat_index: usize,
     /// 0-based index of the longitude column.
@@ -101,10 +106,10 @@ pub struct Layout {
 impl Layout {
     /// Column names for the enriched CSV: the user's header, or `lat,lon` (and
     /// `column_3…`) for a headerless file.
-    pub fn output_columns(&self, width: usize) -> Vec<String> {
+    pub fn output_columns(&self) -> Vec<String> {
         match &self.header {
             Some(h) => h.clone(),
-            None => (0..width.max(2))
+            None => (0..self.width)
                 .map(|i| match i {
                     _ if i == self.lat_index => "lat".to_string(),
                     _ if i == self.lon_index => "lon".to_string(),
@@ -164,7 +169,37 @@ pub enum InputError {
     Syntax { line: u64, message: String },
     #[error("reading the file failed: {0}")]
     Io(String),
+    /// The source stopped delivering bytes (network, database): not the
+    /// file's fault, so a retry may succeed ([`SourceInterrupted`]).
+    #[error("reading the source was interrupted: {0}")]
+    Interrupted(String),
 }
+
+impl InputError {
+    /// The error of a failed read: [`InputError::Interrupted`] when the source
+    /// said so with a [`SourceInterrupted`], [`InputError::Io`] otherwise.
+    pub fn from_io(e: &std::io::Error) -> Self {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<SourceInterrupted>())
+        {
+            Some(s) => InputError::Interrupted(s.0.clone()),
+            None => InputError::Io(e.to_string()),
+        }
+    }
+
+    /// Whether the input itself is at fault, so reading it again cannot help.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, InputError::Interrupted(_))
+    }
+}
+
+/// The inner error of an [`std::io::Error`] by which a source's stream says it
+/// was cut off by something other than its content (a dropped connection, a
+/// database error while reading an upload).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceInterrupted(pub String);
 
 /// One data row of the input, with its status decided.
 #[derive(Debug, Clone, PartialEq)]
@@ -338,6 +373,7 @@ pub fn detect(sample: &[u8], opts: &CsvOptions) -> Result<Layout, InputError> {
     Ok(Layout {
         delimiter,
         quote,
+        width: names.len().max(lat_index + 1).max(lon_index + 1),
         header: has_header.then_some(names),
         lat_index,
         lon_index,
@@ -519,6 +555,10 @@ pub struct RowReader {
     replaced: u64,
     /// Rows whose quoted fields span lines (each is `invalid`).
     spanning: u64,
+    /// Rows with fewer fields than [`Layout::width`] (padded) and with more
+    /// (the surplus kept in `extra_fields`).
+    short: u64,
+    long: u64,
     width: usize,
     newlines: Arc<Mutex<VecDeque<u64>>>,
     end: Arc<Mutex<Option<u64>>>,
@@ -529,12 +569,12 @@ impl RowReader {
     /// Reads the first [`SAMPLE_BYTES`] of `input`, strips a UTF-8 BOM, decides the
     /// layout and returns a reader positioned before the first data row.
     pub fn new(input: Box<dyn Read + Send>, opts: &CsvOptions) -> Result<Self, InputError> {
-        let mut input = utf8_stream(input).map_err(|e| InputError::Io(e.to_string()))?;
+        let mut input = utf8_stream(input).map_err(|e| InputError::from_io(&e))?;
         let mut sample = Vec::with_capacity(SAMPLE_BYTES);
         (&mut input)
             .take(SAMPLE_BYTES as u64)
             .read_to_end(&mut sample)
-            .map_err(|e| InputError::Io(e.to_string()))?;
+            .map_err(|e| InputError::from_io(&e))?;
         if sample.starts_with(&[0xEF, 0xBB, 0xBF]) {
             sample.drain(..3);
         }
@@ -545,7 +585,7 @@ impl RowReader {
             ..opts.clone()
         };
         let layout = detect(&sample[sep_len..], &opts)?;
-        let width = layout.header.as_ref().map_or(2, Vec::len);
+        let width = layout.width;
         let newlines = Arc::new(Mutex::new(VecDeque::new()));
         let end = Arc::new(Mutex::new(None));
         let indexed = LineIndexed {
@@ -571,6 +611,8 @@ impl RowReader {
             skip_records,
             replaced: 0,
             spanning: 0,
+            short: 0,
+            long: 0,
             width,
             newlines,
             end,
@@ -582,9 +624,15 @@ impl RowReader {
         &self.layout
     }
 
-    /// Number of columns of the header (or of a headerless file's first row).
+    /// Number of the user's columns of every stored row ([`Layout::width`]).
     pub fn width(&self) -> usize {
         self.width
+    }
+
+    /// Rows so far with fewer fields than the header (padded with empty
+    /// fields) and with more (the surplus kept in `extra_fields`).
+    pub fn ragged_rows(&self) -> (u64, u64) {
+        (self.short, self.long)
     }
 
     /// The next row, `Ok(None)` at the end; `Err` only for an unreadable stream.
@@ -595,7 +643,7 @@ impl RowReader {
                 Ok(true) => {}
                 Err(e) => {
                     return match e.kind() {
-                        csv::ErrorKind::Io(io) => Err(InputError::Io(io.to_string())),
+                        csv::ErrorKind::Io(io) => Err(InputError::from_io(io)),
                         _ => {
                             let line = e.position().map_or(0, csv::Position::line);
                             Err(InputError::Syntax {
@@ -617,11 +665,10 @@ impl RowReader {
             let spans = self.record.iter().map(line_ends_in).sum::<u64>();
             let coordinate = if spans > 0 {
                 self.spanning += 1;
+                let last = line + spans - u64::from(self.swallowed_last_line_end());
                 Err(format!(
-                    "lines {line}-{}: a quoted field spans lines {line} to {}, so their records were read as one; \
-                     check for a stray quote, or read the file unquoted (--quote none, spec.csv.quote: none)",
-                    line + spans,
-                    line + spans
+                    "lines {line}-{last}: a quoted field spans lines {line} to {last}, so their records were read as one; \
+                     check for a stray quote, or read the file unquoted (--quote none, spec.csv.quote: none)"
                 ))
             } else {
                 validate(&self.record, &self.layout, line)
@@ -648,19 +695,24 @@ impl RowReader {
             self.lines_before += 1;
         }
         let mut inside: u64 = self.record.iter().map(line_ends_in).sum();
-        // A quote left open at the end of the file swallows the last line end
-        // into the field: that newline is the one at `last`, not before it.
+        // That newline is the one at `last`, not before it.
+        if self.swallowed_last_line_end() {
+            inside = inside.saturating_sub(1);
+        }
+        self.lines_before + 1 - inside.min(self.lines_before)
+    }
+
+    /// Whether the record just read is the last one and a quote left open
+    /// swallowed the file's last line end into its last field: that line end
+    /// ends the record's last line, it starts no other.
+    fn swallowed_last_line_end(&self) -> bool {
         let at_eof = *self.end.lock().expect("line index") == Some(self.csv.position().byte());
-        if at_eof
+        at_eof
             && self
                 .record
                 .iter()
                 .next_back()
                 .is_some_and(|f| f.ends_with(b"\n") || f.ends_with(b"\r"))
-        {
-            inside = inside.saturating_sub(1);
-        }
-        self.lines_before + 1 - inside.min(self.lines_before)
     }
 
     /// Rows so far whose quoted fields span lines: each is `invalid` and the
@@ -675,22 +727,53 @@ impl RowReader {
         self.replaced
     }
 
+    /// The stored fields of the record just read: exactly [`Layout::width`]
+    /// of the user's fields (missing ones empty), then the `extra_fields`
+    /// field (the surplus fields joined with the input's delimiter, empty when
+    /// there are none), each CSV-encoded, joined with commas. NUL bytes and
+    /// invalid UTF-8 become U+FFFD and are counted ([`RowReader::replaced_fields`]).
     fn encode_fields(&mut self) -> Result<String, InputError> {
-        let mut out = String::with_capacity(self.record.as_slice().len() + 8);
-        for (i, f) in self.record.iter().enumerate() {
+        let n = self.record.len();
+        if n < self.width {
+            self.short += 1;
+        } else if n > self.width {
+            self.long += 1;
+        }
+        let mut out = String::with_capacity(self.record.as_slice().len() + self.width + 8);
+        for i in 0..self.width {
             if i > 0 {
                 out.push(',');
             }
-            let text = String::from_utf8_lossy(f);
-            let changed = matches!(text, std::borrow::Cow::Owned(_)) || f.contains(&0);
-            if changed {
-                self.replaced += 1;
-                push_csv_field(&mut out, &text.replace('\0', "\u{FFFD}"));
-            } else {
-                push_csv_field(&mut out, &text);
+            let text = self.text_of(i);
+            push_csv_field(&mut out, &text);
+        }
+        out.push(',');
+        if n > self.width {
+            let delimiter = char::from(self.layout.delimiter);
+            let mut extra = String::new();
+            for i in self.width..n {
+                if i > self.width {
+                    extra.push(delimiter);
+                }
+                extra.push_str(&self.text_of(i));
             }
+            push_csv_field(&mut out, &extra);
         }
         Ok(out)
+    }
+
+    /// Field `i` of the record just read as text (empty when the record is
+    /// shorter), with NUL bytes and invalid UTF-8 replaced by U+FFFD (counted).
+    fn text_of(&mut self, i: usize) -> std::borrow::Cow<'_, str> {
+        let Some(f) = self.record.get(i) else {
+            return std::borrow::Cow::Borrowed("");
+        };
+        let text = String::from_utf8_lossy(f);
+        if matches!(text, std::borrow::Cow::Owned(_)) || f.contains(&0) {
+            self.replaced += 1;
+            return std::borrow::Cow::Owned(text.replace('\0', "\u{FFFD}"));
+        }
+        text
     }
 }
 
@@ -850,7 +933,7 @@ mod tests {
         assert_eq!(l.header.as_ref().unwrap()[0], "ID");
         assert_eq!((l.lat_index, l.lon_index), (3, 2));
         assert_eq!(r[0].coordinate, Ok((51.5, -0.1)));
-        assert_eq!(r[0].fields, "7,\"Smith, J\",-0.1,51.5");
+        assert_eq!(r[0].fields, "7,\"Smith, J\",-0.1,51.5,");
     }
 
     #[test]
@@ -870,7 +953,7 @@ mod tests {
         assert_eq!(l.header, None);
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].row_number, 1);
-        assert_eq!(l.output_columns(2), vec!["lat", "lon"]);
+        assert_eq!(l.output_columns(), vec!["lat", "lon"]);
     }
 
     #[test]
@@ -942,11 +1025,47 @@ mod tests {
     }
 
     #[test]
+    fn ragged_rows_are_padded_or_keep_their_surplus_in_extra_fields() {
+        let text = "a;lat;lon\nx;51;0\ny;52\nz;53;1;p;q\n";
+        let mut rd = RowReader::new(
+            Box::new(Cursor::new(text.as_bytes().to_vec())),
+            &CsvOptions::default(),
+        )
+        .unwrap();
+        let mut fields = vec![];
+        while let Some(r) = rd.next_row().unwrap() {
+            fields.push(r.fields);
+        }
+        // width 3 + extra_fields, the surplus joined with the input's delimiter
+        assert_eq!(fields, ["x,51,0,", "y,52,,", "z,53,1,p;q"]);
+        assert_eq!(rd.ragged_rows(), (1, 1));
+    }
+
+    #[test]
+    fn a_headerless_file_is_as_wide_as_its_first_row_or_its_named_columns() {
+        let opts = CsvOptions {
+            lat_column: Some("2".into()),
+            lon_column: Some("3".into()),
+            ..CsvOptions::default()
+        };
+        let (l, r) = rows("7,51.5,-0.1,8\n9,52,0\n", &opts).unwrap();
+        assert_eq!(l.width, 4);
+        assert_eq!(l.output_columns(), ["column_1", "lat", "lon", "column_4"]);
+        assert_eq!(r[1].fields, "9,52,0,,");
+        let opts = CsvOptions {
+            lat_column: Some("1".into()),
+            lon_column: Some("5".into()),
+            ..CsvOptions::default()
+        };
+        assert_eq!(rows("51.5,1\n", &opts).unwrap().0.width, 5);
+    }
+
+    #[test]
     fn a_quoted_field_spanning_lines_is_invalid_with_its_lines() {
         let (_, r) = ok("name,lat,lon\n\"a\nb\",51,0\nc,52,0\n");
         assert_eq!(r[0].line, 2);
         assert_eq!(r[1].line, 4);
-        assert_eq!(r[0].fields, "\"a\nb\",51,0");
+        assert_eq!(r[0].fields, "\"a\nb\",51,0,");
         assert!(r[0]
             .coordinate
             .as_ref()
@@ -965,7 +1084,7 @@ mod tests {
             assert_eq!(r.len(), 3, "{d:?}");
             assert_eq!(r[0].coordinate, Ok((56.79, -5.0)));
             assert_eq!(r[1].coordinate, Ok((56.82, -5.1)));
-            assert_eq!(r[0].fields, "1,\"Ben \"\"Nevis\",56.79,-5.00");
+            assert_eq!(r[0].fields, "1,\"Ben \"\"Nevis\",56.79,-5.00,");
         }
         // Properly quoted tab files keep quoting; --quote double forces it.
         let (layout, _) = ok("id\tlat\tlon\n\"a\tb\"\t1\t2\n");
@@ -1080,7 +1199,7 @@ mod tests {
         )
         .unwrap();
         let first = rd.next_row().unwrap().unwrap();
-        assert_eq!(first.fields, "a\u{FFFD}b,51.5,-0.1");
+        assert_eq!(first.fields, "a\u{FFFD}b,51.5,-0.1,");
         assert!(first.coordinate.is_ok());
         let second = rd.next_row().unwrap().unwrap();
         assert!(second.coordinate.unwrap_err().starts_with("line 3: latitude"));
@@ -1138,7 +1257,7 @@ mod tests {
             let row = rd.next_row().unwrap().unwrap();
             assert_eq!(
                 (row.fields.as_str(), row.coordinate),
-                ("Å,51.5,-0.1", Ok((51.5, -0.1)))
+                ("Å,51.5,-0.1,", Ok((51.5, -0.1)))
             );
         }
     }

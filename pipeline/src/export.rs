@@ -1,6 +1,9 @@
-//! The enriched CSV: the user's columns, then `row_number`, `status`,
-//! `postcode`, `distance_m`, the area columns and `error` (DESIGN.md
-//! "Interfaces"), written from the rows the store reads.
+//! The enriched CSV: the user's columns, `extra_fields`, then `row_number`,
+//! `status`, `postcode`, `distance_m`, the area columns and `error` (DESIGN.md
+//! "Interfaces"), written from the rows the store reads. Every line has the
+//! header's width: the reader stores each row's user fields padded or cut to
+//! the header's width, the surplus in `extra_fields`
+//! ([`crate::csv_input::RowReader::next_row`]).
 
 use std::io::Write;
 
@@ -11,7 +14,11 @@ use crate::{
     store::{ImportRecord, ResultBatch, ResultRef, ResultRow, Store},
 };
 
-/// The columns the product appends to the user's.
+/// The column after the user's that holds a row's fields beyond the header's
+/// width, joined with the input's delimiter; empty for the other rows.
+pub const EXTRA_FIELDS: &str = "extra_fields";
+
+/// The columns the product appends to the user's (and to [`EXTRA_FIELDS`]).
 pub fn result_columns() -> Vec<&'static str> {
     let mut c = vec!["row_number", "status", "postcode", "distance_m"];
     c.extend(Area::COLUMNS);
@@ -24,7 +31,7 @@ pub fn user_columns(import: &ImportRecord) -> Vec<String> {
     if let Some(h) = &import.header {
         return h.clone();
     }
-    let width = import.width.unwrap_or(2).max(2) as usize;
+    let width = import.width.unwrap_or(2).max(2) as usize; // the reader's `Layout::width`
     let (lat, lon) = (
         import.lat_index.unwrap_or(0) as usize,
         import.lon_index.unwrap_or(1) as usize,
@@ -48,6 +55,7 @@ impl LineEncoder {
     /// The header line (with `\n`).
     pub fn header(&mut self, import: &ImportRecord) -> Vec<u8> {
         let mut cols = user_columns(import);
+        cols.push(EXTRA_FIELDS.to_string());
         cols.extend(result_columns().into_iter().map(str::to_string));
         self.buf.clear();
         for (i, c) in cols.iter().enumerate() {
@@ -60,7 +68,7 @@ impl LineEncoder {
         self.buf.as_bytes().to_vec()
     }
 
-    /// One result line (with `\n`): the stored user fields, then the product's columns.
+    /// One result line (with `\n`): the stored user fields (with `extra_fields`), then the product's columns.
     pub fn row(&mut self, r: &ResultRow) -> &[u8] {
         self.buf.clear();
         push_line(&mut self.buf, &ResultRef::from(r));

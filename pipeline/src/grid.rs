@@ -1,5 +1,7 @@
 //! Exact nearest-neighbour search on the sphere over a latitude/longitude grid,
-//! for the offline provider's 2 M postcode centroids.
+//! for the offline provider's 2 M postcode centroids; and the candidates for
+//! the nearest under a metric within a known ratio of the sphere's
+//! ([`Grid::candidates_at`]: the offline provider ranks them by geodesic).
 //!
 //! Points are bucketed into cells of [`CELL_LAT_DEG`] × [`CELL_LON_DEG`]
 //! (about 450 m × 420 m in Great Britain) stored contiguously in cell order
@@ -325,7 +327,7 @@ impl Grid {
 
     /// Scans cells ring by ring, offering `found` every point of a cell whose
     /// lower bound is within `found.limit()`, until no unscanned cell can be.
-    fn search(&self, at: LatLon, found: &mut impl Found) {
+    fn search(&self, at: LatLon, found: &mut impl Found) -> [f64; 3] {
         let q = self.query(at);
         // The slices once, not through the `Slab` at every point.
         let (start, units): (&[u32], &[[f64; 3]]) = (&self.start, &self.units);
@@ -348,6 +350,7 @@ impl Grid {
                 break;
             }
         }
+        q.q
     }
 
     /// The nearest point within squared chord `max_c2` as (squared chord, item);
@@ -398,6 +401,79 @@ impl Grid {
             }
             each(i, self.nearest_at(at, max_c2, better));
         }
+    }
+
+    /// Candidates for the nearest points under another metric whose ratio to
+    /// the sphere's lies in `1..=factor` after scaling (the geodesic one, see
+    /// [`crate::geo::SPHERE_TO_ELLIPSOID`]): into `out`, as (squared chord,
+    /// position) nearest first, every point within squared chord `max_c2`
+    /// whose great-circle distance is at most `factor` × that of the point
+    /// where the `weight`s (≥ 1 each) of the points nearer or as near first
+    /// add up to `need` (all of them when they never do). So the `need`
+    /// nearest under the other metric, counted by weight, are among them.
+    /// `need` ≥ 1; `factor` ≥ 1. Returns the query's unit vector.
+    pub fn candidates_at(
+        &self,
+        at: LatLon,
+        max_c2: f64,
+        need: u32,
+        factor: f64,
+        weight: impl Fn(usize) -> u32,
+        out: &mut Vec<(f64, usize)>,
+    ) -> [f64; 3] {
+        out.clear();
+        // chord(kθ) ≤ k·chord(θ) for k ≥ 1 (the chord is concave in the angle)
+        let factor2 = factor * factor;
+        if need == 1 {
+            let mut found = Candidates1 {
+                max_c2,
+                limit: max_c2,
+                factor2,
+                found: out,
+            };
+            let u = self.search(at, &mut found);
+            let limit = found.limit;
+            out.retain(|c| c.0 <= limit);
+            out.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+            return u;
+        }
+        let mut found = Candidates {
+            max_c2,
+            limit: max_c2,
+            factor2,
+            need,
+            weight,
+            found: out,
+        };
+        self.search(at, &mut found)
+    }
+
+    /// [`Grid::candidates_at`] with `need` 1 for each of `ats` in order, handing
+    /// `each(i, query's unit vector, candidates)`; faster on many queries (see
+    /// [`Grid::nearest_each`]).
+    pub fn candidates_each(
+        &self,
+        ats: &[LatLon],
+        max_c2: f64,
+        factor: f64,
+        mut each: impl FnMut(usize, [f64; 3], &[(f64, usize)]),
+    ) {
+        let mut out = Vec::with_capacity(16);
+        for (i, &at) in ats.iter().enumerate() {
+            if let Some(&ahead) = ats.get(i + STARTS_AHEAD) {
+                self.prefetch_starts(ahead);
+            }
+            if let Some(&ahead) = ats.get(i + POINTS_AHEAD) {
+                self.prefetch_points(ahead);
+            }
+            let u = self.candidates_at(at, max_c2, 1, factor, |_| 1, &mut out);
+            each(i, u, &out);
+        }
+    }
+
+    /// The unit vectors, by position.
+    pub fn units(&self) -> &[[f64; 3]] {
+        &self.units
     }
 
     /// The item at each position: `items()[pos]` is the number, in the order
@@ -503,6 +579,73 @@ impl Found for NearestN {
             let at = self.found.partition_point(|f| f.0 <= d2);
             self.found.insert(at, (d2, pos));
             self.found.truncate(self.n);
+        }
+    }
+}
+
+/// [`Candidates`] for `need` 1, cheaper: every point offered within the limit
+/// of its time is kept, and those beyond the final limit are dropped at the end.
+struct Candidates1<'o> {
+    max_c2: f64,
+    limit: f64,
+    factor2: f64,
+    found: &'o mut Vec<(f64, usize)>,
+}
+
+impl Found for Candidates1<'_> {
+    #[inline]
+    fn limit(&self) -> f64 {
+        self.limit
+    }
+
+    #[inline]
+    fn offer(&mut self, d2: f64, pos: usize) {
+        if d2 > self.limit {
+            return;
+        }
+        self.found.push((d2, pos));
+        let limit = self.max_c2.min(d2 * self.factor2);
+        if limit < self.limit {
+            self.limit = limit;
+            if self.found.len() > 16 {
+                self.found.retain(|c| c.0 <= limit);
+            }
+        }
+    }
+}
+
+/// Everything within `factor` of the point where the weights reach `need` (see [`Grid::candidates_at`]).
+struct Candidates<'o, W> {
+    max_c2: f64,
+    limit: f64,
+    factor2: f64,
+    need: u32,
+    weight: W,
+    found: &'o mut Vec<(f64, usize)>,
+}
+
+impl<W: Fn(usize) -> u32> Found for Candidates<'_, W> {
+    #[inline]
+    fn limit(&self) -> f64 {
+        self.limit
+    }
+
+    #[inline]
+    fn offer(&mut self, d2: f64, pos: usize) {
+        if d2 > self.limit {
+            return;
+        }
+        let at = self.found.partition_point(|f| f.0 <= d2);
+        self.found.insert(at, (d2, pos));
+        let mut sum = 0u32;
+        for (j, &(d, p)) in self.found.iter().enumerate() {
+            sum = sum.saturating_add((self.weight)(p));
+            if sum >= self.need {
+                self.limit = self.max_c2.min(d * self.factor2);
+                let keep = self.found.partition_point(|f| f.0 <= self.limit).max(j + 1);
+                self.found.truncate(keep);
+                break;
+            }
         }
     }
 }

@@ -13,9 +13,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::{
-    csv_input::{open_maybe_gzip, CsvOptions, InputError, Layout, Row, RowReader},
+    csv_input::{open_maybe_gzip, CsvOptions, InputError, Layout, Row, RowReader, SourceInterrupted},
     egress::{egress_error_in, EgressPolicy},
-    store::{ImportRecord, LoadCounts, Store},
+    store::{ImportRecord, LoadCounts, LoadEnd, Store, UploadMissing},
 };
 
 /// Where an import's CSV comes from.
@@ -58,9 +58,14 @@ pub enum LoadError {
     /// The input cannot be read as CSV of coordinates: retrying will not help.
     #[error("{0}")]
     Input(#[from] InputError),
-    /// The source could not be opened (missing file, HTTP error…).
+    /// The source cannot be had (missing file, HTTP 404, no such upload):
+    /// retrying will not help.
     #[error("{0}")]
     Source(String),
+    /// The source is unavailable for now (connection refused, timeout,
+    /// HTTP 5xx/429/408, a database error reading an upload): worth retrying.
+    #[error("{0}")]
+    Unavailable(String),
     /// Anything else (database, I/O): worth retrying.
     #[error(transparent)]
     Other(#[from] anyhow::Error),
@@ -69,7 +74,11 @@ pub enum LoadError {
 impl LoadError {
     /// Whether a retry of the reader Job could succeed.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, LoadError::Input(_) | LoadError::Source(_))
+        match self {
+            LoadError::Input(e) => e.is_permanent(),
+            LoadError::Source(_) => true,
+            LoadError::Unavailable(_) | LoadError::Other(_) => false,
+        }
     }
 }
 
@@ -90,7 +99,9 @@ impl<R: Read> Read for Hashing<R> {
 }
 
 /// Why a fetch of `url` failed: the egress policy's reason when it refused a
-/// connection or a redirect, else reqwest's error with its causes.
+/// connection or a redirect ([`LoadError::Source`]: a retry meets the same
+/// policy), else reqwest's error with its causes ([`LoadError::Unavailable`]:
+/// connection errors and timeouts may pass).
 fn fetch_error(url: &str, e: &reqwest::Error) -> LoadError {
     if let Some(refused) = egress_error_in(e) {
         return LoadError::Source(format!("cannot fetch {url}: {refused}"));
@@ -101,21 +112,7 @@ fn fetch_error(url: &str, e: &reqwest::Error) -> LoadError {
         msg.push_str(&format!(": {c}"));
         cause = c.source();
     }
-    LoadError::Source(msg)
-}
-
-/// Opens an http(s) source through the egress policy's client.
-async fn open_url(egress: &EgressPolicy, u: &str) -> Result<reqwest::Response, LoadError> {
-    let url = url::Url::parse(u).map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
-    egress
-        .check_source_url(&url)
-        .map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
-    egress
-        .source_client()
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| fetch_error(u, &e))
+    LoadError::Unavailable(msg)
 }
 
 async fn open(
@@ -135,36 +132,69 @@ async fn open(
             std::fs::File::open(p)
                 .map_err(|e| LoadError::Source(format!("cannot open {}: {e}", p.display())))?,
         ),
-        Source::Url(u) => {
-            let resp = open_url(egress, u).await?;
-            if !resp.status().is_success() {
-                return Err(LoadError::Source(format!(
-                    "cannot fetch {u}: HTTP {}",
-                    resp.status()
-                )));
-            }
-            let stream = resp.bytes_stream().map_err(std::io::Error::other);
-            Box::new(SyncIoBridge::new(StreamReader::new(Box::pin(stream))))
-        }
-        Source::Upload(id) => {
-            store
-                .upload_chunk(id, 0)
-                .await
-                .map_err(|e| LoadError::Source(e.to_string()))?;
-            let (store, id) = (store.clone(), id.clone());
-            let stream = futures::stream::try_unfold(0i32, move |seq| {
-                let (store, id) = (store.clone(), id.clone());
-                async move {
-                    match store.upload_chunk(&id, seq).await {
-                        Ok(Some(data)) => Ok(Some((bytes::Bytes::from(data), seq + 1))),
-                        Ok(None) => Ok(None),
-                        Err(e) => Err(std::io::Error::other(e.to_string())),
-                    }
-                }
-            });
-            Box::new(SyncIoBridge::new(StreamReader::new(Box::pin(stream))))
-        }
+        Source::Url(u) => open_url(egress, u).await?,
+        Source::Upload(id) => open_upload(store, id).await?,
     })
+}
+
+/// An HTTP(S) source, streamed, through the egress policy's client: a URL or
+/// a connection (any redirect hop included) the policy refuses is
+/// [`LoadError::Source`]. HTTP 408, 429 and 5xx, connection errors and
+/// timeouts are [`LoadError::Unavailable`]; other statuses are
+/// [`LoadError::Source`]; a stream cut off midway is
+/// [`InputError::Interrupted`].
+async fn open_url(egress: &EgressPolicy, u: &str) -> Result<Box<dyn Read + Send>, LoadError> {
+    let url = url::Url::parse(u).map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
+    egress
+        .check_source_url(&url)
+        .map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
+    let resp = egress
+        .source_client()
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| fetch_error(u, &e))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let msg = format!("cannot fetch {u}: HTTP {status}");
+        let transient = status.is_server_error()
+            || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || status == reqwest::StatusCode::REQUEST_TIMEOUT;
+        return Err(if transient {
+            LoadError::Unavailable(msg)
+        } else {
+            LoadError::Source(msg)
+        });
+    }
+    let stream = resp
+        .bytes_stream()
+        .map_err(|e| std::io::Error::other(SourceInterrupted(format!("the download stopped: {e}"))));
+    Ok(Box::new(SyncIoBridge::new(StreamReader::new(Box::pin(stream)))))
+}
+
+/// An upload stored by the upload API, read chunk by chunk. A missing upload
+/// is [`LoadError::Source`]; a database error is [`LoadError::Unavailable`]
+/// at the start and [`InputError::Interrupted`] midway.
+async fn open_upload(store: &Store, id: &str) -> Result<Box<dyn Read + Send>, LoadError> {
+    match store.upload_chunk(id, 0).await {
+        Ok(_) => {}
+        Err(e) if e.is::<UploadMissing>() => return Err(LoadError::Source(e.to_string())),
+        Err(e) => return Err(LoadError::Unavailable(format!("cannot read upload {id}: {e:#}"))),
+    }
+    let (store, id) = (store.clone(), id.to_string());
+    let stream = futures::stream::try_unfold(0i32, move |seq| {
+        let (store, id) = (store.clone(), id.clone());
+        async move {
+            match store.upload_chunk(&id, seq).await {
+                Ok(Some(data)) => Ok(Some((bytes::Bytes::from(data), seq + 1))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(std::io::Error::other(SourceInterrupted(format!(
+                    "reading upload {id} failed: {e:#}"
+                )))),
+            }
+        }
+    });
+    Ok(Box::new(SyncIoBridge::new(StreamReader::new(Box::pin(stream)))))
 }
 
 /// Rows sent to the database per batch.
@@ -192,19 +222,19 @@ pub async fn load(
     let (layout_tx, layout_rx) = oneshot::channel::<Result<(Layout, usize), InputError>>();
     let (rows_tx, rows_rx) = mpsc::channel::<Vec<Row>>(8);
     let opts = opts.clone();
-    let parser = tokio::task::spawn_blocking(move || -> Result<(), InputError> {
+    let parser = tokio::task::spawn_blocking(move || -> Result<Option<String>, InputError> {
         let input = match open_maybe_gzip(hashing) {
             Ok(i) => i,
             Err(e) => {
-                let _ = layout_tx.send(Err(InputError::Io(e.to_string())));
-                return Ok(());
+                let _ = layout_tx.send(Err(InputError::from_io(&e)));
+                return Ok(None);
             }
         };
         let mut reader = match RowReader::new(input, &opts) {
             Ok(r) => r,
             Err(e) => {
                 let _ = layout_tx.send(Err(e));
-                return Ok(());
+                return Ok(None);
             }
         };
         let _ = layout_tx.send(Ok((reader.layout().clone(), reader.width())));
@@ -216,23 +246,25 @@ pub async fn load(
                     .blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS)))
                     .is_err()
             {
-                return Ok(()); // the writer failed; its error is reported
+                return Ok(None); // the writer failed; its error is reported
             }
         }
         if !batch.is_empty() {
             let _ = rows_tx.blocking_send(batch);
         }
-        warn_about_repairs(&reader);
-        Ok(())
+        Ok(repairs(&reader))
     });
     let (layout, width) = layout_rx
         .await
         .map_err(|_| anyhow::anyhow!("CSV parser stopped"))??;
     let done = async move {
         match parser.await {
-            Ok(Ok(())) => {
+            Ok(Ok(warnings)) => {
                 let s = state.lock().expect("hash state");
-                Ok(hex::encode(s.0.clone().finalize()))
+                Ok(LoadEnd {
+                    sha256: hex::encode(s.0.clone().finalize()),
+                    warnings,
+                })
             }
             Ok(Err(e)) => Err(anyhow::Error::new(e)),
             Err(e) => Err(anyhow::anyhow!("CSV parser panicked: {e}")),
@@ -247,21 +279,38 @@ pub async fn load(
     }
 }
 
-/// Says what the reader had to repair or could not read as records.
-fn warn_about_repairs(reader: &RowReader) {
+/// What the reader had to repair or could not read as records, one warning a
+/// line (each also logged); `None` when nothing.
+fn repairs(reader: &RowReader) -> Option<String> {
+    let mut warnings = vec![];
     if reader.spanning_rows() > 0 {
-        tracing::warn!(
-            rows = reader.spanning_rows(),
-            "rows whose quoted field spans lines are invalid (their error names the lines); \
-             a stray quote? read the file unquoted with --quote none (spec.csv.quote: none)"
-        );
+        warnings.push(format!(
+            "{} rows whose quoted field spans lines are invalid (their error names the lines); \
+             a stray quote? read the file unquoted with --quote none (spec.csv.quote: none)",
+            reader.spanning_rows()
+        ));
     }
     if reader.replaced_fields() > 0 {
-        tracing::warn!(
-            fields = reader.replaced_fields(),
-            "fields held NUL bytes or invalid UTF-8: those bytes are stored as U+FFFD"
-        );
+        warnings.push(format!(
+            "{} fields held NUL bytes or invalid UTF-8: those bytes are stored as U+FFFD",
+            reader.replaced_fields()
+        ));
     }
+    let (short, long) = reader.ragged_rows();
+    if short > 0 {
+        warnings.push(format!(
+            "{short} rows had fewer fields than the header: padded with empty fields"
+        ));
+    }
+    if long > 0 {
+        warnings.push(format!(
+            "{long} rows had more fields than the header: the surplus is in the extra_fields column"
+        ));
+    }
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    (!warnings.is_empty()).then(|| warnings.join("\n"))
 }
 
 /// SHA-256 (hex) of a file, for deciding whether a local re-run may resume.

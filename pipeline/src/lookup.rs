@@ -5,7 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
-/// postcodes.io's widesearch range in metres ("search up to 20km radius").
+/// postcodes.io's widesearch bound in metres (its `MAX_RANGE`, "search up to
+/// 20km radius"); what it answers within it is its `deriveMaxRange` rule (see
+/// [`crate::offline`]): nothing unless 10 postcodes lie within 19,500 m.
 pub const WIDESEARCH_RADIUS_M: f64 = 20_000.0;
 /// postcodes.io clamps a reverse-geocoding radius above this to this (metres).
 pub const MAX_API_RADIUS_M: f64 = 2_000.0;
@@ -17,11 +19,13 @@ pub const MAX_BULK_GEOLOCATIONS: usize = 100;
 pub enum Radius {
     /// A radius in metres (postcodes.io clamps to 2000).
     Metres(f64),
-    /// postcodes.io `widesearch`: up to 20 km.
+    /// postcodes.io `widesearch`: the nearest, when 10 postcodes lie within
+    /// 19.5 km (its `deriveMaxRange`; [`crate::offline`]).
     Widesearch,
 }
 
 impl Radius {
+    /// The search radius in metres: a radius clamped to 2000, widesearch's 20 km bound.
     pub fn metres(self) -> f64 {
         match self {
             Radius::Metres(m) => m.min(MAX_API_RADIUS_M),

@@ -2,10 +2,19 @@
 //! from the offline index, with fault injection and request accounting.
 //!
 //! Endpoints as postcodes.io: `POST /postcodes` (bulk reverse geocoding, at most
-//! 100 geolocations; 400 when a coordinate is not a number, 500 when out of range),
-//! `GET /postcodes?lon=&lat=` (single). Radius clamped to 2000 m, limit to 100,
-//! widesearch 20 km and at most 10 results; `result: null` when nothing is in
-//! range. Test endpoints: `GET /__stats`, `PUT /__faults`.
+//! 100 geolocations; `limit`, `radius` and `widesearch` may also come as query
+//! parameters, a geolocation's own overriding them), `GET /postcodes?lon=&lat=`
+//! (single; also `longitude=&latitude=`). Distances, order and widesearch are
+//! the offline index's, which are postcodes.io's ([`pipeline::offline`]).
+//! Parameters are read as postcodes.io's `nearestPostcodes` reads them
+//! (JavaScript): a parameter that is absent or falsy (`0`, `""`, `false`,
+//! `null`) takes its default (radius 100 m, limit 10); `limit` is
+//! `parseInt`ed and `radius`/coordinates `parseFloat`ed (a numeric prefix of a
+//! string counts), 400 when that gives no number; radius above 2000 m is
+//! 2000 m, limit above 100 is 100 (widesearch: 10); a limit of `"0"` answers
+//! `null` and a negative one 500 (PostgreSQL refuses `LIMIT -1`); a
+//! coordinate out of range answers `null` with 200. `result: null` when
+//! nothing is found. Test endpoints: `GET /__stats`, `PUT /__faults`.
 //!
 //! In a test, [`TestServer::start`] runs it on a loopback port of the test's
 //! own runtime; the `postcodes-io-test-server` binary runs it as a process.
@@ -31,8 +40,8 @@ use serde_json::{json, Value};
 
 use pipeline::{
     geo::LatLon,
-    lookup::{MAX_API_RADIUS_M, MAX_BULK_GEOLOCATIONS, WIDESEARCH_RADIUS_M},
-    offline::{Nearest, OfflineIndex},
+    lookup::{MAX_API_RADIUS_M, MAX_BULK_GEOLOCATIONS},
+    offline::{Nearest, OfflineIndex, WIDESEARCH_COUNT},
     postcode::outcode_incode,
 };
 
@@ -261,35 +270,138 @@ fn postcode_json(n: &Nearest<'_>) -> Value {
     })
 }
 
-fn as_number(v: Option<&Value>) -> Option<f64> {
-    match v? {
-        Value::Number(n) => n.as_f64(),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
+/// JavaScript's truthiness of a JSON value (absent is falsy).
 fn truthy(v: Option<&Value>) -> bool {
     match v {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => true, // postcodes.io: present means on
+        Some(Value::Number(n)) => n.as_f64().is_some_and(|x| x != 0.0),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
     }
 }
 
-/// Search parameters of one geolocation, with postcodes.io's defaults and clamps.
-fn search_params(radius: Option<f64>, limit: Option<f64>, widesearch: bool) -> (f64, usize) {
-    if widesearch {
-        (
-            WIDESEARCH_RADIUS_M,
-            limit.unwrap_or(10.0).clamp(1.0, 10.0) as usize,
-        )
-    } else {
-        (
-            radius.unwrap_or(100.0).clamp(0.0, MAX_API_RADIUS_M),
-            limit.unwrap_or(10.0).clamp(1.0, 100.0) as usize,
-        )
+/// `String(v)` for the values `parseInt`/`parseFloat` are given.
+fn js_string(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
+}
+
+/// The longest prefix of `s` (after leading white space) that is a decimal
+/// number, as JavaScript's `parseFloat`; `None` for its `NaN`.
+fn parse_float(s: &str) -> Option<f64> {
+    let t = s.trim_start();
+    let b = t.as_bytes();
+    let mut i = usize::from(matches!(b.first(), Some(b'+' | b'-')));
+    if t[i..].starts_with("Infinity") {
+        return Some(if b[0] == b'-' {
+            f64::NEG_INFINITY
+        } else {
+            f64::INFINITY
+        });
+    }
+    let digits = |i: &mut usize| {
+        let from = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i - from
+    };
+    let mut n = digits(&mut i);
+    if b.get(i) == Some(&b'.') {
+        let mut j = i + 1;
+        let frac = digits(&mut j);
+        if n + frac > 0 {
+            (i, n) = (j, n + frac);
+        }
+    }
+    if n == 0 {
+        return None;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        let mut j = i + 1 + usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
+        if digits(&mut j) > 0 {
+            i = j;
+        }
+    }
+    t[..i].parse().ok()
+}
+
+/// JavaScript's `parseInt(s, 10)`: the leading integer of `s`; `None` for its `NaN`.
+fn parse_int(s: &str) -> Option<i64> {
+    let t = s.trim_start();
+    let sign = usize::from(matches!(t.as_bytes().first(), Some(b'+' | b'-')));
+    let end = sign + t[sign..].bytes().take_while(u8::is_ascii_digit).count();
+    if end == sign {
+        return None;
+    }
+    Some(
+        t[..end]
+            .parse::<i64>()
+            .unwrap_or(if t.starts_with('-') { i64::MIN } else { i64::MAX }),
+    )
+}
+
+/// What one geolocation asks, read as postcodes.io reads it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Search {
+    lat: f64,
+    lon: f64,
+    radius: f64,
+    limit: i64,
+    widesearch: bool,
+}
+
+/// A geolocation's options as postcodes.io's `nearestPostcodes` reads them,
+/// or its 400 (see the module docs).
+fn search_of(o: &serde_json::Map<String, Value>) -> Result<Search, &'static str> {
+    let mut limit = 10;
+    if truthy(o.get("limit")) {
+        limit = parse_int(&js_string(&o["limit"])).ok_or("Invalid result limit submitted")?;
+    }
+    limit = limit.min(100);
+    let coordinate = |k: &str| {
+        o.get(k)
+            .and_then(|v| parse_float(&js_string(v)))
+            .ok_or("Invalid longitude/latitude submitted")
+    };
+    let (lon, lat) = (coordinate("longitude")?, coordinate("latitude")?);
+    let mut radius = 100.0;
+    if truthy(o.get("radius")) {
+        radius = parse_float(&js_string(&o["radius"])).ok_or("Invalid lookup radius submitted")?;
+    }
+    let widesearch = truthy(o.get("widesearch")) || truthy(o.get("wideSearch"));
+    if widesearch {
+        limit = limit.min(WIDESEARCH_COUNT as i64);
+    }
+    Ok(Search {
+        lat,
+        lon,
+        radius: radius.min(MAX_API_RADIUS_M),
+        limit,
+        widesearch,
+    })
+}
+
+/// The answer to one search: `None` for `result: null`; `Err` for
+/// PostgreSQL's refusal of a negative limit (500).
+fn search(index: &OfflineIndex, q: &Search) -> Result<Option<Vec<Value>>, ()> {
+    let limit = usize::try_from(q.limit).map_err(|_| ())?;
+    if !(-90.0..=90.0).contains(&q.lat) || !(-180.0..=180.0).contains(&q.lon) {
+        return Ok(None);
+    }
+    let at = LatLon {
+        lat: q.lat,
+        lon: q.lon,
+    };
+    let found = if q.widesearch {
+        index.widesearch(at, limit)
+    } else {
+        index.nearest_n(at, q.radius, limit)
+    };
+    Ok((!found.is_empty()).then(|| found.iter().map(postcode_json).collect()))
 }
 
 /// A request answered without postcodes: a fault, or postcodes.io's refusal.
@@ -373,44 +485,46 @@ struct Answered {
     first_radius: Option<String>,
 }
 
-/// Answers each geolocation, or fails the whole request as postcodes.io does
-/// (400 for a non-number, 500 for a coordinate out of range).
-fn answer_all(state: &ServerState, list: &[Value]) -> Result<Answered, Refused> {
+/// Answers each geolocation (the request's query parameters `globals` under
+/// its own), or fails the whole request as postcodes.io does (400 for a
+/// parameter that is not a number, 500 for a negative limit).
+fn answer_all(
+    state: &ServerState,
+    globals: &serde_json::Map<String, Value>,
+    list: &[Value],
+) -> Result<Answered, Refused> {
     let mut out = Answered {
         results: Vec::with_capacity(list.len()),
         keys: Vec::with_capacity(list.len()),
         first_radius: None,
     };
+    let refuse = |code: StatusCode, msg: &str| {
+        count_status(state, code.as_u16());
+        Box::new(error_body(code, msg))
+    };
     for g in list {
-        let (Some(lat), Some(lon)) = (as_number(g.get("latitude")), as_number(g.get("longitude"))) else {
-            count_status(state, 400);
-            return Err(Box::new(error_body(
-                StatusCode::BAD_REQUEST,
-                "Invalid longitude/latitude submitted",
-            )));
-        };
-        if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
-            count_status(state, 500);
-            return Err(Box::new(error_body(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Internal Server Error",
-            )));
+        let mut options = globals.clone();
+        if let Value::Object(own) = g {
+            options.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
-        let (radius, limit) = search_params(
-            as_number(g.get("radius")),
-            as_number(g.get("limit")),
-            truthy(g.get("widesearch")),
-        );
-        let found = state.index.nearest_n(LatLon { lat, lon }, radius, limit);
-        let result = if found.is_empty() {
-            Value::Null
+        let q = search_of(&options).map_err(|m| refuse(StatusCode::BAD_REQUEST, m))?;
+        let result = search(&state.index, &q)
+            .map_err(|()| refuse(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error"))?;
+        let radius = if q.widesearch {
+            "widesearch".to_string()
         } else {
-            Value::Array(found.iter().map(postcode_json).collect())
+            format!("{}", q.radius)
         };
-        out.first_radius.get_or_insert_with(|| format!("{radius}"));
+        out.first_radius.get_or_insert(radius);
+        let radius_bits = if q.widesearch {
+            f64::INFINITY.to_bits()
+        } else {
+            q.radius.to_bits()
+        };
         out.keys
-            .push(((lat + 0.0).to_bits(), (lon + 0.0).to_bits(), radius.to_bits()));
-        out.results.push(json!({"query": g, "result": result}));
+            .push(((q.lat + 0.0).to_bits(), (q.lon + 0.0).to_bits(), radius_bits));
+        out.results
+            .push(json!({"query": g, "result": result.map_or(Value::Null, Value::Array)}));
     }
     Ok(out)
 }
@@ -442,10 +556,29 @@ fn count_answered(state: &ServerState, keys: Vec<(u64, u64, u64)>, first_radius:
     }
 }
 
-async fn bulk(State(state): State<ServerState>, body: axum::body::Bytes) -> Response {
+/// Query parameters as JSON strings: postcodes.io reads them as the strings they are.
+fn strings(q: HashMap<String, String>) -> serde_json::Map<String, Value> {
+    q.into_iter().map(|(k, v)| (k, Value::String(v))).collect()
+}
+
+async fn bulk(
+    State(state): State<ServerState>,
+    Query(q): Query<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> Response {
+    // postcodes.io: `...(globalLimit && {limit})`, `...(globalWidesearch && {widesearch: true})`
+    let mut globals = serde_json::Map::new();
+    for key in ["limit", "radius"] {
+        if let Some(v) = q.get(key).filter(|v| !v.is_empty()) {
+            globals.insert(key.into(), Value::String(v.clone()));
+        }
+    }
+    if q.get("widesearch").is_some_and(|v| !v.is_empty()) {
+        globals.insert("widesearch".into(), Value::Bool(true));
+    }
     let answered = faulty(&state, decide(&state)).and_then(|how| {
         let list = geolocations(&state, &body)?;
-        Ok((how, answer_all(&state, &list)?))
+        Ok((how, answer_all(&state, &globals, &list)?))
     });
     let ((fewer, reorder, slow), answered) = match answered {
         Ok(a) => a,
@@ -469,33 +602,39 @@ async fn bulk(State(state): State<ServerState>, body: axum::body::Bytes) -> Resp
     Json(json!({"status": 200, "result": results})).into_response()
 }
 
-#[derive(Deserialize)]
-struct SingleQuery {
-    lon: Option<String>,
-    lat: Option<String>,
-    radius: Option<f64>,
-    limit: Option<f64>,
-    widesearch: Option<String>,
-}
-
-async fn single(State(state): State<ServerState>, Query(q): Query<SingleQuery>) -> Response {
+async fn single(State(state): State<ServerState>, Query(q): Query<HashMap<String, String>>) -> Response {
     let _ = decide(&state);
-    let (Some(lat), Some(lon)) = (
-        q.lat.and_then(|s| s.parse::<f64>().ok()),
-        q.lon.and_then(|s| s.parse::<f64>().ok()),
-    ) else {
+    let mut o = strings(q);
+    // `?latitude=&longitude=` first, then `?lat=&lon=`; both must be non-empty
+    let pair = [("latitude", "longitude"), ("lat", "lon")]
+        .into_iter()
+        .find(|(la, lo)| truthy(o.get(*la)) && truthy(o.get(*lo)));
+    let Some((la, lo)) = pair else {
         count_status(&state, 400);
-        return error_body(StatusCode::BAD_REQUEST, "Invalid longitude/latitude submitted");
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            "No postcode query submitted. Remember to include query parameter",
+        );
     };
-    let (radius, limit) = search_params(q.radius, q.limit, q.widesearch.is_some());
-    let found = state.index.nearest_n(LatLon { lat, lon }, radius, limit);
+    let (lat, lon) = (o[la].clone(), o[lo].clone());
+    o.insert("latitude".into(), lat);
+    o.insert("longitude".into(), lon);
+    // `wideSearch: !!query.wideSearch || !!query.widesearch`
+    let wide = truthy(o.get("widesearch")) || truthy(o.get("wideSearch"));
+    o.insert("widesearch".into(), Value::Bool(wide));
+    let q = match search_of(&o) {
+        Ok(q) => q,
+        Err(m) => {
+            count_status(&state, 400);
+            return error_body(StatusCode::BAD_REQUEST, m);
+        }
+    };
+    let Ok(result) = search(&state.index, &q) else {
+        count_status(&state, 500);
+        return error_body(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error");
+    };
     count_status(&state, 200);
-    let result = if found.is_empty() {
-        Value::Null
-    } else {
-        Value::Array(found.iter().map(postcode_json).collect())
-    };
-    Json(json!({"status": 200, "result": result})).into_response()
+    Json(json!({"status": 200, "result": result.map_or(Value::Null, Value::Array)})).into_response()
 }
 
 async fn get_stats(State(state): State<ServerState>) -> Json<Stats> {
@@ -545,5 +684,182 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_read_as_javascript_reads_them() {
+        assert_eq!(parse_float(" 51.5abc"), Some(51.5));
+        assert_eq!(parse_float("-.5e2x"), Some(-50.0));
+        assert_eq!(parse_float("1e"), Some(1.0));
+        assert_eq!(parse_float("abc"), None);
+        assert_eq!(parse_float("."), None);
+        assert_eq!(parse_int("12.9"), Some(12));
+        assert_eq!(parse_int("-3"), Some(-3));
+        assert_eq!(parse_int("x1"), None);
+        assert!(truthy(Some(&json!("false"))) && !truthy(Some(&json!(0))) && !truthy(Some(&json!(""))));
+    }
+
+    fn options(v: Value) -> serde_json::Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn parameters_take_postcodes_io_defaults_and_clamps() {
+        let at = json!({"latitude": 51.5, "longitude": "-0.1"});
+        let with = |extra: Value| {
+            let mut o = options(at.clone());
+            o.extend(options(extra));
+            search_of(&o)
+        };
+        let base = Search {
+            lat: 51.5,
+            lon: -0.1,
+            radius: 100.0,
+            limit: 10,
+            widesearch: false,
+        };
+        assert_eq!(with(json!({})), Ok(base));
+        // a numeric 0 is falsy: the default
+        assert_eq!(with(json!({"radius": 0, "limit": 0})), Ok(base));
+        // a string "0" is not
+        assert_eq!(
+            with(json!({"radius": "0", "limit": "0"})),
+            Ok(Search {
+                radius: 0.0,
+                limit: 0,
+                ..base
+            })
+        );
+        assert_eq!(
+            with(json!({"radius": 5000, "limit": 500})),
+            Ok(Search {
+                radius: 2000.0,
+                limit: 100,
+                ..base
+            })
+        );
+        assert_eq!(
+            with(json!({"widesearch": "false", "limit": 50})),
+            Ok(Search {
+                widesearch: true,
+                limit: 10,
+                ..base
+            })
+        );
+        assert_eq!(
+            with(json!({"limit": "many"})),
+            Err("Invalid result limit submitted")
+        );
+        assert_eq!(
+            with(json!({"radius": "far"})),
+            Err("Invalid lookup radius submitted")
+        );
+        assert_eq!(
+            search_of(&options(json!({"latitude": 1}))),
+            Err("Invalid longitude/latitude submitted")
+        );
+    }
+
+    fn tiny() -> Arc<OfflineIndex> {
+        // 12 postcodes 0–1.1 km north of (57.1, -2.2), one far away
+        let mut text = String::from("pcds,lat,long\n");
+        for i in 0..12 {
+            text.push_str(&format!("AB1 {i}AA,{},-2.2\n", 57.1 + f64::from(i) * 0.001));
+        }
+        text.push_str("ZE1 0AA,60.2,-1.1\n");
+        Arc::new(
+            OfflineIndex::from_reader(Box::new(std::io::Cursor::new(text.into_bytes())), "tiny").unwrap(),
+        )
+    }
+
+    #[test]
+    fn searches_answer_as_postcodes_io_does() {
+        let index = tiny();
+        let q = |lat: f64, lon: f64, radius: f64, limit: i64, widesearch: bool| {
+            search(
+                &index,
+                &Search {
+                    lat,
+                    lon,
+                    radius,
+                    limit,
+                    widesearch,
+                },
+            )
+            .map(|r| r.map(|l| l.len()))
+        };
+        assert_eq!(q(57.1, -2.2, 100.0, 10, false), Ok(Some(1)));
+        assert_eq!(
+            q(57.1, -2.2, 0.0, 10, false),
+            Ok(Some(1)),
+            "radius 0: the postcode right there"
+        );
+        assert_eq!(q(57.1, -2.2, 2000.0, 0, false), Ok(None), "LIMIT 0");
+        assert_eq!(
+            q(57.1, -2.2, 2000.0, -1, false),
+            Err(()),
+            "LIMIT -1: PostgreSQL's error"
+        );
+        assert_eq!(q(95.0, -2.2, 2000.0, 10, false), Ok(None), "out of range: null");
+        // widesearch: 10 postcodes within 19.5 km near Aberdeen, not near Lerwick
+        assert_eq!(q(57.2, -2.2, 100.0, 10, true), Ok(Some(10)));
+        assert_eq!(q(60.2, -1.1, 100.0, 10, true), Ok(None));
+    }
+
+    #[tokio::test]
+    async fn http_parameters_as_postcodes_io() {
+        let server = TestServer::start(tiny(), Faults::default()).await.unwrap();
+        let client = reqwest::Client::new();
+        let get = |query: &str| {
+            let url = format!("{}/postcodes?{query}", server.url());
+            let client = client.clone();
+            async move {
+                let r = client.get(url).send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            }
+        };
+        // query strings are strings: "0" is truthy, so radius 0 (the point itself) and LIMIT 0
+        let (status, body) = get("lat=57.1&lon=-2.2&radius=0").await;
+        assert_eq!(
+            (status, body["result"].as_array().map(Vec::len)),
+            (200, Some(1)),
+            "{body}"
+        );
+        assert_eq!(
+            get("lat=57.1&lon=-2.2&limit=0").await,
+            (200, json!({"status": 200, "result": null}))
+        );
+        assert_eq!(get("lat=95&lon=-2.2").await.1["result"], Value::Null);
+        assert_eq!(get("lat=57.1&lon=-2.2&limit=-1").await.0, 500);
+        assert_eq!(get("lat=57.1&lon=-2.2&radius=x").await.0, 400);
+        let (status, body) = get("latitude=57.2&longitude=-2.2&widesearch=true&limit=3").await;
+        assert_eq!((status, body["result"].as_array().map(Vec::len)), (200, Some(3)));
+        let bulk = client
+            .post(format!("{}/postcodes?limit=2", server.url()))
+            .json(&json!({"geolocations": [
+                {"latitude": 57.1, "longitude": -2.2, "radius": 2000},
+                {"latitude": 57.1, "longitude": -2.2, "radius": 2000, "limit": 4},
+                {"latitude": -95, "longitude": -2.2},
+                {"latitude": 57.1005, "longitude": -2.2, "radius": 0, "limit": 0}
+            ]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bulk.status().as_u16(), 200);
+        let body: Value = bulk.json().await.unwrap();
+        let lens: Vec<Option<usize>> = body["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["result"].as_array().map(Vec::len))
+            .collect();
+        // the query's limit under each geolocation's own; a numeric 0 overrides it and is falsy:
+        // radius 100 m, limit 10, which hold the two postcodes 56 m away
+        assert_eq!(lens, [Some(2), Some(4), None, Some(2)]);
     }
 }

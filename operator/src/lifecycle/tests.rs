@@ -49,7 +49,7 @@ fn new_import() -> Observed {
 fn loaded(enrichers: Vec<Option<JobState>>) -> Observed {
     Observed {
         previous: Some(Phase::Enriching),
-        load: Load::Loaded,
+        load: Load::Loaded { warnings: None },
         reader: Some(JobState::Succeeded),
         enrichers,
         shard_pending: vec![2, 2],

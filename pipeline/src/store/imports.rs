@@ -4,7 +4,7 @@ use tokio::sync::mpsc;
 
 use super::{
     on_pool, postgres,
-    records::{ImportRecord, LoadCounts, LoadStart},
+    records::{ImportRecord, LoadCounts, LoadEnd, LoadStart},
     sqlite, Store,
 };
 use crate::{
@@ -30,7 +30,7 @@ impl Store {
 
     /// The import with this uid, if any.
     pub async fn import(&self, uid: &str) -> anyhow::Result<Option<ImportRecord>> {
-        const SQL: &str = "SELECT id, uid, name, source, source_sha256, shards, phase, header, width, lat_index, lon_index, rows_total, rows_invalid, error FROM imports WHERE uid = $1";
+        const SQL: &str = "SELECT id, uid, name, source, source_sha256, shards, phase, header, width, lat_index, lon_index, rows_total, rows_invalid, error, warnings FROM imports WHERE uid = $1";
         let record = on_pool!(self, p => sqlx::query_as(SQL).bind(uid).fetch_optional(p).await?);
         Ok(record)
     }
@@ -77,7 +77,7 @@ impl Store {
     /// (PostgreSQL `COPY` in one transaction; SQLite prepared inserts, committed
     /// in chunks while the phase says `Loading`) with its shard
     /// ([`crate::geo::shard_of`]), and sets the phase to `Loaded` with the
-    /// source's SHA-256 that `done` gives once the input is read. The lookups
+    /// source's SHA-256 and the load's warnings that `done` gives once the input is read. The lookups
     /// (one per distinct coordinate) are made by each shard's enricher: see
     /// [`Store::plan_shard`].
     pub async fn load(
@@ -85,7 +85,7 @@ impl Store {
         import: &ImportRecord,
         layout: &Layout,
         width: usize,
-        done: impl std::future::Future<Output = anyhow::Result<String>>,
+        done: impl std::future::Future<Output = anyhow::Result<LoadEnd>>,
         rows: mpsc::Receiver<Vec<Row>>,
     ) -> anyhow::Result<LoadCounts> {
         let start = LoadStart::of(import, layout, width)?;

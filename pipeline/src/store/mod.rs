@@ -27,6 +27,7 @@ mod records;
 mod results;
 pub mod sqlite;
 mod uploads;
+pub use uploads::UploadMissing;
 
 use std::{str::FromStr, time::Duration};
 
@@ -36,8 +37,8 @@ use sqlx::{
 };
 
 pub use records::{
-    Claim, Claimed, Counts, ImportRecord, LoadCounts, Outcome, QuotaCounters, ResultBatch, ResultRef,
-    ResultRow, Saved, ShardCounts, ShardPlan,
+    Claim, Claimed, Counts, ImportRecord, LoadCounts, LoadEnd, Outcome, QuotaCounters, ResultBatch,
+    ResultRef, ResultRow, Saved, ShardCounts, ShardPlan,
 };
 
 /// A database connection pool of either kind.

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use super::{
     columns,
     records::{
-        AnswerColumns, Claim, Claimed, LoadCounts, LoadStart, ResultBatch, ResultRef, ResultRow, Saved,
-        ShardPlan,
+        AnswerColumns, Claim, Claimed, LoadCounts, LoadEnd, LoadStart, ResultBatch, ResultRef, ResultRow,
+        Saved, ShardPlan,
     },
 };
 use crate::{
@@ -30,7 +30,7 @@ use crate::{
 pub(super) async fn load(
     pool: &PgPool,
     start: &LoadStart,
-    done: impl Future<Output = anyhow::Result<String>>,
+    done: impl Future<Output = anyhow::Result<LoadEnd>>,
     mut rows: mpsc::Receiver<Vec<Row>>,
 ) -> anyhow::Result<LoadCounts> {
     const START: &str = "UPDATE imports SET phase = $7, error = NULL, delimiter = $2, header = $3, width = $4, lat_index = $5, lon_index = $6, rows_total = 0, rows_invalid = 0 WHERE id = $1";
@@ -39,8 +39,7 @@ pub(super) async fn load(
         "DELETE FROM lookups WHERE import_id = $1",
         "DELETE FROM shard_plans WHERE import_id = $1",
     ];
-    const DONE: &str =
-        "UPDATE imports SET phase = $5, rows_total = $2, rows_invalid = $3, source_sha256 = $4 WHERE id = $1";
+    const DONE: &str = "UPDATE imports SET phase = $5, rows_total = $2, rows_invalid = $3, source_sha256 = $4, warnings = $6 WHERE id = $1";
     let id = start.id;
     let mut tx = pool.begin().await?;
     sqlx::query(START)
@@ -57,13 +56,14 @@ pub(super) async fn load(
         sqlx::query(sql).bind(id).execute(&mut *tx).await?;
     }
     let counts = copy_points(&mut tx, id, start.shards, &mut rows).await?;
-    let sha = done.await?;
+    let end = done.await?;
     sqlx::query(DONE)
         .bind(id)
         .bind(counts.rows)
         .bind(counts.invalid)
-        .bind(sha)
+        .bind(end.sha256)
         .bind(ImportPhase::Loaded.as_str())
+        .bind(end.warnings)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;

@@ -28,6 +28,8 @@ pub struct ImportRecord {
     pub rows_total: i64,
     pub rows_invalid: i64,
     pub error: Option<String>,
+    /// What the reader had to repair, one warning a line ([`LoadEnd`]).
+    pub warnings: Option<String>,
 }
 
 impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for ImportRecord
@@ -62,6 +64,7 @@ where
             rows_total: r.try_get("rows_total")?,
             rows_invalid: r.try_get("rows_invalid")?,
             error: r.try_get("error")?,
+            warnings: r.try_get("warnings")?,
         })
     }
 }
@@ -98,6 +101,14 @@ impl LoadStart {
 pub struct LoadCounts {
     pub rows: i64,
     pub invalid: i64,
+}
+
+/// What the reader knows once the whole input is read: the source's SHA-256
+/// (hex) and what it had to repair, one warning a line (`None` when nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadEnd {
+    pub sha256: String,
+    pub warnings: Option<String>,
 }
 
 /// A coordinate claimed for enrichment.

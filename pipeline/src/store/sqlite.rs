@@ -13,7 +13,7 @@ use std::{future::Future, path::PathBuf};
 use sqlx::SqlitePool;
 use tokio::sync::mpsc;
 
-use super::records::{Claim, Claimed, LoadCounts, LoadStart, ResultBatch, Saved, ShardPlan};
+use super::records::{Claim, Claimed, LoadCounts, LoadEnd, LoadStart, ResultBatch, Saved, ShardPlan};
 use crate::{
     csv_input::Row,
     model::{ImportPhase, Stage},
@@ -46,7 +46,7 @@ async fn blocking<T: Send + 'static>(
 pub(super) async fn load(
     pool: &SqlitePool,
     start: LoadStart,
-    done: impl Future<Output = anyhow::Result<String>>,
+    done: impl Future<Output = anyhow::Result<LoadEnd>>,
     rows: mpsc::Receiver<Vec<Row>>,
 ) -> anyhow::Result<LoadCounts> {
     const START: &str = "UPDATE imports SET phase = ?7, error = NULL, delimiter = ?2, header = ?3, width = ?4, lat_index = ?5, lon_index = ?6, rows_total = 0, rows_invalid = 0 WHERE id = ?1";
@@ -73,8 +73,8 @@ pub(super) async fn load(
     tx.commit().await?;
     let path = path_of(pool);
     let (conn, counts) = blocking(move || bulk::insert_points(&path, id, start.shards, rows)).await?;
-    let sha = done.await?;
-    blocking(move || bulk::finish_load(&conn, id, counts, &sha)).await?;
+    let end = done.await?;
+    blocking(move || bulk::finish_load(&conn, id, counts, &end)).await?;
     Ok(counts)
 }
 

@@ -37,8 +37,8 @@ impl Store {
         if seq == 0 {
             let complete: Option<(bool,)> = on_pool!(self, p => sqlx::query_as("SELECT complete FROM uploads WHERE id = $1").bind(id).fetch_optional(p).await)?;
             match complete {
-                None => anyhow::bail!("upload {id} does not exist"),
-                Some((false,)) => anyhow::bail!("upload {id} is not complete"),
+                None => return Err(UploadMissing(format!("upload {id} does not exist")).into()),
+                Some((false,)) => return Err(UploadMissing(format!("upload {id} is not complete")).into()),
                 Some((true,)) => {}
             }
         }
@@ -48,3 +48,9 @@ impl Store {
         Ok(row.map(|r| r.0))
     }
 }
+
+/// The error of [`Store::upload_chunk`] when the upload does not exist or was
+/// never completed: the import's source is wrong, not the database.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UploadMissing(pub String);

@@ -17,7 +17,7 @@ use crate::{
     model::{ImportPhase, RowStatus, Stage},
     store::{
         columns,
-        records::{AnswerColumns, Claimed, LoadCounts, Saved, ShardPlan},
+        records::{AnswerColumns, Claimed, LoadCounts, LoadEnd, Saved, ShardPlan},
     },
 };
 
@@ -108,12 +108,23 @@ pub(super) fn insert_points(
 }
 
 /// Step 2 of a SQLite load: the import is `Loaded`, with its counts and the source's SHA-256.
-pub(super) fn finish_load(conn: &Connection, id: i64, counts: LoadCounts, sha: &str) -> anyhow::Result<()> {
-    const DONE: &str =
-        "UPDATE imports SET phase = ?5, rows_total = ?2, rows_invalid = ?3, source_sha256 = ?4 WHERE id = ?1";
+pub(super) fn finish_load(
+    conn: &Connection,
+    id: i64,
+    counts: LoadCounts,
+    end: &LoadEnd,
+) -> anyhow::Result<()> {
+    const DONE: &str = "UPDATE imports SET phase = ?5, rows_total = ?2, rows_invalid = ?3, source_sha256 = ?4, warnings = ?6 WHERE id = ?1";
     conn.execute(
         DONE,
-        params![id, counts.rows, counts.invalid, sha, ImportPhase::Loaded.as_str()],
+        params![
+            id,
+            counts.rows,
+            counts.invalid,
+            end.sha256,
+            ImportPhase::Loaded.as_str(),
+            end.warnings
+        ],
     )?;
     Ok(())
 }

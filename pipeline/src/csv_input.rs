@@ -845,6 +845,7 @@ pub fn open_maybe_gzip(reader: Box<dyn Read + Send>) -> std::io::Result<Box<dyn 
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn messages_quote_at_most_a_sanitised_excerpt_of_the_header() {
@@ -881,8 +882,6 @@ mod tests {
         assert_eq!(excerpt("a\tb"), "a\\tb");
         assert_eq!(excerpt(&"é".repeat(81)), format!("{}…", "é".repeat(80)));
     }
-
-    use super::*;
 
     fn rows(text: &str, opts: &CsvOptions) -> Result<(Layout, Vec<Row>), InputError> {
         let mut r = RowReader::new(Box::new(Cursor::new(text.as_bytes().to_vec())), opts)?;

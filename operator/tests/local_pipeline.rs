@@ -105,7 +105,7 @@ fn offline_reference() -> &'static Path {
 #[test]
 fn real_file_offline_every_row_once_with_the_true_nearest_postcode() {
     let (header, rows) = read_output(offline_reference());
-    assert_eq!(&header[..3], ["lat", "lon", "row_number"]);
+    assert_eq!(&header[..4], ["lat", "lon", "extra_fields", "row_number"]);
     assert_eq!(rows.len(), REAL_ROWS);
     let numbers: Vec<usize> = rows.iter().map(|r| r["row_number"].parse().unwrap()).collect();
     assert_eq!(

@@ -105,7 +105,8 @@ proptest! {
         let lines: Vec<&str> = text.split(nl).collect();
         for r in &rows {
             let line = lines[(r.line - 1) as usize];
-            prop_assert!(!line.trim().is_empty() || line.contains(d), "row {} points at a blank line {}", r.row_number, r.line);
+            // blank means ASCII white space only (U+2000 and the like are text)
+            prop_assert!(!line.trim_matches(|c: char| c.is_ascii_whitespace()).is_empty() || line.contains(d), "row {} points at a blank line {}", r.row_number, r.line);
             match &r.coordinate {
                 Ok((lat, lon)) => prop_assert!(lat.abs() <= 90.0 && lon.abs() <= 180.0),
                 Err(e) => { let want = format!("line {}:", r.line); prop_assert!(e.starts_with(&want), "{}", e) },

@@ -340,6 +340,39 @@ fn dispatch(
 /// Binds the Pods waiting for a node, oldest first, when their requests fit what
 /// is left of the Node's allocatable; else marks them Unschedulable as the
 /// scheduler would.
+/// Reports a Pod that does not fit as the scheduler does: `PodScheduled`
+/// False, reason Unschedulable, the scheduler's message (written once).
+async fn mark_unschedulable(pods: &Api<Pod>, p: &Pod, why: &[&str]) {
+    let msg = format!(
+        "0/1 nodes are available: {}. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.",
+        why.iter().map(|w| format!("1 {w}")).collect::<Vec<_>>().join(", ")
+    );
+    let already = p
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == "PodScheduled" && c.message.as_deref() == Some(&msg))
+        });
+    if already {
+        return;
+    }
+    let patch = json!({"status": {"conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": msg, "lastTransitionTime": Time(Timestamp::now())}]}});
+    if let Err(e) = pods
+        .patch_status(&p.name_any(), &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+    {
+        warn!(
+            "mark {}/{} unschedulable: {e}",
+            p.namespace().unwrap_or_default(),
+            p.name_any()
+        );
+    }
+}
+
 async fn bind_pending(shared: &Arc<Shared>, unbound: &mut BTreeMap<String, Pod>) {
     if unbound.is_empty() {
         return;
@@ -368,33 +401,7 @@ async fn bind_pending(shared: &Arc<Shared>, unbound: &mut BTreeMap<String, Pod>)
         }
         let pods: Api<Pod> = Api::namespaced(shared.client.clone(), &p.namespace().unwrap_or_default());
         if !why.is_empty() {
-            let msg = format!(
-                "0/1 nodes are available: {}. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.",
-                why.iter().map(|w| format!("1 {w}")).collect::<Vec<_>>().join(", ")
-            );
-            let already = p
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.type_ == "PodScheduled" && c.message.as_deref() == Some(&msg))
-                });
-            if !already {
-                let patch = json!({"status": {"conditions": [{
-                    "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                    "message": msg, "lastTransitionTime": Time(Timestamp::now())}]}});
-                if let Err(e) = pods
-                    .patch_status(&p.name_any(), &PatchParams::default(), &Patch::Strategic(patch))
-                    .await
-                {
-                    warn!(
-                        "mark {}/{} unschedulable: {e}",
-                        p.namespace().unwrap_or_default(),
-                        p.name_any()
-                    );
-                }
-            }
+            mark_unschedulable(&pods, &p, &why).await;
             continue;
         }
         let binding = json!({

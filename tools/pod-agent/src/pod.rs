@@ -14,7 +14,7 @@ use std::{
 
 use futures::{stream::FuturesUnordered, Future, StreamExt};
 use k8s_openapi::{
-    api::core::v1::{Container, Pod},
+    api::core::v1::{Container, Pod, PodSecurityContext, SecurityContext},
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
 };
@@ -325,38 +325,55 @@ type Exits =
 
 /// From Pending to a terminal phase (or until the Pod is gone).
 async fn run(ctx: &Ctx, pod: Pod, rx: &mut watch::Receiver<Option<Pod>>) {
-    let shared = &ctx.shared;
     let mut st = PodState::new(&pod);
     ctx.write(&mut st).await;
+    let Some((plans, pod)) = prepared(ctx, &mut st, pod, rx).await else {
+        return;
+    };
+    let (exits, ids) = start_all(ctx, &mut st, plans).await;
+    wait_all(ctx, &mut st, &pod, rx, exits, ids).await;
+}
+
+/// Prepares until everything the containers need is there (reporting why
+/// they wait meanwhile); `None` when the Pod is deleted or gone first.
+async fn prepared(
+    ctx: &Ctx,
+    st: &mut PodState,
+    pod: Pod,
+    rx: &mut watch::Receiver<Option<Pod>>,
+) -> Option<(Vec<Plan>, Pod)> {
+    let shared = &ctx.shared;
     let mut pod = pod;
-    // Prepare until everything the containers need is there.
-    let plans = loop {
+    loop {
         if pod.metadata.deletion_timestamp.is_some() {
             for c in &mut st.containers {
                 c.state = json!({"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown",
                     "message": "The container could not be located when the pod was deleted", "finishedAt": now()}});
             }
-            ctx.write(&mut st).await;
-            return;
+            ctx.write(st).await;
+            return None;
         }
         match prepare(shared, &pod, &ctx.dir).await {
-            Ok(plans) => break plans,
+            Ok(plans) => return Some((plans, pod)),
             Err(w) => {
                 if st.set_waiting_all(&w) {
                     info!("{}/{}: waiting: {}: {}", ctx.ns, ctx.name, w.reason, w.message);
-                    ctx.write(&mut st).await;
+                    ctx.write(st).await;
                 }
                 tokio::select! {
-                    p = next(rx) => match p { Some(p) => pod = p, None => return },
+                    p = next(rx) => match p { Some(p) => pod = p, None => return None },
                     _ = tokio::time::sleep(PREPARE_RETRY) => {
                         if let Some(p) = rx.borrow_and_update().clone() { pod = p }
                     }
                 }
             }
         }
-    };
+    }
+}
 
-    // Start every container.
+/// Starts every container; their exits and ids.
+async fn start_all(ctx: &Ctx, st: &mut PodState, plans: Vec<Plan>) -> (Exits, HashMap<String, String>) {
+    let shared = &ctx.shared;
     st.sandbox_ready = true;
     let exits: Exits = FuturesUnordered::new();
     let mut ids = HashMap::new();
@@ -393,10 +410,21 @@ async fn run(ctx: &Ctx, pod: Pod, rx: &mut watch::Receiver<Option<Pod>>) {
             }
         }
     }
-    ctx.write(&mut st).await;
+    ctx.write(st).await;
+    (exits, ids)
+}
 
-    // Until every container ended.
-    let mut exits = exits;
+/// Until every container ended: records each end, and on deletion SIGTERM,
+/// the grace period, SIGKILL.
+async fn wait_all(
+    ctx: &Ctx,
+    st: &mut PodState,
+    pod: &Pod,
+    rx: &mut watch::Receiver<Option<Pod>>,
+    mut exits: Exits,
+    mut ids: HashMap<String, String>,
+) {
+    let shared = &ctx.shared;
     let mut kill_at: Option<Instant> = None;
     let mut terminating = false;
     let mut gone = false;
@@ -421,7 +449,7 @@ async fn run(ctx: &Ctx, pod: Pod, rx: &mut watch::Receiver<Option<Pod>>) {
                 let exit = shared.runtime.finish(&plan, status, &running.log, running.log_offset).await;
                 info!("{}/{}: container {} ended: exit {} ({})", ctx.ns, ctx.name, plan.name, exit.code, exit.reason);
                 ids.remove(&plan.name);
-                let message = termination_message(&pod_container(&pod, &plan.name), &plan, &running, &exit);
+                let message = termination_message(&pod_container(pod, &plan.name), &plan, &running, &exit);
                 let c = st.get(&plan.name);
                 let started_at = c.state["running"]["startedAt"].clone();
                 let mut t = json!({"exitCode": exit.code, "reason": exit.reason, "startedAt": started_at,
@@ -431,7 +459,7 @@ async fn run(ctx: &Ctx, pod: Pod, rx: &mut watch::Receiver<Option<Pod>>) {
                 c.state = json!({"terminated": t});
                 c.ready = false;
                 if !gone && !exits.is_empty() {
-                    ctx.write(&mut st).await;
+                    ctx.write(st).await;
                 }
             },
             _ = tokio::time::sleep_until(kill_at.unwrap_or_else(Instant::now)), if kill_at.is_some() => {
@@ -444,7 +472,7 @@ async fn run(ctx: &Ctx, pod: Pod, rx: &mut watch::Receiver<Option<Pod>>) {
         }
     }
     if !gone {
-        ctx.write(&mut st).await;
+        ctx.write(st).await;
     }
 }
 
@@ -530,7 +558,6 @@ async fn prepare(shared: &Shared, pod: &Pod, dir: &Path) -> Result<Vec<Plan>, Wa
     }
     let mut lookups = Lookups::default();
     let vols = volumes::prepare_volumes(shared, pod, &dir.join("volumes"), &mut lookups).await?;
-    let uid_of_pod = pod.uid().unwrap_or_default();
     let mut plans = vec![];
     for (c, image) in spec.containers.iter().zip(images) {
         let sc = c.security_context.clone().unwrap_or_default();
@@ -540,190 +567,30 @@ async fn prepare(shared: &Shared, pod: &Pod, dir: &Path) -> Result<Vec<Plan>, Wa
                 "privileged containers are not supported by the pod agent",
             ));
         }
-        let (img_uid, img_gid) = image_user(&image)?;
-        let run_as_user = sc.run_as_user.or(psc.run_as_user);
-        let run_as_group = sc.run_as_group.or(psc.run_as_group);
-        let (uid, gid) = match run_as_user {
-            Some(u) => {
-                let g = run_as_group.unwrap_or_else(|| {
-                    if u == img_uid {
-                        img_gid
-                    } else {
-                        image
-                            .lookup_user(&u.to_string())
-                            .and_then(|(_, g)| g)
-                            .unwrap_or(0)
-                    }
-                });
-                (u, g)
-            }
-            None => (img_uid, run_as_group.unwrap_or(img_gid)),
-        };
-        if sc.run_as_non_root.or(psc.run_as_non_root) == Some(true) && uid == 0 {
-            return Err(waiting(
-                "CreateContainerConfigError",
-                format!(
-                    "container has runAsNonRoot and image will run as root (pod: \"{}_{}({})\", container: {})",
-                    pod.name_any(),
-                    pod.namespace().unwrap_or_default(),
-                    uid_of_pod,
-                    c.name
-                ),
-            ));
-        }
+        let (uid, gid) = identity(pod, c, &sc, &psc, &image)?;
         let mut additional_gids: Vec<i64> = psc.supplemental_groups.clone().unwrap_or_default();
         if let Some(fs) = psc.fs_group {
             additional_gids.push(fs);
         }
-        let caps_spec = sc.capabilities.clone().unwrap_or_default();
-        let drop: Vec<String> = caps_spec
-            .drop
-            .unwrap_or_default()
-            .iter()
-            .map(|c| cap_name(c))
-            .collect();
-        let mut capabilities: Vec<String> = if drop.iter().any(|d| d == "CAP_ALL") {
-            vec![]
-        } else {
-            DEFAULT_CAPABILITIES
-                .iter()
-                .map(|c| c.to_string())
-                .filter(|c| !drop.contains(c))
-                .collect()
-        };
-        for a in caps_spec.add.unwrap_or_default() {
-            let a = cap_name(&a);
-            if !capabilities.contains(&a) {
-                capabilities.push(a);
-            }
-        }
-        let seccomp = match sc
-            .seccomp_profile
-            .clone()
-            .or(psc.seccomp_profile.clone())
-            .map(|p| p.type_)
-        {
-            Some(t) if t == "RuntimeDefault" => true,
-            Some(t) if t == "Localhost" => {
-                return Err(waiting(
-                    "CreateContainerConfigError",
-                    "Localhost seccomp profiles are not supported by the pod agent",
-                ))
-            }
-            _ => false,
-        };
-
-        // Environment: the image's, then what a kubelet adds, then the container's.
-        let mut base: Vec<(String, String)> = image
-            .config
-            .env
-            .iter()
-            .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
-            .collect();
-        if !base.iter().any(|(k, _)| k == "PATH") {
-            base.insert(
-                0,
-                (
-                    "PATH".into(),
-                    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-                ),
-            );
-        }
-        base.push(("HOSTNAME".into(), pod.name_any()));
-        let (h, p) = (&shared.service_host, shared.service_port);
-        for (k, v) in [
-            ("KUBERNETES_SERVICE_HOST", h.clone()),
-            ("KUBERNETES_SERVICE_PORT", p.to_string()),
-            ("KUBERNETES_SERVICE_PORT_HTTPS", p.to_string()),
-            ("KUBERNETES_PORT", format!("tcp://{h}:{p}")),
-            (
-                &format!("KUBERNETES_PORT_{p}_TCP") as &str,
-                format!("tcp://{h}:{p}"),
-            ),
-            (&format!("KUBERNETES_PORT_{p}_TCP_PROTO"), "tcp".into()),
-            (&format!("KUBERNETES_PORT_{p}_TCP_PORT"), p.to_string()),
-            (&format!("KUBERNETES_PORT_{p}_TCP_ADDR"), h.clone()),
-        ] {
-            base.push((k.to_string(), v));
-        }
+        let seccomp = seccomp(&sc, &psc)?;
+        let base = kubelet_env(shared, pod, &image);
         let mut env = volumes::container_env(shared, pod, c, &mut lookups, base).await?;
         if !env.iter().any(|(k, _)| k == "HOME") {
             env.push(("HOME".into(), image.home_of(uid).unwrap_or_else(|| "/".into())));
         }
-
-        // argv as the kubelet builds it from the image's Entrypoint/Cmd.
-        let ex = |v: &Vec<String>| v.iter().map(|s| volumes::expand(s, &env)).collect::<Vec<_>>();
-        let command = c.command.clone().filter(|v| !v.is_empty());
-        let args = c.args.clone().filter(|v| !v.is_empty());
-        let argv = match (&command, &args) {
-            (Some(cmd), Some(a)) => [ex(cmd), ex(a)].concat(),
-            (Some(cmd), None) => ex(cmd),
-            (None, Some(a)) => [image.config.entrypoint.clone().unwrap_or_default(), ex(a)].concat(),
-            (None, None) => [
-                image.config.entrypoint.clone().unwrap_or_default(),
-                image.config.cmd.clone().unwrap_or_default(),
-            ]
-            .concat(),
-        };
-        if argv.is_empty() {
-            return Err(waiting("CreateContainerConfigError", "no command specified"));
-        }
+        let argv = argv(c, &image, &env)?;
         let cwd = c
             .working_dir
             .clone()
             .filter(|d| !d.is_empty())
             .or_else(|| Some(image.config.working_dir.clone()).filter(|d| !d.is_empty()))
             .unwrap_or_else(|| "/".into());
-
-        let mut mounts = vec![];
-        for vm in c.volume_mounts.iter().flatten() {
-            let Some(hv) = vols.get(&vm.name) else {
-                return Err(waiting(
-                    "CreateContainerConfigError",
-                    format!("volumeMount {:?}: no volume of that name", vm.name),
-                ));
-            };
-            let ro = vm.read_only == Some(true) || hv.read_only;
-            if let Some(size) = hv.tmpfs {
-                let mut opts = vec!["nosuid".to_string(), "nodev".into(), "mode=1777".into()];
-                if let Some(s) = size {
-                    opts.push(format!("size={s}"));
-                }
-                if ro {
-                    opts.push("ro".into());
-                }
-                mounts.push(json!({"destination": vm.mount_path, "type": "tmpfs", "source": "tmpfs", "options": opts}));
-                continue;
-            }
-            let sub = vm
-                .sub_path
-                .clone()
-                .filter(|s| !s.is_empty())
-                .or_else(|| vm.sub_path_expr.as_ref().map(|e| volumes::expand(e, &env)));
-            let mut source = hv.path.clone();
-            if let Some(sub) = sub.filter(|s| !s.is_empty()) {
-                if sub.split('/').any(|p| p == "..") || sub.starts_with('/') {
-                    return Err(waiting(
-                        "CreateContainerConfigError",
-                        format!("invalid subPath {sub:?}"),
-                    ));
-                }
-                source = source.join(&sub);
-                if !source.exists() {
-                    let _ = std::fs::create_dir_all(&source);
-                }
-            }
-            mounts.push(
-                json!({"destination": vm.mount_path, "type": "bind", "source": source,
-                "options": ["rbind", if ro { "ro" } else { "rw" }, "rprivate"]}),
-            );
-        }
-
+        let mounts = mounts(c, &vols, &env)?;
         let cdir = dir.join("containers").join(&c.name);
         let termination_log = runtime::termination_log(&cdir)
             .map_err(|e| waiting("ContainerCreating", format!("termination log: {e}")))?;
         plans.push(Plan {
-            pod_uid: uid_of_pod.clone(),
+            pod_uid: pod.uid().unwrap_or_default(),
             pod_dir: dir.to_path_buf(),
             name: c.name.clone(),
             hostname: pod.name_any(),
@@ -734,7 +601,7 @@ async fn prepare(shared: &Shared, pod: &Pod, dir: &Path) -> Result<Vec<Plan>, Wa
             uid,
             gid,
             additional_gids,
-            capabilities,
+            capabilities: capabilities(&sc),
             no_new_privileges: sc.allow_privilege_escalation == Some(false),
             read_only_root: sc.read_only_root_filesystem == Some(true),
             seccomp,
@@ -750,6 +617,211 @@ async fn prepare(shared: &Shared, pod: &Pod, dir: &Path) -> Result<Vec<Plan>, Wa
         });
     }
     Ok(plans)
+}
+
+/// The container's uid and gid: runAsUser/runAsGroup (container, then pod),
+/// else the image's user; runAsNonRoot refuses uid 0, as the kubelet does.
+fn identity(
+    pod: &Pod,
+    c: &Container,
+    sc: &SecurityContext,
+    psc: &PodSecurityContext,
+    image: &runtime::Image,
+) -> Result<(i64, i64), Waiting> {
+    let (img_uid, img_gid) = image_user(image)?;
+    let run_as_user = sc.run_as_user.or(psc.run_as_user);
+    let run_as_group = sc.run_as_group.or(psc.run_as_group);
+    let (uid, gid) = match run_as_user {
+        Some(u) => {
+            let g = run_as_group.unwrap_or_else(|| {
+                if u == img_uid {
+                    img_gid
+                } else {
+                    image
+                        .lookup_user(&u.to_string())
+                        .and_then(|(_, g)| g)
+                        .unwrap_or(0)
+                }
+            });
+            (u, g)
+        }
+        None => (img_uid, run_as_group.unwrap_or(img_gid)),
+    };
+    if sc.run_as_non_root.or(psc.run_as_non_root) == Some(true) && uid == 0 {
+        return Err(waiting(
+            "CreateContainerConfigError",
+            format!(
+                "container has runAsNonRoot and image will run as root (pod: \"{}_{}({})\", container: {})",
+                pod.name_any(),
+                pod.namespace().unwrap_or_default(),
+                pod.uid().unwrap_or_default(),
+                c.name
+            ),
+        ));
+    }
+    Ok((uid, gid))
+}
+
+/// The runtime's default capabilities, less `drop` (`ALL` drops every one),
+/// plus `add`.
+fn capabilities(sc: &SecurityContext) -> Vec<String> {
+    let caps_spec = sc.capabilities.clone().unwrap_or_default();
+    let drop: Vec<String> = caps_spec
+        .drop
+        .unwrap_or_default()
+        .iter()
+        .map(|c| cap_name(c))
+        .collect();
+    let mut capabilities: Vec<String> = if drop.iter().any(|d| d == "CAP_ALL") {
+        vec![]
+    } else {
+        DEFAULT_CAPABILITIES
+            .iter()
+            .map(|c| c.to_string())
+            .filter(|c| !drop.contains(c))
+            .collect()
+    };
+    for a in caps_spec.add.unwrap_or_default() {
+        let a = cap_name(&a);
+        if !capabilities.contains(&a) {
+            capabilities.push(a);
+        }
+    }
+    capabilities
+}
+
+/// Whether the runtime's default seccomp filter applies (`RuntimeDefault`);
+/// `Localhost` profiles are refused.
+fn seccomp(sc: &SecurityContext, psc: &PodSecurityContext) -> Result<bool, Waiting> {
+    match sc
+        .seccomp_profile
+        .clone()
+        .or(psc.seccomp_profile.clone())
+        .map(|p| p.type_)
+    {
+        Some(t) if t == "RuntimeDefault" => Ok(true),
+        Some(t) if t == "Localhost" => Err(waiting(
+            "CreateContainerConfigError",
+            "Localhost seccomp profiles are not supported by the pod agent",
+        )),
+        _ => Ok(false),
+    }
+}
+
+/// The environment before the container's own: the image's, a default PATH,
+/// HOSTNAME and the kubernetes Service variables a kubelet adds.
+fn kubelet_env(shared: &Shared, pod: &Pod, image: &runtime::Image) -> Vec<(String, String)> {
+    let mut base: Vec<(String, String)> = image
+        .config
+        .env
+        .iter()
+        .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    if !base.iter().any(|(k, _)| k == "PATH") {
+        base.insert(
+            0,
+            (
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ),
+        );
+    }
+    base.push(("HOSTNAME".into(), pod.name_any()));
+    let (h, p) = (&shared.service_host, shared.service_port);
+    for (k, v) in [
+        ("KUBERNETES_SERVICE_HOST", h.clone()),
+        ("KUBERNETES_SERVICE_PORT", p.to_string()),
+        ("KUBERNETES_SERVICE_PORT_HTTPS", p.to_string()),
+        ("KUBERNETES_PORT", format!("tcp://{h}:{p}")),
+        (
+            &format!("KUBERNETES_PORT_{p}_TCP") as &str,
+            format!("tcp://{h}:{p}"),
+        ),
+        (&format!("KUBERNETES_PORT_{p}_TCP_PROTO"), "tcp".into()),
+        (&format!("KUBERNETES_PORT_{p}_TCP_PORT"), p.to_string()),
+        (&format!("KUBERNETES_PORT_{p}_TCP_ADDR"), h.clone()),
+    ] {
+        base.push((k.to_string(), v));
+    }
+    base
+}
+
+/// argv as the kubelet builds it from the image's Entrypoint/Cmd and the
+/// container's command/args, `$(VAR)` expanded.
+fn argv(c: &Container, image: &runtime::Image, env: &[(String, String)]) -> Result<Vec<String>, Waiting> {
+    let ex = |v: &Vec<String>| v.iter().map(|s| volumes::expand(s, env)).collect::<Vec<_>>();
+    let command = c.command.clone().filter(|v| !v.is_empty());
+    let args = c.args.clone().filter(|v| !v.is_empty());
+    let argv = match (&command, &args) {
+        (Some(cmd), Some(a)) => [ex(cmd), ex(a)].concat(),
+        (Some(cmd), None) => ex(cmd),
+        (None, Some(a)) => [image.config.entrypoint.clone().unwrap_or_default(), ex(a)].concat(),
+        (None, None) => [
+            image.config.entrypoint.clone().unwrap_or_default(),
+            image.config.cmd.clone().unwrap_or_default(),
+        ]
+        .concat(),
+    };
+    if argv.is_empty() {
+        return Err(waiting("CreateContainerConfigError", "no command specified"));
+    }
+    Ok(argv)
+}
+
+/// The container's volumeMounts as OCI mounts: tmpfs for memory emptyDirs,
+/// else bind mounts of the prepared volume (or its subPath, created if
+/// missing; `..` and absolute subPaths refused).
+fn mounts(
+    c: &Container,
+    vols: &HashMap<String, volumes::HostVolume>,
+    env: &[(String, String)],
+) -> Result<Vec<Value>, Waiting> {
+    let mut mounts = vec![];
+    for vm in c.volume_mounts.iter().flatten() {
+        let Some(hv) = vols.get(&vm.name) else {
+            return Err(waiting(
+                "CreateContainerConfigError",
+                format!("volumeMount {:?}: no volume of that name", vm.name),
+            ));
+        };
+        let ro = vm.read_only == Some(true) || hv.read_only;
+        if let Some(size) = hv.tmpfs {
+            let mut opts = vec!["nosuid".to_string(), "nodev".into(), "mode=1777".into()];
+            if let Some(s) = size {
+                opts.push(format!("size={s}"));
+            }
+            if ro {
+                opts.push("ro".into());
+            }
+            mounts.push(
+                json!({"destination": vm.mount_path, "type": "tmpfs", "source": "tmpfs", "options": opts}),
+            );
+            continue;
+        }
+        let sub = vm
+            .sub_path
+            .clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| vm.sub_path_expr.as_ref().map(|e| volumes::expand(e, env)));
+        let mut source = hv.path.clone();
+        if let Some(sub) = sub.filter(|s| !s.is_empty()) {
+            if sub.split('/').any(|p| p == "..") || sub.starts_with('/') {
+                return Err(waiting(
+                    "CreateContainerConfigError",
+                    format!("invalid subPath {sub:?}"),
+                ));
+            }
+            source = source.join(&sub);
+            if !source.exists() {
+                let _ = std::fs::create_dir_all(&source);
+            }
+        }
+        mounts.push(
+            json!({"destination": vm.mount_path, "type": "bind", "source": source,
+            "options": ["rbind", if ro { "ro" } else { "rw" }, "rprivate"]}),
+        );
+    }
+    Ok(mounts)
 }
 
 fn cap_name(c: &str) -> String {

@@ -10,8 +10,9 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, DownwardAPIVolumeFile, KeyToPath, ObjectFieldSelector, PersistentVolume,
-    PersistentVolumeClaim, Pod, ResourceFieldSelector, Secret, ServiceAccount, Volume,
+    ConfigMap, Container, DownwardAPIVolumeFile, EnvVarSource, KeyToPath, ObjectFieldSelector,
+    PersistentVolume, PersistentVolumeClaim, Pod, ProjectedVolumeSource, ResourceFieldSelector, Secret,
+    ServiceAccount, Volume,
 };
 use kube::{api::PostParams, Api, ResourceExt};
 use serde_json::json;
@@ -238,30 +239,32 @@ pub async fn container_env(
     };
     for from in c.env_from.iter().flatten() {
         let prefix = from.prefix.clone().unwrap_or_default();
-        let data = if let Some(s) = &from.secret_ref {
-            match lookups.secret(shared, &ns, &s.name).await? {
-                Some(d) => d.clone(),
-                None if s.optional == Some(true) => continue,
-                None => {
-                    return Err(waiting(
-                        "CreateContainerConfigError",
-                        format!("secret {:?} not found", s.name),
-                    ))
-                }
-            }
+        let (kind, name, optional, data) = if let Some(s) = &from.secret_ref {
+            (
+                "secret",
+                &s.name,
+                s.optional,
+                lookups.secret(shared, &ns, &s.name).await?,
+            )
         } else if let Some(m) = &from.config_map_ref {
-            match lookups.config_map(shared, &ns, &m.name).await? {
-                Some(d) => d.clone(),
-                None if m.optional == Some(true) => continue,
-                None => {
-                    return Err(waiting(
-                        "CreateContainerConfigError",
-                        format!("configmap {:?} not found", m.name),
-                    ))
-                }
-            }
+            (
+                "configmap",
+                &m.name,
+                m.optional,
+                lookups.config_map(shared, &ns, &m.name).await?,
+            )
         } else {
             continue;
+        };
+        let data = match data {
+            Some(d) => d.clone(),
+            None if optional == Some(true) => continue,
+            None => {
+                return Err(waiting(
+                    "CreateContainerConfigError",
+                    format!("{kind} {name:?} not found"),
+                ))
+            }
         };
         for (k, v) in data {
             set(
@@ -275,60 +278,54 @@ pub async fn container_env(
         let value = match (&var.value, &var.value_from) {
             (Some(v), _) => Some(expand(v, &env)),
             (None, None) => Some(String::new()),
-            (None, Some(from)) => {
-                if let Some(r) = &from.secret_key_ref {
-                    let d = lookups.secret(shared, &ns, &r.name).await?;
-                    match d.and_then(|d| d.get(&r.key)) {
-                        Some(v) => Some(String::from_utf8_lossy(v).into_owned()),
-                        None if r.optional == Some(true) => None,
-                        None if d.is_none() => {
-                            return Err(waiting(
-                                "CreateContainerConfigError",
-                                format!("secret {:?} not found", r.name),
-                            ))
-                        }
-                        None => {
-                            return Err(waiting(
-                                "CreateContainerConfigError",
-                                format!("couldn't find key {} in Secret {}/{}", r.key, ns, r.name),
-                            ))
-                        }
-                    }
-                } else if let Some(r) = &from.config_map_key_ref {
-                    let d = lookups.config_map(shared, &ns, &r.name).await?;
-                    match d.and_then(|d| d.get(&r.key)) {
-                        Some(v) => Some(String::from_utf8_lossy(v).into_owned()),
-                        None if r.optional == Some(true) => None,
-                        None if d.is_none() => {
-                            return Err(waiting(
-                                "CreateContainerConfigError",
-                                format!("configmap {:?} not found", r.name),
-                            ))
-                        }
-                        None => {
-                            return Err(waiting(
-                                "CreateContainerConfigError",
-                                format!("couldn't find key {} in ConfigMap {}/{}", r.key, ns, r.name),
-                            ))
-                        }
-                    }
-                } else if let Some(f) = &from.field_ref {
-                    Some(field_value(pod, shared.node(), f)?)
-                } else if let Some(r) = &from.resource_field_ref {
-                    Some(resource_value(pod, Some(c), r)?)
-                } else {
-                    return Err(waiting(
-                        "CreateContainerConfigError",
-                        format!("unsupported valueFrom for ${}", var.name),
-                    ));
-                }
-            }
+            (None, Some(from)) => value_from(shared, pod, c, &ns, &var.name, from, lookups).await?,
         };
         if let Some(v) = value {
             set(&mut env, var.name.clone(), v);
         }
     }
     Ok(env)
+}
+
+/// An env var's `valueFrom`: a Secret or ConfigMap key (`None` when optional
+/// and missing), a downward API field or a resource field.
+async fn value_from(
+    shared: &Shared,
+    pod: &Pod,
+    c: &Container,
+    ns: &str,
+    var: &str,
+    from: &EnvVarSource,
+    lookups: &mut Lookups,
+) -> Result<Option<String>, Waiting> {
+    let (kind, what, r_name, r_key, optional, d) = if let Some(r) = &from.secret_key_ref {
+        let d = lookups.secret(shared, ns, &r.name).await?;
+        ("secret", "Secret", &r.name, &r.key, r.optional, d)
+    } else if let Some(r) = &from.config_map_key_ref {
+        let d = lookups.config_map(shared, ns, &r.name).await?;
+        ("configmap", "ConfigMap", &r.name, &r.key, r.optional, d)
+    } else if let Some(f) = &from.field_ref {
+        return field_value(pod, shared.node(), f).map(Some);
+    } else if let Some(r) = &from.resource_field_ref {
+        return resource_value(pod, Some(c), r).map(Some);
+    } else {
+        return Err(waiting(
+            "CreateContainerConfigError",
+            format!("unsupported valueFrom for ${var}"),
+        ));
+    };
+    match d.and_then(|d| d.get(r_key)) {
+        Some(v) => Ok(Some(String::from_utf8_lossy(v).into_owned())),
+        None if optional == Some(true) => Ok(None),
+        None if d.is_none() => Err(waiting(
+            "CreateContainerConfigError",
+            format!("{kind} {r_name:?} not found"),
+        )),
+        None => Err(waiting(
+            "CreateContainerConfigError",
+            format!("couldn't find key {r_key} in {what} {ns}/{r_name}"),
+        )),
+    }
 }
 
 /// A prepared volume: a host directory (or file) and whether it must be read-only.
@@ -459,230 +456,240 @@ pub async fn prepare_volumes(
     dir: &Path,
     lookups: &mut Lookups,
 ) -> Result<HashMap<String, HostVolume>, Waiting> {
-    let ns = pod.namespace().unwrap_or_default();
     let mut out = HashMap::new();
     let volumes: Vec<Volume> = pod
         .spec
         .as_ref()
         .and_then(|s| s.volumes.clone())
         .unwrap_or_default();
-    let io = |p: &Path, e: std::io::Error| waiting("ContainerCreating", format!("{}: {e}", p.display()));
     for v in volumes {
-        let vdir = dir.join(&v.name);
-        let fresh = |vdir: &Path| -> Result<(), Waiting> {
-            if vdir.exists() {
-                std::fs::remove_dir_all(vdir).map_err(|e| io(vdir, e))?;
-            }
-            std::fs::create_dir_all(vdir).map_err(|e| io(vdir, e))?;
-            std::fs::set_permissions(vdir, std::fs::Permissions::from_mode(0o755)).map_err(|e| io(vdir, e))
-        };
-        let hv = if let Some(e) = &v.empty_dir {
-            if e.medium.as_deref() == Some("Memory") {
-                let size = e
-                    .size_limit
-                    .as_ref()
-                    .and_then(|q| quantity::bytes(&q.0))
-                    .map(|b| b as u64);
-                HostVolume {
-                    path: vdir,
-                    read_only: false,
-                    tmpfs: Some(size),
-                }
-            } else {
-                std::fs::create_dir_all(&vdir).map_err(|e| io(&vdir, e))?;
-                std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o777))
-                    .map_err(|e| io(&vdir, e))?;
-                HostVolume {
-                    path: vdir,
-                    read_only: false,
-                    tmpfs: None,
-                }
-            }
-        } else if let Some(s) = &v.secret {
-            let name = s.secret_name.clone().unwrap_or_default();
-            fresh(&vdir)?;
-            match lookups.secret(shared, &ns, &name).await? {
-                Some(d) => {
-                    let d = d.clone();
-                    project_keys(
-                        &vdir,
-                        &d,
-                        s.items.as_ref(),
-                        s.default_mode.unwrap_or(0o644) as u32,
-                        &name,
-                    )?
-                }
-                None if s.optional == Some(true) => {}
-                None => {
-                    return Err(waiting(
-                        "ContainerCreating",
-                        format!(
-                            "MountVolume.SetUp failed for volume {:?} : secret {name:?} not found",
-                            v.name
-                        ),
-                    ))
-                }
-            }
-            HostVolume {
-                path: vdir,
-                read_only: true,
-                tmpfs: None,
-            }
-        } else if let Some(m) = &v.config_map {
-            let name = m.name.clone();
-            fresh(&vdir)?;
-            match lookups.config_map(shared, &ns, &name).await? {
-                Some(d) => {
-                    let d = d.clone();
-                    project_keys(
-                        &vdir,
-                        &d,
-                        m.items.as_ref(),
-                        m.default_mode.unwrap_or(0o644) as u32,
-                        &name,
-                    )?
-                }
-                None if m.optional == Some(true) => {}
-                None => {
-                    return Err(waiting(
-                        "ContainerCreating",
-                        format!(
-                            "MountVolume.SetUp failed for volume {:?} : configmap {name:?} not found",
-                            v.name
-                        ),
-                    ))
-                }
-            }
-            HostVolume {
-                path: vdir,
-                read_only: true,
-                tmpfs: None,
-            }
-        } else if let Some(d) = &v.downward_api {
-            fresh(&vdir)?;
-            downward_files(
-                pod,
-                shared.node(),
-                &vdir,
-                d.items.as_deref().unwrap_or_default(),
-                d.default_mode.unwrap_or(0o644) as u32,
-            )?;
-            HostVolume {
-                path: vdir,
-                read_only: true,
-                tmpfs: None,
-            }
-        } else if let Some(p) = &v.projected {
-            fresh(&vdir)?;
-            let mode = p.default_mode.unwrap_or(0o644) as u32;
-            for src in p.sources.iter().flatten() {
-                if let Some(t) = &src.service_account_token {
-                    let token =
-                        service_account_token(shared, pod, t.audience.as_deref(), t.expiration_seconds)
-                            .await?;
-                    write_file(&vdir, &t.path, token.as_bytes(), mode)?;
-                }
-                if let Some(c) = &src.config_map {
-                    match lookups.config_map(shared, &ns, &c.name).await? {
-                        Some(d) => {
-                            let d = d.clone();
-                            project_keys(&vdir, &d, c.items.as_ref(), mode, &c.name)?
-                        }
-                        None if c.optional == Some(true) => {}
-                        None => {
-                            return Err(waiting(
-                                "ContainerCreating",
-                                format!(
-                                    "MountVolume.SetUp failed for volume {:?} : configmap {:?} not found",
-                                    v.name, c.name
-                                ),
-                            ))
-                        }
-                    }
-                }
-                if let Some(s) = &src.secret {
-                    match lookups.secret(shared, &ns, &s.name).await? {
-                        Some(d) => {
-                            let d = d.clone();
-                            project_keys(&vdir, &d, s.items.as_ref(), mode, &s.name)?
-                        }
-                        None if s.optional == Some(true) => {}
-                        None => {
-                            return Err(waiting(
-                                "ContainerCreating",
-                                format!(
-                                    "MountVolume.SetUp failed for volume {:?} : secret {:?} not found",
-                                    v.name, s.name
-                                ),
-                            ))
-                        }
-                    }
-                }
-                if let Some(d) = &src.downward_api {
-                    downward_files(
-                        pod,
-                        shared.node(),
-                        &vdir,
-                        d.items.as_deref().unwrap_or_default(),
-                        mode,
-                    )?;
-                }
-                if src.cluster_trust_bundle.is_some() || src.pod_certificate.is_some() {
-                    return Err(waiting(
-                        "CreateContainerConfigError",
-                        format!(
-                            "volume {:?}: projected source not supported by the pod agent",
-                            v.name
-                        ),
-                    ));
-                }
-            }
-            HostVolume {
-                path: vdir,
-                read_only: true,
-                tmpfs: None,
-            }
-        } else if let Some(h) = &v.host_path {
-            let p = PathBuf::from(&h.path);
-            match h.type_.as_deref().unwrap_or("") {
-                "DirectoryOrCreate" => std::fs::create_dir_all(&p).map_err(|e| io(&p, e))?,
-                "Directory" if !p.is_dir() => {
-                    return Err(waiting(
-                        "ContainerCreating",
-                        format!("hostPath type check failed: {} is not a directory", h.path),
-                    ))
-                }
-                "File" if !p.is_file() => {
-                    return Err(waiting(
-                        "ContainerCreating",
-                        format!("hostPath type check failed: {} is not a file", h.path),
-                    ))
-                }
-                _ => {}
-            }
-            HostVolume {
-                path: p,
-                read_only: false,
-                tmpfs: None,
-            }
-        } else if let Some(c) = &v.persistent_volume_claim {
-            HostVolume {
-                path: claim_dir(shared, &ns, &c.claim_name).await?,
-                read_only: c.read_only == Some(true),
-                tmpfs: None,
-            }
-        } else {
-            return Err(waiting(
-                "CreateContainerConfigError",
-                format!(
-                    "volume {:?}: this volume type is not supported by the pod agent",
-                    v.name
-                ),
-            ));
-        };
+        let hv = prepare_volume(shared, pod, &dir.join(&v.name), &v, lookups).await?;
         out.insert(v.name.clone(), hv);
     }
     Ok(out)
+}
+
+fn io_waiting(p: &Path, e: std::io::Error) -> Waiting {
+    waiting("ContainerCreating", format!("{}: {e}", p.display()))
+}
+
+/// An empty directory for a volume's files (mode 0755), replacing any left over.
+fn fresh_dir(vdir: &Path) -> Result<(), Waiting> {
+    if vdir.exists() {
+        std::fs::remove_dir_all(vdir).map_err(|e| io_waiting(vdir, e))?;
+    }
+    std::fs::create_dir_all(vdir).map_err(|e| io_waiting(vdir, e))?;
+    std::fs::set_permissions(vdir, std::fs::Permissions::from_mode(0o755)).map_err(|e| io_waiting(vdir, e))
+}
+
+fn read_only(path: PathBuf) -> HostVolume {
+    HostVolume {
+        path,
+        read_only: true,
+        tmpfs: None,
+    }
+}
+
+/// One volume of the Pod made ready on the host under `vdir`.
+async fn prepare_volume(
+    shared: &Shared,
+    pod: &Pod,
+    vdir: &Path,
+    v: &Volume,
+    lookups: &mut Lookups,
+) -> Result<HostVolume, Waiting> {
+    let ns = pod.namespace().unwrap_or_default();
+    let vdir = vdir.to_path_buf();
+    if let Some(e) = &v.empty_dir {
+        if e.medium.as_deref() == Some("Memory") {
+            let size = e
+                .size_limit
+                .as_ref()
+                .and_then(|q| quantity::bytes(&q.0))
+                .map(|b| b as u64);
+            return Ok(HostVolume {
+                path: vdir,
+                read_only: false,
+                tmpfs: Some(size),
+            });
+        }
+        std::fs::create_dir_all(&vdir).map_err(|e| io_waiting(&vdir, e))?;
+        std::fs::set_permissions(&vdir, std::fs::Permissions::from_mode(0o777))
+            .map_err(|e| io_waiting(&vdir, e))?;
+        return Ok(HostVolume {
+            path: vdir,
+            read_only: false,
+            tmpfs: None,
+        });
+    }
+    if let Some(s) = &v.secret {
+        let name = s.secret_name.clone().unwrap_or_default();
+        fresh_dir(&vdir)?;
+        let data = lookups.secret(shared, &ns, &name).await?.cloned();
+        let src = Keyed::new("secret", &name, s.items.as_ref(), s.optional);
+        src.project(&vdir, data, s.default_mode.unwrap_or(0o644) as u32, &v.name)?;
+        return Ok(read_only(vdir));
+    }
+    if let Some(m) = &v.config_map {
+        fresh_dir(&vdir)?;
+        let data = lookups.config_map(shared, &ns, &m.name).await?.cloned();
+        let src = Keyed::new("configmap", &m.name, m.items.as_ref(), m.optional);
+        src.project(&vdir, data, m.default_mode.unwrap_or(0o644) as u32, &v.name)?;
+        return Ok(read_only(vdir));
+    }
+    if let Some(d) = &v.downward_api {
+        fresh_dir(&vdir)?;
+        downward_files(
+            pod,
+            shared.node(),
+            &vdir,
+            d.items.as_deref().unwrap_or_default(),
+            d.default_mode.unwrap_or(0o644) as u32,
+        )?;
+        return Ok(read_only(vdir));
+    }
+    if let Some(p) = &v.projected {
+        fresh_dir(&vdir)?;
+        projected(shared, pod, &vdir, v, p, lookups).await?;
+        return Ok(read_only(vdir));
+    }
+    if let Some(h) = &v.host_path {
+        return host_path(&h.path, h.type_.as_deref().unwrap_or(""));
+    }
+    if let Some(c) = &v.persistent_volume_claim {
+        return Ok(HostVolume {
+            path: claim_dir(shared, &ns, &c.claim_name).await?,
+            read_only: c.read_only == Some(true),
+            tmpfs: None,
+        });
+    }
+    Err(waiting(
+        "CreateContainerConfigError",
+        format!(
+            "volume {:?}: this volume type is not supported by the pod agent",
+            v.name
+        ),
+    ))
+}
+
+/// A Secret or ConfigMap source of a volume: its keys projected as files.
+struct Keyed<'a> {
+    kind: &'static str,
+    name: &'a str,
+    items: Option<&'a Vec<KeyToPath>>,
+    optional: Option<bool>,
+}
+
+impl<'a> Keyed<'a> {
+    fn new(
+        kind: &'static str,
+        name: &'a str,
+        items: Option<&'a Vec<KeyToPath>>,
+        optional: Option<bool>,
+    ) -> Self {
+        Keyed {
+            kind,
+            name,
+            items,
+            optional,
+        }
+    }
+
+    /// Writes the keys under `vdir`; a missing source is an error unless optional.
+    fn project(
+        &self,
+        vdir: &Path,
+        data: Option<BTreeMap<String, Vec<u8>>>,
+        mode: u32,
+        volume: &str,
+    ) -> Result<(), Waiting> {
+        match data {
+            Some(d) => project_keys(vdir, &d, self.items, mode, self.name),
+            None if self.optional == Some(true) => Ok(()),
+            None => Err(waiting(
+                "ContainerCreating",
+                format!(
+                    "MountVolume.SetUp failed for volume {volume:?} : {} {:?} not found",
+                    self.kind, self.name
+                ),
+            )),
+        }
+    }
+}
+
+/// A projected volume's sources written under `vdir` (ServiceAccount token,
+/// ConfigMaps, Secrets, downward API).
+async fn projected(
+    shared: &Shared,
+    pod: &Pod,
+    vdir: &Path,
+    v: &Volume,
+    p: &ProjectedVolumeSource,
+    lookups: &mut Lookups,
+) -> Result<(), Waiting> {
+    let ns = pod.namespace().unwrap_or_default();
+    let mode = p.default_mode.unwrap_or(0o644) as u32;
+    for src in p.sources.iter().flatten() {
+        if let Some(t) = &src.service_account_token {
+            let token =
+                service_account_token(shared, pod, t.audience.as_deref(), t.expiration_seconds).await?;
+            write_file(vdir, &t.path, token.as_bytes(), mode)?;
+        }
+        if let Some(c) = &src.config_map {
+            let data = lookups.config_map(shared, &ns, &c.name).await?.cloned();
+            Keyed::new("configmap", &c.name, c.items.as_ref(), c.optional)
+                .project(vdir, data, mode, &v.name)?;
+        }
+        if let Some(s) = &src.secret {
+            let data = lookups.secret(shared, &ns, &s.name).await?.cloned();
+            Keyed::new("secret", &s.name, s.items.as_ref(), s.optional).project(vdir, data, mode, &v.name)?;
+        }
+        if let Some(d) = &src.downward_api {
+            downward_files(
+                pod,
+                shared.node(),
+                vdir,
+                d.items.as_deref().unwrap_or_default(),
+                mode,
+            )?;
+        }
+        if src.cluster_trust_bundle.is_some() || src.pod_certificate.is_some() {
+            return Err(waiting(
+                "CreateContainerConfigError",
+                format!(
+                    "volume {:?}: projected source not supported by the pod agent",
+                    v.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A hostPath volume, its `type` checked as the kubelet does.
+fn host_path(path: &str, type_: &str) -> Result<HostVolume, Waiting> {
+    let p = PathBuf::from(path);
+    match type_ {
+        "DirectoryOrCreate" => std::fs::create_dir_all(&p).map_err(|e| io_waiting(&p, e))?,
+        "Directory" if !p.is_dir() => {
+            return Err(waiting(
+                "ContainerCreating",
+                format!("hostPath type check failed: {path} is not a directory"),
+            ))
+        }
+        "File" if !p.is_file() => {
+            return Err(waiting(
+                "ContainerCreating",
+                format!("hostPath type check failed: {path} is not a file"),
+            ))
+        }
+        _ => {}
+    }
+    Ok(HostVolume {
+        path: p,
+        read_only: false,
+        tmpfs: None,
+    })
 }
 
 /// The directory standing in for a PersistentVolumeClaim: the `hostPath` (or

@@ -1,7 +1,9 @@
 //! `enricher-job`: enriches one shard of an import (DESIGN.md "Shape", step 2).
 //!
 //! Exit codes: 0 shard finished; 3 the import's request budget is spent
-//! (unfinished rows stay pending); 2 bad configuration; 1 anything else (retry).
+//! (unfinished rows stay pending); 2 bad configuration, or an API URL or
+//! offline file the egress policy refuses; 1 anything else (retry). The
+//! error of a failed run is also the pod's termination message.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -9,6 +11,7 @@ use clap::Parser;
 
 mod status;
 use pipeline::{
+    egress::{EgressError, EgressPolicy},
     enrich::{run_shard, Finish, ShardConfig},
     lookup::SearchPlan,
     model::ImportPhase,
@@ -89,7 +92,9 @@ async fn main() {
             std::process::exit(EXIT_QUOTA_EXHAUSTED);
         }
         Err((code, e)) => {
-            eprintln!("enricher-job: shard {}: {e:#}", args.shard);
+            let msg = format!("enricher-job: shard {}: {e:#}", args.shard);
+            eprintln!("{msg}");
+            pipeline::write_termination_message(&msg);
             std::process::exit(code);
         }
     }
@@ -115,6 +120,9 @@ async fn run(args: &Args) -> Result<Finish, Failure> {
     }
     let store = Store::connect(&args.database_url).await.map_err(retryable)?;
     let import = loaded_import(args, &store).await?;
+    // Refused: the Job fails at once (exit 2) and the reason reaches the
+    // import's status through the pod's termination message.
+    check_egress(args).map_err(|e| permanent(e.into()))?;
     let provider = provider(args, &store, import.id).await?;
     let started = std::time::Instant::now();
     let finish = enrich(args, &store, import.id, provider).await?;
@@ -190,6 +198,16 @@ async fn enrich(
         r.report(store, import_id, phase).await;
     }
     Ok(finish)
+}
+
+/// Whether the egress policy (`EGRESS_*`, pipeline::egress) allows the API
+/// URL or the offline postcode file this shard would use.
+fn check_egress(args: &Args) -> Result<(), EgressError> {
+    let policy = EgressPolicy::from_env()?;
+    match &args.offline_postcodes {
+        Some(path) => policy.check_offline_path(path).map(drop),
+        None => policy.check_api_url(&args.api_url),
+    }
 }
 
 /// The offline index when `--offline-postcodes` names a postcode file (built

@@ -43,6 +43,8 @@ pub struct ApiConfig {
     pub default_api_url: String,
     /// An upload that sends nothing for this long is refused with 408.
     pub idle_timeout: std::time::Duration,
+    /// What the Jobs may reach: `apiUrl` and `offlinePostcodes` it refuses are refused with 400.
+    pub egress: pipeline::egress::EgressPolicy,
 }
 
 /// Shared state of the handlers.
@@ -247,7 +249,23 @@ fn validate(opts: &CreateOptions, config: &ApiConfig) -> Result<(String, String)
             "quotaRps must be positive".into(),
         ));
     }
+    check_egress(opts, config)?;
     Ok((ns, name))
+}
+
+/// `apiUrl` and `offlinePostcodes` against the Jobs' egress policy (400 when refused).
+fn check_egress(opts: &CreateOptions, config: &ApiConfig) -> Result<(), ApiError> {
+    let refused = |e: pipeline::egress::EgressError| ApiError(StatusCode::BAD_REQUEST, e.to_string());
+    if let Some(url) = &opts.api_url {
+        config.egress.check_api_url(url).map_err(refused)?;
+    }
+    if let Some(path) = &opts.offline_postcodes {
+        config
+            .egress
+            .check_offline_path_lexically(std::path::Path::new(path))
+            .map_err(refused)?;
+    }
+    Ok(())
 }
 
 fn stalled(idle: Duration) -> ApiError {

@@ -43,6 +43,46 @@ pub struct JobSettings {
     pub database_secret: String,
     pub database_secret_key: String,
     pub rust_log: String,
+    /// The egress policy of the Jobs, as `EGRESS_*` variables (pipeline::egress).
+    pub egress: EgressSettings,
+}
+
+/// What the Jobs may reach (chart values `egress.*`, pipeline::egress): set
+/// on every Job as the `EGRESS_*` variables the Job binaries enforce.
+#[derive(Debug, Clone, Default)]
+pub struct EgressSettings {
+    /// Comma-separated CIDRs sources may reach although not public.
+    pub allow_source_cidrs: String,
+    /// Comma-separated CIDRs refused besides the non-public ranges.
+    pub deny_cidrs: String,
+    /// Comma-separated allowed API base URLs.
+    pub allowed_api_urls: String,
+    /// Directory, in the Job pods, offline postcode files must be in ("" = none).
+    pub offline_postcodes_dir: String,
+}
+
+impl EgressSettings {
+    /// The policy these settings give, for the upload API's own checks;
+    /// errors on a malformed CIDR.
+    pub fn policy(&self) -> Result<pipeline::egress::EgressPolicy, pipeline::egress::EgressError> {
+        pipeline::egress::EgressPolicy::parse(
+            &self.allow_source_cidrs,
+            &self.deny_cidrs,
+            &self.allowed_api_urls,
+            &self.offline_postcodes_dir,
+        )
+    }
+
+    fn env(&self) -> Vec<EnvVar> {
+        use pipeline::egress::*;
+        vec![
+            env_value(ENV_POLICY, "enforce"),
+            env_value(ENV_ALLOW_CIDRS, self.allow_source_cidrs.clone()),
+            env_value(ENV_DENY_CIDRS, self.deny_cidrs.clone()),
+            env_value(ENV_ALLOWED_API_URLS, self.allowed_api_urls.clone()),
+            env_value(ENV_OFFLINE_DIR, self.offline_postcodes_dir.clone()),
+        ]
+    }
 }
 
 /// The per-import copy of the database Secret, in the import's namespace.
@@ -116,6 +156,7 @@ fn env(spec: &JobSpec, settings: &JobSettings) -> Vec<EnvVar> {
     ));
     env.push(env_value("REPORT_STATUS", "true"));
     env.push(env_value("RUST_LOG", settings.rust_log.clone()));
+    env.extend(settings.egress.env());
     env
 }
 
@@ -165,6 +206,10 @@ fn pod_spec(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) -> 
     PodSpec {
         restart_policy: Some("Never".into()),
         service_account_name: Some(settings.service_account.clone()),
+        // The reader talks to the database only; an enricher writes its
+        // shard's progress into the import's status (enricher-job status.rs)
+        // and so needs the token (README "Security model").
+        automount_service_account_token: Some(matches!(spec.role, Role::Enricher { .. })),
         priority_class_name: import.spec.priority_class_name.clone(),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),

@@ -14,7 +14,7 @@ use postcode_resource::limits;
 use crate::{
     api::{router, ApiConfig, AppState},
     controller::{self, Context},
-    jobs::JobSettings,
+    jobs::{EgressSettings, JobSettings},
 };
 
 /// Options of `postcode-operator run`.
@@ -56,6 +56,22 @@ pub struct RunArgs {
     /// RUST_LOG of the Job pods.
     #[arg(long, env = "JOB_RUST_LOG", default_value = "info,sqlx=error")]
     pub job_rust_log: String,
+    /// CIDRs the Jobs' sources may reach although not public (comma-separated;
+    /// chart value egress.allowSourceCidrs).
+    #[arg(long, env = "JOB_EGRESS_ALLOW_SOURCE_CIDRS", default_value = "")]
+    pub job_egress_allow_source_cidrs: String,
+    /// CIDRs the Jobs' sources may never reach, e.g. the cluster's Service and
+    /// Pod CIDRs when public (comma-separated; chart value egress.denyCidrs).
+    #[arg(long, env = "JOB_EGRESS_DENY_CIDRS", default_value = "")]
+    pub job_egress_deny_cidrs: String,
+    /// API base URLs the enrichers may call (comma-separated; `*` = any;
+    /// chart value egress.allowedApiUrls).
+    #[arg(long, env = "JOB_EGRESS_ALLOWED_API_URLS", default_value = pipeline::egress::DEFAULT_ALLOWED_API_URLS)]
+    pub job_egress_allowed_api_urls: String,
+    /// Directory, in the Job pods, that offline postcode files must be in
+    /// (none allowed when empty; chart value egress.offlinePostcodesDir).
+    #[arg(long, env = "JOB_EGRESS_OFFLINE_POSTCODES_DIR", default_value = "")]
+    pub job_egress_offline_postcodes_dir: String,
     /// Bearer token required by the upload API (none when empty).
     #[arg(long, env = "UPLOAD_TOKEN", default_value = "", hide_env_values = true)]
     pub upload_token: String,
@@ -98,6 +114,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             default_quota_rps: args.default_quota_rps,
             default_api_url: args.default_api_url.clone(),
             idle_timeout: Duration::from_secs(args.upload_idle_timeout_s.max(1)),
+            egress: egress_settings(&args)
+                .policy()
+                .context("the Jobs' egress settings (JOB_EGRESS_*)")?,
         }),
         metrics,
     };
@@ -121,6 +140,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The Jobs' egress settings from the flags.
+pub fn egress_settings(args: &RunArgs) -> EgressSettings {
+    EgressSettings {
+        allow_source_cidrs: args.job_egress_allow_source_cidrs.clone(),
+        deny_cidrs: args.job_egress_deny_cidrs.clone(),
+        allowed_api_urls: args.job_egress_allowed_api_urls.clone(),
+        offline_postcodes_dir: args.job_egress_offline_postcodes_dir.clone(),
+    }
+}
+
 /// The controller's context from the flags.
 fn context(client: &Client, store: Store, args: &RunArgs) -> Arc<Context> {
     Arc::new(Context {
@@ -133,6 +162,7 @@ fn context(client: &Client, store: Store, args: &RunArgs) -> Arc<Context> {
             database_secret: String::new(),
             database_secret_key: args.database_secret_key.clone(),
             rust_log: args.job_rust_log.clone(),
+            egress: egress_settings(args),
         },
         database_secret: (args.pod_namespace.clone(), args.database_secret_name.clone()),
         recorder: controller::recorder(client.clone()),

@@ -1173,6 +1173,142 @@ impl Drop for Scratch {
     }
 }
 
+/// The Jobs' NetworkPolicy in `ns` as rendered: its egress rules, checked to
+/// be only DNS, the database on its port, public addresses (the non-public
+/// ranges excepted) and the listed extra CIDRs; no ingress.
+fn check_job_network_policy(docs: &[Value], ns: &str, full: &str, extra_cidrs: &[&str], bundled_pg: bool) {
+    let np = get(docs, "NetworkPolicy", ns, &format!("{full}-jobs"));
+    assert_eq!(
+        at(np, "spec.podSelector.matchLabels")["app.kubernetes.io/managed-by"],
+        "postcode-operator",
+        "{np:?}"
+    );
+    let types: Vec<&str> = seq(np, "spec.policyTypes")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(types, ["Ingress", "Egress"]);
+    assert!(seq(np, "spec.ingress").is_empty(), "no ingress: {np:?}");
+    let rules = seq(np, "spec.egress");
+    assert_eq!(rules.len(), 3, "{np:?}");
+    // DNS only: ports 53 and no other.
+    let dns: Vec<i64> = seq(&rules[0], "ports")
+        .iter()
+        .filter_map(|p| at(p, "port").as_i64())
+        .collect();
+    assert_eq!(dns, [53, 53], "{:?}", rules[0]);
+    // The database: its port only.
+    let db: Vec<i64> = seq(&rules[1], "ports")
+        .iter()
+        .filter_map(|p| at(p, "port").as_i64())
+        .collect();
+    assert_eq!(db, [5432]);
+    let to = seq(&rules[1], "to");
+    if bundled_pg {
+        assert!(!at(&to[0], "podSelector").is_null() && to.len() == 1, "{to:?}");
+    } else {
+        assert!(to.iter().all(|t| !s(t, "ipBlock.cidr").is_empty()), "{to:?}");
+    }
+    // Public addresses (any port) minus every non-public range, plus the extra CIDRs.
+    let blocks = seq(&rules[2], "to");
+    assert!(seq(&rules[2], "ports").is_empty());
+    let v4 = blocks
+        .iter()
+        .find(|b| s(b, "ipBlock.cidr") == "0.0.0.0/0")
+        .expect("the public IPv4 block");
+    let except: Vec<&str> = seq(v4, "ipBlock.except")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for private in [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "100.64.0.0/10",
+    ] {
+        assert!(except.contains(&private), "{private} not excepted: {except:?}");
+    }
+    let v6 = blocks
+        .iter()
+        .find(|b| s(b, "ipBlock.cidr") == "::/0")
+        .expect("the public IPv6 block");
+    let except6: Vec<&str> = seq(v6, "ipBlock.except")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        except6.contains(&"fc00::/7") && except6.contains(&"fe80::/10"),
+        "{except6:?}"
+    );
+    let extra: Vec<&str> = blocks[2..].iter().map(|b| s(b, "ipBlock.cidr")).collect();
+    assert_eq!(extra, extra_cidrs);
+    // The API server: enrichers only (they write their shard's status).
+    let api = get(docs, "NetworkPolicy", ns, &format!("{full}-enrichers-api"));
+    assert_eq!(
+        at(api, "spec.podSelector.matchLabels")["postcodes.dev/role"],
+        "enricher"
+    );
+    let types: Vec<&str> = seq(api, "spec.policyTypes")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(types, ["Egress"]);
+}
+
+#[test]
+fn job_egress_settings_and_network_policy_render_as_configured() {
+    let (ns, full) = ("pco", "t-postcode-operator");
+    let docs = template("t", ns, &["jobNamespaces={a}"]);
+    let env = check_operator(&docs, ns, full, 1);
+    assert_eq!(
+        env_value(&env, "JOB_EGRESS_ALLOWED_API_URLS"),
+        "https://api.postcodes.io"
+    );
+    assert_eq!(env_value(&env, "JOB_EGRESS_ALLOW_SOURCE_CIDRS"), "");
+    assert_eq!(env_value(&env, "JOB_EGRESS_DENY_CIDRS"), "");
+    assert_eq!(
+        env_value(&env, "JOB_EGRESS_OFFLINE_POSTCODES_DIR"),
+        "",
+        "no offline file by default"
+    );
+    for n in [ns, "a"] {
+        check_job_network_policy(&docs, n, full, &[], false);
+    }
+
+    let docs = template(
+        "t",
+        ns,
+        &[
+            "egress.allowSourceCidrs={10.96.12.0/24,192.168.7.7}",
+            "egress.denyCidrs={34.118.224.0/20}",
+            "egress.allowedApiUrls={https://api.postcodes.io,http://postcodes.mirror.svc:8000}",
+            "egress.offlinePostcodesDir=/data/postcodes",
+            "postgresql.enabled=true",
+        ],
+    );
+    let env = check_operator(&docs, ns, full, 1);
+    assert_eq!(
+        env_value(&env, "JOB_EGRESS_ALLOW_SOURCE_CIDRS"),
+        "10.96.12.0/24,192.168.7.7"
+    );
+    assert_eq!(env_value(&env, "JOB_EGRESS_DENY_CIDRS"), "34.118.224.0/20");
+    assert_eq!(
+        env_value(&env, "JOB_EGRESS_ALLOWED_API_URLS"),
+        "https://api.postcodes.io,http://postcodes.mirror.svc:8000"
+    );
+    assert_eq!(
+        env_value(&env, "JOB_EGRESS_OFFLINE_POSTCODES_DIR"),
+        "/data/postcodes"
+    );
+    check_job_network_policy(&docs, ns, full, &["10.96.12.0/24", "192.168.7.7"], true);
+
+    let off = template("t", ns, &["networkPolicy.enabled=false"]);
+    assert!(all(&off, "NetworkPolicy").is_empty());
+    assert!(template_raw("t", ns, &["egress.allowSourceCidrs={not-a-cidr}"], &[]).is_err());
+}
+
 #[test]
 fn server_side_dry_run_accepts_every_variant() {
     let k = Scratch::new(&["a", "b"]);
@@ -1193,6 +1329,7 @@ fn server_side_dry_run_accepts_every_variant() {
         vec![
             "database.url=postgres://u:p@db.example:5432/x".into(),
             format!("watchNamespace={a}"),
+            "egress.allowSourceCidrs={10.96.12.0/24}".into(),
             "cleanup.enabled=false".into(),
         ],
         vec![

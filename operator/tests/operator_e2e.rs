@@ -43,6 +43,12 @@ impl Operator {
             .env("WATCH_NAMESPACE", ns)
             .env("DATABASE_SECRET_NAME", "postcode-operator-database")
             .env("RUST_LOG", "info,kube=warn,sqlx=warn,tower_http=warn")
+            // The Jobs' egress policy for the test servers on loopback (the
+            // chart's defaults refuse them): sources on 127.0.0.1, any API
+            // URL, offline files under /data. Tests of the policy override these.
+            .env("JOB_EGRESS_ALLOW_SOURCE_CIDRS", "127.0.0.1/32")
+            .env("JOB_EGRESS_ALLOWED_API_URLS", "*")
+            .env("JOB_EGRESS_OFFLINE_POSTCODES_DIR", "/data")
             .envs(extra_env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -411,6 +417,13 @@ async fn e2e_upload_the_real_file_and_read_the_results() {
 }
 
 /// A small import over the HTTP path, slow enough (quota) to act on mid-run.
+/// The test server's base URL by name: `api.baseUrl` may not be a loopback
+/// address literal (the CRD's CEL rule); `localhost` resolves in the pods
+/// (they share the host's /etc/hosts and network).
+fn api_url(server: &TestServer) -> String {
+    server.url().replace("127.0.0.1", "localhost")
+}
+
 async fn start_slow_import(op_url: &str, ns: &str, name: &str, server: &TestServer, rows: usize) {
     let dir = temp_dir("slow");
     let file = head_of_real_file(rows, &dir);
@@ -419,7 +432,7 @@ async fn start_slow_import(op_url: &str, ns: &str, name: &str, server: &TestServ
         &file,
         &format!(
             "name={name}&namespace={ns}&shards=2&quotaRps=8&apiUrl={}",
-            server.url()
+            api_url(server)
         ),
     )
     .await;
@@ -870,4 +883,288 @@ async fn an_enricher_over_its_memory_limit_is_oom_killed_and_the_import_says_so(
         Some(json!(24 * 1024 * 1024)),
         "the limit reached the container"
     );
+}
+
+/// Serves `body` at every path on `ip` (a loopback address other than
+/// 127.0.0.1 stands for a public host the policy allows).
+async fn serve_on(ip: &str, body: Vec<u8>) -> String {
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || {
+        let body = body.clone();
+        async move { body }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// Answers every request with a redirect to `location`.
+async fn redirect_on(ip: &str, location: String) -> String {
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move || {
+        let location = location.clone();
+        async move { axum::response::Redirect::temporary(&location) }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/input.csv")
+}
+
+/// Rows stored for the import `uid`.
+async fn rows_stored(db: &str, uid: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(db).await.unwrap();
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM points p JOIN imports i ON i.id = p.import_id WHERE i.uid = $1",
+    )
+    .bind(uid)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    n
+}
+
+/// Waits for `name` to fail; returns its status message after checking that
+/// no row was stored and the reader (or the enrichers) ran once, not retried.
+async fn failed_with(client: &Client, ns: &str, db: &str, pods: &Pods, name: &str, job: &str) -> String {
+    let api = imports_api(client, ns);
+    let done = wait_for(&api, name, Duration::from_secs(120), |o| phase(o) == "Failed").await;
+    let msg = done
+        .data
+        .pointer("/status/message")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let uid = done.metadata.uid.clone().unwrap();
+    if job.ends_with("reader") {
+        assert_eq!(rows_stored(db, &uid).await, 0, "{name}: rows stored: {msg}");
+    }
+    assert_eq!(
+        pods.runs(job),
+        1,
+        "{name}: a refused source or API is not retried: {msg}"
+    );
+    msg
+}
+
+/// Issue 18: an import cannot be turned against the cluster. Against the real
+/// API server (CEL) and the pod-level test cluster (the Jobs enforce the
+/// operator's egress policy). 127.0.0.2 stands for an allowed public host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_cannot_reach_what_the_egress_policy_refuses() {
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let (client, ns, db, pods) = setup().await;
+    let allowed_api = api_url(&server);
+    let op = Operator::start(
+        &ns,
+        &db,
+        &[
+            ("JOB_EGRESS_ALLOW_SOURCE_CIDRS", "127.0.0.2/32"),
+            ("JOB_EGRESS_ALLOWED_API_URLS", allowed_api.as_str()),
+        ],
+    );
+    let api = imports_api(&client, &ns);
+    let obj = |name: &str, spec: Value| -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "postcodes.dev/v1alpha1", "kind": "PostcodeImport",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec,
+        }))
+        .unwrap()
+    };
+
+    // The API server refuses a path (any path) as a source, and a private API URL.
+    for (i, path) in [
+        "/etc/passwd",
+        "file:///etc/passwd",
+        "etc/passwd",
+        "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        "ftp://example.org/x.csv",
+        "http:///x.csv",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let err = api
+            .create(
+                &PostParams::default(),
+                &obj(&format!("path-{i}"), json!({"source": {"url": path}})),
+            )
+            .await
+            .expect_err(path);
+        assert!(
+            err.to_string()
+                .contains("source.url must be an http:// or https:// URL"),
+            "{path}: {err}"
+        );
+    }
+    for (i, base) in [
+        "http://10.0.0.1",
+        "http://169.254.169.254/",
+        "http://127.0.0.1:8080",
+        "http://[::1]/",
+        "/var/run",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let err = api
+            .create(
+                &PostParams::default(),
+                &obj(
+                    &format!("api-{i}"),
+                    json!({"source": {"url": "https://example.org/x.csv"}, "api": {"baseUrl": base}}),
+                ),
+            )
+            .await
+            .expect_err(base);
+        assert!(err.to_string().contains("api.baseUrl must"), "{base}: {err}");
+    }
+
+    // The upload API refuses an API URL or offline file the policy refuses (400).
+    let file = temp_dir("egress-upload").join("x.csv");
+    std::fs::write(&file, "lat,lon\n51.5,-0.1\n").unwrap();
+    for query in [
+        "apiUrl=http://10.0.0.1".to_string(),
+        "apiUrl=http://localhost:9".to_string(),
+        "offlinePostcodes=/etc/passwd".to_string(),
+        "offlinePostcodes=/data/../etc/passwd".to_string(),
+    ] {
+        let resp = reqwest::Client::new()
+            .post(format!(
+                "{}/v1/imports?name=refused&namespace={ns}&{query}",
+                op.url
+            ))
+            .header("content-type", "text/csv")
+            .body(std::fs::read(&file).unwrap())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap();
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains("refused by the egress policy"), "{query}: {body}");
+    }
+
+    // Sources the policy refuses fail the import with the reason, once, no rows.
+    let input = std::fs::read(head_of_real_file(50, &temp_dir("egress-input"))).unwrap();
+    let loopback = serve_file(head_of_real_file(50, &temp_dir("egress-loopback"))).await;
+    let port = loopback
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let public = serve_on("127.0.0.2", input.clone()).await;
+    let cases = [
+        (
+            "metadata",
+            "http://169.254.169.254/latest/meta-data/iam/x.csv".to_string(),
+            "169.254.169.254 is a link-local address",
+        ),
+        ("loopback", loopback.clone(), "127.0.0.1 is a loopback address"),
+        (
+            "dns",
+            format!("https://localhost:{port}/input.csv"),
+            "localhost resolves to 127.0.0.1 is a loopback address",
+        ),
+        (
+            "redirect",
+            redirect_on("127.0.0.2", loopback.clone()).await,
+            "redirect to http://127.0.0.1",
+        ),
+    ];
+    for (name, url, _) in &cases {
+        create_import(
+            &client,
+            &ns,
+            name,
+            json!({"source": {"url": url}, "shards": 1, "api": {"baseUrl": allowed_api}}),
+        )
+        .await;
+    }
+    for (name, url, reason) in &cases {
+        let msg = failed_with(&client, &ns, &db, &pods, name, &format!("{name}-reader")).await;
+        assert!(
+            msg.contains("refused by the egress policy") && msg.contains(reason),
+            "{name} ({url}): {msg}"
+        );
+    }
+
+    // API URLs and offline files the policy refuses fail the import at the enrichers.
+    create_import(&client, &ns, "other-api", json!({"source": {"url": format!("{public}/in.csv")}, "shards": 1, "api": {"baseUrl": "http://localhost:9"}})).await;
+    create_import(&client, &ns, "offline-out", json!({"source": {"url": format!("{public}/in.csv")}, "shards": 1, "offlinePostcodes": "/etc/passwd"})).await;
+    let msg = failed_with(&client, &ns, &db, &pods, "other-api", "other-api-enricher-0").await;
+    assert!(
+        msg.contains("API URL http://localhost:9 is not one of the allowed API URLs"),
+        "{msg}"
+    );
+    let msg = failed_with(&client, &ns, &db, &pods, "offline-out", "offline-out-enricher-0").await;
+    assert!(
+        msg.contains("offline postcode files are not allowed") || msg.contains("is not inside"),
+        "{msg}"
+    );
+
+    // A header that is not coordinates is quoted as an 80-character excerpt at most.
+    let secret = "hunter2-".repeat(30);
+    let leaky = serve_on(
+        "127.0.0.2",
+        format!("user,password\u{1b}[2J,{secret}\n1,2,3\n").into_bytes(),
+    )
+    .await;
+    create_import(&client, &ns, "leaky", json!({"source": {"url": format!("{leaky}/users.csv")}, "shards": 1, "api": {"baseUrl": allowed_api}})).await;
+    let msg = failed_with(&client, &ns, &db, &pods, "leaky", "leaky-reader").await;
+    assert!(
+        msg.contains("no latitude/longitude columns found in header [user, password\\u{1b}[2J, hunter2-"),
+        "{msg}"
+    );
+    assert!(!msg.contains(&secret[..100]) && !msg.contains('\u{1b}'), "{msg}");
+
+    // An allowed source and API still work.
+    create_import(
+        &client,
+        &ns,
+        "allowed",
+        json!({"source": {"url": format!("{public}/in.csv")}, "shards": 1, "api": {"baseUrl": allowed_api}}),
+    )
+    .await;
+    let done = wait_for(&api, "allowed", Duration::from_secs(180), |o| {
+        phase(o) == "Succeeded" || phase(o) == "Failed"
+    })
+    .await;
+    assert_eq!(phase(&done), "Succeeded", "{:?}", done.data.pointer("/status"));
+    assert_eq!(status_i64(&done, "rowsTotal"), 50);
+    assert!(
+        status_i64(&done, "rowsEnriched") > 0,
+        "{:?}",
+        done.data.pointer("/status")
+    );
+
+    // No event quotes more of any input than the excerpt.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    for e in events.list(&ListParams::default()).await.unwrap() {
+        let note = e.note.clone().unwrap_or_default();
+        assert!(
+            !note.contains(&secret[..100]) && !note.contains('\u{1b}'),
+            "{note}"
+        );
+    }
+    // Reader pods carry no ServiceAccount token; enricher pods do (status reports).
+    let pod_list: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    for p in pod_list
+        .list(&ListParams::default().labels("postcodes.dev/role"))
+        .await
+        .unwrap()
+    {
+        let role = p.metadata.labels.as_ref().unwrap()["postcodes.dev/role"].clone();
+        let automount = p.spec.as_ref().unwrap().automount_service_account_token;
+        assert_eq!(
+            automount,
+            Some(role == "enricher"),
+            "{role} pod {:?}",
+            p.metadata.name
+        );
+    }
+    drop(op);
 }

@@ -120,6 +120,30 @@ impl Layout {
     }
 }
 
+/// Characters of the input a message may quote ([`excerpt`]).
+pub const EXCERPT_CHARS: usize = 80;
+
+/// At most [`EXCERPT_CHARS`] characters of `s` for a message, control
+/// characters escaped (`\n`, `\u{1b}`…) and `…` when cut. Issue 18: a status
+/// message or event is readable by whoever can read the resource, so it quotes
+/// no more of the user's file than this (and nothing of a file that failed the
+/// text checks: [`InputError::Binary`] quotes no content).
+pub fn excerpt(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    for c in chars.by_ref().take(EXCERPT_CHARS) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if chars.next().is_some() {
+        out.push('…');
+    }
+    out
+}
+
 /// Why a file cannot be read at all; the import fails with this message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InputError {
@@ -127,9 +151,9 @@ pub enum InputError {
     Empty,
     #[error("the file looks binary (NUL byte at offset {0}), not CSV text; is it compressed or a spreadsheet? Export it as CSV")]
     Binary(usize),
-    #[error("no latitude/longitude columns found in header [{}]; name them lat/latitude and lon/lng/long/longitude, or pass the columns explicitly (--lat-column/--lon-column, spec.csv.latColumn/lonColumn)", .0.join(", "))]
+    #[error("no latitude/longitude columns found in header [{}]; name them lat/latitude and lon/lng/long/longitude, or pass the columns explicitly (--lat-column/--lon-column, spec.csv.latColumn/lonColumn)", excerpt(&.0.join(", ")))]
     NoCoordinateColumns(Vec<String>),
-    #[error("column {0:?} not found in header [{cols}]", cols = .1.join(", "))]
+    #[error("column \"{opt}\" not found in header [{cols}]", opt = excerpt(.0), cols = excerpt(&.1.join(", ")))]
     ColumnNotFound(String, Vec<String>),
     #[error("headerless file with {0} columns: say which hold latitude and longitude as 1-based numbers (--lat-column 1 --lon-column 2)")]
     AmbiguousHeaderless(usize),
@@ -137,9 +161,9 @@ pub enum InputError {
     OneColumn,
     #[error("latitude and longitude cannot be the same column ({0})")]
     SameColumn(usize),
-    #[error("unsupported delimiter {0:?}: use one of , ; tab |")]
+    #[error("unsupported delimiter \"{}\": use one of , ; tab |", excerpt(.0))]
     Delimiter(String),
-    #[error("unsupported quote mode {0:?}: use none or double")]
+    #[error("unsupported quote mode \"{}\": use none or double", excerpt(.0))]
     QuoteMode(String),
     #[error("CSV syntax error at line {line}: {message}")]
     Syntax { line: u64, message: String },
@@ -822,6 +846,42 @@ pub fn open_maybe_gzip(reader: Box<dyn Read + Send>) -> std::io::Result<Box<dyn 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_quote_at_most_a_sanitised_excerpt_of_the_header() {
+        let secret = "s3cr3t".repeat(40);
+        let header = format!("user,password\x1b[31m,{secret}\n1,2,3\n");
+        let e = RowReader::new(
+            Box::new(std::io::Cursor::new(header.clone().into_bytes())),
+            &CsvOptions::default(),
+        )
+        .err()
+        .unwrap();
+        let msg = e.to_string();
+        assert!(matches!(e, InputError::NoCoordinateColumns(_)), "{msg}");
+        assert!(msg.contains("[user, password\\u{1b}[31m, s3cr3t"), "{msg}");
+        assert!(!msg.contains('\x1b') && !msg.contains(&secret[..100]), "{msg}");
+        let quoted = msg.split('[').nth(1).unwrap().split(']').next().unwrap();
+        assert!(
+            quoted.chars().count() <= EXCERPT_CHARS + "\\u{1b}".len() + 1,
+            "{quoted}"
+        );
+        let opts = CsvOptions {
+            lat_column: Some("lat".into()),
+            lon_column: Some("lon".into()),
+            ..CsvOptions::default()
+        };
+        let msg = RowReader::new(Box::new(std::io::Cursor::new(header.clone().into_bytes())), &opts)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("column \"lat\" not found") && !msg.contains(&secret[..100]),
+            "{msg}"
+        );
+        assert_eq!(excerpt("a\tb"), "a\\tb");
+        assert_eq!(excerpt(&"é".repeat(81)), format!("{}…", "é".repeat(80)));
+    }
 
     fn rows(text: &str, opts: &CsvOptions) -> Result<(Layout, Vec<Row>), InputError> {
         let mut r = RowReader::new(Box::new(Cursor::new(text.as_bytes().to_vec())), opts)?;

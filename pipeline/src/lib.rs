@@ -10,6 +10,7 @@
 pub mod areas;
 pub mod csv_input;
 pub mod degrees;
+pub mod egress;
 pub mod enrich;
 pub mod exit;
 pub mod export;
@@ -46,6 +47,26 @@ pub fn init_process() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Where Kubernetes reads a container's termination message (the default
+/// `terminationMessagePath`).
+pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+
+/// For the Job binaries: writes why the process is ending to
+/// [`TERMINATION_MESSAGE_PATH`] when it exists (in a pod; never created
+/// elsewhere), so the Job's pod status, and from it the import's
+/// `status.message`, says why (the kubelet keeps 4 KiB at most).
+pub fn write_termination_message(msg: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(TERMINATION_MESSAGE_PATH)
+    {
+        let cut: String = msg.chars().take(1024).collect();
+        let _ = f.write_all(cut.as_bytes());
+    }
 }
 
 /// For the Job binaries: SIGTERM ends the process at once with 143 (128 +

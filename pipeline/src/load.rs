@@ -14,6 +14,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::{
     csv_input::{open_maybe_gzip, CsvOptions, InputError, Layout, Row, RowReader, SourceInterrupted},
+    egress::{egress_error_in, EgressPolicy},
     store::{ImportRecord, LoadCounts, LoadEnd, Store, UploadMissing},
 };
 
@@ -97,25 +98,62 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-async fn open(store: &Store, source: &Source) -> Result<Box<dyn Read + Send>, LoadError> {
+/// Why a fetch of `url` failed: the egress policy's reason when it refused a
+/// connection or a redirect ([`LoadError::Source`]: a retry meets the same
+/// policy), else reqwest's error with its causes ([`LoadError::Unavailable`]:
+/// connection errors and timeouts may pass).
+fn fetch_error(url: &str, e: &reqwest::Error) -> LoadError {
+    if let Some(refused) = egress_error_in(e) {
+        return LoadError::Source(format!("cannot fetch {url}: {refused}"));
+    }
+    let mut msg = format!("cannot fetch {url}: {e}");
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        msg.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    LoadError::Unavailable(msg)
+}
+
+async fn open(
+    store: &Store,
+    source: &Source,
+    egress: &EgressPolicy,
+) -> Result<Box<dyn Read + Send>, LoadError> {
     Ok(match source {
+        Source::File(_) if egress.is_enforced() => {
+            return Err(LoadError::Source(
+                "refused by the egress policy: a file path is never a source of a Job \
+                 (use an http(s) URL or an upload)"
+                    .into(),
+            ))
+        }
         Source::File(p) => Box::new(
             std::fs::File::open(p)
                 .map_err(|e| LoadError::Source(format!("cannot open {}: {e}", p.display())))?,
         ),
-        Source::Url(u) => open_url(u).await?,
+        Source::Url(u) => open_url(egress, u).await?,
         Source::Upload(id) => open_upload(store, id).await?,
     })
 }
 
-/// An HTTP(S) source, streamed. HTTP 408, 429 and 5xx, connection errors and
+/// An HTTP(S) source, streamed, through the egress policy's client: a URL or
+/// a connection (any redirect hop included) the policy refuses is
+/// [`LoadError::Source`]. HTTP 408, 429 and 5xx, connection errors and
 /// timeouts are [`LoadError::Unavailable`]; other statuses are
 /// [`LoadError::Source`]; a stream cut off midway is
 /// [`InputError::Interrupted`].
-async fn open_url(u: &str) -> Result<Box<dyn Read + Send>, LoadError> {
-    let resp = reqwest::get(u)
+async fn open_url(egress: &EgressPolicy, u: &str) -> Result<Box<dyn Read + Send>, LoadError> {
+    let url = url::Url::parse(u).map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
+    egress
+        .check_source_url(&url)
+        .map_err(|e| LoadError::Source(format!("cannot fetch {u}: {e}")))?;
+    let resp = egress
+        .source_client()
+        .get(url)
+        .send()
         .await
-        .map_err(|e| LoadError::Unavailable(format!("cannot fetch {u}: {e}")))?;
+        .map_err(|e| fetch_error(u, &e))?;
     let status = resp.status();
     if !status.is_success() {
         let msg = format!("cannot fetch {u}: HTTP {status}");
@@ -165,13 +203,17 @@ const BATCH_ROWS: usize = 8192;
 /// Loads `source` into the import, replacing any earlier load: every data row
 /// ends `pending` or `invalid`. Parsing runs on a blocking thread, writing on
 /// the async side, with a bounded channel between them, so memory stays flat.
+/// `egress` decides what a file or URL source may reach
+/// ([`crate::egress`]); a refused source is a [`LoadError::Source`] and
+/// nothing is stored.
 pub async fn load(
     store: &Store,
     import: &ImportRecord,
     source: &Source,
     opts: &CsvOptions,
+    egress: &EgressPolicy,
 ) -> Result<LoadCounts, LoadError> {
-    let input = open(store, source).await?;
+    let input = open(store, source, egress).await?;
     let state = Arc::new(Mutex::new((Sha256::new(), 0u64)));
     let hashing: Box<dyn Read + Send> = Box::new(Hashing {
         inner: input,

@@ -49,6 +49,8 @@ impl PostcodesIo {
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(10).min(timeout))
             .user_agent(concat!("postcode-operator/", env!("CARGO_PKG_VERSION")))
+            // The egress policy allows base URLs, not where they redirect to.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("TLS backend available");
         Self {

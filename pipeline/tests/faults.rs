@@ -11,6 +11,7 @@ use std::{sync::Arc, time::Duration};
 
 use pipeline::{
     csv_input::CsvOptions,
+    egress::EgressPolicy,
     enrich::{run_shard, Finish, ShardConfig},
     load::{load, Source},
     lookup::SearchPlan,
@@ -62,9 +63,15 @@ async fn import(store: &Store, n: usize) -> ImportRecord {
         .ensure_import(&path.to_string_lossy(), "faults", "file", 1)
         .await
         .unwrap();
-    load(store, &imp, &Source::File(path.clone()), &CsvOptions::default())
-        .await
-        .unwrap();
+    load(
+        store,
+        &imp,
+        &Source::File(path.clone()),
+        &CsvOptions::default(),
+        &EgressPolicy::unrestricted(),
+    )
+    .await
+    .unwrap();
     let _ = std::fs::remove_file(&path);
     store.set_quota(imp.id, 200.0, None).await.unwrap();
     store.import(&imp.uid).await.unwrap().unwrap()

@@ -11,6 +11,7 @@ use std::{io::Write, sync::Arc};
 
 use pipeline::{
     csv_input::CsvOptions,
+    egress::EgressPolicy,
     enrich::{run_shard, ShardConfig},
     load::{load, Source},
     lookup::SearchPlan,
@@ -71,14 +72,26 @@ async fn copy_load_counts_every_row_and_a_reload_replaces() {
     text.push_str("x;abc;1;bad\n");
     let f = csv_file(&text);
     let imp = store.ensure_import("u1", "t", "file", 4).await.unwrap();
-    let c = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default())
-        .await
-        .unwrap();
+    let c = load(
+        &store,
+        &imp,
+        &Source::File(f.0.clone()),
+        &CsvOptions::default(),
+        &EgressPolicy::unrestricted(),
+    )
+    .await
+    .unwrap();
     assert_eq!((c.rows, c.invalid), (25_001, 1));
     // reload: replaced, not duplicated
-    let c2 = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default())
-        .await
-        .unwrap();
+    let c2 = load(
+        &store,
+        &imp,
+        &Source::File(f.0.clone()),
+        &CsvOptions::default(),
+        &EgressPolicy::unrestricted(),
+    )
+    .await
+    .unwrap();
     assert_eq!(c, c2);
     let imp = store.import("u1").await.unwrap().unwrap();
     assert_eq!(
@@ -126,6 +139,7 @@ async fn a_failed_parse_leaves_the_previous_load_alone() {
         &imp,
         &Source::File(good.0.clone()),
         &CsvOptions::default(),
+        &EgressPolicy::unrestricted(),
     )
     .await
     .unwrap();
@@ -134,6 +148,7 @@ async fn a_failed_parse_leaves_the_previous_load_alone() {
         &imp,
         &Source::File("/nonexistent.csv".into()),
         &CsvOptions::default(),
+        &EgressPolicy::unrestricted(),
     )
     .await
     .unwrap_err();
@@ -150,9 +165,15 @@ async fn claims_skip_locked_rows_and_a_lost_batch_is_claimed_again() {
     }
     let f = csv_file(&text);
     let imp = store.ensure_import("u3", "t", "file", 1).await.unwrap();
-    load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default())
-        .await
-        .unwrap();
+    load(
+        &store,
+        &imp,
+        &Source::File(f.0.clone()),
+        &CsvOptions::default(),
+        &EgressPolicy::unrestricted(),
+    )
+    .await
+    .unwrap();
     store.plan_shard(imp.id, 0).await.unwrap();
     let a = store.claim(imp.id, 0, Stage::Radius, 100).await.unwrap();
     let b = store.claim(imp.id, 0, Stage::Radius, 100).await.unwrap();
@@ -194,9 +215,15 @@ async fn four_shards_share_one_quota_and_finish_every_row() {
     }
     let f = csv_file(&text);
     let imp = store.ensure_import("u4", "t", "file", 4).await.unwrap();
-    let c = load(&store, &imp, &Source::File(f.0.clone()), &CsvOptions::default())
-        .await
-        .unwrap();
+    let c = load(
+        &store,
+        &imp,
+        &Source::File(f.0.clone()),
+        &CsvOptions::default(),
+        &EgressPolicy::unrestricted(),
+    )
+    .await
+    .unwrap();
     assert_eq!(c.rows, 4000);
     // server limit = quota: any overshoot would show as a 429
     let server = TestServer::start(

@@ -10,6 +10,7 @@ mod common;
 use common::fresh_pg;
 use pipeline::{
     csv_input::CsvOptions,
+    egress::EgressPolicy,
     load::{load, LoadError, Source},
     model::ImportPhase,
     store::Store,
@@ -62,10 +63,28 @@ async fn stores() -> Vec<(&'static str, Store)> {
     vec![("postgres", fresh_pg().await), ("sqlite", sqlite().await)]
 }
 
-/// Loads `source` as a new import; the error (if any) and the rows stored.
+/// Loads `source` as a new import with no egress policy (as the `local`
+/// runner does); the error (if any) and the rows stored.
 async fn try_load(store: &Store, uid: &str, source: &str) -> (Option<LoadError>, i64, ImportPhase) {
+    try_load_with(store, uid, source, &EgressPolicy::unrestricted()).await
+}
+
+/// [`try_load`] under `egress`.
+async fn try_load_with(
+    store: &Store,
+    uid: &str,
+    source: &str,
+    egress: &EgressPolicy,
+) -> (Option<LoadError>, i64, ImportPhase) {
     let import = store.ensure_import(uid, uid, source, 2).await.unwrap();
-    let result = load(store, &import, &Source::parse(source), &CsvOptions::default()).await;
+    let result = load(
+        store,
+        &import,
+        &Source::parse(source),
+        &CsvOptions::default(),
+        egress,
+    )
+    .await;
     let after = store.import(uid).await.unwrap().unwrap();
     (result.err(), after.rows_total, after.phase)
 }
@@ -138,6 +157,7 @@ async fn a_missing_upload_fails_for_good_and_a_database_error_is_retried() {
             &import,
             &Source::parse("upload:u1"),
             &CsvOptions::default(),
+            &EgressPolicy::unrestricted(),
         )
         .await
         .expect_err("a closed database cannot be read");
@@ -156,4 +176,57 @@ async fn a_missing_file_fails_for_good() {
         "{err}"
     );
     assert_eq!(rows, 0);
+}
+
+/// Under the Jobs' egress policy a refused source fails the import for good
+/// (a retry meets the same policy) with nothing stored, while an allowed
+/// source that is unavailable is still retried: the policy's client keeps
+/// the distinction.
+#[tokio::test]
+async fn a_source_the_egress_policy_refuses_fails_for_good() {
+    let ok = http_server(response("200 OK", CSV, CSV.len())).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        format!("http://127.0.0.1:{port}/trips.csv")
+    };
+    let port = ok.rsplit(':').next().unwrap().split('/').next().unwrap();
+    let public_only = EgressPolicy::enforced(Vec::new(), Vec::new(), Vec::new(), None);
+    let loopback_allowed = EgressPolicy::enforced(
+        vec!["127.0.0.1/32".parse().unwrap()],
+        Vec::new(),
+        Vec::new(),
+        None,
+    );
+    for (db, store) in stores().await {
+        for (i, (url, reason)) in [
+            (ok.clone(), "127.0.0.1 is a loopback address"),
+            (
+                format!("http://localhost:{port}/trips.csv"),
+                "localhost resolves to",
+            ),
+            ("/etc/passwd".to_string(), "a file path is never a source"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (err, rows, _) = try_load_with(&store, &format!("refused-{i}"), url, &public_only).await;
+            let err = err.unwrap_or_else(|| panic!("{db}: {url} loaded"));
+            assert!(err.is_permanent(), "{db}: {url}: {err} should fail the import");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("refused by the egress policy") && msg.contains(reason),
+                "{db}: {url}: {msg}"
+            );
+            assert_eq!(rows, 0, "{db}: {url}");
+        }
+        let (err, rows, phase) = try_load_with(&store, "allowed", &ok, &loopback_allowed).await;
+        assert!(err.is_none(), "{db}: {err:?}");
+        assert_eq!((rows, phase), (2, ImportPhase::Loaded), "{db}");
+        let (err, rows, _) = try_load_with(&store, "allowed-dead", &dead, &loopback_allowed).await;
+        let err = err.unwrap_or_else(|| panic!("{db}: {dead} loaded"));
+        assert!(!err.is_permanent(), "{db}: {dead}: {err} should be retried");
+        assert_eq!(rows, 0, "{db}");
+    }
 }

@@ -8,6 +8,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use pipeline::{
     csv_input::CsvOptions,
+    egress::EgressPolicy,
     enrich::{run_shard, Finish, ShardConfig},
     load::{load, Source},
     lookup::SearchPlan,
@@ -62,9 +63,15 @@ async fn loaded(store: &Store, db: &str) -> ImportRecord {
     let csv = temp("in.csv");
     std::fs::write(&csv, text).unwrap();
     let imp = store.ensure_import(db, "export", "file", 2).await.unwrap();
-    load(store, &imp, &Source::File(csv.clone()), &CsvOptions::default())
-        .await
-        .unwrap();
+    load(
+        store,
+        &imp,
+        &Source::File(csv.clone()),
+        &CsvOptions::default(),
+        &EgressPolicy::unrestricted(),
+    )
+    .await
+    .unwrap();
     std::fs::remove_file(&csv).unwrap();
     store.import(&imp.uid).await.unwrap().unwrap()
 }

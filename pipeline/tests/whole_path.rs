@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use pipeline::{
     csv_input::{CsvOptions, Quote},
+    egress::EgressPolicy,
     export::write_csv,
     load::{load, Source},
     store::Store,
@@ -305,9 +306,16 @@ async fn through(store: &Store, bytes: &[u8], f: &File) -> (Vec<u8>, Option<Stri
         quote: Some(f.dialect.quote),
         ..CsvOptions::default()
     };
-    load(store, &import, &Source::File(path.clone()), &opts)
-        .await
-        .unwrap_or_else(|e| panic!("load failed: {e}"));
+    // A local file, as the `local` runner reads it: no egress policy.
+    load(
+        store,
+        &import,
+        &Source::File(path.clone()),
+        &opts,
+        &EgressPolicy::unrestricted(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("load failed: {e}"));
     let import = store.import(&uid).await.unwrap().unwrap();
     let mut out = vec![];
     write_csv(store, &import, &mut out).await.unwrap();

@@ -6,6 +6,7 @@
 use clap::Parser;
 use pipeline::{
     csv_input::{parse_delimiter, CsvOptions},
+    egress::EgressPolicy,
     load::{load, Source},
     store::Store,
     EXIT_PERMANENT,
@@ -20,7 +21,9 @@ struct Args {
     /// The import's name, for messages.
     #[arg(long, env = "IMPORT_NAME", default_value = "import")]
     import_name: String,
-    /// `upload:<id>`, an http(s) URL, or a file path (plain or gzip).
+    /// `upload:<id>`, an http(s) URL, or a file path (plain or gzip; only
+    /// with `EGRESS_POLICY=off`, as the `local` runner sets it). What a URL
+    /// may reach is decided by the `EGRESS_*` variables (pipeline::egress).
     #[arg(long, env = "IMPORT_SOURCE")]
     source: String,
     /// Number of enricher shards; each coordinate's shard is fixed at load.
@@ -51,7 +54,9 @@ async fn main() {
     match run(&args).await {
         Ok(()) => {}
         Err((code, e)) => {
-            eprintln!("reader-job: {e:#}");
+            let msg = format!("reader-job: {e:#}");
+            eprintln!("{msg}");
+            pipeline::write_termination_message(&msg);
             std::process::exit(code);
         }
     }
@@ -77,6 +82,7 @@ async fn run(args: &Args) -> Result<(), (i32, anyhow::Error)> {
         delimiter,
         quote,
     };
+    let egress = EgressPolicy::from_env().map_err(|e| (EXIT_PERMANENT, e.into()))?;
     let store = Store::connect(&args.database_url).await.map_err(retryable)?;
     let import = store
         .ensure_import(&args.import_uid, &args.import_name, &args.source, args.shards)
@@ -95,7 +101,7 @@ async fn run(args: &Args) -> Result<(), (i32, anyhow::Error)> {
         .expect("import exists");
     let source = Source::parse(&args.source);
     let started = std::time::Instant::now();
-    match load(&store, &import, &source, &opts).await {
+    match load(&store, &import, &source, &opts, &egress).await {
         Ok(c) => {
             tracing::info!(
                 rows = c.rows,

@@ -113,14 +113,19 @@ fn default_backoff_limit() -> i32 {
 }
 
 /// Exactly one of `uploadId` and `url`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ImportSource {
     /// An upload stored by the upload API (`POST /v1/imports`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload_id: Option<String>,
-    /// An http(s) URL the reader Job can fetch.
+    /// An `http://` or `https://` URL the reader Job fetches, at most
+    /// [`limits::MAX_URL_LEN`] characters ([`URL_RULE`]; a path is never a
+    /// source in a cluster). Which addresses it may reach is the cluster's
+    /// egress policy (chart values `egress.*`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = limits::MAX_URL_LEN))]
+    #[x_kube(validation = Rule::new(URL_RULE).message("source.url must be an http:// or https:// URL with a host (a path is never a source in a cluster)"))]
     pub url: Option<String>,
 }
 
@@ -156,11 +161,31 @@ pub struct CsvSpec {
     pub quote: Option<String>,
 }
 
+/// CEL: the string is an absolute `http(s)` URL with a host (Kubernetes CEL
+/// URL library, `isURL` also accepts bare paths, whose scheme is empty).
+pub const URL_RULE: &str =
+    "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''";
+
+/// CEL: an `http(s)` URL whose host is not a loopback, link-local,
+/// unspecified or private (RFC 1918, 100.64/10) IPv4 literal, nor an IPv6
+/// literal. A first line only: names and other spellings of addresses are
+/// checked by the allowlist the enrichers enforce (chart value
+/// `egress.allowedApiUrls`). A regex on the string keeps the rule's estimated
+/// cost within the API server's budget (the CEL `ip()`/`cidr()` functions on
+/// `url().getHostname()` exceed it).
+pub const API_URL_HOST_RULE: &str = r"!self.matches('^[a-zA-Z]+://([^/@]*@)?(\\[|(127|10|0)\\.|169\\.254\\.|192\\.168\\.|172\\.(1[6-9]|2[0-9]|3[01])\\.|100\\.(6[4-9]|[7-9][0-9]|1[01][0-9]|12[0-7])\\.)')";
+
 /// postcodes.io endpoint and search radii.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiSpec {
+    /// postcodes.io base URL, at most [`limits::MAX_URL_LEN`] characters
+    /// ([`URL_RULE`], [`API_URL_HOST_RULE`]); the enrichers call it only when it is on the
+    /// cluster's allowlist (chart value `egress.allowedApiUrls`).
     #[serde(default = "default_base_url")]
+    #[schemars(length(max = limits::MAX_URL_LEN))]
+    #[x_kube(validation = Rule::new(URL_RULE).message("api.baseUrl must be an http:// or https:// URL with a host"))]
+    #[x_kube(validation = Rule::new(API_URL_HOST_RULE).message("api.baseUrl must not name a loopback, link-local or private address"))]
     pub base_url: String,
     /// First search radius in metres.
     #[serde(default = "default_radius")]
@@ -345,6 +370,9 @@ mod tests {
             "jsonPath: .status.rowsEnriched",
             "source is immutable",
             "maximum: 64",
+            "source.url must be an http:// or https:// URL",
+            "api.baseUrl must be an http:// or https:// URL",
+            "api.baseUrl must not name a loopback, link-local or private address",
         ] {
             assert!(y.contains(want), "missing {want:?} in\n{y}");
         }

@@ -10,6 +10,9 @@ pub const MAX_SHARDS: u32 = 64;
 /// Enricher Jobs when the import does not say.
 pub const DEFAULT_SHARDS: u32 = 4;
 
+/// Longest `source.url` and `api.baseUrl`, characters (bounds the CEL rules' cost).
+pub const MAX_URL_LEN: u32 = 2048;
+
 /// The public postcodes.io, the default upstream API.
 pub const DEFAULT_API_URL: &str = "https://api.postcodes.io";
 /// First search radius, metres (postcodes.io's own default).

@@ -131,8 +131,12 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// A workspace binary, run as `local` runs its Jobs: as the user, reading
+    /// local files, so without the cluster's egress policy (`EGRESS_POLICY=off`).
     fn bin(&self, name: &str) -> Command {
-        Command::new(self.bin.join(name))
+        let mut c = Command::new(self.bin.join(name));
+        c.env(pipeline::egress::ENV_POLICY, "off");
+        c
     }
 
     fn log(&self, name: &str) -> PathBuf {

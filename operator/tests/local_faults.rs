@@ -168,6 +168,9 @@ async fn reader_killed_mid_load_then_rerun_is_exact(db: String) {
         Command::new(&reader)
             .args(["--import-uid", "killed-reader", "--source", url, "--shards", "2"])
             .env("DATABASE_URL", &db)
+            // the test's CSV server is on loopback, which the Jobs' egress
+            // policy refuses unless the admin allows it (as here)
+            .env(pipeline::egress::ENV_ALLOW_CIDRS, "127.0.0.1/32")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()

@@ -197,8 +197,13 @@ async fn serve_file(path: std::path::PathBuf) -> String {
 /// A PersistentVolume (hostPath: the shared data directory, read-only) and a
 /// claim bound to it: how the NSPL file reaches the enricher pods.
 async fn nspl_claim(client: &Client, ns: &str) -> String {
+    postcodes_claim(client, ns, postcodes_file().parent().unwrap()).await
+}
+
+/// A claim `nspl` in `ns` bound to a hostPath PersistentVolume of `dir`.
+async fn postcodes_claim(client: &Client, ns: &str, dir: &std::path::Path) -> String {
     use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-    let dir = postcodes_file().parent().unwrap().canonicalize().unwrap();
+    let dir = dir.canonicalize().unwrap();
     let pv: PersistentVolume = serde_json::from_value(json!({
         "metadata": {"name": format!("nspl-{ns}")},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
@@ -243,6 +248,30 @@ fn offline_counts() -> (usize, usize) {
         s.get("enriched").copied().unwrap_or(0),
         s.get("no_match").copied().unwrap_or(0),
     )
+}
+
+/// `n` distinct made-up postcodes (`pcd,lat,long`) spread over Great Britain.
+fn write_many_postcodes(path: &std::path::Path, n: usize) {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    writeln!(w, "pcd,lat,long").unwrap();
+    let letter = |i: usize| char::from(b'A' + (i % 26) as u8);
+    for i in 0..n {
+        let (area, rest) = (i % 676, i / 676);
+        let (district, sector, unit) = (rest % 99 + 1, rest / 99 % 10, rest / 990);
+        writeln!(
+            w,
+            "{}{}{district} {sector}{}{},{:.5},{:.5}",
+            letter(area / 26),
+            letter(area),
+            letter(unit / 26),
+            letter(unit),
+            50.5 + (i % 1000) as f64 * 0.007,
+            -4.5 + (i / 1000 % 1000) as f64 * 0.006,
+        )
+        .unwrap();
+    }
+    w.flush().unwrap();
 }
 
 /// The pod template that mounts the NSPL claim at /data.
@@ -838,7 +867,11 @@ async fn suspend_stops_the_enrichers_and_resume_finishes_the_import() {
 async fn an_enricher_over_its_memory_limit_is_oom_killed_and_the_import_says_so() {
     let (client, ns, db, pods) = setup().await;
     let op = Operator::start(&ns, &db, &[]);
-    let claim = nspl_claim(&client, &ns).await;
+    // A postcode file whose index needs far more than the limit below, made
+    // here so that the test does not depend on the full NSPL being present.
+    let postcodes = temp_dir("oom-postcodes");
+    write_many_postcodes(&postcodes.join("many-postcodes.csv"), 1_000_000);
+    let claim = postcodes_claim(&client, &ns, &postcodes).await;
     let dir = temp_dir("oom");
     let url = serve_file(head_of_real_file(500, &dir)).await;
     let mut template = nspl_pod_template(&claim);
@@ -852,7 +885,7 @@ async fn an_enricher_over_its_memory_limit_is_oom_killed_and_the_import_says_so(
             "source": {"url": url},
             "shards": 1,
             "backoffLimit": 0,
-            "offlinePostcodes": "/data/nspl-latlon.csv.gz",
+            "offlinePostcodes": "/data/many-postcodes.csv",
             "podTemplate": template,
         }),
     )

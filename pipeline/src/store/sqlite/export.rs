@@ -33,9 +33,12 @@ use crate::{
 };
 
 /// Memory the in-memory join may hold (hash tables and packed answers), bytes.
-/// Each half's table is a power of two of 33-byte slots within half of it:
-/// up to about 1.8 M coordinates in all.
-pub const JOIN_BUDGET_BYTES: usize = 128 << 20;
+/// Each half's table is a power of two of 33-byte slots within half of it.
+/// 160 MiB since answers carry the area codes (19 packed columns): at 128 MiB
+/// the 1M-row benchmark file (375 k distinct answers) no longer fitted and fell
+/// back to the view's join, 9–10 s end to end instead of 6.4 s, for the same
+/// peak RSS of `local` (about 247 MiB, the enrichers' postcode index).
+pub const JOIN_BUDGET_BYTES: usize = 160 << 20;
 
 /// The packed columns of an answer: status, postcode, [`Area::COLUMNS`], error.
 const PACKED: usize = 2 + Area::COLUMNS.len() + 1;

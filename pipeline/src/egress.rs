@@ -107,6 +107,9 @@ pub struct EgressPolicy {
     deny: Vec<IpNet>,
     api_urls: Vec<String>,
     offline_dir: Option<PathBuf>,
+    /// Names answered before DNS (see [`EgressPolicy::with_host`]); their
+    /// addresses are checked like any other.
+    hosts: Vec<(String, Vec<IpAddr>)>,
 }
 
 fn cidrs(name: &str, value: &str) -> Result<Vec<IpNet>, EgressError> {
@@ -132,6 +135,7 @@ impl EgressPolicy {
             deny: Vec::new(),
             api_urls: vec!["*".into()],
             offline_dir: None,
+            hosts: Vec::new(),
         }
     }
 
@@ -149,7 +153,18 @@ impl EgressPolicy {
             deny: deny_cidrs,
             api_urls,
             offline_dir,
+            hosts: Vec::new(),
         }
+    }
+
+    /// The same policy with `name` resolving to `addrs` before any DNS
+    /// lookup, as an `/etc/hosts` line or a cluster DNS record would make it;
+    /// the addresses still go through [`EgressPolicy::check_ip`] (unlike
+    /// reqwest's own `resolve` override, which would skip the check). Tests
+    /// use it to point a public-looking name at a private address.
+    pub fn with_host(mut self, name: &str, addrs: &[IpAddr]) -> Self {
+        self.hosts.push((name.to_ascii_lowercase(), addrs.to_vec()));
+        self
     }
 
     /// Reads the policy from the `EGRESS_*` variables ([`ENV_POLICY`] …);
@@ -274,8 +289,22 @@ impl EgressPolicy {
                 dir.display()
             ))
         };
-        let dir = dir.canonicalize().map_err(|_| outside())?;
-        let real = path.canonicalize().map_err(|_| outside())?;
+        let dir = dir.canonicalize().map_err(|e| {
+            EgressError(format!(
+                "the allowed directory {} cannot be opened: {e} (chart value egress.offlinePostcodesDir)",
+                dir.display()
+            ))
+        })?;
+        // A file that does not exist (or cannot be reached) is said so, but
+        // only when its path lies lexically inside the directory: outside it,
+        // whether a path exists is none of the import's business.
+        let real = path.canonicalize().map_err(|e| {
+            if plain_path(path) && path.starts_with(&dir) {
+                EgressError(format!("offline postcode file {}: {e}", path.display()))
+            } else {
+                outside()
+            }
+        })?;
         if real.starts_with(&dir) && real.is_file() {
             Ok(real)
         } else {
@@ -297,11 +326,7 @@ impl EgressPolicy {
                     .into(),
             ));
         };
-        let plain = path.is_absolute()
-            && path
-                .components()
-                .all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)));
-        if plain && path.starts_with(dir) && path != dir {
+        if plain_path(path) && path.starts_with(dir) && path != dir {
             Ok(())
         } else {
             Err(EgressError(format!(
@@ -344,6 +369,15 @@ impl EgressPolicy {
     }
 }
 
+/// An absolute path of plain names only (no `.`, `..`): what it names can be
+/// told from its text.
+fn plain_path(path: &Path) -> bool {
+    path.is_absolute()
+        && path
+            .components()
+            .all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
+}
+
 /// The [`EgressError`] somewhere in an error's source chain (a refused
 /// connection or redirect inside a `reqwest::Error`).
 pub fn egress_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a EgressError> {
@@ -369,7 +403,11 @@ impl reqwest::dns::Resolve for CheckedResolver {
         let policy = self.policy.clone();
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let fixed = policy.hosts.iter().find(|(n, _)| *n == host);
+            let addrs: Vec<SocketAddr> = match fixed {
+                Some((_, ips)) => ips.iter().map(|ip| SocketAddr::new(*ip, 0)).collect(),
+                None => tokio::net::lookup_host((host.as_str(), 0)).await?.collect(),
+            };
             for a in &addrs {
                 policy
                     .check_ip(a.ip())
@@ -487,7 +525,19 @@ mod tests {
             p.check_offline_path(&allowed.join("link.csv")).is_err(),
             "a symlink out"
         );
-        assert!(p.check_offline_path(&allowed.join("missing.csv")).is_err());
+        let missing = p.check_offline_path(&allowed.join("missing.csv")).unwrap_err().0;
+        assert!(
+            missing.contains("missing.csv") && missing.contains("No such file"),
+            "a missing file inside is said to be missing: {missing}"
+        );
+        let outside = p
+            .check_offline_path(&allowed.join("../missing.csv"))
+            .unwrap_err()
+            .0;
+        assert!(
+            outside.contains("is not inside") && !outside.contains("No such file"),
+            "outside, existence is not told: {outside}"
+        );
         assert!(
             p.check_offline_path(&allowed).is_err(),
             "a directory is not a file"
@@ -639,5 +689,47 @@ mod tests {
                 .unwrap(),
             "secret\n"
         );
+    }
+
+    /// A public-looking name whose DNS answer is a private address (here
+    /// through [`EgressPolicy::with_host`], as a hostile DNS record would
+    /// answer) is refused before any connection, over `https` as over `http`,
+    /// directly or as a redirect target; the same name answered with an
+    /// allowed address is fetched.
+    #[tokio::test]
+    async fn a_name_whose_dns_answers_a_private_address_is_refused() {
+        let target = serve(ok_body("lat,lon\n")).await;
+        let private: IpAddr = "10.0.0.1".parse().unwrap();
+        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        let p = enforced()
+            .with_host("files.example.test", &[private])
+            .with_host("Mixed.Example.Test", &["93.184.215.14".parse().unwrap(), private]);
+        for url in [
+            "https://files.example.test/trips.csv",
+            "http://files.example.test/trips.csv",
+            "https://mixed.example.test/trips.csv",
+        ] {
+            let err = fetch(&p, url).await.unwrap_err();
+            assert!(
+                err.contains("refused by the egress policy")
+                    && err.contains("example.test resolves to 10.0.0.1 is a private address"),
+                "{url}: {err}"
+            );
+        }
+        let allowed = EgressPolicy::enforced(
+            vec!["127.0.0.1/32".parse().unwrap()],
+            Vec::new(),
+            Vec::new(),
+            None,
+        )
+        .with_host("files.example.test", &[loopback])
+        .with_host("evil.example.test", &[private]);
+        let url = format!("http://files.example.test:{target}/trips.csv");
+        assert_eq!(fetch(&allowed, &url).await.unwrap(), "lat,lon\n");
+        let port = serve(redirect_to("https://evil.example.test/")).await;
+        let err = fetch(&allowed, &format!("http://127.0.0.1:{port}/x.csv"))
+            .await
+            .unwrap_err();
+        assert!(err.contains("evil.example.test resolves to 10.0.0.1"), "{err}");
     }
 }

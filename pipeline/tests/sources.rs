@@ -192,7 +192,9 @@ async fn a_source_the_egress_policy_refuses_fails_for_good() {
         format!("http://127.0.0.1:{port}/trips.csv")
     };
     let port = ok.rsplit(':').next().unwrap().split('/').next().unwrap();
-    let public_only = EgressPolicy::enforced(Vec::new(), Vec::new(), Vec::new(), None);
+    // files.example.test stands for a public name whose DNS answers a private address.
+    let public_only = EgressPolicy::enforced(Vec::new(), Vec::new(), Vec::new(), None)
+        .with_host("files.example.test", &["10.0.0.1".parse().unwrap()]);
     let loopback_allowed = EgressPolicy::enforced(
         vec!["127.0.0.1/32".parse().unwrap()],
         Vec::new(),
@@ -207,6 +209,14 @@ async fn a_source_the_egress_policy_refuses_fails_for_good() {
                 "localhost resolves to",
             ),
             ("/etc/passwd".to_string(), "a file path is never a source"),
+            (
+                "https://files.example.test/trips.csv".to_string(),
+                "files.example.test resolves to 10.0.0.1 is a private address",
+            ),
+            (
+                "http://169.254.169.254/latest/meta-data/".to_string(),
+                "link-local",
+            ),
         ]
         .iter()
         .enumerate()

@@ -35,7 +35,9 @@ use postcode_resource::{Phase, PostcodeImport, PostcodeImportStatus, API_VERSION
 use serde_json::json;
 
 use crate::{
-    jobs::{database_secret_name, job, job_state, last_pod_failure, JobSettings, IMPORT_LABEL, MANAGED_BY},
+    jobs::{
+        database_secret_name, job, job_state, last_pod_failure, JobSettings, IMPORT_UID_LABEL, MANAGED_BY,
+    },
     lifecycle::{decide, pending_by_shard, Decision, JobState, Load, Next, Observed, Report, Want},
     plan::{enricher_jobs, reader_job, ImportPlan},
 };
@@ -63,6 +65,9 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("invalid import: {0}")]
     Invalid(String),
+    /// Not an error: a deletion waits for the import's pods to end.
+    #[error("waiting: {0}")]
+    Waiting(String),
 }
 
 impl Error {
@@ -72,6 +77,7 @@ impl Error {
             Error::Db(_) => "database",
             Error::Finalizer(_) => "finalizer",
             Error::Invalid(_) => "invalid",
+            Error::Waiting(_) => "waiting",
         }
     }
 }
@@ -121,6 +127,12 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
 }
 
 fn error_policy(imp: Arc<PostcodeImport>, err: &Error, _ctx: Arc<Context>) -> Action {
+    if let Error::Finalizer(f) = err {
+        if let kube::runtime::finalizer::Error::CleanupFailed(Error::Waiting(why)) = f.as_ref() {
+            tracing::info!(import = %imp.name_any(), "deletion {why}");
+            return Action::requeue(Duration::from_secs(2));
+        }
+    }
     metrics::counter!("postcode_operator_reconcile_errors_total", "error" => err.metric_label()).increment(1);
     tracing::warn!(import = %imp.name_any(), "reconcile failed: {err}");
     Action::requeue(Duration::from_secs(5))
@@ -207,11 +219,26 @@ async fn write_status(
     Ok(())
 }
 
+/// Longest event note the API server accepts (events.k8s.io/v1 `note`: 1 KiB).
+const MAX_EVENT_NOTE: usize = 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary, with `…` when cut.
+pub fn truncate_to(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 async fn publish(ctx: &Context, imp: &PostcodeImport, type_: EventType, reason: &str, note: String) {
     let ev = KubeEvent {
         type_,
         reason: reason.into(),
-        note: Some(note),
+        note: Some(truncate_to(&note, MAX_EVENT_NOTE)),
         action: "Reconcile".into(),
         secondary: None,
     };
@@ -272,11 +299,26 @@ async fn create_job(jobs: &Api<Job>, j: &Job) -> Result<()> {
 }
 
 /// The state of the Job `name`, `None` when it does not exist. A failed
-/// Job's message says why its last pod ended ([`last_pod_failure`]).
-async fn job_state_of(jobs: &Api<Job>, ctx: &Context, name: &str) -> Result<Option<JobState>> {
+/// Job's message says why its last pod ended ([`last_pod_failure`]); a Job
+/// the import does not own is [`JobState::NotOurs`]. The Job itself is
+/// returned for [`crate::readiness`].
+async fn job_state_of(
+    jobs: &Api<Job>,
+    ctx: &Context,
+    imp: &PostcodeImport,
+    name: &str,
+) -> Result<Option<(JobState, Job)>> {
     let Some(job) = jobs.get_opt(name).await? else {
         return Ok(None);
     };
+    if !crate::jobs::is_owned_by(&job, imp) {
+        let message = format!(
+            "a Job named {name} already exists in namespace {} and is not this import's; \
+             it is left untouched: delete it or create the import under another name",
+            imp.namespace().unwrap_or_default()
+        );
+        return Ok(Some((JobState::NotOurs { message }, job)));
+    }
     let mut state = job_state(&job);
     if let JobState::Failed { message, .. } = &mut state {
         let ns = job.namespace().unwrap_or_default();
@@ -284,7 +326,7 @@ async fn job_state_of(jobs: &Api<Job>, ctx: &Context, name: &str) -> Result<Opti
             message.push_str(&format!("; {pod}"));
         }
     }
-    Ok(Some(state))
+    Ok(Some((state, job)))
 }
 
 /// What [`lifecycle::decide`] looks at, read from the API server and the database.
@@ -294,7 +336,10 @@ async fn observe(
     jobs: &Api<Job>,
 ) -> Result<(Observed, Option<ImportRecord>)> {
     let old = imp.status.clone().unwrap_or_default();
-    let plan = plan_for(imp);
+    let plan = plan_for(imp).and_then(|p| {
+        let template = imp.spec.pod_template.clone().unwrap_or_default();
+        ctx.jobs.pods.check(&template).map(|()| p)
+    });
     let previous = old.phase;
     let retry_wanted = imp.spec.retry_failed > old.retry_failed_observed.unwrap_or(0);
     let mut o = Observed {
@@ -309,6 +354,7 @@ async fn observe(
         budget_spent: false,
         counts: Counts::default(),
         ttl_seconds_after_finished: imp.spec.ttl_seconds_after_finished,
+        jobs_not_ready: None,
         finished_for: old
             .completed_at
             .as_ref()
@@ -326,16 +372,22 @@ async fn observe(
         o.load = Load::NotLoaded {
             error: record.as_ref().and_then(|r| r.error.clone()),
         };
-        o.reader = job_state_of(jobs, ctx, &reader_job(plan).name).await?;
+        let reader = job_state_of(jobs, ctx, imp, &reader_job(plan).name).await?;
+        o.jobs_not_ready = crate::readiness::not_ready(&ctx.client, reader.iter().map(|(_, j)| j)).await;
+        o.reader = reader.map(|(s, _)| s);
         return Ok((o, record));
     }
     let r = record.as_ref().expect("loaded");
     o.load = Load::Loaded {
         warnings: r.warnings.clone(),
     };
+    let mut seen = Vec::new();
     for spec in enricher_jobs(plan) {
-        o.enrichers.push(job_state_of(jobs, ctx, &spec.name).await?);
+        let state = job_state_of(jobs, ctx, imp, &spec.name).await?;
+        o.enrichers.push(state.as_ref().map(|(s, _)| s.clone()));
+        seen.extend(state.map(|(_, j)| j));
     }
+    o.jobs_not_ready = crate::readiness::not_ready(&ctx.client, seen.iter()).await;
     o.budget_spent = ctx.store.budget_spent(r.id).await?;
     o.counts = ctx.store.counts(r).await?;
     o.shard_pending = pending_by_shard(plan.shards, &ctx.store.shard_counts(r.id).await?);
@@ -395,7 +447,13 @@ async fn act(
         }
     }
     for (name, suspend) in &d.set_suspend {
-        let patch = json!({"spec": {"suspend": suspend}});
+        // The annotation marks a suspension as ours, so that only ours is
+        // lifted (jobs::SUSPENDED_BY_OPERATOR).
+        let mark = suspend.then_some("true");
+        let patch = json!({
+            "metadata": {"annotations": {crate::jobs::SUSPENDED_BY_OPERATOR: mark}},
+            "spec": {"suspend": suspend},
+        });
         jobs.patch(name, &PatchParams::default(), &Patch::Merge(patch))
             .await?;
     }
@@ -417,7 +475,23 @@ async fn act(
     if let Some(report) = &d.report {
         return write_report(imp, ctx, report, d.requeue_failed, None).await;
     }
-    Ok(())
+    observe_generation(imp, ctx).await
+}
+
+/// Keeps `status.observedGeneration` current when nothing else is reported
+/// (a finished import whose spec changed, e.g. its TTL): clients wait on it.
+async fn observe_generation(imp: &PostcodeImport, ctx: &Context) -> Result<()> {
+    let old = imp.status.clone().unwrap_or_default();
+    let generation = imp.meta().generation;
+    if old.phase.is_none() || old.observed_generation == generation {
+        return Ok(());
+    }
+    let api: Api<PostcodeImport> = Api::namespaced(ctx.client.clone(), &imp.namespace().expect("namespaced"));
+    let new = PostcodeImportStatus {
+        observed_generation: generation,
+        ..ours(&old)
+    };
+    write_status(&api, imp, &old, new).await
 }
 
 /// Writes our part of the status from a [`Report`].
@@ -478,18 +552,7 @@ fn record_metrics(imp: &PostcodeImport, c: &pipeline::store::Counts, q: &pipelin
 /// `keepResults`, and its upload) and stops its Jobs. Idempotent, and fine when
 /// nothing was ever created.
 async fn cleanup(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
-    let ns = imp.namespace().expect("namespaced");
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let lp = ListParams::default().labels(&format!("{IMPORT_LABEL}={}", imp.name_any()));
-    for j in jobs.list(&lp).await? {
-        if crate::jobs::is_owned_by(&j, &imp) {
-            match jobs.delete(&j.name_any(), &DeleteParams::background()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
+    stop_jobs(&imp, ctx).await?;
     if !imp.spec.keep_results {
         if let Some(uid) = imp.uid() {
             ctx.store.delete_import(&uid).await?;
@@ -512,6 +575,35 @@ async fn cleanup(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
     )
     .await;
     Ok(Action::await_change())
+}
+
+/// Deletes the import's Jobs (those it owns, found by its uid label) and
+/// waits, as [`Error::Waiting`], until their pods are gone, so that no reader
+/// or enricher still writes rows when the rows are deleted.
+async fn stop_jobs(imp: &PostcodeImport, ctx: &Context) -> Result<()> {
+    let ns = imp.namespace().expect("namespaced");
+    let Some(uid) = imp.uid() else {
+        return Ok(());
+    };
+    let lp = ListParams::default().labels(&format!("{IMPORT_UID_LABEL}={uid}"));
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    for j in jobs.list(&lp).await? {
+        if crate::jobs::is_owned_by(&j, imp) {
+            match jobs.delete(&j.name_any(), &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let left = pods.list(&lp).await?.items.len();
+    if left > 0 {
+        return Err(Error::Waiting(format!(
+            "waits for {left} pods of its Jobs to end"
+        )));
+    }
+    Ok(())
 }
 
 /// The event reporter of this operator instance.

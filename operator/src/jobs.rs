@@ -8,18 +8,19 @@ use k8s_openapi::{
     api::{
         batch::v1::{
             Job, JobSpec as K8sJobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
-            PodFailurePolicyRule,
+            PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
         },
         core::v1::{
             Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec,
-            PodTemplateSpec, SeccompProfile, SecretKeySelector, SecurityContext,
+            PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext,
+            Volume,
         },
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{api::ListParams, Api, Client, Resource, ResourceExt};
 use pipeline::exit::JobExit;
-use postcode_resource::PostcodeImport;
+use postcode_resource::{PodTemplate, PostcodeImport};
 
 use crate::{
     lifecycle::JobState,
@@ -28,8 +29,19 @@ use crate::{
 
 /// Label on everything the operator creates.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "postcode-operator");
-/// Label naming the import a Job belongs to.
+/// Label naming the import a Job belongs to (its name, cut to 63 characters
+/// with a hash of its uid when longer: [`crate::plan::fitted_name`]). For
+/// people and `kubectl`; the operator finds its Jobs by name and owner.
 pub const IMPORT_LABEL: &str = "postcodes.dev/import";
+/// Label holding the import's uid on its Jobs and their pods: how the
+/// operator finds them when the import is deleted (a uid always fits a label
+/// value; a name may not).
+pub const IMPORT_UID_LABEL: &str = "postcodes.dev/import-uid";
+/// Annotation the operator puts on a Job it suspended (for `spec.suspend`):
+/// it un-suspends only such Jobs, so a Job suspended by an admission
+/// controller (Kueue creates its Jobs suspended and releases them when
+/// admitted) is left to it.
+pub const SUSPENDED_BY_OPERATOR: &str = "postcodes.dev/suspended-by-operator";
 /// Labels copied from the import to its Jobs, for Kueue and similar admission controllers.
 pub const PASS_THROUGH_LABELS: [&str; 1] = ["kueue.x-k8s.io/queue-name"];
 
@@ -45,6 +57,69 @@ pub struct JobSettings {
     pub rust_log: String,
     /// The egress policy of the Jobs, as `EGRESS_*` variables (pipeline::egress).
     pub egress: EgressSettings,
+    /// Chart defaults and bounds of the Job pods.
+    pub pods: PodSettings,
+}
+
+/// What the cluster admin sets for every Job pod (chart values `jobPods.*`).
+#[derive(Debug, Clone, Default)]
+pub struct PodSettings {
+    /// Container resources of reader pods when the import's template sets none.
+    pub reader_resources: Option<ResourceRequirements>,
+    /// Container resources of enricher pods when the import's template sets none.
+    pub enricher_resources: Option<ResourceRequirements>,
+    /// Volumes an import's template may add: `kind` or `kind/name` entries,
+    /// `*` for any name (e.g. `persistentVolumeClaim/nspl`, `configMap/*`,
+    /// `emptyDir`); `kind` is the Volume field name. `hostPath` never.
+    pub allowed_volumes: Vec<String>,
+}
+
+impl PodSettings {
+    /// Checks an import's pod template against the allowlist; the error says
+    /// which volume and what is allowed.
+    pub fn check(&self, template: &PodTemplate) -> Result<(), String> {
+        for (i, v) in template.volumes.iter().enumerate() {
+            let (kind, name) = volume_kind_and_name(v);
+            let allowed = kind != "hostPath"
+                && self.allowed_volumes.iter().any(|a| {
+                    let (k, n) = a.split_once('/').unwrap_or((a.as_str(), "*"));
+                    k == kind && (n == "*" || Some(n) == name.as_deref())
+                });
+            if !allowed {
+                let what = match &name {
+                    Some(n) => format!("{kind}/{n}"),
+                    None => kind,
+                };
+                return Err(format!(
+                    "podTemplate.volumes[{i}] ({what}) is not allowed in this cluster; allowed: {} \
+                     (chart value jobPods.allowedVolumes)",
+                    if self.allowed_volumes.is_empty() {
+                        "none".to_string()
+                    } else {
+                        self.allowed_volumes.join(", ")
+                    }
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Volume's source kind (its field name, e.g. `persistentVolumeClaim`) and
+/// the name of what it mounts when it names one (claim, ConfigMap, Secret).
+fn volume_kind_and_name(v: &Volume) -> (String, Option<String>) {
+    let json = serde_json::to_value(v).unwrap_or_default();
+    let kind = json
+        .as_object()
+        .and_then(|o| o.keys().find(|k| *k != "name").cloned())
+        .unwrap_or_else(|| "emptyDir".into());
+    let name = match kind.as_str() {
+        "persistentVolumeClaim" => json.pointer("/persistentVolumeClaim/claimName"),
+        "configMap" => json.pointer("/configMap/name"),
+        "secret" => json.pointer("/secret/secretName"),
+        _ => None,
+    };
+    (kind, name.and_then(|n| n.as_str()).map(str::to_string))
 }
 
 /// What the Jobs may reach (chart values `egress.*`, pipeline::egress): set
@@ -90,11 +165,17 @@ pub fn database_secret_name(import: &PostcodeImport) -> String {
     format!("{}-database", import.name_any())
 }
 
+/// The [`IMPORT_LABEL`] value of `import`: its name when it fits a label value.
+pub fn import_label_value(import: &PostcodeImport) -> String {
+    crate::plan::fitted_name(&import.name_any(), &import.uid().unwrap_or_default(), "")
+}
+
 /// Labels of a planned Job of `import` and its pods.
 fn labels(spec: &JobSpec, import: &PostcodeImport) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::from([
         (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (IMPORT_LABEL.to_string(), import.name_any()),
+        (IMPORT_LABEL.to_string(), import_label_value(import)),
+        (IMPORT_UID_LABEL.to_string(), import.uid().unwrap_or_default()),
     ]);
     match spec.role {
         Role::Reader => {
@@ -162,6 +243,10 @@ fn env(spec: &JobSpec, settings: &JobSettings) -> Vec<EnvVar> {
 
 fn container(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) -> Container {
     let template = import.spec.pod_template.clone().unwrap_or_default();
+    let default_resources = match spec.role {
+        Role::Reader => &settings.pods.reader_resources,
+        Role::Enricher { .. } => &settings.pods.enricher_resources,
+    };
     Container {
         name: "job".into(),
         image: Some(settings.image.clone()),
@@ -170,7 +255,10 @@ fn container(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) ->
         args: Some(spec.args.clone()),
         env: Some(env(spec, settings)),
         volume_mounts: (!template.volume_mounts.is_empty()).then_some(template.volume_mounts),
-        resources: template.resources,
+        resources: template.resources.or_else(|| default_resources.clone()),
+        // The pod's failure says why (the Job binaries write their last
+        // error there; the logs' tail when they could not).
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -187,22 +275,36 @@ fn container(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) ->
 
 /// The Job's `podFailurePolicy`: the exits the plan fails at once fail the
 /// Job without a retry (DESIGN.md: bad input or a spent budget is not fixed
-/// by a retry).
+/// by a retry); a pod ended by a disruption (eviction, preemption, node
+/// drain: the `DisruptionTarget` condition) is retried without counting
+/// against `backoffLimit` (Kubernetes "Handling retriable and non-retriable
+/// pod failures with Pod failure policy").
 fn pod_failure_policy(spec: &JobSpec) -> PodFailurePolicy {
     PodFailurePolicy {
-        rules: vec![PodFailurePolicyRule {
-            action: "FailJob".into(),
-            on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
-                operator: "In".into(),
-                values: spec.fail_at_once.iter().map(|e| e.code()).collect(),
-                container_name: None,
-            }),
-            on_pod_conditions: None,
-        }],
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "Ignore".into(),
+                on_exit_codes: None,
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".into(),
+                    status: "True".into(),
+                }]),
+            },
+            PodFailurePolicyRule {
+                action: "FailJob".into(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    operator: "In".into(),
+                    values: spec.fail_at_once.iter().map(|e| e.code()).collect(),
+                    container_name: None,
+                }),
+                on_pod_conditions: None,
+            },
+        ],
     }
 }
 
 fn pod_spec(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) -> PodSpec {
+    let t = import.spec.pod_template.clone().unwrap_or_default();
     PodSpec {
         restart_policy: Some("Never".into()),
         service_account_name: Some(settings.service_account.clone()),
@@ -210,7 +312,13 @@ fn pod_spec(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) -> 
         // shard's progress into the import's status (enricher-job status.rs)
         // and so needs the token (README "Security model").
         automount_service_account_token: Some(matches!(spec.role, Role::Enricher { .. })),
-        priority_class_name: import.spec.priority_class_name.clone(),
+        priority_class_name: t
+            .priority_class_name
+            .or_else(|| import.spec.priority_class_name.clone()),
+        node_selector: (!t.node_selector.is_empty()).then_some(t.node_selector),
+        tolerations: some_vec(t.tolerations),
+        affinity: t.affinity,
+        image_pull_secrets: some_vec(t.image_pull_secrets),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(65532),
@@ -221,13 +329,25 @@ fn pod_spec(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) -> 
             ..PodSecurityContext::default()
         }),
         containers: vec![container(spec, import, settings)],
-        volumes: import
-            .spec
-            .pod_template
-            .as_ref()
-            .map(|t| t.volumes.clone())
-            .filter(|v| !v.is_empty()),
+        volumes: some_vec(t.volumes),
         ..PodSpec::default()
+    }
+}
+
+/// `Some(v)` unless `v` is empty (absent rather than `[]` in the pod spec).
+fn some_vec<T>(v: Vec<T>) -> Option<Vec<T>> {
+    (!v.is_empty()).then_some(v)
+}
+
+/// Pod labels and annotations: the template's, then ours (ours win).
+fn pod_metadata(import: &PostcodeImport, labels: &BTreeMap<String, String>) -> ObjectMeta {
+    let t = import.spec.pod_template.clone().unwrap_or_default();
+    let mut all = t.labels;
+    all.extend(labels.clone());
+    ObjectMeta {
+        labels: Some(all),
+        annotations: (!t.annotations.is_empty()).then_some(t.annotations),
+        ..ObjectMeta::default()
     }
 }
 
@@ -239,6 +359,8 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
             name: Some(spec.name.clone()),
             namespace: import.namespace(),
             labels: Some(labels.clone()),
+            annotations: suspend
+                .then(|| BTreeMap::from([(SUSPENDED_BY_OPERATOR.to_string(), "true".to_string())])),
             owner_references: Some(vec![import.controller_owner_ref(&()).expect("import has a uid")]),
             ..ObjectMeta::default()
         },
@@ -246,11 +368,9 @@ pub fn job(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings, susp
             backoff_limit: Some(spec.backoff_limit),
             suspend: Some(suspend),
             pod_failure_policy: Some(pod_failure_policy(spec)),
+            active_deadline_seconds: import.spec.active_deadline_seconds,
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..ObjectMeta::default()
-                }),
+                metadata: Some(pod_metadata(import, &labels)),
                 spec: Some(pod_spec(spec, import, settings)),
             },
             ..K8sJobSpec::default()
@@ -274,8 +394,10 @@ pub fn job_state(job: &Job) -> JobState {
             };
         }
     }
+    let suspended = job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
     JobState::Running {
-        suspended: job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false),
+        suspended,
+        suspended_by_us: suspended && job.annotations().contains_key(SUSPENDED_BY_OPERATOR),
     }
 }
 
@@ -292,11 +414,13 @@ fn exit_of_failed(reason: Option<&str>, message: &str) -> Option<JobExit> {
     Some(JobExit::from_code(Some(code)))
 }
 
-/// The owner of a Job, as the controller's `owns` relation sees it.
+/// Whether `import` is the Job's controller owner: only such Jobs are
+/// adopted, changed or deleted (a Job of the same name made by someone else
+/// is left alone and fails the import with `JobNameConflict`).
 pub fn is_owned_by(job: &Job, import: &PostcodeImport) -> bool {
     job.owner_references()
         .iter()
-        .any(|o| Some(&o.uid) == import.meta().uid.as_ref())
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == import.meta().uid.as_ref())
 }
 
 /// Why the last failed pod of a Job ended, as its container status says (e.g.
@@ -331,4 +455,168 @@ pub async fn last_pod_failure(client: &Client, namespace: &str, job: &str) -> Op
         })
         .max_by_key(|(at, _)| *at)
         .map(|(_, why)| why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{enricher_job, reader_job};
+    use serde_json::json;
+
+    fn import(spec: serde_json::Value) -> PostcodeImport {
+        serde_json::from_value(json!({
+            "apiVersion": "postcodes.dev/v1alpha1", "kind": "PostcodeImport",
+            "metadata": {"name": "trips", "namespace": "a", "uid": "u-1"},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn settings() -> JobSettings {
+        JobSettings {
+            image: "img".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            service_account: "postcode-operator-job".into(),
+            database_secret: "trips-database".into(),
+            database_secret_key: "url".into(),
+            rust_log: "info".into(),
+            egress: EgressSettings::default(),
+            pods: PodSettings {
+                reader_resources: serde_json::from_value(json!({"requests": {"memory": "64Mi"}})).ok(),
+                enricher_resources: serde_json::from_value(json!({"requests": {"memory": "256Mi"}})).ok(),
+                allowed_volumes: vec![
+                    "persistentVolumeClaim/nspl".into(),
+                    "configMap/*".into(),
+                    "emptyDir".into(),
+                ],
+            },
+        }
+    }
+
+    fn jobs_of(imp: &PostcodeImport) -> Vec<Job> {
+        let plan = crate::controller::plan_for(imp).unwrap();
+        let s = settings();
+        vec![
+            job(&reader_job(&plan), imp, &s, false),
+            job(&enricher_job(&plan, 0), imp, &s, false),
+        ]
+    }
+
+    /// Every field of `spec.podTemplate` reaches the reader's and the
+    /// enricher's pod template verbatim; the ServiceAccount stays the chart's.
+    #[test]
+    fn every_pod_template_field_reaches_every_job_pod() {
+        let template = json!({
+            "labels": {"team": "geo", "postcodes.dev/role": "mine"},
+            "annotations": {"cost-centre": "42"},
+            "volumes": [{"name": "nspl", "persistentVolumeClaim": {"claimName": "nspl"}}],
+            "volumeMounts": [{"name": "nspl", "mountPath": "/data"}],
+            "resources": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+            "nodeSelector": {"disk": "ssd"},
+            "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+            "imagePullSecrets": [{"name": "registry"}],
+            "priorityClassName": "batch-low",
+        });
+        let imp = import(
+            json!({"source": {"uploadId": "x"}, "podTemplate": template, "activeDeadlineSeconds": 600}),
+        );
+        for j in jobs_of(&imp) {
+            let spec = j.spec.unwrap();
+            assert_eq!(spec.active_deadline_seconds, Some(600));
+            let pod = serde_json::to_value(&spec.template).unwrap();
+            for key in [
+                "volumes",
+                "nodeSelector",
+                "tolerations",
+                "affinity",
+                "imagePullSecrets",
+                "priorityClassName",
+            ] {
+                assert_eq!(pod["spec"][key], template[key], "{key}");
+            }
+            assert_eq!(pod["spec"]["serviceAccountName"], "postcode-operator-job");
+            assert_eq!(pod["spec"]["containers"][0]["resources"], template["resources"]);
+            assert_eq!(
+                pod["spec"]["containers"][0]["volumeMounts"],
+                template["volumeMounts"]
+            );
+            assert_eq!(pod["metadata"]["annotations"], template["annotations"]);
+            assert_eq!(pod["metadata"]["labels"]["team"], "geo");
+            assert_ne!(
+                pod["metadata"]["labels"]["postcodes.dev/role"], "mine",
+                "ours win"
+            );
+        }
+    }
+
+    /// Without resources in the template, the chart's defaults per role.
+    #[test]
+    fn pods_get_the_chart_resources_when_the_import_sets_none() {
+        let imp = import(json!({"source": {"uploadId": "x"}}));
+        let mem: Vec<_> = jobs_of(&imp)
+            .into_iter()
+            .map(|j| {
+                let pod = serde_json::to_value(j.spec.unwrap().template).unwrap();
+                pod["spec"]["containers"][0]["resources"]["requests"]["memory"].clone()
+            })
+            .collect();
+        assert_eq!(mem, [json!("64Mi"), json!("256Mi")]);
+    }
+
+    #[test]
+    fn volumes_outside_the_allowlist_are_refused_with_what_is_allowed() {
+        let check = |v: serde_json::Value| {
+            let t: PodTemplate = serde_json::from_value(json!({"volumes": [v]})).unwrap();
+            settings().pods.check(&t)
+        };
+        assert!(check(json!({"name": "a", "persistentVolumeClaim": {"claimName": "nspl"}})).is_ok());
+        assert!(check(json!({"name": "a", "configMap": {"name": "anything"}})).is_ok());
+        assert!(check(json!({"name": "a", "emptyDir": {}})).is_ok());
+        for (v, what) in [
+            (
+                json!({"name": "a", "persistentVolumeClaim": {"claimName": "other"}}),
+                "persistentVolumeClaim/other",
+            ),
+            (json!({"name": "a", "secret": {"secretName": "db"}}), "secret/db"),
+            (json!({"name": "a", "hostPath": {"path": "/"}}), "hostPath"),
+        ] {
+            let err = check(v).unwrap_err();
+            assert!(
+                err.contains(&format!("podTemplate.volumes[0] ({what}) is not allowed"))
+                    && err.contains("jobPods.allowedVolumes"),
+                "{err}"
+            );
+        }
+        let mut anything = settings().pods;
+        anything.allowed_volumes = vec!["hostPath".into()];
+        let t: PodTemplate =
+            serde_json::from_value(json!({"volumes": [{"name": "a", "hostPath": {"path": "/"}}]})).unwrap();
+        assert!(anything.check(&t).is_err(), "hostPath never, even when listed");
+    }
+
+    /// Evictions and preemption (`DisruptionTarget`) do not use up retries.
+    #[test]
+    fn disruptions_are_ignored_by_the_pod_failure_policy() {
+        let imp = import(json!({"source": {"uploadId": "x"}}));
+        for j in jobs_of(&imp) {
+            let p = serde_json::to_value(j.spec.unwrap().pod_failure_policy).unwrap();
+            assert_eq!(p["rules"][0]["action"], "Ignore");
+            assert_eq!(p["rules"][0]["onPodConditions"][0]["type"], "DisruptionTarget");
+            assert_eq!(p["rules"][1]["action"], "FailJob");
+        }
+    }
+
+    #[test]
+    fn a_long_import_name_gives_valid_labels() {
+        let mut imp = import(json!({"source": {"uploadId": "x"}}));
+        imp.metadata.name = Some("n".repeat(120));
+        for j in jobs_of(&imp) {
+            assert!(j.metadata.name.as_ref().unwrap().len() <= 63);
+            for v in j.metadata.labels.unwrap().values() {
+                assert!(v.len() <= 63, "{v}");
+            }
+        }
+    }
 }

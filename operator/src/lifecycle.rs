@@ -35,9 +35,17 @@ pub const QUOTA_WAIT_INTERVAL: Duration = Duration::from_secs(30);
 /// A Job as either runtime sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
-    /// Created and not finished; `suspended` is its `spec.suspend`.
+    /// Created and not finished; `suspended` is its `spec.suspend`,
+    /// `suspended_by_us` whether the operator suspended it (for
+    /// `spec.suspend`) rather than an admission controller such as Kueue.
     Running {
         suspended: bool,
+        suspended_by_us: bool,
+    },
+    /// A Job of the planned name exists but the import is not its controller
+    /// owner: it is left untouched and the import fails (`JobNameConflict`).
+    NotOurs {
+        message: String,
     },
     Succeeded,
     /// Failed for good (after its retries, or at once for a final exit).
@@ -85,6 +93,10 @@ pub struct Observed {
     pub ttl_seconds_after_finished: Option<i64>,
     /// Time since the import finished, for a finished import.
     pub finished_for: Option<Duration>,
+    /// Why some Job has no running pod although it should (reason, message),
+    /// from its `FailedCreate` events and its pods' waiting reasons: the
+    /// `JobsReady` condition. `None` when every Job's pods start.
+    pub jobs_not_ready: Option<(String, String)>,
 }
 
 /// [`Observed::shard_pending`] from the store's per-shard counts: rows not
@@ -217,6 +229,9 @@ pub fn decide(o: &Observed) -> Decision {
     if matches!(o.previous, Some(Phase::Succeeded | Phase::Failed)) && !o.retry_wanted {
         return finished(o);
     }
+    if let Some(why) = name_conflict(o) {
+        return conflict(o, why);
+    }
     match &o.load {
         Load::NotLoaded { error } => loading(o, plan, error.as_deref()),
         Load::Loaded { .. } if o.retry_wanted => retry(o, plan),
@@ -224,12 +239,66 @@ pub fn decide(o: &Observed) -> Decision {
     }
 }
 
+/// The first planned Job name held by a Job the import does not own.
+fn name_conflict(o: &Observed) -> Option<String> {
+    std::iter::once(&o.reader)
+        .chain(&o.enrichers)
+        .find_map(|j| match j {
+            Some(JobState::NotOurs { message }) => Some(message.clone()),
+            _ => None,
+        })
+}
+
+/// A Job of a planned name belongs to someone else: fail without touching it.
+fn conflict(o: &Observed, why: String) -> Decision {
+    let mut d = Decision::new(after_finishing(o));
+    d.event = Some(Note {
+        warning: true,
+        reason: "JobNameConflict",
+        note: why.clone(),
+    });
+    d.report = Some(Report {
+        phase: Phase::Failed,
+        message: why.clone(),
+        conditions: vec![want("Failed", true, "JobNameConflict", why)],
+        completed: true,
+        reopened: false,
+        counts: None,
+    });
+    d
+}
+
+/// The condition reason for a failed Job: `DeadlineExceeded` when its
+/// `activeDeadlineSeconds` ran out (the Job controller's `Failed` reason),
+/// else `other`.
+fn failure_reason<'a>(message: &str, other: &'a str) -> &'a str {
+    if message.starts_with("DeadlineExceeded") {
+        "DeadlineExceeded"
+    } else {
+        other
+    }
+}
+
+/// The `JobsReady` condition: False with the cause while some Job's pods
+/// cannot start (missing ServiceAccount, quota, image pull, unschedulable).
+fn jobs_ready(o: &Observed) -> Want {
+    match &o.jobs_not_ready {
+        Some((reason, message)) => want("JobsReady", false, reason, message.clone()),
+        None => want("JobsReady", true, "PodsStarted", ""),
+    }
+}
+
 fn invalid_spec(why: &str) -> Decision {
+    let reason = if why.starts_with("podTemplate") {
+        "PodTemplateRefused"
+    } else {
+        "InvalidSpec"
+    };
     let mut d = Decision::new(Next::AwaitChange);
     d.report = Some(Report {
         phase: Phase::Failed,
         message: why.into(),
-        conditions: vec![want("Failed", true, "InvalidSpec", why)],
+        conditions: vec![want("Failed", true, reason, why)],
         completed: false,
         reopened: false,
         counts: None,
@@ -266,7 +335,7 @@ fn loading(o: &Observed, plan: &ImportPlan, error: Option<&str>) -> Decision {
             let reason = if *exit == Some(JobExit::Permanent) {
                 "InputUnreadable"
             } else {
-                "ReaderFailed"
+                failure_reason(message, "ReaderFailed")
             };
             let mut d = Decision::new(after_finishing(o));
             d.event = Some(Note {
@@ -302,12 +371,10 @@ fn loading(o: &Observed, plan: &ImportPlan, error: Option<&str>) -> Decision {
             d.report = Some(Report {
                 phase: Phase::Loading,
                 message: format!("reader Job {} is loading the CSV", spec.name),
-                conditions: vec![want(
-                    "Loaded",
-                    false,
-                    "Loading",
-                    "the reader Job is loading the CSV",
-                )],
+                conditions: vec![
+                    want("Loaded", false, "Loading", "the reader Job is loading the CSV"),
+                    jobs_ready(o),
+                ],
                 completed: false,
                 reopened: false,
                 counts: None,
@@ -348,7 +415,8 @@ fn retry(o: &Observed, plan: &ImportPlan) -> Decision {
 /// How the enricher Jobs stand.
 #[derive(Default)]
 struct Shards {
-    failed: Vec<String>,
+    /// (what failed, the Job's own message).
+    failed: Vec<(String, String)>,
     quota_stopped: usize,
     all_done: bool,
 }
@@ -374,7 +442,14 @@ fn enriching(o: &Observed, plan: &ImportPlan) -> Decision {
     );
     let quota = quota_condition(plan, shards.quota_stopped, c.rows_pending);
     if !shards.failed.is_empty() {
-        let msg = shards.failed.join("; ");
+        let msg = shards
+            .failed
+            .iter()
+            .map(|(what, _)| what.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let reason = failure_reason(&shards.failed[0].1, "JobFailed");
+        suspend_siblings(o, plan, &mut d);
         d.next = after_finishing(o);
         d.event = Some(Note {
             warning: true,
@@ -386,9 +461,9 @@ fn enriching(o: &Observed, plan: &ImportPlan) -> Decision {
             msg.clone(),
             vec![
                 loaded,
-                want("Enriched", false, "JobFailed", msg.clone()),
+                want("Enriched", false, reason, msg.clone()),
                 quota,
-                want("Failed", true, "JobFailed", msg),
+                want("Failed", true, reason, msg),
             ],
             c,
         ));
@@ -455,6 +530,7 @@ fn still_enriching(
         want("Enriched", false, "Enriching", "enricher Jobs running"),
         suspended,
         quota,
+        jobs_ready(o),
     ];
     d.report = Some(report(Phase::Enriching, message, conditions, c));
 }
@@ -488,12 +564,18 @@ fn act_on_enrichers(o: &Observed, plan: &ImportPlan, d: &mut Decision) -> Shards
                 s.all_done = false;
                 d.create.push((spec, o.suspend));
             }
-            Some(JobState::Running { suspended }) => {
+            Some(JobState::Running {
+                suspended,
+                suspended_by_us,
+            }) => {
                 s.all_done = false;
-                if suspended != o.suspend {
+                // Suspend for spec.suspend; un-suspend only what we
+                // suspended (Kueue owns the suspension of Jobs it holds).
+                if (o.suspend && !suspended) || (!o.suspend && suspended_by_us) {
                     d.set_suspend.push((spec.name.clone(), o.suspend));
                 }
             }
+            Some(JobState::NotOurs { .. }) => s.all_done = false,
             Some(JobState::Succeeded) if pending > 0 => {
                 // Its shard has work again (retryFailed): run it again.
                 s.all_done = false;
@@ -508,12 +590,25 @@ fn act_on_enrichers(o: &Observed, plan: &ImportPlan, d: &mut Decision) -> Shards
                     // The budget was raised since this Job stopped: run the shard again.
                     d.delete.push(spec.name.clone());
                 } else {
-                    s.failed.push(format!("Job {} failed: {message}", spec.name));
+                    s.failed
+                        .push((format!("Job {} failed: {message}", spec.name), message));
                 }
             }
         }
     }
     s
+}
+
+/// One shard failed and fails the import: its running siblings are
+/// suspended so they stop calling the API (they can be resumed by
+/// `retryFailed`, which re-runs the shards with failed or pending rows).
+fn suspend_siblings(o: &Observed, plan: &ImportPlan, d: &mut Decision) {
+    d.set_suspend.clear();
+    for (spec, state) in enricher_jobs(plan).into_iter().zip(&o.enrichers) {
+        if matches!(state, Some(JobState::Running { suspended: false, .. })) {
+            d.set_suspend.push((spec.name, true));
+        }
+    }
 }
 
 fn quota_condition(plan: &ImportPlan, quota_stopped: usize, rows_pending: i64) -> Want {

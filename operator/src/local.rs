@@ -262,6 +262,7 @@ fn spec_of(args: &LocalArgs, shards: u32, offline: Option<&Path>) -> PostcodeImp
         backoff_limit: args.backoff_limit,
         priority_class_name: None,
         pod_template: None,
+        active_deadline_seconds: None,
     }
 }
 
@@ -521,6 +522,7 @@ impl LocalRun<'_> {
             counts: Default::default(),
             ttl_seconds_after_finished: None,
             finished_for: None,
+            jobs_not_ready: None,
         };
         let same_content = |r: &&ImportRecord| r.source_sha256.as_deref() == Some(self.content_sha.as_str());
         let Some(r) = record
@@ -561,8 +563,13 @@ impl LocalRun<'_> {
             if spec.role == crate::plan::Role::Reader {
                 self.load_started = Some(Instant::now());
             }
-            self.jobs
-                .insert(spec.name.clone(), JobState::Running { suspended: false });
+            self.jobs.insert(
+                spec.name.clone(),
+                JobState::Running {
+                    suspended: false,
+                    suspended_by_us: false,
+                },
+            );
             let (spec, db, log_dir) = (spec.clone(), self.db.clone(), self.log_dir.clone());
             self.running
                 .spawn(async move { (spec.name.clone(), run_job(spec, db, log_dir).await) });

@@ -116,10 +116,39 @@ fn job_env(p: &ImportPlan) -> Vec<(String, String)> {
     ]
 }
 
-/// Kubernetes names are at most 63 characters; keeps room for `-enricher-63`.
-fn job_name(import: &str, suffix: &str) -> String {
-    let base: String = import.chars().take(63 - suffix.len() - 1).collect();
-    format!("{}-{suffix}", base.trim_end_matches('-'))
+/// Longest Kubernetes label value and Job name the Job controller can label
+/// its pods with (`batch.kubernetes.io/job-name`): 63 characters.
+pub const MAX_NAME: usize = 63;
+
+/// A name of at most [`MAX_NAME`] characters for `base`-`suffix` that never
+/// collides for two imports: when the whole name does not fit, `base` is cut
+/// and the first 8 hex digits of SHA-256 of the import's `uid` are put
+/// before the suffix, so imports whose names share their first ~45
+/// characters still get distinct names (issue 11).
+pub fn fitted_name(base: &str, uid: &str, suffix: &str) -> String {
+    let whole = if suffix.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}-{suffix}")
+    };
+    if whole.len() <= MAX_NAME {
+        return whole;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(uid.as_bytes());
+    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let tail = if suffix.is_empty() {
+        hash
+    } else {
+        format!("{hash}-{suffix}")
+    };
+    // Names are DNS labels (ASCII), so cutting at a byte count is safe.
+    let cut: String = base.chars().take(MAX_NAME - tail.len() - 1).collect();
+    format!("{}-{tail}", cut.trim_end_matches(['-', '.']))
+}
+
+fn job_name(p: &ImportPlan, suffix: &str) -> String {
+    fitted_name(&p.name, &p.uid, suffix)
 }
 
 /// The reader Job of an import.
@@ -141,7 +170,7 @@ pub fn reader_job(p: &ImportPlan) -> JobSpec {
         }
     }
     JobSpec {
-        name: job_name(&p.name, "reader"),
+        name: job_name(p, "reader"),
         role: Role::Reader,
         command: "reader-job".into(),
         args,
@@ -178,7 +207,7 @@ pub fn enricher_job(p: &ImportPlan, shard: u32) -> JobSpec {
         args.extend(["--max-requests".into(), m.to_string()]);
     }
     JobSpec {
-        name: job_name(&p.name, &format!("enricher-{shard}")),
+        name: job_name(p, &format!("enricher-{shard}")),
         role: Role::Enricher { shard },
         command: "enricher-job".into(),
         args,
@@ -232,10 +261,31 @@ mod tests {
     }
 
     #[test]
-    fn long_names_stay_within_63_characters() {
+    fn long_names_stay_within_63_characters_and_never_collide() {
         let mut p = plan();
         p.name = "a".repeat(80);
         assert!(enricher_job(&p, 63).name.len() <= 63);
         assert!(reader_job(&p).name.ends_with("-reader"));
+        // Two 60-character names differing in their last character.
+        let mut q = plan();
+        p.name = format!("{}x", "n".repeat(59));
+        q.name = format!("{}y", "n".repeat(59));
+        q.uid = "u-2".into();
+        let mut names = std::collections::HashSet::new();
+        for plan in [&p, &q] {
+            names.insert(reader_job(plan).name);
+            for j in enricher_jobs(&ImportPlan {
+                shards: 64,
+                ..plan.clone()
+            }) {
+                assert!(j.name.len() <= MAX_NAME, "{}", j.name);
+                names.insert(j.name);
+            }
+        }
+        assert_eq!(names.len(), 2 * 65, "every Job name distinct");
+        // Names that fit are kept as they are.
+        assert_eq!(fitted_name("trips", "u", "reader"), "trips-reader");
+        assert_eq!(fitted_name("trips", "u", ""), "trips");
+        assert_eq!(fitted_name(&"b".repeat(70), "u", "").len(), MAX_NAME);
     }
 }

@@ -14,7 +14,7 @@ use postcode_resource::limits;
 use crate::{
     api::{router, ApiConfig, AppState},
     controller::{self, Context},
-    jobs::{EgressSettings, JobSettings},
+    jobs::{EgressSettings, JobSettings, PodSettings},
 };
 
 /// Options of `postcode-operator run`.
@@ -72,6 +72,27 @@ pub struct RunArgs {
     /// (none allowed when empty; chart value egress.offlinePostcodesDir).
     #[arg(long, env = "JOB_EGRESS_OFFLINE_POSTCODES_DIR", default_value = "")]
     pub job_egress_offline_postcodes_dir: String,
+    /// Container resources of reader pods whose import sets none (JSON
+    /// ResourceRequirements; chart value jobPods.reader.resources). Sized
+    /// from the reader's measured peak RSS (≤ 54 MiB at 10 M rows,
+    /// BENCHMARKS.md); limits too, so that namespaces with a compute
+    /// ResourceQuota admit the pods.
+    #[arg(long, env = "JOB_READER_RESOURCES", default_value = DEFAULT_READER_RESOURCES)]
+    pub job_reader_resources: String,
+    /// Container resources of enricher pods whose import sets none (JSON;
+    /// chart value jobPods.enricher.resources). Sized from the enricher's
+    /// measured peak RSS (≤ 192 MiB with the whole NSPL, BENCHMARKS.md).
+    #[arg(long, env = "JOB_ENRICHER_RESOURCES", default_value = DEFAULT_ENRICHER_RESOURCES)]
+    pub job_enricher_resources: String,
+    /// Volumes an import's podTemplate may add: comma-separated `kind` or
+    /// `kind/name` (`*` = any name), kind as the Volume field (chart value
+    /// jobPods.allowedVolumes). hostPath is never allowed.
+    #[arg(
+        long,
+        env = "JOB_ALLOWED_VOLUMES",
+        default_value = "persistentVolumeClaim/*,configMap/*,emptyDir"
+    )]
+    pub job_allowed_volumes: String,
     /// Bearer token required by the upload API (none when empty).
     #[arg(long, env = "UPLOAD_TOKEN", default_value = "", hide_env_values = true)]
     pub upload_token: String,
@@ -92,7 +113,38 @@ pub struct RunArgs {
     pub leader_election: bool,
 }
 
+/// [`RunArgs::job_reader_resources`]' default.
+pub const DEFAULT_READER_RESOURCES: &str =
+    r#"{"requests":{"cpu":"250m","memory":"64Mi"},"limits":{"cpu":"1","memory":"256Mi"}}"#;
+/// [`RunArgs::job_enricher_resources`]' default.
+pub const DEFAULT_ENRICHER_RESOURCES: &str =
+    r#"{"requests":{"cpu":"250m","memory":"256Mi"},"limits":{"cpu":"1","memory":"768Mi"}}"#;
+
+/// The Job pods' settings from the flags; errors name the flag.
+pub fn pod_settings(args: &RunArgs) -> anyhow::Result<PodSettings> {
+    let resources = |flag: &str, v: &str| -> anyhow::Result<_> {
+        if v.trim().is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(v)
+            .map(Some)
+            .with_context(|| format!("{flag}: not a ResourceRequirements JSON object: {v}"))
+    };
+    Ok(PodSettings {
+        reader_resources: resources("JOB_READER_RESOURCES", &args.job_reader_resources)?,
+        enricher_resources: resources("JOB_ENRICHER_RESOURCES", &args.job_enricher_resources)?,
+        allowed_volumes: args
+            .job_allowed_volumes
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let pods = pod_settings(&args)?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
@@ -127,7 +179,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let app = router(api_state).layer(tower_http::trace::TraceLayer::new_for_http());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let ctx = context(&client, store, &args);
+    let ctx = context(&client, store, &args, pods);
     let namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
 
     if args.leader_election {
@@ -151,7 +203,7 @@ pub fn egress_settings(args: &RunArgs) -> EgressSettings {
 }
 
 /// The controller's context from the flags.
-fn context(client: &Client, store: Store, args: &RunArgs) -> Arc<Context> {
+fn context(client: &Client, store: Store, args: &RunArgs, pods: PodSettings) -> Arc<Context> {
     Arc::new(Context {
         client: client.clone(),
         store,
@@ -163,6 +215,7 @@ fn context(client: &Client, store: Store, args: &RunArgs) -> Arc<Context> {
             database_secret_key: args.database_secret_key.clone(),
             rust_log: args.job_rust_log.clone(),
             egress: egress_settings(args),
+            pods,
         },
         database_secret: (args.pod_namespace.clone(), args.database_secret_name.clone()),
         recorder: controller::recorder(client.clone()),

@@ -8,6 +8,8 @@
 
 pub mod limits;
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -87,21 +89,56 @@ pub struct PostcodeImportSpec {
     /// volume holding the `offlinePostcodes` file. Read when a Job is created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_template: Option<PodTemplate>,
+    /// `activeDeadlineSeconds` of each Job: a Job running longer is stopped
+    /// and the import fails with reason `DeadlineExceeded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
 }
 
-/// What an import sets in its Job pods.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+/// What an import sets in its Job pods (the reader's and every enricher's),
+/// copied verbatim into each Job's pod template. What it may not do: choose
+/// the ServiceAccount (the chart's Job ServiceAccount is always used), mount
+/// a `hostPath` (refused here by CEL), or mount volumes outside the chart's
+/// allowlist (`jobPods.allowedVolumes`, checked by the operator: the import
+/// fails with `PodTemplateRefused`). Labels the operator sets on its Jobs win
+/// over the template's.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.volumes) || self.volumes.all(v, !has(v.hostPath))").message("podTemplate.volumes: hostPath volumes are never allowed"))]
 pub struct PodTemplate {
-    /// Volumes added to the pods.
+    /// Labels added to the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Volumes added to the pods, at most [`limits::MAX_POD_VOLUMES`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = limits::MAX_POD_VOLUMES))]
     pub volumes: Vec<k8s_openapi::api::core::v1::Volume>,
     /// Mounts added to the Job container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_mounts: Vec<k8s_openapi::api::core::v1::VolumeMount>,
-    /// Requests and limits of the Job container.
+    /// Requests and limits of the Job container; the chart's defaults
+    /// (`jobPods.reader.resources`, `jobPods.enricher.resources`) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// `nodeSelector` of the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// `tolerations` of the pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    /// `affinity` of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+    /// `imagePullSecrets` of the pods (Secrets in the import's namespace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<k8s_openapi::api::core::v1::LocalObjectReference>,
+    /// `priorityClassName` of the pods (wins over `spec.priorityClassName`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
 }
 
 fn default_shards() -> u32 {
@@ -178,6 +215,7 @@ pub const API_URL_HOST_RULE: &str = r"!self.matches('^[a-zA-Z]+://([^/@]*@)?(\\[
 /// postcodes.io endpoint and search radii.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.maxRadiusMeters >= self.radiusMeters").message("api.maxRadiusMeters must be at least api.radiusMeters"))]
 pub struct ApiSpec {
     /// postcodes.io base URL, at most [`limits::MAX_URL_LEN`] characters
     /// ([`URL_RULE`], [`API_URL_HOST_RULE`]); the enrichers call it only when it is on the

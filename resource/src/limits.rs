@@ -30,6 +30,9 @@ pub const DEFAULT_BACKOFF_LIMIT: i32 = 3;
 /// Most retries of a Job an import may ask for.
 pub const MAX_BACKOFF_LIMIT: i32 = 20;
 
+/// Most volumes an import's `podTemplate` may add (bounds the CEL rule's cost).
+pub const MAX_POD_VOLUMES: usize = 32;
+
 /// Whether `shards` is an allowed shard count.
 pub fn shards_allowed(shards: u32) -> bool {
     (MIN_SHARDS..=MAX_SHARDS).contains(&shards)

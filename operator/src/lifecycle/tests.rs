@@ -42,6 +42,7 @@ fn new_import() -> Observed {
         counts: Counts::default(),
         ttl_seconds_after_finished: None,
         finished_for: None,
+        jobs_not_ready: None,
     }
 }
 
@@ -64,7 +65,10 @@ fn loaded(enrichers: Vec<Option<JobState>>) -> Observed {
 }
 
 fn running() -> Option<JobState> {
-    Some(JobState::Running { suspended: false })
+    Some(JobState::Running {
+        suspended: false,
+        suspended_by_us: false,
+    })
 }
 
 fn failed(exit: Option<JobExit>) -> Option<JobState> {
@@ -171,7 +175,13 @@ fn suspend_creates_suspended_jobs_and_suspends_running_ones() {
     assert_eq!(d.set_suspend, [("trips-enricher-0".to_string(), true)]);
     assert_eq!(condition(&d, "Suspended"), Some((true, "Suspended".into())));
     // Resuming un-suspends a suspended Job.
-    let mut o = loaded(vec![Some(JobState::Running { suspended: true }), running()]);
+    let mut o = loaded(vec![
+        Some(JobState::Running {
+            suspended: true,
+            suspended_by_us: true,
+        }),
+        running(),
+    ]);
     o.suspend = false;
     let d = decide(&o);
     assert_eq!(d.set_suspend, [("trips-enricher-0".to_string(), false)]);
@@ -280,4 +290,117 @@ fn an_unplannable_spec_fails_without_jobs() {
     assert_eq!(condition(&d, "Failed"), Some((true, "InvalidSpec".into())));
     assert!(d.create.is_empty());
     assert_eq!(d.next, Next::AwaitChange);
+}
+
+/// Kueue creates the Jobs it manages suspended and releases them when it
+/// admits them: a Job suspended by someone else is never un-suspended, one
+/// the operator suspended (for `spec.suspend`) is.
+#[test]
+fn only_jobs_the_operator_suspended_are_resumed_by_it() {
+    let held = Some(JobState::Running {
+        suspended: true,
+        suspended_by_us: false,
+    });
+    let d = decide(&loaded(vec![held.clone(), running()]));
+    assert!(d.set_suspend.is_empty(), "{:?}", d.set_suspend);
+    assert_eq!(phase(&d), Some(Phase::Enriching));
+    // spec.suspend still suspends it (and marks it ours); a reader held by
+    // Kueue is left alone too.
+    let mut o = loaded(vec![held.clone(), running()]);
+    o.suspend = true;
+    let d = decide(&o);
+    assert_eq!(d.set_suspend, [("trips-enricher-1".to_string(), true)]);
+    let mut o = new_import();
+    o.reader = held;
+    let d = decide(&o);
+    assert!(d.set_suspend.is_empty() && d.create.is_empty());
+}
+
+/// A Job of a planned name that the import does not own fails the import
+/// with `JobNameConflict` and is neither deleted, changed nor adopted.
+#[test]
+fn a_foreign_job_with_a_planned_name_fails_the_import_untouched() {
+    let foreign = Some(JobState::NotOurs {
+        message: "a Job named trips-enricher-1 already exists".into(),
+    });
+    for o in [
+        loaded(vec![running(), foreign.clone()]),
+        Observed {
+            reader: foreign.clone(),
+            ..new_import()
+        },
+    ] {
+        let d = decide(&o);
+        assert_eq!(phase(&d), Some(Phase::Failed));
+        assert_eq!(condition(&d, "Failed"), Some((true, "JobNameConflict".into())));
+        assert!(d.create.is_empty() && d.delete.is_empty() && d.set_suspend.is_empty());
+    }
+}
+
+/// One shard failing fails the import and suspends the shards still running,
+/// so they stop calling the API.
+#[test]
+fn a_failed_shard_suspends_its_running_siblings() {
+    let mut o = loaded(vec![failed(Some(JobExit::Retryable)), running(), running()]);
+    o.plan = Ok(plan(3));
+    o.shard_pending = vec![2, 2, 0];
+    let d = decide(&o);
+    assert_eq!(phase(&d), Some(Phase::Failed));
+    assert_eq!(
+        d.set_suspend,
+        [
+            ("trips-enricher-1".to_string(), true),
+            ("trips-enricher-2".to_string(), true)
+        ]
+    );
+}
+
+/// `activeDeadlineSeconds` ends a Job with reason `DeadlineExceeded`; the
+/// import fails with that reason.
+#[test]
+fn a_job_past_its_deadline_fails_the_import_with_deadline_exceeded() {
+    let late = Some(JobState::Failed {
+        exit: None,
+        message: "DeadlineExceeded: Job was active longer than specified deadline".into(),
+    });
+    let d = decide(&loaded(vec![late.clone(), running()]));
+    assert_eq!(condition(&d, "Failed"), Some((true, "DeadlineExceeded".into())));
+    let o = Observed {
+        reader: late,
+        ..new_import()
+    };
+    assert_eq!(
+        condition(&decide(&o), "Failed"),
+        Some((true, "DeadlineExceeded".into()))
+    );
+}
+
+/// Pods that cannot start show as `JobsReady=False` with the cause, while
+/// loading and while enriching.
+#[test]
+fn pods_that_cannot_start_show_in_the_jobs_ready_condition() {
+    let why = Some((
+        "FailedCreate".to_string(),
+        "Job trips-reader cannot create its pod: serviceaccount \"postcode-operator-job\" not found"
+            .to_string(),
+    ));
+    let o = Observed {
+        jobs_not_ready: why.clone(),
+        reader: running(),
+        ..new_import()
+    };
+    assert_eq!(
+        condition(&decide(&o), "JobsReady"),
+        Some((false, "FailedCreate".into()))
+    );
+    let mut o = loaded(vec![running(), running()]);
+    assert_eq!(
+        condition(&decide(&o), "JobsReady"),
+        Some((true, "PodsStarted".into()))
+    );
+    o.jobs_not_ready = why;
+    assert_eq!(
+        condition(&decide(&o), "JobsReady"),
+        Some((false, "FailedCreate".into()))
+    );
 }

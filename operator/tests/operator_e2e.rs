@@ -20,7 +20,8 @@ use futures::StreamExt;
 use k8s_openapi::api::{batch::v1::Job, core::v1::Secret};
 use kube::{
     api::{ApiResource, DeleteParams, DynamicObject, ListParams, PostParams},
-    Api, Client,
+    runtime::WatchStreamExt,
+    Api, Client, ResourceExt,
 };
 use postcodes_io_test_server::{Faults, TestServer};
 use serde_json::{json, Value};
@@ -1200,4 +1201,444 @@ async fn an_import_cannot_reach_what_the_egress_policy_refuses() {
         );
     }
     drop(op);
+}
+
+// ---- Issue 11: ready for a real cluster -------------------------------------
+
+/// A condition of an import: (status, reason, message).
+fn import_condition(o: &DynamicObject, type_: &str) -> Option<(String, String, String)> {
+    let cs = o.data.pointer("/status/conditions")?.as_array()?;
+    let c = cs.iter().find(|c| c["type"] == type_)?;
+    let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
+    Some((s("status"), s("reason"), s("message")))
+}
+
+/// Waits until the import `name` is Succeeded or Failed; returns it.
+async fn finished(client: &Client, ns: &str, name: &str, timeout: Duration) -> DynamicObject {
+    wait_for(&imports_api(client, ns), name, timeout, |o| {
+        matches!(phase(o).as_str(), "Succeeded" | "Failed")
+    })
+    .await
+}
+
+/// Waits until the import `name` (seen with `uid`) is gone from the API server.
+async fn gone(client: &Client, ns: &str, name: &str, uid: &str, timeout: Duration) {
+    let cond = kube::runtime::conditions::is_deleted(uid);
+    tokio::time::timeout(
+        timeout,
+        kube::runtime::wait::await_condition(imports_api(client, ns), name, cond),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{name} not deleted within {timeout:?}"))
+    .unwrap();
+}
+
+/// An import of the shipped sample over the HTTP path.
+fn sample_spec(source: &str, server: &TestServer, extra: Value) -> Value {
+    let mut spec = json!({
+        "source": {"url": source},
+        "api": {"baseUrl": api_url(server)},
+        "quota": {"requestsPerSecond": 50},
+        "shards": 2,
+    });
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    spec
+}
+
+/// Every field of `spec.podTemplate` reaches the reader's and each
+/// enricher's pod as the API server stores them; a hostPath volume is
+/// refused by the API server (CEL), a volume outside the chart's allowlist by
+/// the operator, with a message naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_template_fields_reach_every_job_pod_and_volumes_are_bounded() {
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let (client, ns, db, _pods) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    let source = serve_file(repo().join("samples/trips.csv")).await;
+    let template = json!({
+        "labels": {"team": "geo"},
+        "annotations": {"cost-centre": "42"},
+        "volumes": [{"name": "scratch", "emptyDir": {}}],
+        "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 1, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}]}},
+        "imagePullSecrets": [{"name": "registry"}],
+    });
+    let extra = json!({"podTemplate": template, "activeDeadlineSeconds": 600});
+    create_import(&client, &ns, "templated", sample_spec(&source, &server, extra)).await;
+    let done = finished(&client, &ns, "templated", Duration::from_secs(180)).await;
+    assert_eq!(phase(&done), "Succeeded", "{:#?}", done.data["status"]);
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    let mut seen = std::collections::BTreeSet::new();
+    for p in pods.list(&ListParams::default()).await.unwrap() {
+        let job = p.labels()["batch.kubernetes.io/job-name"].clone();
+        let v = serde_json::to_value(&p).unwrap();
+        for key in ["nodeSelector", "affinity", "imagePullSecrets"] {
+            assert_eq!(v["spec"][key], template[key], "{job}: {key}");
+        }
+        // The DefaultTolerationSeconds admission plugin adds the not-ready and
+        // unreachable tolerations after the template's.
+        let tolerations = v["spec"]["tolerations"].as_array().unwrap();
+        assert_eq!(tolerations[0], template["tolerations"][0], "{job}: tolerations");
+        assert_eq!(
+            v["spec"]["containers"][0]["resources"], template["resources"],
+            "{job}"
+        );
+        assert!(
+            v["spec"]["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|vol| vol["name"] == "scratch"),
+            "{job}"
+        );
+        assert_eq!(v["metadata"]["labels"]["team"], "geo", "{job}");
+        assert_eq!(v["metadata"]["annotations"]["cost-centre"], "42", "{job}");
+        assert_eq!(v["spec"]["serviceAccountName"], JOB_SA, "{job}");
+        seen.insert(job);
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["templated-enricher-0", "templated-enricher-1", "templated-reader"]
+    );
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let reader = jobs.get("templated-reader").await.unwrap();
+    assert_eq!(reader.spec.unwrap().active_deadline_seconds, Some(600));
+    // hostPath: refused by the API server.
+    let host = json!({"podTemplate": {"volumes": [{"name": "h", "hostPath": {"path": "/etc"}}]}});
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "postcodes.dev/v1alpha1", "kind": "PostcodeImport",
+        "metadata": {"name": "hostpath", "namespace": ns},
+        "spec": sample_spec(&source, &server, host),
+    }))
+    .unwrap();
+    let err = imports_api(&client, &ns)
+        .create(&PostParams::default(), &obj)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("hostPath volumes are never allowed"),
+        "{err}"
+    );
+    // A Secret volume: not on the chart's default allowlist.
+    let secret = json!({"podTemplate": {"volumes": [{"name": "s", "secret": {"secretName": "postcode-operator-database"}}]}});
+    create_import(&client, &ns, "secretvol", sample_spec(&source, &server, secret)).await;
+    let refused = finished(&client, &ns, "secretvol", Duration::from_secs(60)).await;
+    let (_, reason, msg) = import_condition(&refused, "Failed").unwrap();
+    assert_eq!(reason, "PodTemplateRefused", "{msg}");
+    assert!(
+        msg.contains("podTemplate.volumes[0] (secret/postcode-operator-database) is not allowed"),
+        "{msg}"
+    );
+    assert!(
+        jobs.get_opt("secretvol-reader").await.unwrap().is_none(),
+        "no Job for a refused template"
+    );
+    op.kill();
+}
+
+/// Pods that cannot start show within a minute: here the namespace has no
+/// Job ServiceAccount, so the Job controller cannot create the reader's pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_whose_pods_cannot_be_created_says_why() {
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let client = test_client().await;
+    let ns = fresh_namespace(&client).await;
+    let db = fresh_pg().await;
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "postcode-operator-database"}, "stringData": {"url": db}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let op = Operator::start(&ns, &db, &[]);
+    let source = serve_file(repo().join("samples/trips.csv")).await;
+    create_import(&client, &ns, "nosa", sample_spec(&source, &server, json!({}))).await;
+    let o = wait_for(&imports_api(&client, &ns), "nosa", Duration::from_secs(60), |o| {
+        import_condition(o, "JobsReady").is_some_and(|(s, _, _)| s == "False")
+    })
+    .await;
+    let (_, reason, msg) = import_condition(&o, "JobsReady").unwrap();
+    assert_eq!(reason, "FailedCreate", "{msg}");
+    assert!(msg.contains("nosa-reader") && msg.contains(JOB_SA), "{msg}");
+    assert_eq!(phase(&o), "Loading");
+    // Once the ServiceAccount exists the Job controller's retry creates the pod.
+    create_job_service_account(&client, &ns, JOB_SA).await;
+    let done = finished(&client, &ns, "nosa", Duration::from_secs(300)).await;
+    assert_eq!(phase(&done), "Succeeded", "{:#?}", done.data["status"]);
+    op.kill();
+}
+
+/// A namespace with a compute ResourceQuota admits only pods with requests
+/// and limits: the chart's default Job resources make the import succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_in_a_namespace_with_a_compute_quota_succeeds() {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let (client, ns, db, _pods) = setup().await;
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "compute"},
+        "spec": {"hard": {"requests.cpu": "4", "requests.memory": "8Gi", "limits.cpu": "8", "limits.memory": "16Gi"}},
+    }))
+    .unwrap();
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &ns);
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    // The quota controller fills in its status before the admission plugin uses it.
+    wait_for(&quotas, "compute", Duration::from_secs(60), |q| {
+        q.status.as_ref().is_some_and(|s| s.hard.is_some())
+    })
+    .await;
+    let op = Operator::start(&ns, &db, &[]);
+    let source = serve_file(repo().join("samples/trips.csv")).await;
+    create_import(&client, &ns, "quoted", sample_spec(&source, &server, json!({}))).await;
+    let done = finished(&client, &ns, "quoted", Duration::from_secs(180)).await;
+    assert_eq!(phase(&done), "Succeeded", "{:#?}", done.data["status"]);
+    op.kill();
+}
+
+/// The operator's `postcode_operator_reconciles_total`.
+async fn reconciles(op_url: &str) -> u64 {
+    let text = reqwest::get(format!("{op_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("postcode_operator_reconciles_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// Waits until the operator has reconciled `n` more times (it looks at a
+/// loading import every few seconds).
+async fn reconciled_n_more(op_url: &str, n: u64) {
+    let start = reconciles(op_url).await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while reconciles(op_url).await < start + n {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the operator keeps reconciling");
+}
+
+/// Kueue creates the Jobs it manages suspended and lifts `spec.suspend` when
+/// it admits them. A stand-in watcher suspends every Job labelled with a
+/// queue name until released: the operator leaves them suspended, and the
+/// import finishes once they are released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_held_by_a_queue_stay_suspended_until_it_releases_them() {
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let (client, ns, db, _pods) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder = {
+        let (jobs, released) = (jobs.clone(), released.clone());
+        let cfg = kube::runtime::watcher::Config::default().labels("kueue.x-k8s.io/queue-name");
+        tokio::spawn(async move {
+            let stream = kube::runtime::watcher(jobs.clone(), cfg).applied_objects();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(j)) = stream.next().await {
+                let suspended = j.spec.as_ref().and_then(|s| s.suspend) == Some(true);
+                if !released.load(std::sync::atomic::Ordering::SeqCst) && !suspended {
+                    let patch = kube::api::Patch::Merge(json!({"spec": {"suspend": true}}));
+                    let _ = jobs.patch(&j.name_any(), &Default::default(), &patch).await;
+                }
+            }
+        })
+    };
+    let source = serve_file(repo().join("samples/trips.csv")).await;
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "postcodes.dev/v1alpha1", "kind": "PostcodeImport",
+        "metadata": {"name": "queued", "namespace": ns, "labels": {"kueue.x-k8s.io/queue-name": "batch"}},
+        "spec": sample_spec(&source, &server, json!({})),
+    }))
+    .unwrap();
+    imports_api(&client, &ns)
+        .create(&PostParams::default(), &obj)
+        .await
+        .unwrap();
+    wait_for(&jobs, "queued-reader", Duration::from_secs(60), |j| {
+        j.spec.as_ref().and_then(|s| s.suspend) == Some(true)
+    })
+    .await;
+    reconciled_n_more(&op.url, 3).await;
+    let reader = jobs.get("queued-reader").await.unwrap();
+    assert_eq!(
+        reader.spec.unwrap().suspend,
+        Some(true),
+        "the operator lifted the queue's hold"
+    );
+    let o = imports_api(&client, &ns).get("queued").await.unwrap();
+    assert_eq!(phase(&o), "Loading");
+    released.store(true, std::sync::atomic::Ordering::SeqCst);
+    let patch = kube::api::Patch::Merge(json!({"spec": {"suspend": false}}));
+    jobs.patch("queued-reader", &Default::default(), &patch)
+        .await
+        .unwrap();
+    let done = finished(&client, &ns, "queued", Duration::from_secs(180)).await;
+    assert_eq!(phase(&done), "Succeeded", "{:#?}", done.data["status"]);
+    holder.abort();
+    op.kill();
+}
+
+/// Two 60-character names that differ in their last character, 12 shards
+/// each: distinct Jobs, both succeed. A 70-character name succeeds and can
+/// be deleted. A Job of a planned name made by someone else is left alone
+/// and the import fails with `JobNameConflict`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_names_never_collide_and_a_foreign_job_is_never_adopted() {
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let (client, ns, db, _pods) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    let source = serve_file(repo().join("samples/trips.csv")).await;
+    let small =
+        json!({"shards": 12, "podTemplate": {"resources": {"requests": {"cpu": "10m", "memory": "32Mi"}}}});
+    let a = format!("{}a", "n".repeat(59));
+    let b = format!("{}b", "n".repeat(59));
+    let long = "l".repeat(70);
+    for name in [&a, &b, &long] {
+        create_import(&client, &ns, name, sample_spec(&source, &server, small.clone())).await;
+    }
+    for name in [&a, &b, &long] {
+        let done = finished(&client, &ns, name, Duration::from_secs(600)).await;
+        assert_eq!(phase(&done), "Succeeded", "{name}: {:#?}", done.data["status"]);
+    }
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let all = jobs.list(&ListParams::default()).await.unwrap();
+    let names: std::collections::HashSet<_> = all.iter().map(|j| j.name_any()).collect();
+    assert_eq!(names.len(), 3 * 13, "{names:?}");
+    let o = imports_api(&client, &ns).get(&long).await.unwrap();
+    let uid = o.metadata.uid.clone().unwrap();
+    imports_api(&client, &ns)
+        .delete(&long, &DeleteParams::default())
+        .await
+        .unwrap();
+    gone(&client, &ns, &long, &uid, Duration::from_secs(120)).await;
+    assert_eq!(rows_stored(&db, &uid).await, 0);
+    // A Job named like a planned one, not owned by the import.
+    let foreign: Job = serde_json::from_value(json!({
+        "metadata": {"name": "taken-reader"},
+        "spec": {"suspend": true, "template": {"spec": {"restartPolicy": "Never",
+            "containers": [restricted(json!({"name": "c", "image": "testbox", "command": ["true"]}))]}}},
+    }))
+    .unwrap();
+    jobs.create(&PostParams::default(), &foreign).await.unwrap();
+    create_import(&client, &ns, "taken", sample_spec(&source, &server, json!({}))).await;
+    let failed = finished(&client, &ns, "taken", Duration::from_secs(60)).await;
+    let (_, reason, msg) = import_condition(&failed, "Failed").unwrap();
+    assert_eq!(reason, "JobNameConflict", "{msg}");
+    assert!(msg.contains("taken-reader"), "{msg}");
+    let still = jobs.get("taken-reader").await.unwrap();
+    assert!(still.owner_references().is_empty(), "not adopted");
+    assert_eq!(still.spec.unwrap().suspend, Some(true), "untouched");
+    op.kill();
+}
+
+/// A Failed import with `ttlSecondsAfterFinished` is deleted with its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_import_expires_with_its_rows() {
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let (client, ns, db, _pods) = setup().await;
+    // The test server's URL is not on this operator's API allowlist: the
+    // enrichers fail at once (exit 2) after the rows are loaded.
+    let op = Operator::start(
+        &ns,
+        &db,
+        &[("JOB_EGRESS_ALLOWED_API_URLS", "https://api.postcodes.io")],
+    );
+    let source = serve_file(repo().join("samples/trips.csv")).await;
+    create_import(
+        &client,
+        &ns,
+        "expiring",
+        sample_spec(&source, &server, json!({"ttlSecondsAfterFinished": 5})),
+    )
+    .await;
+    let failed = finished(&client, &ns, "expiring", Duration::from_secs(120)).await;
+    assert_eq!(phase(&failed), "Failed", "{:#?}", failed.data["status"]);
+    let uid = failed.metadata.uid.clone().unwrap();
+    assert!(rows_stored(&db, &uid).await > 0, "the rows were loaded");
+    gone(&client, &ns, "expiring", &uid, Duration::from_secs(60)).await;
+    assert_eq!(rows_stored(&db, &uid).await, 0);
+    op.kill();
+}
+
+/// Deleting an import while its reader loads: the operator stops the Jobs
+/// and waits for their pods to end before deleting the rows, so a reader
+/// that finishes its load meanwhile leaves nothing behind. The source sends
+/// part of the file, then the rest as soon as the import is being deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_import_while_it_loads_leaves_no_rows() {
+    let (client, ns, db, pods) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    let body = synthetic_input(200_000);
+    let cut = body[..body.len() / 2].rfind('\n').unwrap() + 1;
+    let (first, rest) = (body[..cut].to_string(), body[cut..].to_string());
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let source = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let go = go.clone();
+        let app = axum::Router::new().route(
+            "/input.csv",
+            axum::routing::get(move || {
+                let (first, rest, go) = (first.clone(), rest.clone(), go.clone());
+                async move {
+                    let s = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(
+                        futures::stream::once(async move {
+                            go.notified().await;
+                            Ok(rest)
+                        }),
+                    );
+                    axum::body::Body::from_stream(s)
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/input.csv")
+    };
+    create_import(
+        &client,
+        &ns,
+        "loading",
+        json!({"source": {"url": source}, "api": {"baseUrl": "http://localhost:9"}}),
+    )
+    .await;
+    pods.wait_running("loading-reader", Duration::from_secs(60)).await;
+    let api = imports_api(&client, &ns);
+    let o = wait_for(&api, "loading", Duration::from_secs(60), |o| {
+        phase(o) == "Loading"
+    })
+    .await;
+    let uid = o.metadata.uid.clone().unwrap();
+    api.delete("loading", &DeleteParams::default()).await.unwrap();
+    wait_for(&api, "loading", Duration::from_secs(30), |o| {
+        o.metadata.deletion_timestamp.is_some()
+    })
+    .await;
+    go.notify_waiters();
+    go.notify_one();
+    gone(&client, &ns, "loading", &uid, Duration::from_secs(120)).await;
+    pods.wait_idle("loading-reader", Duration::from_secs(60)).await;
+    let pool = sqlx::PgPool::connect(&db).await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM points")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let imports: i64 = sqlx::query_scalar("SELECT count(*) FROM imports")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!((left, imports), (0, 0), "rows left behind by a deleted import");
+    op.kill();
 }

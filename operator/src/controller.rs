@@ -31,7 +31,7 @@ use pipeline::{
     model::ImportPhase,
     store::{Counts, ImportRecord, QuotaCounters, Store},
 };
-use postcode_resource::{Phase, PostcodeImport, PostcodeImportStatus, API_VERSION, FINALIZER};
+use postcode_resource::{Phase, PostcodeImport, PostcodeImportStatus, ShardStatus, API_VERSION, FINALIZER};
 use serde_json::json;
 
 use crate::{
@@ -457,6 +457,9 @@ async fn act(
         jobs.patch(name, &PatchParams::default(), &Patch::Merge(patch))
             .await?;
     }
+    if let Ok(plan) = &o.plan {
+        reset_shard_entries(imp, ctx, plan, o, d).await?;
+    }
     if let Some(ev) = &d.event {
         let type_ = if ev.warning {
             EventType::Warning
@@ -492,6 +495,59 @@ async fn observe_generation(imp: &PostcodeImport, ctx: &Context) -> Result<()> {
         ..ours(&old)
     };
     write_status(&api, imp, &old, new).await
+}
+
+/// The `status.shards[]` phase a shard should show instead of what its
+/// last enricher wrote: `Pending` for a shard whose Job is re-created (a
+/// retry, a raised budget), `Suspended` for a suspended Job whose entry
+/// still says `Running` (its pod is gone and will not say so).
+fn shard_resets(
+    plan: &ImportPlan,
+    o: &Observed,
+    d: &Decision,
+    shown: &[ShardStatus],
+) -> Vec<(u32, &'static str)> {
+    let shown_phase = |i: u32| shown.iter().find(|s| s.index == i).and_then(|s| s.phase.clone());
+    let mut out = Vec::new();
+    for (i, (spec, state)) in enricher_jobs(plan).iter().zip(&o.enrichers).enumerate() {
+        let i = i as u32;
+        let suspended_now = d.set_suspend.iter().any(|(n, s)| n == &spec.name && *s)
+            || (matches!(state, Some(JobState::Running { suspended: true, .. }))
+                && !d.set_suspend.iter().any(|(n, _)| n == &spec.name));
+        let want = if d.delete.contains(&spec.name) {
+            "Pending"
+        } else if suspended_now {
+            "Suspended"
+        } else {
+            continue;
+        };
+        let phase = shown_phase(i);
+        if phase.as_deref() != Some(want) && !(want == "Suspended" && phase.is_none()) {
+            out.push((i, want));
+        }
+    }
+    out
+}
+
+/// Writes [`shard_resets`] as the shard's own field manager (`enricher-<i>`),
+/// so the entry is replaced, not merged with the old run's.
+async fn reset_shard_entries(
+    imp: &PostcodeImport,
+    ctx: &Context,
+    plan: &ImportPlan,
+    o: &Observed,
+    d: &Decision,
+) -> Result<()> {
+    let shown = imp.status.as_ref().map(|s| s.shards.clone()).unwrap_or_default();
+    let api: Api<PostcodeImport> = Api::namespaced(ctx.client.clone(), &imp.namespace().expect("namespaced"));
+    for (index, phase) in shard_resets(plan, o, d, &shown) {
+        let patch = json!({"apiVersion": API_VERSION, "kind": "PostcodeImport",
+            "status": {"shards": [{"index": index, "phase": phase}]}});
+        let pp = PatchParams::apply(&format!("enricher-{index}")).force();
+        api.patch_status(&imp.name_any(), &pp, &Patch::Apply(patch))
+            .await?;
+    }
+    Ok(())
 }
 
 /// Writes our part of the status from a [`Report`].
@@ -622,6 +678,68 @@ pub fn recorder(client: Client) -> Recorder {
 mod tests {
     use super::*;
     use crate::lifecycle::want;
+
+    /// After a retry or a suspension, `status.shards[]` no longer shows the
+    /// old run's `Running`/`Succeeded`.
+    #[test]
+    fn shard_entries_are_reset_for_rerun_and_suspended_shards() {
+        use crate::plan::{enricher_jobs, ImportPlan, ProviderSpec};
+        let plan = ImportPlan {
+            uid: "u".into(),
+            name: "t".into(),
+            source: "upload:x".into(),
+            shards: 3,
+            provider: ProviderSpec::Api {
+                base_url: "http://x".into(),
+            },
+            search: Default::default(),
+            quota_rps: 5.0,
+            max_requests: None,
+            lat_column: None,
+            lon_column: None,
+            delimiter: None,
+            quote: None,
+            backoff_limit: 3,
+        };
+        let names: Vec<String> = enricher_jobs(&plan).into_iter().map(|j| j.name).collect();
+        let held = JobState::Running {
+            suspended: true,
+            suspended_by_us: true,
+        };
+        let o = Observed {
+            plan: Ok(plan.clone()),
+            previous: None,
+            suspend: false,
+            retry_wanted: false,
+            load: Load::NotLoaded { error: None },
+            reader: None,
+            enrichers: vec![Some(JobState::Succeeded), Some(held.clone()), Some(held)],
+            shard_pending: vec![],
+            budget_spent: false,
+            counts: Counts::default(),
+            ttl_seconds_after_finished: None,
+            finished_for: None,
+            jobs_not_ready: None,
+        };
+        let mut d = decide(&o);
+        d.delete = vec![names[0].clone()];
+        d.set_suspend = vec![(names[2].clone(), false)];
+        let shown = |i: u32, p: &str| ShardStatus {
+            index: i,
+            phase: Some(p.into()),
+            ..ShardStatus::default()
+        };
+        let resets = shard_resets(
+            &plan,
+            &o,
+            &d,
+            &[shown(0, "Succeeded"), shown(1, "Running"), shown(2, "Running")],
+        );
+        // Shard 0 re-runs, shard 1 stays suspended, shard 2 is being resumed.
+        assert_eq!(resets, [(0, "Pending"), (1, "Suspended")]);
+        let again = shard_resets(&plan, &o, &d, &[shown(0, "Pending"), shown(1, "Suspended")]);
+        assert!(again.is_empty(), "{again:?}");
+    }
 
     #[test]
     fn a_condition_keeps_its_transition_time_until_it_flips() {

@@ -612,6 +612,8 @@ fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str]
         ),
         ("", "secrets", &["get", "create", "patch", "delete"]),
         ("", "pods", &["list"]),
+        // The Job controller's FailedCreate events (JobsReady).
+        ("", "events", &["list"]),
         ("events.k8s.io", "events", &["create", "patch"]),
     ]);
     // The upload API creates imports (server-side apply of a new object needs
@@ -988,6 +990,15 @@ fn job_namespaces_get_the_job_service_account() {
     assert!(
         all(&docs, "ClusterRoleBinding").iter().all(|b| is_hook(b)),
         "no cluster-wide binding for the operator"
+    );
+    // The uninstall hook deletes only the imports this release watches.
+    let hook = get(&docs, "Job", ns, &format!("{full}-cleanup"));
+    let c = &seq(at(hook, "spec.template.spec"), "containers")[0];
+    let script = format!("{:?}", at(c, "args"));
+    assert!(
+        script.contains(r#"kubectl delete postcodeimports --all -n \"w\" --wait"#)
+            && !script.contains(" -A "),
+        "cleanup script: {script}"
     );
 }
 

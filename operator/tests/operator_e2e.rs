@@ -833,6 +833,14 @@ async fn suspend_stops_the_enrichers_and_resume_finishes_the_import() {
         assert_eq!(job.spec.unwrap().suspend, Some(true), "{j}");
         pods.wait_idle(j, Duration::from_secs(60)).await;
     }
+    // The shards' status entries say so (not the old run's `Running`).
+    wait_for(&api, "pausable", Duration::from_secs(60), |o| {
+        o.data
+            .pointer("/status/shards")
+            .and_then(Value::as_array)
+            .is_some_and(|ss| !ss.is_empty() && ss.iter().all(|s| s["phase"] == "Suspended"))
+    })
+    .await;
     let paused_at = server.state.stats().requests;
     api.patch(
         "pausable",

@@ -289,9 +289,13 @@ impl EgressPolicy {
                 dir.display()
             ))
         };
+        let lexically_inside = plain_path(path) && path.starts_with(dir);
         let dir = dir.canonicalize().map_err(|e| {
+            if !lexically_inside {
+                return outside();
+            }
             EgressError(format!(
-                "the allowed directory {} cannot be opened: {e} (chart value egress.offlinePostcodesDir)",
+                "the allowed directory {} cannot be opened: {e} (chart value egress.offlinePostcodesDir; is its volume mounted?)",
                 dir.display()
             ))
         })?;
@@ -508,6 +512,23 @@ mod tests {
         }
         let any = EgressPolicy::enforced(Vec::new(), Vec::new(), vec!["*".into()], None);
         assert!(any.check_api_url("http://10.0.0.1").is_ok());
+    }
+
+    /// A pod whose allowed directory is not mounted: a path outside it is
+    /// still "not inside"; a path inside it says the directory is missing.
+    #[test]
+    fn an_unmounted_allowed_directory_is_named_only_for_paths_inside_it() {
+        let p = EgressPolicy::enforced(Vec::new(), Vec::new(), Vec::new(), Some("/no-such-dir-x".into()));
+        let out = p.check_offline_path(Path::new("/etc/passwd")).unwrap_err().0;
+        assert!(out.contains("is not inside /no-such-dir-x"), "{out}");
+        let inside = p
+            .check_offline_path(Path::new("/no-such-dir-x/nspl.csv"))
+            .unwrap_err()
+            .0;
+        assert!(
+            inside.contains("the allowed directory /no-such-dir-x cannot be opened"),
+            "{inside}"
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod claims;
 mod columns;
 mod imports;
 mod postgres;
+mod postgres_answered;
 mod quota;
 mod records;
 mod results;

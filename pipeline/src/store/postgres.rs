@@ -101,7 +101,7 @@ async fn copy_points(
     Ok(counts)
 }
 
-const PG_TEXT_NULL: &str = "\\N";
+pub(super) const PG_TEXT_NULL: &str = "\\N";
 
 /// Appends one row of `points` as a `COPY` text-format line.
 fn copy_line(buf: &mut String, id: i64, shards: u32, r: &Row) {
@@ -129,7 +129,7 @@ fn copy_line(buf: &mut String, id: i64, shards: u32, r: &Row) {
 }
 
 /// Appends a value to a PostgreSQL COPY text-format line, escaped.
-fn copy_text(buf: &mut String, value: &str) {
+pub(super) fn copy_text(buf: &mut String, value: &str) {
     for c in value.chars() {
         match c {
             '\\' => buf.push_str("\\\\"),

@@ -23,6 +23,7 @@ mod columns;
 mod imports;
 mod postgres;
 mod postgres_answered;
+mod postgres_export;
 mod quota;
 mod records;
 mod results;

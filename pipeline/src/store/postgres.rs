@@ -11,10 +11,7 @@ use tokio::sync::mpsc;
 
 use super::{
     columns,
-    records::{
-        AnswerColumns, Claim, Claimed, LoadCounts, LoadEnd, LoadStart, ResultBatch, ResultRef, ResultRow,
-        Saved, ShardPlan,
-    },
+    records::{AnswerColumns, Claim, Claimed, LoadCounts, LoadEnd, LoadStart, ResultRow, Saved, ShardPlan},
 };
 use crate::{
     csv_input::Row,
@@ -346,27 +343,6 @@ pub(super) async fn for_each_result(
         n += 1;
     }
     Ok(n)
-}
-
-/// [`super::Store::results_in_batches`]: the rows streamed from `point_results`, batched as they come.
-pub(super) async fn results_in_batches<B: ResultBatch>(
-    pool: &PgPool,
-    import_id: i64,
-    mut sink: impl FnMut(B) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let (mut batch, mut unsent) = (B::empty(), false);
-    for_each_result(pool, import_id, |row| {
-        unsent = !batch.push(&ResultRef::from(&row));
-        if !unsent {
-            sink(std::mem::replace(&mut batch, B::empty()))?;
-        }
-        Ok(())
-    })
-    .await?;
-    if unsent {
-        sink(batch)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -26,6 +26,8 @@ enum Cmd {
     /// Writes a synthetic input CSV of `rows` rows: the real file's rows in order,
     /// repeated, every copy after the first moved by a uniform jitter of up to
     /// ±0.001° (about ±110 m) in latitude and longitude, 6 decimals like the original.
+    /// `--jitter 0.002 --jitter-all`: every row moved by up to ±0.002°, the first copy too
+    /// (about as many distinct coordinates as rows).
     Synth {
         #[arg(long)]
         from: PathBuf,
@@ -35,6 +37,12 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, default_value_t = 20261129)]
         seed: u64,
+        /// Largest move in degrees.
+        #[arg(long, default_value_t = 0.001)]
+        jitter: f64,
+        /// Move the first copy of the real rows too.
+        #[arg(long)]
+        jitter_all: bool,
     },
     /// The whole benchmark (`make bench`): every measurement next to its
     /// reference, written as Markdown.
@@ -60,7 +68,18 @@ fn main() -> Result<()> {
             rows,
             out,
             seed,
-        } => synth(&from, rows, &out, seed),
+            jitter,
+            jitter_all,
+        } => synth(
+            &from,
+            rows,
+            &out,
+            seed,
+            Shape {
+                jitter,
+                all: jitter_all,
+            },
+        ),
         Cmd::Lookups {
             postcodes,
             queries,
@@ -70,7 +89,29 @@ fn main() -> Result<()> {
     }
 }
 
-pub(crate) fn synth(from: &PathBuf, rows: u64, out: &PathBuf, seed: u64) -> Result<()> {
+/// How a synthetic file moves the real coordinates.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Shape {
+    /// Largest move in degrees, in latitude and in longitude.
+    pub jitter: f64,
+    /// Whether the first copy of the real rows moves too.
+    pub all: bool,
+}
+
+impl Shape {
+    /// The harness's file: copies after the first moved by up to ±0.001°.
+    pub const COPIES: Shape = Shape {
+        jitter: 0.001,
+        all: false,
+    };
+    /// Every row moved by up to ±0.002°: about one distinct coordinate a row.
+    pub const EVERY_ROW: Shape = Shape {
+        jitter: 0.002,
+        all: true,
+    };
+}
+
+pub(crate) fn synth(from: &PathBuf, rows: u64, out: &PathBuf, seed: u64, shape: Shape) -> Result<()> {
     let input = BufReader::new(File::open(from).with_context(|| format!("open {}", from.display()))?);
     let mut lines = input.lines();
     let header = lines.next().context("empty file")??;
@@ -94,9 +135,9 @@ pub(crate) fn synth(from: &PathBuf, rows: u64, out: &PathBuf, seed: u64) -> Resu
     writeln!(w, "{header}")?;
     for i in 0..rows {
         let (mut lat, mut lon) = coords[(i % coords.len() as u64) as usize];
-        if i >= coords.len() as u64 {
-            lat += rng.random_range(-0.001..=0.001);
-            lon += rng.random_range(-0.001..=0.001);
+        if shape.all || i >= coords.len() as u64 {
+            lat += rng.random_range(-shape.jitter..=shape.jitter);
+            lon += rng.random_range(-shape.jitter..=shape.jitter);
         }
         writeln!(w, "{lat:.6},{lon:.6}")?;
     }

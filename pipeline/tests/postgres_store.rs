@@ -1,6 +1,7 @@
 //! Storage against a real PostgreSQL (`TEST_DATABASE_URL`, started by `make test`):
 //! COPY load and reload, claims with SKIP LOCKED, resume after a lost batch, and
-//! four concurrent shards drawing on one quota.
+//! four concurrent shards drawing on one quota; offline shards answered in one
+//! pass (planned and answered by COPY) give SQLite's output byte for byte.
 #![allow(clippy::too_many_lines)] // the 80-line limit is for non-test code
 
 mod common;
@@ -279,4 +280,95 @@ async fn the_budget_stops_reservations() {
     store.set_quota(imp.id, 1000.0, Some(4)).await.unwrap();
     assert!(matches!(store.reserve(imp.id).await.unwrap(), Slot::At { .. }));
     let _ = std::io::stdout().flush();
+}
+
+/// Postcodes every 0.01° around London.
+fn grid_index() -> Arc<OfflineIndex> {
+    let mut text = String::from("pcd,lat,long\n");
+    for i in 0..20 {
+        for j in 0..20 {
+            text.push_str(&format!(
+                "T{i} {j}AA,{},{}\n",
+                51.4 + i as f64 * 0.01,
+                -0.2 + j as f64 * 0.01
+            ));
+        }
+    }
+    Arc::new(OfflineIndex::from_reader(Box::new(std::io::Cursor::new(text.into_bytes())), "grid").unwrap())
+}
+
+/// Loads `text` into a new import of `shards` shards on `store`, enriches every
+/// shard with the offline index (twice: the second run finds each shard
+/// planned) and returns the enriched CSV.
+async fn enriched_offline(store: &pipeline::store::Store, text: &str, shards: i32) -> Vec<u8> {
+    let f = csv_file(text);
+    let imp = store
+        .ensure_import("offline", "t", f.0.to_str().unwrap(), shards)
+        .await
+        .unwrap();
+    load(
+        store,
+        &imp,
+        &Source::File(f.0.clone()),
+        &CsvOptions::default(),
+        &EgressPolicy::unrestricted(),
+    )
+    .await
+    .unwrap();
+    let plan = SearchPlan {
+        widesearch: false,
+        ..SearchPlan::default()
+    };
+    for _ in 0..2 {
+        for shard in 0..shards {
+            let cfg = ShardConfig {
+                import_id: imp.id,
+                shard,
+                plan,
+                retry: RetryPolicy::default(),
+            };
+            run_shard(store, grid_index(), &cfg, |_| {}).await.unwrap();
+        }
+    }
+    let imp = store.import("offline").await.unwrap().unwrap();
+    let counts = store.counts(&imp).await.unwrap();
+    assert_eq!(counts.rows_pending, 0, "{counts:?}");
+    let mut out = vec![];
+    pipeline::export::write_csv(store, &imp, &mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn offline_shards_answered_in_one_pass_match_sqlite_byte_for_byte() {
+    // Repeated coordinates, -0.0, rows far from every postcode, invalid rows,
+    // and user fields with quotes, tabs, backslashes and non-ASCII text.
+    let mut text = String::from("id,lat,lon,note\n");
+    for k in 0..3000 {
+        let (lat, lon) = match k % 7 {
+            0 => ("x".to_string(), "1".to_string()),
+            1 => ("-0.0".to_string(), "0.0".to_string()),
+            2 => ("51.0".to_string(), "-3.0".to_string()),
+            _ => (
+                format!("{}", 51.4 + (k % 97) as f64 * 0.002),
+                format!("{}", -0.2 + (k % 53) as f64 * 0.003),
+            ),
+        };
+        text.push_str(&format!("{k},{lat},{lon},\"n\t{k} \\ é, \"\"q\"\"\"\n"));
+    }
+    let pg = fresh_pg().await;
+    let on_pg = enriched_offline(&pg, &text, 4).await;
+    let db = std::env::temp_dir().join(format!("pg-store-offline-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&db);
+    let lite = pipeline::store::Store::connect(db.to_str().unwrap())
+        .await
+        .unwrap();
+    lite.migrate().await.unwrap();
+    let on_lite = enriched_offline(&lite, &text, 4).await;
+    let _ = std::fs::remove_file(&db);
+    assert_eq!(String::from_utf8_lossy(&on_pg), String::from_utf8_lossy(&on_lite));
+    let out = String::from_utf8(on_pg).unwrap();
+    assert_eq!(out.lines().count(), 3001);
+    for status in [",enriched,", ",no_match,", ",invalid,"] {
+        assert!(out.contains(status), "{status}");
+    }
 }

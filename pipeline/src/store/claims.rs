@@ -2,7 +2,7 @@
 //! batches of pending lookups by search stage, and saving their results.
 
 use super::{
-    on_pool, postgres,
+    on_pool, postgres, postgres_answered,
     records::{Claim, Claimed, Saved, ShardPlan},
     sqlite, Store,
 };
@@ -10,8 +10,8 @@ use crate::model::Stage;
 
 impl Store {
     /// [`Store::plan_shard`] for a provider that answers at once (the offline
-    /// index): on SQLite the shard's coordinates are written already answered
-    /// (see `sqlite/bulk.rs`); elsewhere this just plans.
+    /// index): the shard's coordinates are written already answered (see
+    /// `sqlite/bulk.rs` and `postgres_answered.rs`).
     pub async fn plan_shard_answered(
         &self,
         import_id: i64,
@@ -23,7 +23,12 @@ impl Store {
                 Some(plan) => Ok(plan),
                 None => self.plan_shard(import_id, shard).await,
             },
-            Store::Postgres(_) => self.plan_shard(import_id, shard).await,
+            Store::Postgres(p) => {
+                match postgres_answered::plan_shard_answered(p, import_id, shard, answer).await? {
+                    Some(plan) => Ok(plan),
+                    None => self.plan_shard(import_id, shard).await,
+                }
+            }
         }
     }
 

@@ -12,8 +12,9 @@
 //! claiming and saving enrichment work), `results.rs` (counts and the output
 //! rows), `uploads.rs`. A statement both dialects read alike is written there
 //! once and run on either pool; what differs is written out in full in
-//! `postgres.rs` and `sqlite.rs` (its bulk paths on rusqlite in `sqlite/bulk.rs`
-//! and `sqlite/export.rs`). `records.rs` holds the types read and written,
+//! `postgres.rs` and `sqlite.rs` (PostgreSQL's offline plan-and-answer pass in
+//! `postgres_answered.rs` and its `COPY` export in `postgres_export.rs`;
+//! SQLite's bulk paths on rusqlite in `sqlite/bulk.rs` and `sqlite/export.rs`). `records.rs` holds the types read and written,
 //! `columns.rs` the column lists built from [`crate::lookup::Area::COLUMNS`].
 //!
 //! Module dependencies run one way: the facade → the dialects → records, columns.
@@ -22,6 +23,8 @@ mod claims;
 mod columns;
 mod imports;
 mod postgres;
+mod postgres_answered;
+mod postgres_export;
 mod quota;
 mod records;
 mod results;

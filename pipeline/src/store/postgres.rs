@@ -11,10 +11,7 @@ use tokio::sync::mpsc;
 
 use super::{
     columns,
-    records::{
-        AnswerColumns, Claim, Claimed, LoadCounts, LoadEnd, LoadStart, ResultBatch, ResultRef, ResultRow,
-        Saved, ShardPlan,
-    },
+    records::{AnswerColumns, Claim, Claimed, LoadCounts, LoadEnd, LoadStart, ResultRow, Saved, ShardPlan},
 };
 use crate::{
     csv_input::Row,
@@ -101,7 +98,7 @@ async fn copy_points(
     Ok(counts)
 }
 
-const PG_TEXT_NULL: &str = "\\N";
+pub(super) const PG_TEXT_NULL: &str = "\\N";
 
 /// Appends one row of `points` as a `COPY` text-format line.
 fn copy_line(buf: &mut String, id: i64, shards: u32, r: &Row) {
@@ -129,7 +126,7 @@ fn copy_line(buf: &mut String, id: i64, shards: u32, r: &Row) {
 }
 
 /// Appends a value to a PostgreSQL COPY text-format line, escaped.
-fn copy_text(buf: &mut String, value: &str) {
+pub(super) fn copy_text(buf: &mut String, value: &str) {
     for c in value.chars() {
         match c {
             '\\' => buf.push_str("\\\\"),
@@ -346,27 +343,6 @@ pub(super) async fn for_each_result(
         n += 1;
     }
     Ok(n)
-}
-
-/// [`super::Store::results_in_batches`]: the rows streamed from `point_results`, batched as they come.
-pub(super) async fn results_in_batches<B: ResultBatch>(
-    pool: &PgPool,
-    import_id: i64,
-    mut sink: impl FnMut(B) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let (mut batch, mut unsent) = (B::empty(), false);
-    for_each_result(pool, import_id, |row| {
-        unsent = !batch.push(&ResultRef::from(&row));
-        if !unsent {
-            sink(std::mem::replace(&mut batch, B::empty()))?;
-        }
-        Ok(())
-    })
-    .await?;
-    if unsent {
-        sink(batch)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! of failed work, and the rows of the enriched output in row order.
 
 use super::{
-    columns, on_pool, postgres,
+    columns, on_pool, postgres, postgres_export,
     records::{Counts, ImportRecord, ResultBatch, ResultRow, ShardCounts},
     sqlite, Store,
 };
@@ -89,7 +89,7 @@ impl Store {
         sink: impl FnMut(B) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         match self {
-            Store::Postgres(p) => postgres::results_in_batches(p, import_id, sink).await,
+            Store::Postgres(p) => postgres_export::results_in_batches(p, import_id, sink).await,
             Store::Sqlite(p) => sqlite::results_in_batches(p, import_id, sink).await,
         }
     }

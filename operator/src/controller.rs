@@ -308,6 +308,7 @@ async fn observe(
         shard_pending: vec![],
         budget_spent: false,
         counts: Counts::default(),
+        failure_cause: None,
         ttl_seconds_after_finished: imp.spec.ttl_seconds_after_finished,
         finished_for: old
             .completed_at
@@ -338,6 +339,9 @@ async fn observe(
     }
     o.budget_spent = ctx.store.budget_spent(r.id).await?;
     o.counts = ctx.store.counts(r).await?;
+    if o.counts.rows_failed > 0 {
+        o.failure_cause = ctx.store.failure_cause(r.id).await?;
+    }
     o.shard_pending = pending_by_shard(plan.shards, &ctx.store.shard_counts(r.id).await?);
     Ok((o, record))
 }

@@ -106,9 +106,10 @@ pub struct Stats {
     /// Capacity mode: of those, coordinates of requests whose client had
     /// given up (closed the connection) before the answer was ready.
     pub wasted_coordinates: u64,
-    /// Capacity mode: the most coordinates whose work ended within one
-    /// second (at most the capacity), and the most requests queued or in
-    /// work at once.
+    /// Capacity mode: the busiest second, as the most coordinates of requests
+    /// whose work ended within one second (a request's coordinates count when
+    /// it ends, so one full request of 100 makes 100), and the most requests
+    /// queued or in work at once.
     pub busiest_second_coordinates: u64,
     pub max_queued_requests: u64,
     /// Arrival time of every request, seconds since the server started.
@@ -210,9 +211,9 @@ fn busiest_second(ends: &[(f64, u64)]) -> u64 {
     let mut e = ends.to_vec();
     e.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (mut j, mut sum, mut best) = (0, 0u64, 0u64);
-    for i in 0..e.len() {
-        sum += e[i].1;
-        while e[i].0 - e[j].0 >= 1.0 {
+    for &(end, n) in &e {
+        sum += n;
+        while end - e[j].0 >= 1.0 {
             sum -= e[j].1;
             j += 1;
         }

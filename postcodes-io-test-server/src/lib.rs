@@ -121,7 +121,6 @@ struct Inner {
     busy_until: f64,
     /// Capacity mode: (end of work, coordinates) of every request worked on.
     work_ends: Vec<(f64, u64)>,
-    queued: u64,
     faults: Faults,
     stats: Stats,
     started: Instant,
@@ -143,7 +142,6 @@ impl ServerState {
         let inner = Inner {
             busy_until: 0.0,
             work_ends: Vec::new(),
-            queued: 0,
             faults,
             stats: Stats::default(),
             started: Instant::now(),
@@ -191,15 +189,15 @@ impl ServerState {
         g.busy_until = end;
         g.work_ends.push((end, n));
         g.stats.worked_coordinates += n;
-        g.queued += 1;
-        g.stats.max_queued_requests = g.stats.max_queued_requests.max(g.queued);
+        // Queued or in work: booked and not ended, whether or not its client still waits.
+        let queued = g.work_ends.iter().filter(|(e, _)| *e > now).count() as u64;
+        g.stats.max_queued_requests = g.stats.max_queued_requests.max(queued);
         Some(g.started + Duration::from_secs_f64(end))
     }
 
-    /// Capacity mode: a booked request ended, answered or given up by its client.
+    /// Capacity mode: a booked request's handler ended, answered or given up by its client.
     fn work_done(&self, n: u64, given_up: bool) {
         let mut g = self.inner.lock().expect("server state");
-        g.queued -= 1;
         if given_up {
             g.stats.wasted_coordinates += n;
         }

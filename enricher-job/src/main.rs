@@ -11,6 +11,7 @@ use clap::Parser;
 
 mod status;
 use pipeline::{
+    answer_cache::AnswerCache,
     egress::{EgressError, EgressPolicy},
     enrich::{run_shard, Finish, ShardConfig},
     lookup::SearchPlan,
@@ -75,6 +76,10 @@ struct Args {
     /// Attempts per request before its rows are marked failed.
     #[arg(long, default_value_t = 8)]
     max_attempts: u32,
+    /// Reuse answers other imports got from the same API with the same search
+    /// parameters when they are at most this many days old; 0 reuses and keeps nothing.
+    #[arg(long, env = "ANSWER_MAX_AGE_DAYS", default_value_t = postcode_resource::limits::DEFAULT_ANSWER_MAX_AGE_DAYS)]
+    answer_max_age_days: u32,
 }
 
 #[tokio::main]
@@ -240,6 +245,12 @@ async fn provider(args: &Args, store: &Store, import_id: i64) -> Result<Arc<dyn 
                 .ensure_quota(import_id, args.quota_rps, args.max_requests)
                 .await
                 .map_err(retryable)?;
+            // Every request also takes a slot of the API's quota, shared by
+            // every import on this database (when the API has one).
+            store
+                .use_api_quota(import_id, &args.api_url)
+                .await
+                .map_err(retryable)?;
             Arc::new(PostcodesIo::new(
                 &args.api_url,
                 Duration::from_secs_f64(args.timeout_s),
@@ -250,14 +261,17 @@ async fn provider(args: &Args, store: &Store, import_id: i64) -> Result<Arc<dyn 
 }
 
 fn shard_config(args: &Args, import_id: i64) -> ShardConfig {
+    let plan = SearchPlan {
+        radius_m: args.radius_m,
+        max_radius_m: args.max_radius_m,
+        widesearch: args.widesearch,
+    };
     ShardConfig {
         import_id,
         shard: args.shard,
-        plan: SearchPlan {
-            radius_m: args.radius_m,
-            max_radius_m: args.max_radius_m,
-            widesearch: args.widesearch,
-        },
+        plan,
+        cache: AnswerCache::for_api(&args.api_url, &plan, args.answer_max_age_days)
+            .filter(|_| args.offline_postcodes.is_none()),
         retry: RetryPolicy {
             max_attempts: args.max_attempts,
             ..RetryPolicy::default()

@@ -353,6 +353,7 @@ async fn observe(
         shard_pending: vec![],
         budget_spent: false,
         counts: Counts::default(),
+        failure_cause: None,
         ttl_seconds_after_finished: imp.spec.ttl_seconds_after_finished,
         jobs_not_ready: None,
         finished_for: old
@@ -390,6 +391,9 @@ async fn observe(
     o.jobs_not_ready = crate::readiness::not_ready(&ctx.client, seen.iter()).await;
     o.budget_spent = ctx.store.budget_spent(r.id).await?;
     o.counts = ctx.store.counts(r).await?;
+    if o.counts.rows_failed > 0 {
+        o.failure_cause = ctx.store.failure_cause(r.id).await?;
+    }
     o.shard_pending = pending_by_shard(plan.shards, &ctx.store.shard_counts(r.id).await?);
     Ok((o, record))
 }
@@ -720,6 +724,7 @@ mod tests {
             ttl_seconds_after_finished: None,
             finished_for: None,
             jobs_not_ready: None,
+            failure_cause: None,
         };
         let mut d = decide(&o);
         d.delete = vec![names[0].clone()];

@@ -22,10 +22,17 @@
 
 use std::time::Duration;
 
-use pipeline::{exit::JobExit, store::Counts};
+use pipeline::{
+    exit::{JobExit, LOCAL_ROWS_FAILED},
+    store::Counts,
+};
 use postcode_resource::Phase;
 
 use crate::plan::{enricher_jobs, reader_job, ImportPlan, JobSpec};
+
+/// The condition saying how many rows ended `failed` and why (`True` when
+/// some did); `local` then exits [`LOCAL_ROWS_FAILED`].
+pub const ROWS_FAILED: &str = "RowsFailed";
 
 /// How often a running import is looked at again (counts, Jobs).
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(3);
@@ -89,6 +96,9 @@ pub struct Observed {
     pub budget_spent: bool,
     /// Row counts, once loaded.
     pub counts: Counts,
+    /// Why rows ended `failed` (the most frequent error of the import's
+    /// failed coordinates), when some did.
+    pub failure_cause: Option<String>,
     /// `spec.ttlSecondsAfterFinished`.
     pub ttl_seconds_after_finished: Option<i64>,
     /// Time since the import finished, for a finished import.
@@ -199,7 +209,8 @@ impl Decision {
     }
 
     /// The exit code of `postcode-operator local` for an import that ended or
-    /// stopped with this decision: 0 succeeded, 3 request budget spent, 2 the
+    /// stopped with this decision: 0 succeeded, 4 succeeded but some rows
+    /// ended `failed` (condition `RowsFailed`), 3 request budget spent, 2 the
     /// input cannot be read, 1 a Job failed after its retries, or the import
     /// stopped unfinished (README "Running locally").
     pub fn exit_code(&self) -> i32 {
@@ -211,7 +222,9 @@ impl Decision {
             .iter()
             .any(|c| c.type_ == "QuotaExhausted" && c.status);
         let input = r.conditions.iter().any(|c| c.reason == "InputUnreadable");
+        let rows_failed = r.conditions.iter().any(|c| c.type_ == ROWS_FAILED && c.status);
         match r.phase {
+            Phase::Succeeded if rows_failed => LOCAL_ROWS_FAILED,
             Phase::Succeeded => 0,
             _ if quota => JobExit::QuotaExhausted.code(),
             Phase::Failed if input => JobExit::Permanent.code(),
@@ -482,6 +495,7 @@ fn enriching(o: &Observed, plan: &ImportPlan) -> Decision {
             loaded,
             want("Enriched", true, "Enriched", msg.clone()),
             quota,
+            rows_failed_condition(c.rows_failed, o.failure_cause.as_deref()),
             want("Failed", false, "Succeeded", ""),
         ];
         d.report = Some(report(Phase::Succeeded, msg, conditions, c));
@@ -609,6 +623,22 @@ fn suspend_siblings(o: &Observed, plan: &ImportPlan, d: &mut Decision) {
             d.set_suspend.push((spec.name, true));
         }
     }
+}
+
+/// [`ROWS_FAILED`]: how many rows ended `failed` and the most frequent cause.
+fn rows_failed_condition(rows_failed: i64, cause: Option<&str>) -> Want {
+    if rows_failed == 0 {
+        return want(ROWS_FAILED, false, "NoneFailed", "");
+    }
+    want(
+        ROWS_FAILED,
+        true,
+        "ApiFailed",
+        format!(
+            "{rows_failed} rows failed: {}; bump spec.retryFailed (local: --retry-failed) to ask them again",
+            cause.unwrap_or("unknown cause")
+        ),
+    )
 }
 
 fn quota_condition(plan: &ImportPlan, quota_stopped: usize, rows_pending: i64) -> Want {

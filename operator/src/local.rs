@@ -17,7 +17,7 @@ use pipeline::{
     export::write_csv,
     load::sha256_file,
     model::ImportPhase,
-    store::{ImportRecord, Store},
+    store::{ImportRecord, QuotaWriter, Store},
 };
 use postcode_resource::{limits, ApiSpec, CsvSpec, Phase, PostcodeImportSpec, QuotaSpec};
 use tokio::{process::Command, task::JoinSet};
@@ -55,7 +55,8 @@ pub struct LocalArgs {
     /// area names from the ONS `Documents/` folder beside it or beside its folder.
     #[arg(long)]
     pub offline_postcodes: Option<PathBuf>,
-    /// External API requests per second, all shards together.
+    /// External API requests per second, all shards together; also the quota of
+    /// this API for every import on this database (the operator's, if lower, stands).
     #[arg(long, default_value_t = limits::DEFAULT_QUOTA_RPS)]
     pub quota_rps: f64,
     /// Total request budget for the import; when spent, unfinished rows stay pending (raise it and re-run).
@@ -91,6 +92,10 @@ pub struct LocalArgs {
     /// Put rows that ended `failed` back to pending and try them again.
     #[arg(long)]
     pub retry_failed: bool,
+    /// Reuse answers earlier imports on this database got from the same API with
+    /// the same radii when at most this many days old; 0 asks everything again.
+    #[arg(long, env = "ANSWER_MAX_AGE_DAYS", default_value_t = limits::DEFAULT_ANSWER_MAX_AGE_DAYS)]
+    pub answer_max_age_days: u32,
     /// Restarts of a failed Job before the run gives up (Kubernetes `backoffLimit`).
     #[arg(long, default_value_t = limits::DEFAULT_BACKOFF_LIMIT)]
     pub backoff_limit: i32,
@@ -249,6 +254,7 @@ fn spec_of(args: &LocalArgs, shards: u32, offline: Option<&Path>) -> PostcodeImp
             radius_meters: args.radius_m,
             max_radius_meters: args.max_radius_m,
             widesearch: !args.no_widesearch,
+            answer_max_age_days: Some(args.answer_max_age_days),
         },
         offline_postcodes: offline.map(|p| p.to_string_lossy().to_string()),
         quota: QuotaSpec {
@@ -315,6 +321,12 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<i32> {
     let store = Store::connect(&args.db).await?;
     store.migrate().await?;
     let (import, sha) = import_of(&store, &files, &args).await?;
+    if files.offline.is_none() {
+        // The API's quota on this database: every import using it shares it.
+        store
+            .set_api_quota(&args.api_url, QuotaWriter::Local, args.quota_rps)
+            .await?;
+    }
     let resumed =
         import.phase == ImportPhase::Loaded && import.source_sha256.as_deref() == Some(sha.as_str());
     let shards = if resumed {
@@ -392,6 +404,10 @@ async fn summarise(
         eprintln!("  {} rows failed (reason in the error column); run the same command with --retry-failed to try them again", tally.failed);
     }
     match decision.exit_code() {
+        pipeline::exit::LOCAL_ROWS_FAILED => {
+            let cause = store.failure_cause(import.id).await?.unwrap_or_default();
+            eprintln!("  exit code 4: {} rows failed ({cause})", tally.failed);
+        }
         3 => eprintln!("  the request budget (--max-requests) is spent: {} rows left pending; raise it and run again to resume", tally.pending),
         0 => {}
         _ => eprintln!(
@@ -520,6 +536,7 @@ impl LocalRun<'_> {
             shard_pending: vec![],
             budget_spent: false,
             counts: Default::default(),
+            failure_cause: None,
             ttl_seconds_after_finished: None,
             finished_for: None,
             jobs_not_ready: None,
@@ -537,6 +554,9 @@ impl LocalRun<'_> {
         };
         o.budget_spent = self.store.budget_spent(r.id).await?;
         o.counts = self.store.counts(r).await?;
+        if o.counts.rows_failed > 0 {
+            o.failure_cause = self.store.failure_cause(r.id).await?;
+        }
         o.shard_pending = pending_by_shard(self.plan.shards, &self.store.shard_counts(r.id).await?);
         Ok((o, record))
     }

@@ -20,6 +20,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process: boxing would buy nothing
 enum Cmd {
     /// Run an import on this machine: reader and enricher Jobs as local processes, SQLite by default.
     Local(Box<local::LocalArgs>),

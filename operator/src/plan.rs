@@ -32,6 +32,8 @@ pub struct ImportPlan {
     pub quota_rps: f64,
     /// Optional request budget for the whole import.
     pub max_requests: Option<i64>,
+    /// Days an answer of an earlier import is reused (0: none).
+    pub answer_max_age_days: u32,
     pub lat_column: Option<String>,
     pub lon_column: Option<String>,
     pub delimiter: Option<String>,
@@ -64,6 +66,10 @@ impl ImportPlan {
             },
             quota_rps: s.quota.requests_per_second,
             max_requests: s.quota.max_requests,
+            answer_max_age_days: s
+                .api
+                .answer_max_age_days
+                .unwrap_or(limits::DEFAULT_ANSWER_MAX_AGE_DAYS),
             lat_column: s.csv.lat_column.clone(),
             lon_column: s.csv.lon_column.clone(),
             delimiter: s.csv.delimiter.clone(),
@@ -198,6 +204,8 @@ pub fn enricher_job(p: &ImportPlan, shard: u32) -> JobSpec {
         p.search.widesearch.to_string(),
         "--quota-rps".into(),
         p.quota_rps.to_string(),
+        "--answer-max-age-days".into(),
+        p.answer_max_age_days.to_string(),
     ];
     match &p.provider {
         ProviderSpec::Api { base_url } => args.extend(["--api-url".into(), base_url.clone()]),
@@ -233,6 +241,7 @@ mod tests {
             search: SearchPlan::default(),
             quota_rps: 5.0,
             max_requests: Some(10),
+            answer_max_age_days: 30,
             lat_column: Some("Lat".into()),
             lon_column: None,
             delimiter: None,

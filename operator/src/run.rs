@@ -8,7 +8,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::Args;
 use kube::Client;
-use pipeline::store::Store;
+use pipeline::store::{QuotaWriter, Store};
 use postcode_resource::limits;
 
 use crate::{
@@ -108,6 +108,11 @@ pub struct RunArgs {
     /// Seconds an upload may send nothing before it is refused (408).
     #[arg(long, env = "UPLOAD_IDLE_TIMEOUT_S", default_value_t = 60)]
     pub upload_idle_timeout_s: u64,
+    /// Quota of an upstream API for every import on this database, as
+    /// `BASE_URL=REQUESTS_PER_SECOND`, comma-separated (chart value
+    /// `apiQuotas`); a `local --quota-rps` on the same database that is lower stands.
+    #[arg(long, env = "API_QUOTAS", default_value = "")]
+    pub api_quotas: String,
     /// Reconcile only while holding the `postcode-operator` Lease (for more than one replica).
     #[arg(long, env = "LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub leader_election: bool,
@@ -154,6 +159,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::warn!("the operator is using SQLite: fine for a try-out, use PostgreSQL in a cluster");
     }
     store.migrate().await.context("migrating the database")?;
+    for (url, rps) in parse_api_quotas(&args.api_quotas)? {
+        store.set_api_quota(&url, QuotaWriter::Operator, rps).await?;
+        tracing::info!(api = %url, requests_per_second = rps, "API quota written");
+    }
 
     let api_state = AppState {
         client: client.clone(),
@@ -190,6 +199,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     server.abort();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     Ok(())
+}
+
+/// `--api-quotas`: `(base URL, requests per second)` pairs from
+/// `URL=RPS,URL=RPS`; an error names an entry that is not one.
+pub fn parse_api_quotas(text: &str) -> anyhow::Result<Vec<(String, f64)>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (url, rps) = e
+                .rsplit_once('=')
+                .with_context(|| format!("API_QUOTAS entry {e:?} is not URL=REQUESTS_PER_SECOND"))?;
+            let rps: f64 = rps
+                .trim()
+                .parse()
+                .ok()
+                .filter(|r: &f64| *r > 0.0 && r.is_finite())
+                .with_context(|| format!("API_QUOTAS entry {e:?}: the rate must be a positive number"))?;
+            Ok((url.trim().to_string(), rps))
+        })
+        .collect()
 }
 
 /// The Jobs' egress settings from the flags.

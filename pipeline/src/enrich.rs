@@ -14,13 +14,14 @@
 use std::{sync::Arc, time::Duration};
 
 use crate::{
+    answer_cache::{now_s, AnswerCache},
     geo::LatLon,
     ladder::{self, stage_to_claim},
     lookup::SearchPlan,
     model::Stage,
     provider::{Answer, CallError, Provider},
     quota::{Acquired, Quota},
-    retry::{RetryPolicy, Tries, Verdict},
+    retry::{RetryBudget, RetryPolicy, Tries, Verdict},
     store::{Claimed, Outcome, Saved, Store},
 };
 
@@ -31,6 +32,9 @@ pub struct ShardConfig {
     pub shard: i32,
     pub plan: SearchPlan,
     pub retry: RetryPolicy,
+    /// Answers reused from earlier imports and kept for later ones (a
+    /// provider asked by request only); `None` disables both.
+    pub cache: Option<AnswerCache>,
 }
 
 /// How an enricher run ended.
@@ -52,6 +56,8 @@ pub struct RunStats {
     pub throttled: u64,
     /// Request slots given back because the sender woke too late.
     pub late_slots: u64,
+    /// Coordinates answered from the answer cache, without a request.
+    pub reused: u64,
 }
 
 /// Plans the shard if no run has yet ([`Store::plan_shard`]), then runs it to
@@ -65,7 +71,21 @@ pub async fn run_shard(
     tracing::debug!(shard = cfg.shard, provider = provider.name(), "enriching");
     plan(store, &provider, cfg).await?;
     let mut stats = RunStats::default();
-    let mut quota = Quota::new(store, cfg.import_id);
+    let cache = cfg.cache.as_ref().filter(|_| !provider.answers_locally());
+    if let Some(cache) = cache {
+        stats.reused = store
+            .reuse_answers(cfg.import_id, cfg.shard, cache, now_s())
+            .await?;
+        tracing::info!(
+            shard = cfg.shard,
+            reused = stats.reused,
+            "answers reused from earlier imports"
+        );
+    }
+    let mut pace = Pacing {
+        quota: Quota::new(store, cfg.import_id),
+        budget: RetryBudget::default(),
+    };
     let batch = provider.batch_size() as i64;
     let pending = |stage, cap| store.pending_at_stage(cfg.import_id, cfg.shard, stage, cap);
     while let Some(stage) = stage_to_claim(batch, pending).await? {
@@ -78,17 +98,8 @@ pub async fn run_shard(
         let results = if provider.answers_locally() {
             ladder::climb(&*provider, &cfg.plan, &claim.items).await
         } else {
-            let asked = ask(
-                &mut quota,
-                store,
-                &*provider,
-                cfg,
-                stage,
-                &claim.items,
-                &mut stats,
-            )
-            .await?;
-            stats.late_slots = quota.late_slots();
+            let asked = ask(&mut pace, store, &*provider, cfg, stage, &claim.items, &mut stats).await?;
+            stats.late_slots = pace.quota.late_slots();
             let Some(results) = asked else {
                 drop(claim); // rolls back: the batch stays pending for a later run
                 return Ok(Finish::QuotaExhausted);
@@ -102,6 +113,11 @@ pub async fn run_shard(
             .count() as u64;
         store.save(claim, &results).await?;
         progress(&stats);
+    }
+    if let Some(cache) = cache {
+        store
+            .keep_answers(cfg.import_id, cfg.shard, cache, now_s())
+            .await?;
     }
     Ok(Finish::Done)
 }
@@ -124,11 +140,18 @@ async fn plan(store: &Store, provider: &Arc<dyn Provider>, cfg: &ShardConfig) ->
     Ok(())
 }
 
+/// What paces one enricher's requests: the quota (import and API) and the
+/// retry budget ([`RetryBudget`]).
+struct Pacing<'a> {
+    quota: Quota<'a, Store>,
+    budget: RetryBudget,
+}
+
 /// Asks a provider that answers by request for one batch at `stage`: each
 /// request within the quota, failed ones retried. `None` when the request
 /// budget ran out before an answer.
 async fn ask(
-    quota: &mut Quota<'_, Store>,
+    pace: &mut Pacing<'_>,
     store: &Store,
     provider: &dyn Provider,
     cfg: &ShardConfig,
@@ -146,10 +169,12 @@ async fn ask(
     let radius = cfg.plan.radius(stage);
     let mut tries = Tries::new(cfg.retry);
     let answer = loop {
-        if quota.acquire().await? == Acquired::Exhausted {
+        if pace.quota.acquire().await? == Acquired::Exhausted {
             count_tries(store, cfg, &tries, stats).await?;
             return Ok(None);
         }
+        pace.budget
+            .sent(tokio::time::Instant::now(), tries.requests() > 0);
         tries.sent();
         stats.requests += 1;
         let err = match provider.answer(&ats, radius).await {
@@ -159,9 +184,14 @@ async fn ask(
         let Verdict::Retry { wait, pause_all } = tries.failed(&err, rand::random()) else {
             break Err(err);
         };
-        if let Some(pause) = pause_all {
-            quota.pause(pause).await?; // the next reservation honours it
-        }
+        let wait = match pause_all {
+            Some(pause) => {
+                pace.quota.pause(pause).await?; // the next reservation honours it
+                wait
+            }
+            // Over the retry budget, a retry waits for it (a failing server is not stormed).
+            None => wait.max(pace.budget.wait_for_retry(tokio::time::Instant::now())),
+        };
         stats.retries += 1;
         tracing::warn!(shard = cfg.shard, stage = stage.as_i16(), attempt = tries.attempts(), error = %err, "request failed; retrying in {:.2}s", wait.as_secs_f64());
         tokio::time::sleep(wait).await;

@@ -50,6 +50,12 @@ impl JobExit {
     }
 }
 
+/// Exit code of `postcode-operator local` (not of a Job) when the import
+/// finished but some rows ended `failed`: the API kept failing for their
+/// coordinates after the retries (README "Running locally", exit codes).
+/// `--retry-failed` asks them again. Distinct from every [`JobExit`] code.
+pub const LOCAL_ROWS_FAILED: i32 = 4;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 //! [`offline`] implement it) and [`ladder`] (the search stages), driven by
 //! [`enrich`]; how the quota works: [`quota`]; when a request is retried: [`retry`].
 
+pub mod answer_cache;
 pub mod areas;
 pub mod csv_input;
 pub mod degrees;

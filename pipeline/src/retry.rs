@@ -151,9 +151,92 @@ impl Tries {
     }
 }
 
+/// A retry budget, after gRPC's retry throttling: over any `window`, the
+/// retries one enricher sends stay within `ratio` of its requests (at least
+/// `floor` retries, so a small import still gets its attempts). A retry over
+/// budget is not dropped (its rows would fail) but waits until it fits, so a
+/// failing or slow server sees few re-sent requests, never a storm.
+#[derive(Debug, Clone)]
+pub struct RetryBudget {
+    window: Duration,
+    ratio: f64,
+    floor: u32,
+    /// Requests sent within the window: (when, whether a retry), oldest first.
+    sent: std::collections::VecDeque<(tokio::time::Instant, bool)>,
+}
+
+impl Default for RetryBudget {
+    /// Retries at most 10 % of requests over 60 s, at least 10.
+    fn default() -> Self {
+        Self::new(Duration::from_secs(60), 0.1, 10)
+    }
+}
+
+impl RetryBudget {
+    pub fn new(window: Duration, ratio: f64, floor: u32) -> Self {
+        Self {
+            window,
+            ratio,
+            floor,
+            sent: Default::default(),
+        }
+    }
+
+    fn forget_before(&mut self, now: tokio::time::Instant) {
+        while self
+            .sent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= self.window)
+        {
+            self.sent.pop_front();
+        }
+    }
+
+    /// A request is sent at `now`; `retry` when it re-sends a failed one.
+    pub fn sent(&mut self, now: tokio::time::Instant, retry: bool) {
+        self.forget_before(now);
+        self.sent.push_back((now, retry));
+    }
+
+    /// How long a retry must wait at `now` to fit the budget (zero when it fits).
+    pub fn wait_for_retry(&mut self, now: tokio::time::Instant) -> Duration {
+        self.forget_before(now);
+        let requests = self.sent.len() as f64 + 1.0;
+        let allowed = (requests * self.ratio).floor().max(f64::from(self.floor)) as usize;
+        let retries: Vec<_> = self.sent.iter().filter(|(_, r)| *r).map(|(t, _)| *t).collect();
+        if retries.len() < allowed {
+            return Duration::ZERO;
+        }
+        // Wait until enough retries have left the window for one more to fit.
+        let leaving = retries[retries.len() - allowed];
+        (leaving + self.window).saturating_duration_since(now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_retry_budget_allows_the_floor_then_a_tenth_and_waits_for_the_window() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = RetryBudget::new(Duration::from_secs(60), 0.1, 2);
+        for _ in 0..2 {
+            assert_eq!(b.wait_for_retry(t0), Duration::ZERO);
+            b.sent(t0, true);
+        }
+        // a third retry waits until the first leaves the 60 s window
+        assert_eq!(
+            b.wait_for_retry(t0 + Duration::from_secs(10)),
+            Duration::from_secs(50)
+        );
+        // 30 requests in the window allow 3 retries
+        for _ in 0..28 {
+            b.sent(t0 + Duration::from_secs(20), false);
+        }
+        assert_eq!(b.wait_for_retry(t0 + Duration::from_secs(20)), Duration::ZERO);
+        assert_eq!(b.wait_for_retry(t0 + Duration::from_secs(61)), Duration::ZERO);
+    }
 
     fn policy(max_attempts: u32) -> RetryPolicy {
         RetryPolicy {

@@ -98,6 +98,7 @@ async fn enrich(
         shard: 0,
         plan: SearchPlan::default(),
         retry,
+        cache: None,
     };
     run_shard(store, provider, &cfg, |_| {}).await.unwrap()
 }

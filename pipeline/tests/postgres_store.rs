@@ -247,6 +247,7 @@ async fn four_shards_share_one_quota_and_finish_every_row() {
             shard,
             plan: SearchPlan::default(),
             retry: RetryPolicy::default(),
+            cache: None,
         };
         tasks.push(tokio::spawn(async move {
             run_shard(&store, provider, &cfg, |_| {}).await.unwrap()

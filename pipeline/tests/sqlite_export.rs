@@ -102,6 +102,7 @@ async fn the_join_in_memory_gives_the_views_rows() {
         shard: 0,
         plan,
         retry: RetryPolicy::default(),
+        cache: None,
     };
     assert_eq!(
         run_shard(&store, index(), &cfg, |_| {}).await.unwrap(),

@@ -73,6 +73,13 @@ pub struct Faults {
     /// `"429"`, `"500"`, `"502"`, `"503"`, `"garbage"`, `"truncated"`, `"reset"`,
     /// `"fewer"`, `"reorder"`, `"slow"`, `"ok"`.
     pub script: Vec<String>,
+    /// Capacity mode: work on at most this many coordinates per second, as a
+    /// slow postcodes.io does (its stock settings on this machine: about 10).
+    /// Requests queue in arrival order; a request of n coordinates takes n/C
+    /// seconds of the server once its turn comes, and is worked on to the end
+    /// even when its client has given up (the real server's query keeps
+    /// running), which [`Stats::wasted_coordinates`] counts.
+    pub capacity: Option<u32>,
 }
 
 /// What the server has seen.
@@ -93,11 +100,27 @@ pub struct Stats {
     pub answered_by_radius: BTreeMap<String, u64>,
     /// Every request: (seconds since the server started, HTTP status; 0 for a reset).
     pub log: Vec<(f64, u16)>,
+    /// Capacity mode: coordinates the server worked on (every geolocation of
+    /// every bulk request it accepted).
+    pub worked_coordinates: u64,
+    /// Capacity mode: of those, coordinates of requests whose client had
+    /// given up (closed the connection) before the answer was ready.
+    pub wasted_coordinates: u64,
+    /// Capacity mode: the busiest second, as the most coordinates of requests
+    /// whose work ended within one second (a request's coordinates count when
+    /// it ends, so one full request of 100 makes 100), and the most requests
+    /// queued or in work at once.
+    pub busiest_second_coordinates: u64,
+    pub max_queued_requests: u64,
     /// Arrival time of every request, seconds since the server started.
     pub arrivals: Vec<f64>,
 }
 
 struct Inner {
+    /// Capacity mode: when the server's queue of work runs dry (since start, s).
+    busy_until: f64,
+    /// Capacity mode: (end of work, coordinates) of every request worked on.
+    work_ends: Vec<(f64, u64)>,
     faults: Faults,
     stats: Stats,
     started: Instant,
@@ -117,6 +140,8 @@ pub struct ServerState {
 impl ServerState {
     pub fn new(index: Arc<OfflineIndex>, faults: Faults, seed: u64) -> Self {
         let inner = Inner {
+            busy_until: 0.0,
+            work_ends: Vec::new(),
             faults,
             stats: Stats::default(),
             started: Instant::now(),
@@ -146,11 +171,76 @@ impl ServerState {
         }
         s.max_per_second = best as u64;
         s.arrivals = a.clone();
+        s.busiest_second_coordinates = busiest_second(&g.work_ends);
         s
     }
 
     pub fn set_faults(&self, faults: Faults) {
         self.inner.lock().expect("server state").faults = faults;
+    }
+
+    /// Capacity mode: books `n` coordinates of work in the queue and returns
+    /// when it ends; `None` without a capacity.
+    fn book_work(&self, n: u64) -> Option<Instant> {
+        let mut g = self.inner.lock().expect("server state");
+        let capacity = f64::from(g.faults.capacity?.max(1));
+        let now = g.started.elapsed().as_secs_f64();
+        let end = g.busy_until.max(now) + n as f64 / capacity;
+        g.busy_until = end;
+        g.work_ends.push((end, n));
+        g.stats.worked_coordinates += n;
+        // Queued or in work: booked and not ended, whether or not its client still waits.
+        let queued = g.work_ends.iter().filter(|(e, _)| *e > now).count() as u64;
+        g.stats.max_queued_requests = g.stats.max_queued_requests.max(queued);
+        Some(g.started + Duration::from_secs_f64(end))
+    }
+
+    /// Capacity mode: a booked request's handler ended, answered or given up by its client.
+    fn work_done(&self, n: u64, given_up: bool) {
+        let mut g = self.inner.lock().expect("server state");
+        if given_up {
+            g.stats.wasted_coordinates += n;
+        }
+    }
+}
+
+/// The most coordinates of `ends` ((end time, coordinates)) within any one-second window.
+fn busiest_second(ends: &[(f64, u64)]) -> u64 {
+    let mut e = ends.to_vec();
+    e.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (mut j, mut sum, mut best) = (0, 0u64, 0u64);
+    for &(end, n) in &e {
+        sum += n;
+        while end - e[j].0 >= 1.0 {
+            sum -= e[j].1;
+            j += 1;
+        }
+        best = best.max(sum);
+    }
+    best
+}
+
+/// Capacity mode: a booked request; dropped before [`Work::finish`] (its
+/// client closed the connection, so the handler was cancelled) its work
+/// counts as wasted.
+struct Work {
+    state: ServerState,
+    n: u64,
+    done: bool,
+}
+
+impl Work {
+    fn finish(mut self) {
+        self.done = true;
+        self.state.work_done(self.n, false);
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.work_done(self.n, true);
+        }
     }
 }
 
@@ -603,6 +693,16 @@ async fn bulk(
     if let Some(d) = slow {
         tokio::time::sleep(d).await;
     }
+    let n = answered.keys.len() as u64;
+    if let Some(end) = state.book_work(n) {
+        let work = Work {
+            state: state.clone(),
+            n,
+            done: false,
+        };
+        tokio::time::sleep_until(end.into()).await;
+        work.finish();
+    }
     let Answered {
         mut results,
         keys,
@@ -825,6 +925,43 @@ mod tests {
         // widesearch: 10 postcodes within 19.5 km near Aberdeen, not near Lerwick
         assert_eq!(q(57.2, -2.2, 100.0, 10, true), Ok(Some(10)));
         assert_eq!(q(60.2, -1.1, 100.0, 10, true), Ok(None));
+    }
+
+    /// Capacity mode: a request whose client gave up is still worked on and
+    /// counted as wasted; the next request waits behind it.
+    #[tokio::test]
+    async fn capacity_mode_queues_requests_and_counts_work_given_up_as_wasted() {
+        let faults = Faults {
+            capacity: Some(10),
+            ..Faults::default()
+        };
+        let server = TestServer::start(tiny(), faults).await.unwrap();
+        let body = json!({"geolocations": vec![json!({"latitude": 57.1, "longitude": -2.2}); 10]});
+        let url = format!("{}/postcodes", server.url());
+        let impatient = reqwest::Client::builder()
+            .timeout(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        assert!(impatient.post(&url).json(&body).send().await.is_err());
+        let r = reqwest::Client::new()
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        // The first handler ends when the server notices the closed connection.
+        let mut st = server.state.stats();
+        for _ in 0..200 {
+            if st.wasted_coordinates > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            st = server.state.stats();
+        }
+        assert_eq!((st.worked_coordinates, st.wasted_coordinates), (20, 10));
+        assert!((10..=20).contains(&st.busiest_second_coordinates), "{st:?}");
+        assert_eq!(st.max_queued_requests, 2);
     }
 
     #[tokio::test]

@@ -236,6 +236,12 @@ pub struct ApiSpec {
     /// Finally search up to 20 km (postcodes.io widesearch).
     #[serde(default = "default_true")]
     pub widesearch: bool,
+    /// Reuse answers earlier imports got from this API with the same radii
+    /// when they are at most this many days old (default 30; 0 asks
+    /// everything again and keeps nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 3650))]
+    pub answer_max_age_days: Option<u32>,
 }
 
 impl Default for ApiSpec {
@@ -245,6 +251,7 @@ impl Default for ApiSpec {
             radius_meters: default_radius(),
             max_radius_meters: default_max_radius(),
             widesearch: true,
+            answer_max_age_days: None,
         }
     }
 }

@@ -25,6 +25,11 @@ pub const MAX_RADIUS_M: u32 = 2000;
 /// External API requests per second when the import does not say.
 pub const DEFAULT_QUOTA_RPS: f64 = 5.0;
 
+/// Days a finished answer is reused by later imports asking the same API the
+/// same question (postcodes.io's data changes quarterly); 0 disables the
+/// answer cache (`pipeline::answer_cache`).
+pub const DEFAULT_ANSWER_MAX_AGE_DAYS: u32 = 30;
+
 /// Retries of a Job before it counts as failed (Kubernetes `backoffLimit`).
 pub const DEFAULT_BACKOFF_LIMIT: i32 = 3;
 /// Most retries of a Job an import may ask for.

@@ -19,6 +19,7 @@ fn plan(shards: u32) -> ImportPlan {
         search: SearchPlan::default(),
         quota_rps: 5.0,
         max_requests: Some(10),
+        answer_max_age_days: 30,
         lat_column: None,
         lon_column: None,
         delimiter: None,
@@ -40,6 +41,7 @@ fn new_import() -> Observed {
         shard_pending: vec![],
         budget_spent: false,
         counts: Counts::default(),
+        failure_cause: None,
         ttl_seconds_after_finished: None,
         finished_for: None,
         jobs_not_ready: None,
@@ -201,6 +203,31 @@ fn all_jobs_done_and_nothing_pending_is_succeeded_with_the_counts() {
     let r = d.report.unwrap();
     assert!(r.completed);
     assert_eq!(r.counts.unwrap().rows_enriched, 10);
+}
+
+#[test]
+fn failed_rows_give_a_condition_with_the_count_and_cause_and_exit_4() {
+    let mut o = loaded(vec![Some(JobState::Succeeded), Some(JobState::Succeeded)]);
+    o.shard_pending = vec![0, 0];
+    o.counts.rows_pending = 0;
+    o.counts.rows_failed = 4;
+    o.failure_cause = Some("connection failed: refused (after 8 requests)".into());
+    let d = decide(&o);
+    assert_eq!(phase(&d), Some(Phase::Succeeded));
+    assert_eq!(condition(&d, ROWS_FAILED), Some((true, "ApiFailed".into())));
+    let r = d.report.as_ref().unwrap();
+    let c = r.conditions.iter().find(|c| c.type_ == ROWS_FAILED).unwrap();
+    assert!(
+        c.message.starts_with("4 rows failed: connection failed: refused"),
+        "{}",
+        c.message
+    );
+    assert_eq!(d.exit_code(), pipeline::exit::LOCAL_ROWS_FAILED);
+    o.counts.rows_failed = 0;
+    o.counts.rows_enriched = 10;
+    let d = decide(&o);
+    assert_eq!(condition(&d, ROWS_FAILED), Some((false, "NoneFailed".into())));
+    assert_eq!(d.exit_code(), 0);
 }
 
 #[test]

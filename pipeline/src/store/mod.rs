@@ -4,7 +4,8 @@
 //! Tables: `uploads`/`upload_chunks` (CSV bytes), `imports`, `points` (every
 //! input row, its fields and load status), `lookups` (one per distinct coordinate:
 //! the unit of enrichment work and its result), `shard_plans`, `quotas` (the
-//! shared request quota). The view `point_results` gives every row with its
+//! shared request quota), `answers` (finished answers reused across imports,
+//! `answers.rs`). The view `point_results` gives every row with its
 //! final status.
 //!
 //! [`Store`] is the one type callers use. Its methods are grouped by concern:
@@ -19,6 +20,7 @@
 //!
 //! Module dependencies run one way: the facade → the dialects → records, columns.
 
+mod answers;
 mod claims;
 mod columns;
 mod imports;
@@ -30,6 +32,7 @@ mod records;
 mod results;
 pub mod sqlite;
 mod uploads;
+pub use quota::{api_key, QuotaWriter};
 pub use uploads::UploadMissing;
 
 use std::{str::FromStr, time::Duration};
@@ -100,7 +103,14 @@ impl Store {
     pub async fn migrate(&self) -> anyhow::Result<()> {
         match self {
             Store::Postgres(p) => sqlx::migrate!("./migrations/postgres").run(p).await?,
-            Store::Sqlite(p) => sqlx::migrate!("./migrations/sqlite").run(p).await?,
+            Store::Sqlite(p) => {
+                // Several `local` runs may open a new file at once; sqlx takes
+                // no migration lock on SQLite, so each would apply migration 1.
+                let path = sqlite::path_of(p);
+                let lock = tokio::task::spawn_blocking(move || sqlite::MigrationLock::take(&path)).await??;
+                sqlx::migrate!("./migrations/sqlite").run(p).await?;
+                drop(lock);
+            }
         }
         Ok(())
     }

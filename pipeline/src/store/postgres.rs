@@ -140,27 +140,53 @@ pub(super) fn copy_text(buf: &mut String, value: &str) {
 
 // ---------------------------------------------------------------- quota
 
-/// [`super::Store::reserve`] on the database clock: `(slot, now)`, `None` when the budget is spent.
+/// [`super::Store::reserve`] on the database clock: `(slot, now)`, `None` when
+/// the budget is spent. The import's row first (its lock orders every
+/// reservation of the import), then its API's ([`super::quota::API_SLOT`]).
 pub(super) async fn reserve(pool: &PgPool, import_id: i64) -> anyhow::Result<Option<(f64, f64)>> {
-    const SQL: &str = "WITH c AS (SELECT extract(epoch FROM clock_timestamp())::float8 AS now)
-         UPDATE quotas q SET next_at = GREATEST(c.now, q.next_at, q.paused_until) + $2 / q.requests_per_second, requests = q.requests + 1
-         FROM c WHERE q.import_id = $1 AND (q.max_requests IS NULL OR q.requests < q.max_requests)
-         RETURNING q.next_at - $2 / q.requests_per_second, c.now";
-    Ok(sqlx::query_as(SQL)
+    const IMPORT: &str = "UPDATE quotas q SET requests = q.requests + 1
+         FROM (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) c
+         WHERE q.import_id = $1 AND (q.max_requests IS NULL OR q.requests < q.max_requests)
+         RETURNING GREATEST(c.now, q.next_at, q.paused_until), c.now, q.api_url";
+    let mut tx = pool.begin().await?;
+    let Some((earliest, now, api)): Option<(f64, f64, Option<String>)> = sqlx::query_as(IMPORT)
         .bind(import_id)
+        .fetch_optional(&mut *tx)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let at = match api {
+        Some(api) => sqlx::query_as(super::quota::API_SLOT.as_str())
+            .bind(api)
+            .bind(earliest)
+            .bind(interval_s(1.0))
+            .fetch_optional(&mut *tx)
+            .await?
+            .map_or(earliest, |(at,): (f64,)| at),
+        None => earliest,
+    };
+    sqlx::query(super::quota::IMPORT_NEXT)
+        .bind(import_id)
+        .bind(at)
         .bind(interval_s(1.0))
-        .fetch_optional(pool)
-        .await?)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some((at, now)))
 }
 
 /// [`super::Store::pause`] on the database clock.
 pub(super) async fn pause(pool: &PgPool, import_id: i64, seconds: f64) -> anyhow::Result<()> {
     const SQL: &str = "UPDATE quotas SET paused_until = GREATEST(paused_until, extract(epoch FROM clock_timestamp())::float8 + $2) WHERE import_id = $1";
-    sqlx::query(SQL)
-        .bind(import_id)
-        .bind(seconds)
-        .execute(pool)
-        .await?;
+    const API: &str = "UPDATE api_quotas SET paused_until = GREATEST(paused_until, extract(epoch FROM clock_timestamp())::float8 + $2) WHERE api_url = (SELECT api_url FROM quotas WHERE import_id = $1)";
+    for sql in [SQL, API] {
+        sqlx::query(sql)
+            .bind(import_id)
+            .bind(seconds)
+            .execute(pool)
+            .await?;
+    }
     Ok(())
 }
 

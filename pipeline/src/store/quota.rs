@@ -1,8 +1,44 @@
-//! [`Store`]: the import's request quota and counters (the scheme is in
+//! [`Store`]: the import's request quota and counters, and the quota of each
+//! upstream API shared by all imports on the database (the scheme is in
 //! [`crate::quota`]; the reservation, which reads a clock, is per dialect).
 
 use super::{on_pool, postgres, records::QuotaCounters, sqlite, Store};
-use std::future::Future;
+use std::{future::Future, sync::LazyLock};
+
+/// The rate an API's quota stands at: the lower of the operator's and
+/// `local`'s, whichever are written (requests/second).
+const API_RATE: &str = "(CASE WHEN operator_rps IS NULL THEN local_rps WHEN local_rps IS NULL OR operator_rps < local_rps THEN operator_rps ELSE local_rps END)";
+
+/// Takes the API's next slot no earlier than the import's: `$1` API URL, `$2`
+/// the import's earliest slot, `$3` [`crate::quota::SPACING_MARGIN`]; returns
+/// the slot. No row (or no rate) when the API has no quota.
+pub(super) static API_SLOT: LazyLock<String> = LazyLock::new(|| {
+    let free = "(CASE WHEN next_at > paused_until THEN next_at ELSE paused_until END)";
+    format!(
+        "UPDATE api_quotas SET next_at = (CASE WHEN $2 > {free} THEN $2 ELSE {free} END) + $3 / {API_RATE}
+         WHERE api_url = $1 AND {API_RATE} > 0
+         RETURNING next_at - $3 / {API_RATE}"
+    )
+});
+
+/// Moves the import's `next_at` one interval past the slot taken: `$1`
+/// import, `$2` slot, `$3` [`crate::quota::SPACING_MARGIN`].
+pub(super) const IMPORT_NEXT: &str =
+    "UPDATE quotas SET next_at = $2 + $3 / requests_per_second WHERE import_id = $1";
+
+/// Who writes an API's quota ([`Store::set_api_quota`]); the lower of the two stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaWriter {
+    /// The operator, from its `--api-quota` flag (Helm value `apiQuotas`).
+    Operator,
+    /// `postcode-operator local --quota-rps`.
+    Local,
+}
+
+/// An API's quota key: its base URL without a trailing `/`.
+pub fn api_key(base_url: &str) -> &str {
+    base_url.trim_end_matches('/')
+}
 
 use crate::quota::{QuotaStore, Slot};
 
@@ -33,8 +69,44 @@ impl Store {
         Ok(())
     }
 
-    /// Reserves the next request slot of the import's quota (one atomic
-    /// statement; see [`crate::quota`]). PostgreSQL uses the database clock, so
+    /// Writes the quota of the API at `base_url` (requests per second, all
+    /// imports on this database together) as `writer` sets it; the API's
+    /// reservation state is kept.
+    pub async fn set_api_quota(
+        &self,
+        base_url: &str,
+        writer: QuotaWriter,
+        requests_per_second: f64,
+    ) -> anyhow::Result<()> {
+        const OPERATOR: &str = "INSERT INTO api_quotas (api_url, operator_rps) VALUES ($1, $2) ON CONFLICT (api_url) DO UPDATE SET operator_rps = excluded.operator_rps";
+        const LOCAL: &str = "INSERT INTO api_quotas (api_url, local_rps) VALUES ($1, $2) ON CONFLICT (api_url) DO UPDATE SET local_rps = excluded.local_rps";
+        let sql = match writer {
+            QuotaWriter::Operator => OPERATOR,
+            QuotaWriter::Local => LOCAL,
+        };
+        on_pool!(self, p => sqlx::query(sql).bind(api_key(base_url)).bind(requests_per_second).execute(p).await.map(drop))?;
+        Ok(())
+    }
+
+    /// The rate the quota of the API at `base_url` stands at (requests per
+    /// second), `None` when none was written.
+    pub async fn api_quota(&self, base_url: &str) -> anyhow::Result<Option<f64>> {
+        static SQL: LazyLock<String> =
+            LazyLock::new(|| format!("SELECT {API_RATE} FROM api_quotas WHERE api_url = $1"));
+        let row: Option<(Option<f64>,)> = on_pool!(self, p => sqlx::query_as(SQL.as_str()).bind(api_key(base_url)).fetch_optional(p).await)?;
+        Ok(row.and_then(|(r,)| r))
+    }
+
+    /// Makes every request of the import also take a slot of the quota of
+    /// the API at `base_url` (when that API has one).
+    pub async fn use_api_quota(&self, import_id: i64, base_url: &str) -> anyhow::Result<()> {
+        const SQL: &str = "UPDATE quotas SET api_url = $2 WHERE import_id = $1";
+        on_pool!(self, p => sqlx::query(SQL).bind(import_id).bind(api_key(base_url)).execute(p).await.map(drop))?;
+        Ok(())
+    }
+
+    /// Reserves the next request slot of the import's quota and of its API's
+    /// (one transaction; see [`crate::quota`]). PostgreSQL uses the database clock, so
     /// shards on different machines agree.
     pub async fn reserve(&self, import_id: i64) -> anyhow::Result<Slot> {
         let row = match self {

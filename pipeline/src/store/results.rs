@@ -20,6 +20,16 @@ impl Store {
         Counts::of(totals, groups)
     }
 
+    /// Why the import's `failed` rows failed: the most frequent `error` of its
+    /// failed coordinates (weighted by their rows), e.g. `connection failed:
+    /// … (after 8 requests)`; `None` when no row failed.
+    pub async fn failure_cause(&self, import_id: i64) -> anyhow::Result<Option<String>> {
+        const SQL: &str = "SELECT COALESCE(error, 'unknown') AS e FROM lookups WHERE import_id = $1 AND status = 'failed' GROUP BY e ORDER BY SUM(rows) DESC, e LIMIT 1";
+        let row: Option<(String,)> =
+            on_pool!(self, p => sqlx::query_as(SQL).bind(import_id).fetch_optional(p).await)?;
+        Ok(row.map(|(error,)| error))
+    }
+
     /// Rows, finished rows and failed rows per shard.
     pub async fn shard_counts(&self, import_id: i64) -> anyhow::Result<Vec<ShardCounts>> {
         let rows = match self {

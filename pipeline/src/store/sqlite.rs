@@ -21,8 +21,32 @@ use crate::{
 };
 
 /// The database file behind a sqlx SQLite pool.
-fn path_of(pool: &SqlitePool) -> PathBuf {
+pub(super) fn path_of(pool: &SqlitePool) -> PathBuf {
     pool.connect_options().get_filename().to_path_buf()
+}
+
+/// An exclusive `flock` on the database file while migrations run, so that
+/// processes opening one file at once migrate it one after another. SQLite's
+/// own locks are POSIX record locks, which `flock` does not touch; closing
+/// the file (dropping the lock) releases it.
+pub(super) struct MigrationLock(#[allow(dead_code)] std::fs::File);
+
+impl MigrationLock {
+    /// Waits for the lock on `path` (a blocking call).
+    pub(super) fn take(path: &std::path::Path) -> anyhow::Result<MigrationLock> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(path)?;
+        loop {
+            // SAFETY: flock on a file descriptor this function owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(MigrationLock(file));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e.into());
+            }
+        }
+    }
 }
 
 /// Seconds since the Unix epoch on this machine's clock.
@@ -81,27 +105,55 @@ pub(super) async fn load(
 // ---------------------------------------------------------------- quota
 
 /// [`super::Store::reserve`] on this machine's clock (every process sharing a
-/// SQLite file shares the machine): `(slot, now)`, `None` when the budget is spent.
+/// SQLite file shares the machine): `(slot, now)`, `None` when the budget is
+/// spent. The first statement writes, so the transaction holds the write lock
+/// from its start (no deferred read to upgrade); then the API's slot
+/// ([`super::quota::API_SLOT`]).
 pub(super) async fn reserve(pool: &SqlitePool, import_id: i64) -> anyhow::Result<Option<(f64, f64)>> {
-    const SQL: &str = "UPDATE quotas SET next_at = max(?2, next_at, paused_until) + ?3 / requests_per_second, requests = requests + 1
-         WHERE import_id = ?1 AND (max_requests IS NULL OR requests < max_requests)
-         RETURNING next_at - ?3 / requests_per_second, ?2";
-    Ok(sqlx::query_as(SQL)
+    const IMPORT: &str = "UPDATE quotas SET requests = requests + 1
+         WHERE import_id = $1 AND (max_requests IS NULL OR requests < max_requests)
+         RETURNING max($2, next_at, paused_until), api_url";
+    let now = now_s();
+    let mut tx = pool.begin().await?;
+    let Some((earliest, api)): Option<(f64, Option<String>)> = sqlx::query_as(IMPORT)
         .bind(import_id)
-        .bind(now_s())
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let at = match api {
+        Some(api) => sqlx::query_as(super::quota::API_SLOT.as_str())
+            .bind(api)
+            .bind(earliest)
+            .bind(interval_s(1.0))
+            .fetch_optional(&mut *tx)
+            .await?
+            .map_or(earliest, |(at,): (f64,)| at),
+        None => earliest,
+    };
+    sqlx::query(super::quota::IMPORT_NEXT)
+        .bind(import_id)
+        .bind(at)
         .bind(interval_s(1.0))
-        .fetch_optional(pool)
-        .await?)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some((at, now)))
 }
 
 /// [`super::Store::pause`] on this machine's clock.
 pub(super) async fn pause(pool: &SqlitePool, import_id: i64, seconds: f64) -> anyhow::Result<()> {
     const SQL: &str = "UPDATE quotas SET paused_until = max(paused_until, ?2) WHERE import_id = ?1";
-    sqlx::query(SQL)
-        .bind(import_id)
-        .bind(now_s() + seconds)
-        .execute(pool)
-        .await?;
+    const API: &str = "UPDATE api_quotas SET paused_until = max(paused_until, ?2) WHERE api_url = (SELECT api_url FROM quotas WHERE import_id = ?1)";
+    for sql in [SQL, API] {
+        sqlx::query(sql)
+            .bind(import_id)
+            .bind(now_s() + seconds)
+            .execute(pool)
+            .await?;
+    }
     Ok(())
 }
 

@@ -54,6 +54,15 @@ pub struct AppState {
     pub store: Store,
     pub config: Arc<ApiConfig>,
     pub metrics: PrometheusHandle,
+    /// Set once the database has answered and is migrated: until then
+    /// `/readyz` is 503 and `/v1/*` answers 503 at once.
+    pub database_ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AppState {
+    fn database_ready(&self) -> bool {
+        self.database_ready.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// An error answered as `{"error": …}` with a status code.
@@ -101,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/imports/{ns}/{name}", get(get_import))
         .route("/v1/imports/{ns}/{name}/results.csv", get(results_csv))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), database_ready))
         .layer(axum::extract::DefaultBodyLimit::disable());
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -132,8 +142,21 @@ async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next:
     next.run(req).await
 }
 
+/// `/v1/*` while the operator still waits for the database: 503 at once,
+/// instead of a request that hangs on the pool and then fails.
+async fn database_ready(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if !s.database_ready() {
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the database is not reachable yet; retry later".into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
 async fn readyz(State(s): State<AppState>) -> Response {
-    let db = s.store.import("readyz-probe").await.is_ok();
+    let db = s.database_ready() && s.store.import("readyz-probe").await.is_ok();
     let kube = s.client.apiserver_version().await.is_ok();
     let code = if db && kube {
         StatusCode::OK

@@ -116,13 +116,28 @@ impl Store {
     }
 
     /// Checks that a connection can be made now, with a plain message when
-    /// not (TLS refused, wrong CA, connection refused).
+    /// not (connection refused, TLS refused, wrong CA). One attempt, outside
+    /// the pool: the pool would retry until its acquire timeout and then say
+    /// only that it timed out.
     pub async fn check_connection(&self) -> anyhow::Result<()> {
+        use sqlx::Connection as _;
         match self {
-            Store::Postgres(p) => match p.acquire().await {
-                Ok(_) => Ok(()),
-                Err(e) => Err(pg_connect::describe_connect_error(&e, &p.connect_options())),
-            },
+            Store::Postgres(p) => {
+                let opts = p.connect_options();
+                let attempt = sqlx::PgConnection::connect_with(&opts);
+                match tokio::time::timeout(Duration::from_secs(15), attempt).await {
+                    Ok(Ok(c)) => {
+                        let _ = c.close().await;
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(pg_connect::describe_connect_error(&e, &opts)),
+                    Err(_) => anyhow::bail!(
+                        "cannot connect to PostgreSQL at {}:{}: no answer within 15 s",
+                        opts.get_host(),
+                        opts.get_port()
+                    ),
+                }
+            }
             Store::Sqlite(p) => Ok(p.acquire().await.map(drop)?),
         }
     }

@@ -456,20 +456,46 @@ mod tests {
             sslmode: Some("verify-full".into()),
         };
         let p = pod(&settings(Some(ca)));
-        let vol = p.volumes.unwrap().into_iter().find(|v| v.name == DATABASE_CA_VOLUME).unwrap();
+        let vol = p
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == DATABASE_CA_VOLUME)
+            .unwrap();
         let secret = vol.secret.unwrap();
         assert_eq!(secret.secret_name.as_deref(), Some("t-database"));
         let item = &secret.items.unwrap()[0];
-        assert_eq!((item.key.as_str(), item.path.as_str()), (DATABASE_CA_KEY, "ca.crt"));
+        assert_eq!(
+            (item.key.as_str(), item.path.as_str()),
+            (DATABASE_CA_KEY, "ca.crt")
+        );
         let c = &p.containers[0];
-        let mount = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == DATABASE_CA_VOLUME).unwrap();
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == DATABASE_CA_VOLUME)
+            .unwrap();
         assert_eq!(mount.mount_path, "/etc/postcode-operator/database-ca");
-        let env: BTreeMap<_, _> = c.env.iter().flatten().map(|e| (e.name.as_str(), e.value.clone())).collect();
-        assert_eq!(env["PGSSLROOTCERT"].as_deref(), Some("/etc/postcode-operator/database-ca/ca.crt"));
+        let env: BTreeMap<_, _> = c
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.clone()))
+            .collect();
+        assert_eq!(
+            env["PGSSLROOTCERT"].as_deref(),
+            Some("/etc/postcode-operator/database-ca/ca.crt")
+        );
         assert_eq!(env["PGSSLMODE"].as_deref(), Some("verify-full"));
 
         let p = pod(&settings(None));
         assert!(p.volumes.is_none() && p.containers[0].volume_mounts.is_none());
-        assert!(p.containers[0].env.iter().flatten().all(|e| !e.name.starts_with("PGSSL")));
+        assert!(p.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .all(|e| !e.name.starts_with("PGSSL")));
     }
 }

@@ -653,11 +653,13 @@ fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str]
         "operator cannot read its database Secret"
     );
     for (scope, g) in &by_scope {
-        let mut allowed: BTreeSet<Grant> = if scope == "*" || watch_scopes.contains(&scope.as_str()) {
-            main_allowed.clone()
-        } else {
-            BTreeSet::new()
-        };
+        // With watchNamespace the imports' grants are bound at home too.
+        let mut allowed: BTreeSet<Grant> =
+            if scope == "*" || scope == ns || watch_scopes.contains(&scope.as_str()) {
+                main_allowed.clone()
+            } else {
+                BTreeSet::new()
+            };
         if job_namespaces.contains(&scope.as_str()) {
             allowed.extend(secret_create.iter().cloned());
         }
@@ -1014,7 +1016,11 @@ fn database_url_and_existing_secrets_stay_in_secrets() {
 #[test]
 fn database_tls_ca_reaches_the_operator() {
     let (ns, full) = ("pco", "t-postcode-operator");
-    let docs = template("t", ns, &["database.tls.caSecret=db-ca", "database.tls.caKey=root.pem"]);
+    let docs = template(
+        "t",
+        ns,
+        &["database.tls.caSecret=db-ca", "database.tls.caKey=root.pem"],
+    );
     check_workloads(&docs);
     let env = check_operator(&docs, ns, full, 1);
     let ca_path = env_value(&env, "PGSSLROOTCERT");
@@ -1034,7 +1040,11 @@ fn database_tls_ca_reaches_the_operator() {
     let item = &seq(vol, "secret.items")[0];
     assert_eq!((s(item, "key"), s(item, "path")), ("root.pem", file));
 
-    let docs = template("t", ns, &["database.tls.caSecret=db-ca", "database.tls.sslmode=verify-ca"]);
+    let docs = template(
+        "t",
+        ns,
+        &["database.tls.caSecret=db-ca", "database.tls.sslmode=verify-ca"],
+    );
     let (_, c) = operator(&docs, ns, full);
     assert_eq!(env_value(&env_of(c), "PGSSLMODE"), "verify-ca");
     // Without a CA: nothing TLS-specific (the URL's own parameters apply).
@@ -1042,10 +1052,22 @@ fn database_tls_ca_reaches_the_operator() {
     let (_, c) = operator(&docs, ns, full);
     let env = env_of(c);
     assert!(!env.contains_key("PGSSLROOTCERT") && !env.contains_key("PGSSLMODE"));
-    assert_eq!(env_value(&env, "LEADER_ELECTION_LEASE"), full, "the Lease is named after the release");
+    assert_eq!(
+        env_value(&env, "LEADER_ELECTION_LEASE"),
+        full,
+        "the Lease is named after the release"
+    );
     for mode in ["prefer", "disable", "allow"] {
-        let err = template_raw("t", ns, &["database.tls.caSecret=db-ca", &format!("database.tls.sslmode={mode}")], &[])
-            .expect_err(&format!("sslmode={mode} must be refused"));
+        let err = template_raw(
+            "t",
+            ns,
+            &[
+                "database.tls.caSecret=db-ca",
+                &format!("database.tls.sslmode={mode}"),
+            ],
+            &[],
+        )
+        .expect_err(&format!("sslmode={mode} must be refused"));
         assert!(err.contains("sslmode"), "{err}");
     }
 }

@@ -21,11 +21,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run an import on this machine: reader and enricher Jobs as local processes, SQLite by default.
-    Local(local::LocalArgs),
+    Local(Box<local::LocalArgs>),
     /// Print the PostcodeImport CRD as YAML.
     Crd,
     /// Run the operator: controller and upload API (configured by flags or environment).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
 }
 
 #[tokio::main]
@@ -37,14 +37,14 @@ async fn main() {
             print!("{}", postcode_resource::crd_yaml());
             0
         }
-        Cmd::Run(args) => match run::run(args).await {
+        Cmd::Run(args) => match run::run(*args).await {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 1
             }
         },
-        Cmd::Local(args) => match local::run(args).await {
+        Cmd::Local(args) => match local::run(*args).await {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e:#}");

@@ -54,14 +54,14 @@ pub struct AppState {
     pub store: Store,
     pub config: Arc<ApiConfig>,
     pub metrics: PrometheusHandle,
-    /// Set once the database has answered and is migrated: until then
-    /// `/readyz` is 503 and `/v1/*` answers 503 at once.
-    pub database_ready: Arc<std::sync::atomic::AtomicBool>,
+    /// True once the database has answered and is migrated: until then
+    /// `/readyz` is 503 and `/v1/*` waits up to 10 s, then answers 503.
+    pub database_ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {
     fn database_ready(&self) -> bool {
-        self.database_ready.load(std::sync::atomic::Ordering::Acquire)
+        *self.database_ready.borrow()
     }
 }
 
@@ -142,10 +142,17 @@ async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next:
     next.run(req).await
 }
 
-/// `/v1/*` while the operator still waits for the database: 503 at once,
-/// instead of a request that hangs on the pool and then fails.
+/// `/v1/*` while the operator still waits for the database: a request
+/// waits up to 10 s for it (a client that starts with the operator), then gets
+/// 503, instead of hanging on the pool and failing later.
 async fn database_ready(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    if !s.database_ready() {
+    let mut ready = s.database_ready.clone();
+    // (the borrow `wait_for` returns is not Send: dropped before the next await)
+    let is_ready = matches!(
+        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r)).await,
+        Ok(Ok(_))
+    );
+    if !is_ready {
         return ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "the database is not reachable yet; retry later".into(),

@@ -3,14 +3,7 @@
 //! With leader election on, every replica serves the upload API and only the
 //! holder of the `Lease` reconciles.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -122,7 +115,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !store.is_postgres() {
         tracing::warn!("the operator is using SQLite: fine for a try-out, use PostgreSQL in a cluster");
     }
-    let database_ready = Arc::new(AtomicBool::new(false));
+    let (database_ready, ready_rx) = tokio::sync::watch::channel(false);
 
     let api_state = AppState {
         client: client.clone(),
@@ -140,7 +133,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .context("the Jobs' egress settings (JOB_EGRESS_*)")?,
         }),
         metrics,
-        database_ready: database_ready.clone(),
+        database_ready: ready_rx,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -150,7 +143,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     wait_for_database(&store).await;
-    database_ready.store(true, Ordering::Release);
+    database_ready.send_replace(true);
 
     let ctx = context(&client, store, &args)?;
     let namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());

@@ -2,6 +2,11 @@
 # Starts (or stops) a throwaway PostgreSQL cluster for the tests, installing the
 # server from Debian packages when the machine has none.
 #   .ci/postgres.sh start DIR PORT   → prints the URL to connect with
+#   .ci/postgres.sh start-tls DIR PORT CERT KEY
+#                                    → the same, with ssl=on (CERT/KEY: the
+#                                      server's PEM certificate and key) and
+#                                      only `hostssl` lines in pg_hba.conf, so
+#                                      a plaintext connection is refused
 #   .ci/postgres.sh stop DIR
 set -euo pipefail
 cmd=${1:?start|stop}; dir=${2:?data dir}; port=${3:-55432}
@@ -19,7 +24,7 @@ run_as_postgres() {
 }
 
 case $cmd in
-start)
+start|start-tls)
   if ! bin=$(pg_bin); then
     echo "installing PostgreSQL from Debian packages" >&2
     export DEBIAN_FRONTEND=noninteractive
@@ -33,8 +38,21 @@ start)
   [[ $(id -u) -eq 0 ]] && chown postgres "$dir"
   run_as_postgres "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1 \
     || { cat "$dir/initdb.log" >&2; exit 1; }
+  tls_opts=""
+  if [[ $cmd == start-tls ]]; then
+    cert=${4:?server certificate (PEM)}; key=${5:?server key (PEM)}
+    # The server refuses a key others can read; it reads both as postgres.
+    install -m 0644 "$cert" "$dir/data/server.crt"
+    install -m 0600 "$key" "$dir/data/server.key"
+    [[ $(id -u) -eq 0 ]] && chown postgres "$dir/data/server.crt" "$dir/data/server.key"
+    printf '%s\n' \
+      "local all all trust" \
+      "hostssl all all 127.0.0.1/32 trust" \
+      "hostssl all all ::1/128 trust" >"$dir/data/pg_hba.conf"
+    tls_opts="-c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
+  fi
   run_as_postgres "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=256MB" \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=256MB $tls_opts" \
     start >&2 || { cat "$dir/server.log" >&2; exit 1; }
   echo "postgres://postgres@127.0.0.1:$port/postgres"
   ;;
@@ -43,5 +61,5 @@ stop)
     run_as_postgres "$bin/pg_ctl" -D "$dir/data" -m immediate stop >&2 || true
   fi
   ;;
-*) echo "usage: $0 start|stop DIR [PORT]" >&2; exit 2 ;;
+*) echo "usage: $0 start|start-tls|stop DIR [PORT [CERT KEY]]" >&2; exit 2 ;;
 esac

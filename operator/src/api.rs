@@ -54,6 +54,15 @@ pub struct AppState {
     pub store: Store,
     pub config: Arc<ApiConfig>,
     pub metrics: PrometheusHandle,
+    /// True once the database has answered and is migrated: until then
+    /// `/readyz` is 503 and `/v1/*` waits up to 10 s, then answers 503.
+    pub database_ready: tokio::sync::watch::Receiver<bool>,
+}
+
+impl AppState {
+    fn database_ready(&self) -> bool {
+        *self.database_ready.borrow()
+    }
 }
 
 /// An error answered as `{"error": …}` with a status code.
@@ -101,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/imports/{ns}/{name}", get(get_import))
         .route("/v1/imports/{ns}/{name}/results.csv", get(results_csv))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), database_ready))
         .layer(axum::extract::DefaultBodyLimit::disable());
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -132,8 +142,28 @@ async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next:
     next.run(req).await
 }
 
+/// `/v1/*` while the operator still waits for the database: a request
+/// waits up to 10 s for it (a client that starts with the operator), then gets
+/// 503, instead of hanging on the pool and failing later.
+async fn database_ready(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let mut ready = s.database_ready.clone();
+    // (the borrow `wait_for` returns is not Send: dropped before the next await)
+    let is_ready = matches!(
+        tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r)).await,
+        Ok(Ok(_))
+    );
+    if !is_ready {
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the database is not reachable yet; retry later".into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
 async fn readyz(State(s): State<AppState>) -> Response {
-    let db = s.store.import("readyz-probe").await.is_ok();
+    let db = s.database_ready() && s.store.import("readyz-probe").await.is_ok();
     let kube = s.client.apiserver_version().await.is_ok();
     let code = if db && kube {
         StatusCode::OK

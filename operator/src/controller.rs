@@ -36,7 +36,8 @@ use serde_json::json;
 
 use crate::{
     jobs::{
-        database_secret_name, job, job_state, last_pod_failure, JobSettings, IMPORT_UID_LABEL, MANAGED_BY,
+        database_secret_name, job, job_state, last_pod_failure, JobSettings, DATABASE_CA_KEY,
+        IMPORT_UID_LABEL, MANAGED_BY,
     },
     lifecycle::{decide, pending_by_shard, Decision, JobState, Load, Next, Observed, Report, Want},
     plan::{enricher_jobs, reader_job, ImportPlan},
@@ -248,13 +249,12 @@ async fn publish(ctx: &Context, imp: &PostcodeImport, type_: EventType, reason: 
 }
 
 /// Copies the database Secret into the import's namespace for its Job pods,
-/// owned by the import so it goes with it.
+/// owned by the import so it goes with it. Create-only (an existing copy is
+/// a 409): the operator may read no Secret but its own database Secret
+/// (chart RBAC, by resourceName), only create them in the Job namespaces.
 async fn ensure_database_secret(ctx: &Context, imp: &PostcodeImport, ns: &str) -> Result<()> {
     let name = database_secret_name(imp);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    if secrets.get_opt(&name).await?.is_some() {
-        return Ok(());
-    }
     let (src_ns, src_name) = &ctx.database_secret;
     let src: Api<Secret> = Api::namespaced(ctx.client.clone(), src_ns);
     let key = &ctx.jobs.database_secret_key;
@@ -272,7 +272,7 @@ async fn ensure_database_secret(ctx: &Context, imp: &PostcodeImport, ns: &str) -
             owner_references: Some(vec![imp.controller_owner_ref(&()).expect("uid")]),
             ..Default::default()
         },
-        data: Some([(key.clone(), value)].into()),
+        data: Some(database_secret_data(ctx, key, value)),
         ..Secret::default()
     };
     match secrets.create(&PostParams::default(), &copy).await {
@@ -280,6 +280,20 @@ async fn ensure_database_secret(ctx: &Context, imp: &PostcodeImport, ns: &str) -
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The per-import database Secret's keys: the URL, and the database CA when
+/// the operator has one (mounted into the Job pods, jobs.rs).
+fn database_secret_data(
+    ctx: &Context,
+    key: &str,
+    url: ByteString,
+) -> std::collections::BTreeMap<String, ByteString> {
+    let mut data = std::collections::BTreeMap::from([(key.to_string(), url)]);
+    if let Some(ca) = &ctx.jobs.database_ca {
+        data.insert(DATABASE_CA_KEY.to_string(), ByteString(ca.pem.clone()));
+    }
+    data
 }
 
 fn job_settings_for(ctx: &Context, imp: &PostcodeImport) -> JobSettings {
@@ -704,6 +718,7 @@ mod tests {
             delimiter: None,
             quote: None,
             backoff_limit: 3,
+            answer_max_age_days: 30,
         };
         let names: Vec<String> = enricher_jobs(&plan).into_iter().map(|j| j.name).collect();
         let held = JobState::Running {

@@ -11,9 +11,9 @@ use k8s_openapi::{
             PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
         },
         core::v1::{
-            Capabilities, Container, EnvVar, EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec,
-            PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext,
-            Volume,
+            Capabilities, Container, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector,
+            PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
+            SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
         },
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -59,6 +59,8 @@ pub struct JobSettings {
     pub egress: EgressSettings,
     /// Chart defaults and bounds of the Job pods.
     pub pods: PodSettings,
+    /// The database server's CA, when the operator has one (chart value `database.tls`).
+    pub database_ca: Option<DatabaseCa>,
 }
 
 /// What the cluster admin sets for every Job pod (chart values `jobPods.*`).
@@ -120,6 +122,85 @@ fn volume_kind_and_name(v: &Volume) -> (String, Option<String>) {
         _ => None,
     };
     (kind, name.and_then(|n| n.as_str()).map(str::to_string))
+}
+
+/// The CA that signed the database server's certificate (chart value
+/// `database.tls.caSecret`, mounted in the operator at `path`, which is its
+/// `PGSSLROOTCERT`). The operator copies it into each import's database
+/// Secret (key [`DATABASE_CA_KEY`]); the Job pods mount it at the same path
+/// and get the same `PGSSLROOTCERT` and `PGSSLMODE`, so a URL that names
+/// `sslrootcert` works in both.
+#[derive(Debug, Clone)]
+pub struct DatabaseCa {
+    pub pem: Vec<u8>,
+    pub path: String,
+    pub sslmode: Option<String>,
+}
+
+/// Key of the CA in the per-import database Secret.
+pub const DATABASE_CA_KEY: &str = "ca.crt";
+const DATABASE_CA_VOLUME: &str = "database-ca";
+
+impl DatabaseCa {
+    /// The directory mounted and the file name in it.
+    fn dir_and_file(&self) -> (String, String) {
+        let p = std::path::Path::new(&self.path);
+        let dir = p
+            .parent()
+            .map(|d| d.display().to_string())
+            .filter(|d| !d.is_empty());
+        let file = p.file_name().map(|f| f.to_string_lossy().into_owned());
+        (
+            dir.unwrap_or_else(|| "/etc/postcode-operator/database-ca".into()),
+            file.unwrap_or_else(|| DATABASE_CA_KEY.into()),
+        )
+    }
+}
+
+/// The Job pod's volume holding the database CA (from the per-import Secret).
+fn database_ca_volume(settings: &JobSettings) -> Option<Volume> {
+    let ca = settings.database_ca.as_ref()?;
+    Some(Volume {
+        name: DATABASE_CA_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(settings.database_secret.clone()),
+            items: Some(vec![KeyToPath {
+                key: DATABASE_CA_KEY.into(),
+                path: ca.dir_and_file().1,
+                mode: None,
+            }]),
+            default_mode: Some(0o444),
+            optional: Some(false),
+        }),
+        ..Volume::default()
+    })
+}
+
+/// Its mount, at the directory of the operator's `PGSSLROOTCERT`.
+fn database_ca_mount(settings: &JobSettings) -> Option<VolumeMount> {
+    let ca = settings.database_ca.as_ref()?;
+    Some(VolumeMount {
+        name: DATABASE_CA_VOLUME.into(),
+        mount_path: ca.dir_and_file().0,
+        read_only: Some(true),
+        ..VolumeMount::default()
+    })
+}
+
+/// `PGSSLROOTCERT` and `PGSSLMODE` of the Job pods (the URL's own parameters win).
+fn database_ca_env(settings: &JobSettings) -> Vec<EnvVar> {
+    let Some(ca) = &settings.database_ca else {
+        return Vec::new();
+    };
+    let mut env = vec![env_value("PGSSLROOTCERT", ca.path.clone())];
+    env.extend(ca.sslmode.iter().map(|m| env_value("PGSSLMODE", m.clone())));
+    env
+}
+
+/// `base` (the import's own) plus the database CA's, `None` when empty.
+fn with_database_ca<T>(mut base: Vec<T>, extra: Option<T>) -> Option<Vec<T>> {
+    base.extend(extra);
+    (!base.is_empty()).then_some(base)
 }
 
 /// What the Jobs may reach (chart values `egress.*`, pipeline::egress): set
@@ -238,6 +319,7 @@ fn env(spec: &JobSpec, settings: &JobSettings) -> Vec<EnvVar> {
     env.push(env_value("REPORT_STATUS", "true"));
     env.push(env_value("RUST_LOG", settings.rust_log.clone()));
     env.extend(settings.egress.env());
+    env.extend(database_ca_env(settings));
     env
 }
 
@@ -254,7 +336,7 @@ fn container(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) ->
         command: Some(vec![spec.command.clone()]),
         args: Some(spec.args.clone()),
         env: Some(env(spec, settings)),
-        volume_mounts: (!template.volume_mounts.is_empty()).then_some(template.volume_mounts),
+        volume_mounts: with_database_ca(template.volume_mounts, database_ca_mount(settings)),
         resources: template.resources.or_else(|| default_resources.clone()),
         // The pod's failure says why (the Job binaries write their last
         // error there; the logs' tail when they could not).
@@ -329,7 +411,7 @@ fn pod_spec(spec: &JobSpec, import: &PostcodeImport, settings: &JobSettings) -> 
             ..PodSecurityContext::default()
         }),
         containers: vec![container(spec, import, settings)],
-        volumes: some_vec(t.volumes),
+        volumes: with_database_ca(t.volumes, database_ca_volume(settings)),
         ..PodSpec::default()
     }
 }
@@ -490,6 +572,7 @@ mod tests {
                     "emptyDir".into(),
                 ],
             },
+            database_ca: None,
         }
     }
 
@@ -618,5 +701,82 @@ mod tests {
                 assert!(v.len() <= 63, "{v}");
             }
         }
+    }
+
+    fn settings_with_ca(database_ca: Option<DatabaseCa>) -> JobSettings {
+        JobSettings {
+            image: "img".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            service_account: "sa".into(),
+            database_secret: "t-database".into(),
+            database_secret_key: "url".into(),
+            rust_log: "info".into(),
+            egress: EgressSettings::default(),
+            pods: PodSettings::default(),
+            database_ca,
+        }
+    }
+
+    fn pod(settings: &JobSettings) -> PodSpec {
+        let imp: PostcodeImport = serde_json::from_value(serde_json::json!({
+            "apiVersion": "postcodes.dev/v1alpha1", "kind": "PostcodeImport",
+            "metadata": {"name": "t", "namespace": "n", "uid": "u1"},
+            "spec": {"source": {"url": "https://example.com/x.csv"}},
+        }))
+        .unwrap();
+        let plan = crate::controller::plan_for(&imp).unwrap();
+        let j = job(&crate::plan::reader_job(&plan), &imp, settings, false);
+        j.spec.unwrap().template.spec.unwrap()
+    }
+
+    #[test]
+    fn the_database_ca_is_mounted_at_the_operators_path_from_the_import_secret() {
+        let ca = DatabaseCa {
+            pem: b"pem".to_vec(),
+            path: "/etc/postcode-operator/database-ca/ca.crt".into(),
+            sslmode: Some("verify-full".into()),
+        };
+        let p = pod(&settings_with_ca(Some(ca)));
+        let vol = p
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == DATABASE_CA_VOLUME)
+            .unwrap();
+        let secret = vol.secret.unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("t-database"));
+        let item = &secret.items.unwrap()[0];
+        assert_eq!(
+            (item.key.as_str(), item.path.as_str()),
+            (DATABASE_CA_KEY, "ca.crt")
+        );
+        let c = &p.containers[0];
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == DATABASE_CA_VOLUME)
+            .unwrap();
+        assert_eq!(mount.mount_path, "/etc/postcode-operator/database-ca");
+        let env: BTreeMap<_, _> = c
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.clone()))
+            .collect();
+        assert_eq!(
+            env["PGSSLROOTCERT"].as_deref(),
+            Some("/etc/postcode-operator/database-ca/ca.crt")
+        );
+        assert_eq!(env["PGSSLMODE"].as_deref(), Some("verify-full"));
+
+        let p = pod(&settings_with_ca(None));
+        assert!(p.volumes.is_none() && p.containers[0].volume_mounts.is_none());
+        assert!(p.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .all(|e| !e.name.starts_with("PGSSL")));
     }
 }

@@ -14,7 +14,7 @@ use postcode_resource::limits;
 use crate::{
     api::{router, ApiConfig, AppState},
     controller::{self, Context},
-    jobs::{EgressSettings, JobSettings, PodSettings},
+    jobs::{DatabaseCa, EgressSettings, JobSettings, PodSettings},
 };
 
 /// Options of `postcode-operator run`.
@@ -93,6 +93,15 @@ pub struct RunArgs {
         default_value = "persistentVolumeClaim/*,configMap/*,emptyDir"
     )]
     pub job_allowed_volumes: String,
+    /// PEM file of the CA that signed the database server's certificate
+    /// (chart value database.tls.caSecret). sqlx reads it as the default
+    /// `sslrootcert`; the Job pods get a copy at the same path.
+    #[arg(long, env = "PGSSLROOTCERT")]
+    pub database_ca_file: Option<String>,
+    /// Default `sslmode` of the database URL (verify-full when a CA is given
+    /// and no mode); passed to the Job pods too.
+    #[arg(long, env = "PGSSLMODE")]
+    pub database_sslmode: Option<String>,
     /// Bearer token required by the upload API (none when empty).
     #[arg(long, env = "UPLOAD_TOKEN", default_value = "", hide_env_values = true)]
     pub upload_token: String,
@@ -113,9 +122,13 @@ pub struct RunArgs {
     /// `apiQuotas`); a `local --quota-rps` on the same database that is lower stands.
     #[arg(long, env = "API_QUOTAS", default_value = "")]
     pub api_quotas: String,
-    /// Reconcile only while holding the `postcode-operator` Lease (for more than one replica).
+    /// Reconcile only while holding the Lease LEADER_ELECTION_LEASE (for more than one replica).
     #[arg(long, env = "LEADER_ELECTION", default_value_t = false, action = clap::ArgAction::Set)]
     pub leader_election: bool,
+    /// Name of the leader-election Lease in POD_NAMESPACE (the chart sets the
+    /// release's full name, so two releases in one namespace never share a leader).
+    #[arg(long, env = "LEADER_ELECTION_LEASE", default_value = "postcode-operator")]
+    pub leader_election_lease: String,
 }
 
 /// [`RunArgs::job_reader_resources`]' default.
@@ -154,15 +167,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     let client = Client::try_default().await.context("connecting to Kubernetes")?;
-    let store = Store::connect(&args.database_url).await?;
+    // Lazy: the probes and the API answer while the database is still down.
+    let store = Store::connect_lazy(&args.database_url).await?;
     if !store.is_postgres() {
         tracing::warn!("the operator is using SQLite: fine for a try-out, use PostgreSQL in a cluster");
     }
-    store.migrate().await.context("migrating the database")?;
-    for (url, rps) in parse_api_quotas(&args.api_quotas)? {
-        store.set_api_quota(&url, QuotaWriter::Operator, rps).await?;
-        tracing::info!(api = %url, requests_per_second = rps, "API quota written");
-    }
+    let (database_ready, ready_rx) = tokio::sync::watch::channel(false);
 
     let api_state = AppState {
         client: client.clone(),
@@ -180,6 +190,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .context("the Jobs' egress settings (JOB_EGRESS_*)")?,
         }),
         metrics,
+        database_ready: ready_rx,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -188,7 +199,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let app = router(api_state).layer(tower_http::trace::TraceLayer::new_for_http());
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let ctx = context(&client, store, &args, pods);
+    wait_for_database(&store).await;
+    database_ready.send_replace(true);
+    for (url, rps) in parse_api_quotas(&args.api_quotas)? {
+        store.set_api_quota(&url, QuotaWriter::Operator, rps).await?;
+        tracing::info!(api = %url, requests_per_second = rps, "API quota written");
+    }
+
+    let ctx = context(&client, store, &args, pods)?;
     let namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
 
     if args.leader_election {
@@ -222,6 +240,36 @@ pub fn parse_api_quotas(text: &str) -> anyhow::Result<Vec<(String, f64)>> {
         .collect()
 }
 
+/// Connects and migrates, retrying with backoff (1 s doubling to 30 s) for
+/// as long as it takes: an operator started before its database (or during an
+/// outage) waits with `/readyz` 503 instead of exiting into CrashLoopBackOff.
+/// Every failed attempt is logged with its cause (refused, TLS, wrong CA).
+async fn wait_for_database(store: &Store) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let attempt = async {
+            store.check_connection().await?;
+            store.migrate().await.context("migrating the database")
+        };
+        match attempt.await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(retry_in_s = backoff.as_secs(), "database not ready: {e:#}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    match store.uses_tls().await {
+        Ok(true) => tracing::info!("database connected and migrated"),
+        Ok(false) => tracing::warn!(
+            "database connected WITHOUT TLS: add sslmode=verify-full and sslrootcert to the URL \
+             (chart value database.tls) unless the network path is trusted"
+        ),
+        Err(e) => tracing::warn!("database connected; its TLS state is unknown: {e:#}"),
+    }
+}
+
 /// The Jobs' egress settings from the flags.
 pub fn egress_settings(args: &RunArgs) -> EgressSettings {
     EgressSettings {
@@ -232,9 +280,23 @@ pub fn egress_settings(args: &RunArgs) -> EgressSettings {
     }
 }
 
+/// The database CA for the Job pods, read from the operator's own copy.
+fn database_ca(args: &RunArgs) -> anyhow::Result<Option<DatabaseCa>> {
+    let Some(path) = args.database_ca_file.as_deref().filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let pem =
+        std::fs::read(path).with_context(|| format!("reading the database CA {path} (PGSSLROOTCERT)"))?;
+    Ok(Some(DatabaseCa {
+        pem,
+        path: path.to_string(),
+        sslmode: args.database_sslmode.clone().filter(|m| !m.is_empty()),
+    }))
+}
+
 /// The controller's context from the flags.
-fn context(client: &Client, store: Store, args: &RunArgs, pods: PodSettings) -> Arc<Context> {
-    Arc::new(Context {
+fn context(client: &Client, store: Store, args: &RunArgs, pods: PodSettings) -> anyhow::Result<Arc<Context>> {
+    Ok(Arc::new(Context {
         client: client.clone(),
         store,
         jobs: JobSettings {
@@ -246,10 +308,11 @@ fn context(client: &Client, store: Store, args: &RunArgs, pods: PodSettings) -> 
             rust_log: args.job_rust_log.clone(),
             egress: egress_settings(args),
             pods,
+            database_ca: database_ca(args)?,
         },
         database_secret: (args.pod_namespace.clone(), args.database_secret_name.clone()),
         recorder: controller::recorder(client.clone()),
-    })
+    }))
 }
 
 /// Waits for the leader Lease, then reconciles until the Lease is lost; a
@@ -261,7 +324,7 @@ async fn lead_then_reconcile(
     ctx: Arc<Context>,
     namespace: Option<String>,
 ) -> anyhow::Result<()> {
-    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), "postcode-operator")
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.leader_election_lease)
         .with_namespace(&args.pod_namespace)
         .with_identity(&args.pod_name)
         .with_duration(15)

@@ -591,26 +591,22 @@ fn check_operator(docs: &[Value], ns: &str, full: &str, replicas: i64) -> BTreeM
 /// The operator's RBAC: what the controller, upload API, finalizer, events and
 /// leader election need, nothing broader. `watch_scopes` is where the
 /// PostcodeImport grants apply (`*` = cluster-wide).
-fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str]) {
+fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str], job_namespaces: &[&str]) {
     let by_scope = grants_of_sa(docs, ns, sa);
+    // No `update` of imports or their status: the operator only patches them.
     let main = grants(&[
         (
             "postcodes.dev",
             "postcodeimports",
-            &["get", "list", "watch", "patch", "update"],
+            &["get", "list", "watch", "patch"],
         ),
-        (
-            "postcodes.dev",
-            "postcodeimports/status",
-            &["get", "patch", "update"],
-        ),
+        ("postcodes.dev", "postcodeimports/status", &["get", "patch"]),
         ("postcodes.dev", "postcodeimports/finalizers", &["update"]),
         (
             "batch",
             "jobs",
             &["get", "list", "watch", "create", "delete", "patch"],
         ),
-        ("", "secrets", &["get", "create", "patch", "delete"]),
         ("", "pods", &["list"]),
         // The Job controller's FailedCreate events (JobsReady).
         ("", "events", &["list"]),
@@ -631,6 +627,11 @@ fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str]
         "leases",
         &["get", "create", "update", "patch"],
     )]);
+    // Secret copies are created, never read, patched or deleted, in the Job
+    // namespaces; the one Secret read is the database Secret at home, by name
+    // (check_named_rbac).
+    let secret_create = grants(&[("", "secrets", &["create"])]);
+    let secret_get = grants(&[("", "secrets", &["get"])]);
     for scope in watch_scopes {
         let g = by_scope
             .get(*scope)
@@ -638,17 +639,35 @@ fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str]
         let missing: Vec<_> = main.difference(g).collect();
         assert!(missing.is_empty(), "operator lacks {missing:?} in {scope}");
     }
+    for jns in job_namespaces {
+        assert!(
+            secret_create.is_subset(&by_scope[*jns]),
+            "operator cannot create Secrets in job namespace {jns}"
+        );
+    }
     let leases_here = &by_scope[ns];
     assert!(
         lease.is_subset(leases_here),
         "operator lacks lease rights in {ns}"
     );
+    assert!(
+        secret_get.is_subset(leases_here),
+        "operator cannot read its database Secret"
+    );
     for (scope, g) in &by_scope {
-        let allowed: BTreeSet<Grant> = if scope == ns {
-            main_allowed.union(&lease).cloned().collect()
-        } else {
-            main_allowed.clone()
-        };
+        // With watchNamespace the imports' grants are bound at home too.
+        let mut allowed: BTreeSet<Grant> =
+            if scope == "*" || scope == ns || watch_scopes.contains(&scope.as_str()) {
+                main_allowed.clone()
+            } else {
+                BTreeSet::new()
+            };
+        if job_namespaces.contains(&scope.as_str()) {
+            allowed.extend(secret_create.iter().cloned());
+        }
+        if scope == ns {
+            allowed.extend(lease.iter().chain(&secret_get).cloned());
+        }
         let extra: Vec<_> = g.difference(&allowed).collect();
         assert!(
             extra.is_empty(),
@@ -656,15 +675,55 @@ fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str]
         );
     }
     let scopes: BTreeSet<&str> = by_scope.keys().map(|k| k.as_str()).collect();
-    let expected: BTreeSet<&str> = watch_scopes.iter().copied().chain([ns]).collect();
+    let expected: BTreeSet<&str> = watch_scopes
+        .iter()
+        .chain(job_namespaces)
+        .copied()
+        .chain([ns])
+        .collect();
     assert_eq!(scopes, expected, "operator grant scopes");
-    // Leases only where the operator runs.
-    for (scope, g) in &by_scope {
-        if scope != ns {
-            assert!(
-                g.intersection(&lease).next().is_none(),
-                "lease rights outside the release namespace: {scope}"
-            );
+    check_named_rbac(docs, ns, sa);
+}
+
+/// The rules bound to the operator that name their objects: reading Secrets
+/// only by the database Secret's name, the Lease only by the release's name
+/// (`create` cannot be limited by name).
+fn check_named_rbac(docs: &[Value], ns: &str, sa: &str) {
+    let full = sa; // the operator's ServiceAccount is named <fullname>
+    for b in docs
+        .iter()
+        .filter(|d| matches!(kind(d), "RoleBinding" | "ClusterRoleBinding"))
+    {
+        let bound = seq(b, "subjects").iter().any(|sub| {
+            s(sub, "kind") == "ServiceAccount" && s(sub, "name") == sa && s(sub, "namespace") == ns
+        });
+        if !bound {
+            continue;
+        }
+        let role_kind = s(b, "roleRef.kind");
+        let role_ns = if role_kind == "Role" { namespace(b) } else { "" };
+        let role = get(docs, role_kind, role_ns, s(b, "roleRef.name"));
+        for r in seq(role, "rules") {
+            let has = |key: &str, v: &str| seq(r, key).iter().any(|x| x.as_str() == Some(v));
+            let names: Vec<&str> = if at(r, "resourceNames").is_null() {
+                Vec::new()
+            } else {
+                seq(r, "resourceNames")
+                    .iter()
+                    .filter_map(|n| n.as_str())
+                    .collect()
+            };
+            if has("resources", "secrets") && !has("verbs", "create") {
+                assert_eq!(
+                    names,
+                    [format!("{full}-database")],
+                    "{}: Secrets read by name only",
+                    id(role)
+                );
+            }
+            if has("resources", "leases") && !has("verbs", "create") {
+                assert_eq!(names, [full], "{}: the Lease named after the release", id(role));
+            }
         }
     }
 }
@@ -834,7 +893,7 @@ fn default_values_render_a_hardened_least_privilege_operator() {
     let job_sa = env_value(&env, "JOB_SERVICE_ACCOUNT");
     assert_eq!(job_sa, format!("{full}-job"));
     check_job_rbac(&docs, job_sa, &[ns]);
-    check_operator_rbac(&docs, ns, full, &["*"]);
+    check_operator_rbac(&docs, ns, full, &["*"], &[ns]);
     check_cleanup_hook(&docs, ns, full);
     assert!(all(&docs, "StatefulSet").is_empty(), "no PostgreSQL by default");
     assert_eq!(
@@ -953,6 +1012,68 @@ fn database_url_and_existing_secrets_stay_in_secrets() {
     );
 }
 
+/// `database.tls.caSecret`: the CA is mounted into the operator, which gets
+/// it as `PGSSLROOTCERT` with `PGSSLMODE` (the operator then copies it for the
+/// Job pods, at the same path); a mode that would allow plaintext is refused.
+#[test]
+fn database_tls_ca_reaches_the_operator() {
+    let (ns, full) = ("pco", "t-postcode-operator");
+    let docs = template(
+        "t",
+        ns,
+        &["database.tls.caSecret=db-ca", "database.tls.caKey=root.pem"],
+    );
+    check_workloads(&docs);
+    let env = check_operator(&docs, ns, full, 1);
+    let ca_path = env_value(&env, "PGSSLROOTCERT");
+    assert_eq!(env_value(&env, "PGSSLMODE"), "verify-full");
+    let (d, c) = operator(&docs, ns, full);
+    let (dir, file) = ca_path.rsplit_once('/').unwrap();
+    let mount = seq(c, "volumeMounts")
+        .iter()
+        .find(|m| s(m, "mountPath") == dir)
+        .unwrap_or_else(|| panic!("no mount at {dir}"));
+    assert_eq!(at(mount, "readOnly").as_bool(), Some(true));
+    let vol = seq(at(d, "spec.template.spec"), "volumes")
+        .iter()
+        .find(|v| s(v, "name") == s(mount, "name"))
+        .expect("the CA volume");
+    assert_eq!(s(vol, "secret.secretName"), "db-ca");
+    let item = &seq(vol, "secret.items")[0];
+    assert_eq!((s(item, "key"), s(item, "path")), ("root.pem", file));
+
+    let docs = template(
+        "t",
+        ns,
+        &["database.tls.caSecret=db-ca", "database.tls.sslmode=verify-ca"],
+    );
+    let (_, c) = operator(&docs, ns, full);
+    assert_eq!(env_value(&env_of(c), "PGSSLMODE"), "verify-ca");
+    // Without a CA: nothing TLS-specific (the URL's own parameters apply).
+    let docs = template("t", ns, &[]);
+    let (_, c) = operator(&docs, ns, full);
+    let env = env_of(c);
+    assert!(!env.contains_key("PGSSLROOTCERT") && !env.contains_key("PGSSLMODE"));
+    assert_eq!(
+        env_value(&env, "LEADER_ELECTION_LEASE"),
+        full,
+        "the Lease is named after the release"
+    );
+    for mode in ["prefer", "disable", "allow"] {
+        let err = template_raw(
+            "t",
+            ns,
+            &[
+                "database.tls.caSecret=db-ca",
+                &format!("database.tls.sslmode={mode}"),
+            ],
+            &[],
+        )
+        .expect_err(&format!("sslmode={mode} must be refused"));
+        assert!(err.contains("sslmode"), "{err}");
+    }
+}
+
 #[test]
 fn replicas_turn_leader_election_on() {
     let (ns, full) = ("pco", "t-postcode-operator");
@@ -979,14 +1100,14 @@ fn job_namespaces_get_the_job_service_account() {
     check_workloads(&docs);
     let env = check_operator(&docs, ns, full, 1);
     check_job_rbac(&docs, env_value(&env, "JOB_SERVICE_ACCOUNT"), &[ns, "a", "b"]);
-    check_operator_rbac(&docs, ns, full, &["*"]);
+    check_operator_rbac(&docs, ns, full, &["*"], &[ns, "a", "b"]);
 
     // watchNamespace: the operator is bound there (and at home) instead of cluster-wide.
     let docs = template("t", ns, &["watchNamespace=w", "jobNamespaces={a}"]);
     let env = check_operator(&docs, ns, full, 1);
     assert_eq!(env_value(&env, "WATCH_NAMESPACE"), "w");
     check_job_rbac(&docs, env_value(&env, "JOB_SERVICE_ACCOUNT"), &[ns, "w", "a"]);
-    check_operator_rbac(&docs, ns, full, &["w"]);
+    check_operator_rbac(&docs, ns, full, &["w"], &[ns, "w", "a"]);
     assert!(
         all(&docs, "ClusterRoleBinding").iter().all(|b| is_hook(b)),
         "no cluster-wide binding for the operator"
@@ -1113,11 +1234,12 @@ impl Scratch {
 
     /// Asks the API server's authorizer (SubjectAccessReviews, all in one
     /// `kubectl create`) whether each ServiceAccount user `who` may `verb` the
-    /// `resource` (`plural[.group][/subresource]`) in `ns` (None = all namespaces).
+    /// `resource` (`plural[.group][/subresource][@name]`) in `ns` (None = all namespaces).
     fn can_all(&self, checks: &[(&str, &str, &str, Option<&str>)]) -> Vec<bool> {
         let reviews: Vec<serde_json::Value> = checks
             .iter()
             .map(|&(who, verb, resource, ns)| {
+                let (resource, object) = resource.split_once('@').unwrap_or((resource, ""));
                 let (res, sub) = resource.split_once('/').unwrap_or((resource, ""));
                 let (plural, group) = res.split_once('.').unwrap_or((res, ""));
                 let sa_ns = who
@@ -1132,6 +1254,7 @@ impl Scratch {
                         "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{sa_ns}"), "system:authenticated"],
                         "resourceAttributes": {
                             "namespace": ns.unwrap_or(""), "verb": verb, "group": group, "resource": plural, "subresource": sub,
+                            "name": object,
                         },
                     },
                 })
@@ -1400,21 +1523,36 @@ fn rbac_is_enforced_as_intended_by_the_api_server() {
     let pis = "postcodeimports.postcodes.dev/status";
     let pif = "postcodeimports.postcodes.dev/finalizers";
     let (o, an, hm) = (Some(other.as_str()), Some(a.as_str()), Some(ns.as_str()));
+    let db_secret = format!("secrets@{full}-database");
+    let other_db_secret = format!("secrets@{full}-database-not");
+    let lease = format!("leases.coordination.k8s.io@{full}");
     #[rustfmt::skip]
     let checks: Vec<(&str, &str, &str, Option<&str>, bool)> = vec![
         // operator: imports anywhere, its Jobs, Secret copies, events, leases at home
         (op, "watch", pi, None, true), (op, "list", pi, None, true), (op, "get", pi, o, true),
-        (op, "create", pi, o, true), (op, "patch", pi, o, true), (op, "update", pi, o, true), (op, "delete", pi, o, true),
-        (op, "patch", pis, o, true), (op, "update", pis, o, true), (op, "update", pif, o, true),
+        (op, "create", pi, o, true), (op, "patch", pi, o, true), (op, "delete", pi, o, true),
+        (op, "patch", pis, o, true), (op, "update", pif, o, true),
         (op, "create", "jobs.batch", o, true), (op, "delete", "jobs.batch", o, true), (op, "watch", "jobs.batch", None, true),
         (op, "patch", "jobs.batch", o, true),
-        (op, "get", "secrets", o, true), (op, "create", "secrets", o, true), (op, "patch", "secrets", o, true), (op, "delete", "secrets", o, true),
         (op, "create", "events.events.k8s.io", o, true), (op, "patch", "events.events.k8s.io", o, true),
-        (op, "create", "leases.coordination.k8s.io", hm, true), (op, "update", "leases.coordination.k8s.io", hm, true),
-        // ... and nothing more
-        (op, "list", "secrets", o, false), (op, "watch", "secrets", None, false), (op, "update", "secrets", o, false),
-        (op, "create", "leases.coordination.k8s.io", o, false), (op, "delete", "leases.coordination.k8s.io", hm, false),
         (op, "list", "pods", o, true),
+        // Secrets: create the copies in the Job namespaces, read only the database Secret, by name
+        (op, "create", "secrets", an, true), (op, "create", "secrets", hm, true),
+        (op, "get", &db_secret, hm, true),
+        // the Lease named after the release, at home
+        (op, "get", &lease, hm, true), (op, "update", &lease, hm, true), (op, "patch", &lease, hm, true),
+        (op, "create", "leases.coordination.k8s.io", hm, true),
+        // ... and nothing more: refused
+        (op, "update", pi, o, false), (op, "update", pis, o, false),
+        (op, "get", "secrets", o, false), (op, "get", "secrets", an, false), (op, "get", "secrets", hm, false),
+        (op, "get", "secrets@other-secret", hm, false), (op, "get", &other_db_secret, hm, false),
+        (op, "get", &db_secret, an, false), (op, "create", "secrets", o, false),
+        (op, "patch", "secrets", an, false), (op, "delete", "secrets", an, false), (op, "delete", "secrets", hm, false),
+        (op, "patch", &db_secret, hm, false), (op, "delete", &db_secret, hm, false), (op, "update", "secrets", an, false),
+        (op, "list", "secrets", o, false), (op, "list", "secrets", hm, false), (op, "watch", "secrets", None, false),
+        (op, "update", "leases.coordination.k8s.io@postcode-operator", hm, false),
+        (op, "get", "leases.coordination.k8s.io@another-release-postcode-operator", hm, false),
+        (op, "create", "leases.coordination.k8s.io", o, false), (op, "delete", &lease, hm, false),
         (op, "deletecollection", pi, o, false), (op, "create", "pods", o, false), (op, "delete", "pods", o, false), (op, "create", "deployments.apps", o, false),
         (op, "create", "rolebindings.rbac.authorization.k8s.io", o, false), (op, "update", "jobs.batch/status", o, false),
         // Job pods: read their import, read/patch its status, in their namespaces only
@@ -1465,15 +1603,16 @@ fn rbac_is_enforced_as_intended_by_the_api_server() {
     let got = k.can_all(&[
         (op, "watch", pi, an),
         (op, "create", "secrets", an),
-        (op, "get", "secrets", hm),
+        (op, "get", &db_secret, hm),
         (op, "create", "leases.coordination.k8s.io", hm),
         (op, "watch", pi, o),
         (op, "watch", pi, None),
         (op, "create", "secrets", o),
+        (op, "get", "secrets", an),
     ]);
     assert_eq!(
         got,
-        [true, true, true, true, false, false, false],
+        [true, true, true, true, false, false, false, false],
         "operator grants with watchNamespace={a}"
     );
 }

@@ -327,6 +327,7 @@ async fn enriched_offline(store: &pipeline::store::Store, text: &str, shards: i3
                 shard,
                 plan,
                 retry: RetryPolicy::default(),
+                cache: None,
             };
             run_shard(store, grid_index(), &cfg, |_| {}).await.unwrap();
         }

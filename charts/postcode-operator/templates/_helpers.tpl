@@ -127,7 +127,20 @@ expected to be created by the user).
 {{- if and .Values.database.url .Values.database.existingSecret }}
 {{- fail "set only one of database.url and database.existingSecret" }}
 {{- end }}
+{{- if and .Values.database.tls.caSecret (not (has .Values.database.tls.sslmode (list "require" "verify-ca" "verify-full"))) }}
+{{- fail "database.tls.sslmode must be require, verify-ca or verify-full (a CA with a weaker mode would allow plaintext)" }}
+{{- end }}
 {{- if and .Values.upload.auth.token .Values.upload.auth.existingSecret }}
 {{- fail "set only one of upload.auth.token and upload.auth.existingSecret" }}
+{{- end }}
+{{- end }}
+
+{{/* PGSSLROOTCERT/PGSSLMODE of the operator when database.tls.caSecret is set (deployment.yaml mounts it). */}}
+{{- define "postcode-operator.databaseTlsEnv" -}}
+{{- if .Values.database.tls.caSecret }}
+- name: PGSSLROOTCERT
+  value: /etc/postcode-operator/database-ca/ca.crt
+- name: PGSSLMODE
+  value: {{ .Values.database.tls.sslmode | quote }}
 {{- end }}
 {{- end }}

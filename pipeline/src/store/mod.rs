@@ -24,6 +24,7 @@ mod answers;
 mod claims;
 mod columns;
 mod imports;
+pub mod pg_connect;
 mod postgres;
 mod postgres_answered;
 mod postgres_export;
@@ -46,6 +47,17 @@ pub use records::{
     Claim, Claimed, Counts, ImportRecord, LoadCounts, LoadEnd, Outcome, QuotaCounters, ResultBatch,
     ResultRef, ResultRow, Saved, ShardCounts, ShardPlan,
 };
+
+fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// The PostgreSQL pool's settings (both the eager and the lazy pool).
+fn pg_pool_options() -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(30))
+}
 
 /// A database connection pool of either kind.
 #[derive(Clone, Debug)]
@@ -70,13 +82,12 @@ impl Store {
     /// Connects to `postgres://…`, `sqlite://…` or a plain file path (SQLite,
     /// created if missing, WAL journal). Does not migrate.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let pool = PgPoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(30))
-                .connect(url)
+        if is_postgres_url(url) {
+            let opts = pg_connect::pg_options(url)?;
+            let pool = pg_pool_options()
+                .connect_with(opts.clone())
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+                .map_err(|e| pg_connect::describe_connect_error(&e, &opts))?;
             return Ok(Store::Postgres(pool));
         }
         let url = if url.starts_with("sqlite:") {
@@ -97,6 +108,56 @@ impl Store {
             .await
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database {url}: {e}"))?;
         Ok(Store::Sqlite(pool))
+    }
+
+    /// Like [`Store::connect`], but a PostgreSQL pool connects on first use:
+    /// for the operator, which starts (and answers `/healthz`) while the
+    /// database is down. Errors only on a malformed URL or CA path.
+    pub async fn connect_lazy(url: &str) -> anyhow::Result<Self> {
+        if is_postgres_url(url) {
+            let opts = pg_connect::pg_options(url)?;
+            return Ok(Store::Postgres(pg_pool_options().connect_lazy_with(opts)));
+        }
+        Self::connect(url).await
+    }
+
+    /// Checks that a connection can be made now, with a plain message when
+    /// not (connection refused, TLS refused, wrong CA). One attempt, outside
+    /// the pool: the pool would retry until its acquire timeout and then say
+    /// only that it timed out.
+    pub async fn check_connection(&self) -> anyhow::Result<()> {
+        use sqlx::Connection as _;
+        match self {
+            Store::Postgres(p) => {
+                let opts = p.connect_options();
+                let attempt = sqlx::PgConnection::connect_with(&opts);
+                match tokio::time::timeout(Duration::from_secs(15), attempt).await {
+                    Ok(Ok(c)) => {
+                        let _ = c.close().await;
+                        Ok(())
+                    }
+                    Ok(Err(e)) => Err(pg_connect::describe_connect_error(&e, &opts)),
+                    Err(_) => anyhow::bail!(
+                        "cannot connect to PostgreSQL at {}:{}: no answer within 15 s",
+                        opts.get_host(),
+                        opts.get_port()
+                    ),
+                }
+            }
+            Store::Sqlite(p) => Ok(p.acquire().await.map(drop)?),
+        }
+    }
+
+    /// Whether this store's connections are encrypted (SQLite: a local file, true).
+    pub async fn uses_tls(&self) -> anyhow::Result<bool> {
+        match self {
+            Store::Postgres(p) => Ok(sqlx::query_scalar::<_, bool>(
+                "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+            )
+            .fetch_one(p)
+            .await?),
+            Store::Sqlite(_) => Ok(true),
+        }
     }
 
     /// Applies the migrations of this store's kind.

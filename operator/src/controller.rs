@@ -761,6 +761,17 @@ mod tests {
         assert!(again.is_empty(), "{again:?}");
     }
 
+    /// Event notes are cut to the API server's 1 KiB at a character
+    /// boundary (a longer note is refused and the event lost).
+    #[test]
+    fn event_notes_fit_the_api_servers_limit() {
+        let long = "é".repeat(2000);
+        let cut = truncate_to(&long, MAX_EVENT_NOTE);
+        assert!(cut.len() <= MAX_EVENT_NOTE && cut.ends_with('…'), "{}", cut.len());
+        assert!(long.starts_with(cut.trim_end_matches('…')));
+        assert_eq!(truncate_to("short", MAX_EVENT_NOTE), "short");
+    }
+
     #[test]
     fn a_condition_keeps_its_transition_time_until_it_flips() {
         let mut first = conditions(&[], vec![want("Loaded", false, "Loading", "")], Some(1));

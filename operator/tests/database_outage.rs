@@ -9,14 +9,12 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{kube_harness::*, *};
+use common::{kube_harness::*, operator::Operator, *};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     api::{ApiResource, DynamicObject, PostParams},
@@ -49,69 +47,6 @@ impl Drop for Postgres {
             .arg("stop")
             .arg(&self.0)
             .status();
-    }
-}
-
-/// `postcode-operator run`, its log kept in a file.
-struct Operator {
-    child: Child,
-    url: String,
-    log: PathBuf,
-}
-
-impl Operator {
-    fn start(ns: &str, db: &str) -> Self {
-        let log = temp_dir("operator-db-outage").join("operator.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_postcode-operator"))
-            .arg("run")
-            .env("LISTEN_ADDR", "127.0.0.1:0")
-            .env("DATABASE_URL", db)
-            .env("POD_NAMESPACE", ns)
-            .env("WATCH_NAMESPACE", ns)
-            .env("DATABASE_SECRET_NAME", "postcode-operator-database")
-            .env("RUST_LOG", "info,kube=warn,sqlx=warn,tower_http=warn")
-            .env("JOB_EGRESS_ALLOW_SOURCE_CIDRS", "127.0.0.1/32")
-            .env("JOB_EGRESS_ALLOWED_API_URLS", "*")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start postcode-operator run");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let log_path = log.clone();
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&log_path).unwrap();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(i) = line.find("listening on http://") {
-                    let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
-                }
-                let _ = writeln!(f, "{line}");
-                let _ = f.flush();
-            }
-        });
-        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!(
-                "the operator did not start listening without its database; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        Self { child, url, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().unwrap()
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -168,7 +103,7 @@ async fn an_operator_started_before_its_database_waits_then_imports() {
         .unwrap();
 
     // Nothing listens on the port: the operator starts anyway.
-    let mut op = Operator::start(&ns, &db);
+    let mut op = Operator::start(&ns, &db, &[]);
     let (code, _) = get(&format!("{}/healthz", op.url)).await;
     assert_eq!(code, 200, "/healthz while the database is down");
     let (code, body) = get(&format!("{}/readyz", op.url)).await;

@@ -8,14 +8,11 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{kube_harness::*, *};
+use common::{kube_harness::*, operator::Operator, *};
 use futures::StreamExt;
 use k8s_openapi::api::{batch::v1::Job, core::v1::Secret};
 use kube::{
@@ -25,74 +22,6 @@ use kube::{
 };
 use postcodes_io_test_server::{Faults, TestServer};
 use serde_json::{json, Value};
-
-/// A `postcode-operator run` process.
-struct Operator {
-    child: Child,
-    url: String,
-    log: PathBuf,
-}
-
-impl Operator {
-    fn start(ns: &str, db: &str, extra_env: &[(&str, &str)]) -> Self {
-        let log = temp_dir("operator").join("operator.log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_postcode-operator"))
-            .arg("run")
-            .env("LISTEN_ADDR", "127.0.0.1:0")
-            .env("DATABASE_URL", db)
-            .env("POD_NAMESPACE", ns)
-            .env("WATCH_NAMESPACE", ns)
-            .env("DATABASE_SECRET_NAME", "postcode-operator-database")
-            .env("RUST_LOG", "info,kube=warn,sqlx=warn,tower_http=warn")
-            // The Jobs' egress policy for the test servers on loopback (the
-            // chart's defaults refuse them): sources on 127.0.0.1, any API
-            // URL, offline files under /data. Tests of the policy override these.
-            .env("JOB_EGRESS_ALLOW_SOURCE_CIDRS", "127.0.0.1/32")
-            .env("JOB_EGRESS_ALLOWED_API_URLS", "*")
-            .env("JOB_EGRESS_OFFLINE_POSTCODES_DIR", "/data")
-            .envs(extra_env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start postcode-operator run");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let log_path = log.clone();
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&log_path).unwrap();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(i) = line.find("listening on http://") {
-                    let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
-                }
-                let _ = writeln!(f, "{line}");
-            }
-        });
-        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!(
-                "operator did not start; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        Self { child, url, log }
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn imports_api(client: &Client, ns: &str) -> Api<DynamicObject> {
     let ar = ApiResource {

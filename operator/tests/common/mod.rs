@@ -2,6 +2,8 @@
 //! per test, running `postcode-operator local`, reading its output.
 #![allow(dead_code)]
 
+pub mod operator;
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},

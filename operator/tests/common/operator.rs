@@ -1,0 +1,90 @@
+//! `postcode-operator run` as a child process of a test, its stderr kept in
+//! a log file, with the settings the pod-level test cluster needs.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use super::temp_dir;
+
+/// A `postcode-operator run` process.
+pub struct Operator {
+    pub child: Child,
+    /// The upload API's base URL (`http://127.0.0.1:PORT`).
+    pub url: String,
+    log: PathBuf,
+}
+
+impl Operator {
+    /// Starts it for namespace `ns` and database `db`, with `extra_env`
+    /// after the defaults (later values win); waits until it listens.
+    pub fn start(ns: &str, db: &str, extra_env: &[(&str, &str)]) -> Self {
+        let log = temp_dir("operator").join("operator.log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_postcode-operator"))
+            .arg("run")
+            .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("DATABASE_URL", db)
+            .env("POD_NAMESPACE", ns)
+            .env("WATCH_NAMESPACE", ns)
+            .env("DATABASE_SECRET_NAME", "postcode-operator-database")
+            .env("RUST_LOG", "info,kube=warn,sqlx=warn,tower_http=warn")
+            // The Jobs' egress policy for the test servers on loopback (the
+            // chart's defaults refuse them): sources on 127.0.0.1, any API
+            // URL, offline files under /data. Tests of the policy override these.
+            .env("JOB_EGRESS_ALLOW_SOURCE_CIDRS", "127.0.0.1/32")
+            .env("JOB_EGRESS_ALLOWED_API_URLS", "*")
+            .env("JOB_EGRESS_OFFLINE_POSTCODES_DIR", "/data")
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start postcode-operator run");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let log_path = log.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&log_path).unwrap();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("listening on http://") {
+                    let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
+                }
+                let _ = writeln!(f, "{line}");
+                let _ = f.flush();
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            panic!(
+                "operator did not start; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        Self { child, url, log }
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its exit status, once it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

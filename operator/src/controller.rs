@@ -370,6 +370,7 @@ async fn observe(
         failure_cause: None,
         ttl_seconds_after_finished: imp.spec.ttl_seconds_after_finished,
         jobs_not_ready: None,
+        jobs_stopping: Some(false),
         finished_for: old
             .completed_at
             .as_ref()
@@ -403,6 +404,7 @@ async fn observe(
         seen.extend(state.map(|(_, j)| j));
     }
     o.jobs_not_ready = crate::readiness::not_ready(&ctx.client, seen.iter()).await;
+    o.jobs_stopping = Some(seen.iter().any(crate::readiness::suspended_with_pods));
     o.budget_spent = ctx.store.budget_spent(r.id).await?;
     o.counts = ctx.store.counts(r).await?;
     if o.counts.rows_failed > 0 {
@@ -739,6 +741,7 @@ mod tests {
             ttl_seconds_after_finished: None,
             finished_for: None,
             jobs_not_ready: None,
+            jobs_stopping: None,
             failure_cause: None,
         };
         let mut d = decide(&o);

@@ -107,6 +107,10 @@ pub struct Observed {
     /// from its `FailedCreate` events and its pods' waiting reasons: the
     /// `JobsReady` condition. `None` when every Job's pods start.
     pub jobs_not_ready: Option<(String, String)>,
+    /// Whether a suspended enricher Job still has pods running or
+    /// terminating; `None` for a runtime that cannot suspend Jobs (`local`
+    /// stops its children itself when the import fails).
+    pub jobs_stopping: Option<bool>,
 }
 
 /// [`Observed::shard_pending`] from the store's per-shard counts: rows not
@@ -463,6 +467,19 @@ fn enriching(o: &Observed, plan: &ImportPlan) -> Decision {
             .join("; ");
         let reason = failure_reason(&shards.failed[0].1, "JobFailed");
         suspend_siblings(o, plan, &mut d);
+        if o.jobs_stopping.is_some() && (!d.set_suspend.is_empty() || o.jobs_stopping == Some(true)) {
+            // Fail only once the other shards have stopped, so that the
+            // final counts are the database's.
+            d.next = Next::Poll(Duration::from_secs(1));
+            let stopping = format!("{msg}; stopping the other shards before the final counts");
+            d.report = Some(report(
+                Phase::Enriching,
+                stopping.clone(),
+                vec![loaded, want("Enriched", false, reason, stopping), quota],
+                c,
+            ));
+            return d;
+        }
         d.next = after_finishing(o);
         d.event = Some(Note {
             warning: true,

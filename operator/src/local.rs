@@ -540,6 +540,7 @@ impl LocalRun<'_> {
             ttl_seconds_after_finished: None,
             finished_for: None,
             jobs_not_ready: None,
+            jobs_stopping: None,
         };
         let same_content = |r: &&ImportRecord| r.source_sha256.as_deref() == Some(self.content_sha.as_str());
         let Some(r) = record

@@ -22,6 +22,14 @@ use kube::{api::ListParams, Api, Client, ResourceExt};
 /// Waiting reasons of a container that is on its way (not a problem).
 const STARTING: [&str; 2] = ["ContainerCreating", "PodInitializing"];
 
+/// Whether `job` is suspended but still has pods running or terminating
+/// (the Job controller deletes them on suspension; they may still write).
+pub fn suspended_with_pods(job: &Job) -> bool {
+    let suspended = job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
+    let status = job.status.clone().unwrap_or_default();
+    suspended && (status.active.unwrap_or(0) > 0 || status.terminating.unwrap_or(0) > 0)
+}
+
 /// Whether `job` should have a running pod and has none ready.
 fn should_be_running(job: &Job) -> bool {
     let spec_suspended = job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);

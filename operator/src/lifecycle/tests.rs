@@ -45,6 +45,7 @@ fn new_import() -> Observed {
         ttl_seconds_after_finished: None,
         finished_for: None,
         jobs_not_ready: None,
+        jobs_stopping: None,
     }
 }
 
@@ -371,8 +372,20 @@ fn a_failed_shard_suspends_its_running_siblings() {
     let mut o = loaded(vec![failed(Some(JobExit::Retryable)), running(), running()]);
     o.plan = Ok(plan(3));
     o.shard_pending = vec![2, 2, 0];
+    // A runtime that cannot suspend (local) fails at once.
     let d = decide(&o);
     assert_eq!(phase(&d), Some(Phase::Failed));
+    // Kubernetes: the siblings are suspended first, and the import fails
+    // only once their pods are gone, so its counts are final.
+    o.jobs_stopping = Some(false);
+    let d = decide(&o);
+    assert_eq!(phase(&d), Some(Phase::Enriching));
+    assert!(d
+        .report
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("stopping the other shards"));
     assert_eq!(
         d.set_suspend,
         [
@@ -380,6 +393,19 @@ fn a_failed_shard_suspends_its_running_siblings() {
             ("trips-enricher-2".to_string(), true)
         ]
     );
+    let held = Some(JobState::Running {
+        suspended: true,
+        suspended_by_us: true,
+    });
+    o.enrichers = vec![failed(Some(JobExit::Retryable)), held.clone(), held];
+    o.jobs_stopping = Some(true);
+    let d = decide(&o);
+    assert_eq!(phase(&d), Some(Phase::Enriching), "pods still terminating");
+    assert!(d.set_suspend.is_empty());
+    o.jobs_stopping = Some(false);
+    let d = decide(&o);
+    assert_eq!(phase(&d), Some(Phase::Failed), "stopped: the final counts");
+    assert_eq!(d.report.unwrap().counts.unwrap(), o.counts);
 }
 
 /// `activeDeadlineSeconds` ends a Job with reason `DeadlineExceeded`; the

@@ -55,17 +55,7 @@ const JOB_SA: &str = "postcode-operator-job";
 /// A namespace with the database Secret the operator copies for its Jobs and
 /// the Job ServiceAccount with the chart's Role; what the pod agent runs there.
 async fn setup() -> (Client, String, String, Pods) {
-    let client = test_client().await;
-    let ns = fresh_namespace(&client).await;
-    let db = fresh_pg().await;
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "postcode-operator-database"}, "stringData": {"url": db}}),
-    )
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    let (client, ns, db) = setup_without_job_service_account().await;
     create_job_service_account(&client, &ns, JOB_SA).await;
     let pods = Pods::new(&client, &ns);
     (client, ns, db, pods)
@@ -223,6 +213,22 @@ async fn create_import(client: &Client, ns: &str, name: &str, spec: Value) {
         .create(&PostParams::default(), &obj)
         .await
         .unwrap();
+}
+
+/// A namespace with the database Secret only: no Job ServiceAccount.
+async fn setup_without_job_service_account() -> (Client, String, String) {
+    let client = test_client().await;
+    let ns = fresh_namespace(&client).await;
+    let db = fresh_pg().await;
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "postcode-operator-database"}, "stringData": {"url": db}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    (client, ns, db)
 }
 
 /// Checks from the pod agent's records that every pod of the import ran under
@@ -1284,17 +1290,7 @@ async fn pod_template_fields_reach_every_job_pod_and_volumes_are_bounded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_whose_pods_cannot_be_created_says_why() {
     let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
-    let client = test_client().await;
-    let ns = fresh_namespace(&client).await;
-    let db = fresh_pg().await;
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "postcode-operator-database"}, "stringData": {"url": db}}),
-    )
-    .unwrap();
-    Api::<Secret>::namespaced(client.clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
+    let (client, ns, db) = setup_without_job_service_account().await;
     let op = Operator::start(&ns, &db, &[]);
     let source = serve_file(repo().join("samples/trips.csv")).await;
     create_import(&client, &ns, "nosa", sample_spec(&source, &server, json!({}))).await;

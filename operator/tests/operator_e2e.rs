@@ -6,6 +6,8 @@
 #![allow(clippy::too_many_lines)] // the 80-line limit is for non-test code
 
 mod common;
+#[path = "../../pipeline/tests/support/tls_postgres.rs"]
+mod tls_postgres;
 
 use std::{
     process::Command,
@@ -217,9 +219,13 @@ async fn create_import(client: &Client, ns: &str, name: &str, spec: Value) {
 
 /// A namespace with the database Secret only: no Job ServiceAccount.
 async fn setup_without_job_service_account() -> (Client, String, String) {
+    setup_on(fresh_pg().await).await
+}
+
+/// A fresh namespace whose database Secret holds `db`.
+async fn setup_on(db: String) -> (Client, String, String) {
     let client = test_client().await;
     let ns = fresh_namespace(&client).await;
-    let db = fresh_pg().await;
     let secret: Secret = serde_json::from_value(
         json!({"metadata": {"name": "postcode-operator-database"}, "stringData": {"url": db}}),
     )
@@ -1574,4 +1580,182 @@ async fn deleting_an_import_while_it_loads_leaves_no_rows() {
         .unwrap();
     assert_eq!((left, imports), (0, 0), "rows left behind by a deleted import");
     op.kill();
+}
+
+/// A shard whose Job fails while its siblings run (issue 11, "terminal
+/// states"): the operator suspends the siblings and turns the import Failed
+/// only once their pods are gone, so the counts in its status are the
+/// database's final ones; `retryFailed` then re-runs the shards with pending
+/// rows and the import succeeds with every row answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_shard_stops_its_siblings_and_the_failed_counts_are_final() {
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let (client, ns, db, pods) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    let dir = temp_dir("shard-fails");
+    std::fs::write(dir.join("in.csv"), synthetic_input(12_000)).unwrap();
+    let source = serve_file(dir.join("in.csv")).await;
+    // One pod per Job (backoffLimit 0) and a slow quota: the siblings still
+    // have most of their work when shard 0's pod dies.
+    let spec = json!({
+        "source": {"url": source},
+        "api": {"baseUrl": api_url(&server)},
+        "quota": {"requestsPerSecond": 4},
+        "shards": 3,
+        "backoffLimit": 0,
+    });
+    create_import(&client, &ns, "frail", spec).await;
+    for j in ["frail-enricher-0", "frail-enricher-1", "frail-enricher-2"] {
+        pods.wait_running(j, Duration::from_secs(120)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.state.stats().requests < 6 {
+        assert!(Instant::now() < deadline, "no batches answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        pods.kill("frail-enricher-0").await,
+        "shard 0's pod was not running"
+    );
+
+    let failed = finished(&client, &ns, "frail", Duration::from_secs(180)).await;
+    assert_eq!(
+        phase(&failed),
+        "Failed",
+        "{:#?}\n{}",
+        failed.data["status"],
+        op.log()
+    );
+    let message = failed
+        .data
+        .pointer("/status/message")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    assert!(message.contains("frail-enricher-0"), "{message}");
+    // Failed only once the siblings are stopped: suspended, no pod left.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    for j in ["frail-enricher-1", "frail-enricher-2"] {
+        let job = jobs.get(j).await.unwrap();
+        assert_eq!(job.spec.unwrap().suspend, Some(true), "{j} was not suspended");
+        assert!(pods.running(j).await.is_empty(), "{j} still has a running pod");
+    }
+    // The status's counts are the database's.
+    let store = pipeline::store::Store::connect(&db).await.unwrap();
+    let uid = failed.metadata.uid.clone().unwrap();
+    let record = store.import(&uid).await.unwrap().unwrap();
+    let c = store.counts(&record).await.unwrap();
+    let status: Vec<i64> = [
+        "rowsTotal",
+        "rowsInvalid",
+        "rowsEnriched",
+        "rowsNoMatch",
+        "rowsFailed",
+        "rowsPending",
+    ]
+    .iter()
+    .map(|k| status_i64(&failed, k))
+    .collect();
+    assert_eq!(
+        status,
+        vec![
+            c.rows_total,
+            c.rows_invalid,
+            c.rows_enriched,
+            c.rows_no_match,
+            c.rows_failed,
+            c.rows_pending
+        ],
+        "status counts differ from the database's"
+    );
+    assert_eq!(c.rows_total, 12_000);
+    assert!(
+        c.rows_pending > 0,
+        "the siblings finished before they were stopped: {c:?}"
+    );
+
+    // retryFailed runs the unfinished shards again; every row ends answered.
+    let api = imports_api(&client, &ns);
+    let patch = kube::api::Patch::Merge(json!({"spec": {"retryFailed": 1}}));
+    api.patch("frail", &kube::api::PatchParams::default(), &patch)
+        .await
+        .unwrap();
+    let done = wait_for(&api, "frail", Duration::from_secs(300), |o| {
+        phase(o) == "Succeeded"
+    })
+    .await;
+    let c = store.counts(&record).await.unwrap();
+    assert_eq!((c.rows_pending, c.rows_failed), (0, 0), "{c:?}");
+    assert_eq!(status_i64(&done, "rowsEnriched"), c.rows_enriched);
+    assert_eq!(pods.runs("frail-enricher-0"), 2, "shard 0 was not run again");
+    store.close().await;
+    op.kill();
+}
+
+/// The Job pods reach a PostgreSQL that accepts TLS only (`hostssl` lines,
+/// a test CA): the operator's CA (`PGSSLROOTCERT`, `PGSSLMODE=verify-full`)
+/// is copied into the import's database Secret and mounted in the reader's
+/// and the enrichers' pods at the operator's path, so they connect with the
+/// certificate checked; a plaintext connection would be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_pods_connect_to_a_tls_only_database_with_the_operators_ca() {
+    let certs = temp_dir("tls-certs");
+    tls_postgres::make_ca(&certs, "ca");
+    tls_postgres::make_server_cert(&certs);
+    let pg = tls_postgres::Server::start(
+        &temp_dir("tls-server"),
+        Some((&certs.join("server.crt"), &certs.join("server.key"))),
+    );
+    let db = pg.url("localhost", "");
+    let (client, ns, _) = setup_on(db.clone()).await;
+    create_job_service_account(&client, &ns, JOB_SA).await;
+    let pods = Pods::new(&client, &ns);
+    let ca = certs.join("ca.crt").display().to_string();
+    let env = [("PGSSLROOTCERT", ca.as_str()), ("PGSSLMODE", "verify-full")];
+    let op = Operator::start(&ns, &db, &env);
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let source = serve_file(repo().join("samples/trips.csv")).await;
+    create_import(&client, &ns, "sealed", sample_spec(&source, &server, json!({}))).await;
+    let done = finished(&client, &ns, "sealed", Duration::from_secs(180)).await;
+    assert_eq!(
+        phase(&done),
+        "Succeeded",
+        "{:#?}\n{}\n{}",
+        done.data["status"],
+        pods.logs("sealed-reader"),
+        op.log()
+    );
+    assert!(status_i64(&done, "rowsEnriched") > 0);
+    // Each pod had the CA at the operator's path and verify-full.
+    let jobs = ["sealed-reader", "sealed-enricher-0", "sealed-enricher-1"];
+    for job in jobs {
+        let runs = pods.of_job(job);
+        assert!(!runs.is_empty(), "{job} ran no pod");
+        for run in runs {
+            let config = run.oci_config("job").expect("the container's OCI config");
+            let env: Vec<&str> = config["process"]["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert!(
+                env.contains(&format!("PGSSLROOTCERT={ca}").as_str()),
+                "{job}: {env:?}"
+            );
+            assert!(env.contains(&"PGSSLMODE=verify-full"), "{job}: {env:?}");
+            let mounts = config["mounts"].as_array().unwrap();
+            assert!(
+                mounts
+                    .iter()
+                    .any(|m| m["destination"] == certs.display().to_string()),
+                "{job}: the CA is not mounted at {}: {mounts:?}",
+                certs.display()
+            );
+        }
+    }
+    // And the server takes nothing else: a plaintext connection is refused.
+    let plain = pipeline::store::Store::connect(&pg.url("localhost", "sslmode=disable")).await;
+    assert!(plain.is_err(), "the test database accepts plaintext");
+    op.kill();
+    let _ = std::fs::remove_dir_all(&certs);
 }

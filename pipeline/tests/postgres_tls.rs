@@ -7,10 +7,10 @@
 //! server without it never falls back to plaintext.
 #![allow(clippy::too_many_lines)] // the 80-line limit is for non-test code
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+#[path = "support/tls_postgres.rs"]
+mod tls_postgres;
+
+use std::path::PathBuf;
 
 use pipeline::{
     csv_input::CsvOptions,
@@ -19,86 +19,7 @@ use pipeline::{
     model::ImportPhase,
     store::Store,
 };
-
-/// A throwaway PostgreSQL started by `.ci/postgres.sh`, stopped on drop.
-struct Server {
-    dir: PathBuf,
-    url: String,
-}
-
-impl Server {
-    fn start(dir: &Path, tls: Option<(&Path, &Path)>) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-            .to_string();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/postgres.sh");
-        let mut cmd = Command::new(script);
-        match tls {
-            Some((crt, key)) => cmd.arg("start-tls").arg(dir).arg(&port).arg(crt).arg(key),
-            None => cmd.arg("start").arg(dir).arg(&port),
-        };
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        Self {
-            dir: dir.to_path_buf(),
-            url: String::from_utf8(out.stdout).unwrap().trim().to_string(),
-        }
-    }
-
-    /// The URL with another host (same port) and query.
-    fn url(&self, host: &str, query: &str) -> String {
-        let port = self.url.rsplit_once(':').unwrap().1.split('/').next().unwrap();
-        format!("postgres://postgres@{host}:{port}/postgres?{query}")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.ci/postgres.sh");
-        let _ = Command::new(script).arg("stop").arg(&self.dir).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A self-signed CA `NAME.crt`/`NAME.key` in `dir`.
-fn make_ca(dir: &Path, name: &str) {
-    let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
-    #[rustfmt::skip]
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-subj", &format!("/CN={name}"), "-keyout", &key, "-out", &crt,
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
-}
-
-/// `server.crt`/`server.key` for the name `localhost` only, signed by CA `ca`.
-fn make_server_cert(dir: &Path) {
-    #[rustfmt::skip]
-    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-        "-keyout", "server.key", "-out", "server.csr"]);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    #[rustfmt::skip]
-    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.crt"]);
-}
+use tls_postgres::{make_ca, make_server_cert, Server};
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pg-tls-{name}-{}", std::process::id()));

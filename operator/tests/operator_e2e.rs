@@ -57,7 +57,12 @@ const JOB_SA: &str = "postcode-operator-job";
 /// A namespace with the database Secret the operator copies for its Jobs and
 /// the Job ServiceAccount with the chart's Role; what the pod agent runs there.
 async fn setup() -> (Client, String, String, Pods) {
-    let (client, ns, db) = setup_without_job_service_account().await;
+    setup_with_jobs_on(fresh_pg().await).await
+}
+
+/// [`setup`] with the database Secret holding `db`.
+async fn setup_with_jobs_on(db: String) -> (Client, String, String, Pods) {
+    let (client, ns, db) = setup_on(db).await;
     create_job_service_account(&client, &ns, JOB_SA).await;
     let pods = Pods::new(&client, &ns);
     (client, ns, db, pods)
@@ -454,6 +459,15 @@ async fn deleting_an_import_mid_run_removes_its_jobs_and_rows() {
     drop(op);
 }
 
+/// Waits (up to 2 minutes) until the test server has answered `n` requests.
+async fn answered(server: &TestServer, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.state.stats().requests < n {
+        assert!(Instant::now() < deadline, "fewer than {n} batches answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_operator_reattaches_and_a_killed_pod_is_retried() {
     let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
@@ -468,11 +482,7 @@ async fn a_restarted_operator_reattaches_and_a_killed_pod_is_retried() {
     pods.wait_running("sturdy-enricher-1", Duration::from_secs(60))
         .await;
     // Let it finish some batches first: wait until the server has answered 10.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while server.state.stats().requests < 10 {
-        assert!(std::time::Instant::now() < deadline, "no batches answered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    answered(&server, 10).await;
     // The operator dies mid-run; a new one takes over.
     op.kill();
     let before = server.state.stats().requests;
@@ -1608,11 +1618,7 @@ async fn a_failed_shard_stops_its_siblings_and_the_failed_counts_are_final() {
     for j in ["frail-enricher-0", "frail-enricher-1", "frail-enricher-2"] {
         pods.wait_running(j, Duration::from_secs(120)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while server.state.stats().requests < 6 {
-        assert!(Instant::now() < deadline, "no batches answered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    answered(&server, 6).await;
     assert!(
         pods.kill("frail-enricher-0").await,
         "shard 0's pod was not running"
@@ -1706,9 +1712,7 @@ async fn job_pods_connect_to_a_tls_only_database_with_the_operators_ca() {
         Some((&certs.join("server.crt"), &certs.join("server.key"))),
     );
     let db = pg.url("localhost", "");
-    let (client, ns, _) = setup_on(db.clone()).await;
-    create_job_service_account(&client, &ns, JOB_SA).await;
-    let pods = Pods::new(&client, &ns);
+    let (client, ns, _, pods) = setup_with_jobs_on(db.clone()).await;
     let ca = certs.join("ca.crt").display().to_string();
     let env = [("PGSSLROOTCERT", ca.as_str()), ("PGSSLMODE", "verify-full")];
     let op = Operator::start(&ns, &db, &env);

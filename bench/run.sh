@@ -40,4 +40,35 @@ trap '.ci/postgres.sh stop "$pg_dir"' EXIT
   --sizes "${BENCH_SIZES:-100000,1000000,10000000}" \
   --quotas "${BENCH_QUOTAS:-20,50}" \
   --out BENCHMARKS.md
+
+# Section 6: imports sharing one API quota, and a slow server (issue 13), from
+# the API-citizen tests' benchmark runs (their `BENCH …|` lines).
+log=$work/api-citizen.log
+TEST_DATABASE_URL=$url cargo test --release -p postcode-operator --test api_citizen -- \
+  --include-ignored --test-threads=1 --nocapture bench_ three_imports_share_one_api_quota 2>"$log"
+rows() { grep "^BENCH $1|" "$log" | cut -d'|' -f2-; }
+{
+  echo
+  echo "## 6. Sharing an API, a slow server"
+  echo
+  echo "\`postcode-operator local\` against \`postcodes-io-test-server\`, SQLite unless said, default settings otherwise (4 shards each). Reproduce with \`make bench\` or the \`api_citizen\` tests named below."
+  echo
+  echo "Imports of disjoint 2,000-row slices of the real file started together, one API quota of 20 requests/s (\`--quota-rps 20\`), the server limiting at 20/s (\`bench_imports_sharing_one_quota\`). The floor is requests / quota."
+  echo
+  echo "| imports | rows each | requests | 429s | busiest second | wall | floor | wall / floor | first / last import done |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  rows share
+  echo
+  echo "Three disjoint 20,000-row slices, each asking 20 requests/s, API quota 20, server limiting at 20/s (\`three_imports_share_one_api_quota_on_*\`, in CI): when each import finished."
+  echo
+  echo "| database | finished (import 1 / 2 / 3) | requests | busiest second | floor | answers by HTTP status |"
+  echo "|---|---|---:|---:|---:|---|"
+  rows three
+  echo
+  echo "A slow server: capacity mode at 20 coordinates/s (requests queue; work on requests whose client gave up goes on and counts as wasted), the first 5,000 real rows (\`bench_slow_server_5000_rows\`). The floor is the coordinates the server worked on / 20."
+  echo
+  echo "| rows | requests | wall | floor | wall / floor | coordinates worked | wasted | rows failed | most requests queued |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  rows capacity
+} >> BENCHMARKS.md
 echo "BENCHMARKS.md written"

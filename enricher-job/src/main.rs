@@ -12,6 +12,7 @@ use clap::Parser;
 mod status;
 use pipeline::{
     answer_cache::AnswerCache,
+    concurrency::ConcurrencyConfig,
     egress::{EgressError, EgressPolicy},
     enrich::{run_shard, Finish, ShardConfig},
     lookup::SearchPlan,
@@ -70,8 +71,10 @@ struct Args {
     /// Total request budget of the import (used when the import has no quota yet).
     #[arg(long)]
     max_requests: Option<i64>,
-    /// Timeout of one API request, seconds.
-    #[arg(long, default_value_t = 30.0)]
+    /// The longest timeout of one API request, seconds. Timeouts adapt to the
+    /// server's latency below it (3 × the recent 90th percentile, at least
+    /// 10 s; pipeline::concurrency).
+    #[arg(long, default_value_t = 120.0)]
     timeout_s: f64,
     /// Attempts per request before its rows are marked failed.
     #[arg(long, default_value_t = 8)]
@@ -272,6 +275,10 @@ fn shard_config(args: &Args, import_id: i64) -> ShardConfig {
         plan,
         cache: AnswerCache::for_api(&args.api_url, &plan, args.answer_max_age_days)
             .filter(|_| args.offline_postcodes.is_none()),
+        concurrency: args.offline_postcodes.is_none().then(|| ConcurrencyConfig {
+            api_url: args.api_url.clone(),
+            max_timeout: Duration::from_secs_f64(args.timeout_s),
+        }),
         retry: RetryPolicy {
             max_attempts: args.max_attempts,
             ..RetryPolicy::default()

@@ -610,6 +610,10 @@ async fn write_report(
         new.api_requests = Some(q.requests);
         new.api_retries = Some(q.retries);
         new.throttled = Some(q.throttled);
+        new.api_share_rps = q
+            .share_rps
+            .filter(|_| report.phase == Phase::Enriching)
+            .map(|r| (r * 100.0).round() / 100.0);
     }
     write_status(&api, imp, &old, new).await
 }

@@ -663,12 +663,14 @@ impl Progress {
         };
         let finished = c.rows_enriched + c.rows_no_match + c.rows_failed;
         let of = c.rows_total - c.rows_invalid;
+        // The import's current rate: its quota or its share of the API's.
+        let share = q.share_rps.map(|r| format!(" ({r:.1}/s)")).unwrap_or_default();
         match &self.bar {
             Some(bar) => {
                 bar.set_length(of.max(1) as u64);
                 bar.set_position(finished as u64);
                 bar.set_message(format!(
-                    "| rows enriched {} no_match {} failed {} | requests {}",
+                    "| rows enriched {} no_match {} failed {} | requests {}{share}",
                     c.rows_enriched, c.rows_no_match, c.rows_failed, q.requests
                 ));
             }
@@ -678,7 +680,7 @@ impl Progress {
             {
                 self.last_line = Some(Instant::now());
                 eprintln!(
-                    "progress: {finished}/{of} rows, enriched {} no_match {} failed {}, requests {}",
+                    "progress: {finished}/{of} rows, enriched {} no_match {} failed {}, requests {}{share}",
                     c.rows_enriched, c.rows_no_match, c.rows_failed, q.requests
                 );
             }

@@ -146,15 +146,19 @@ async fn three_imports_share_one_api_quota(db: String, dir: std::path::PathBuf) 
         .await
         .unwrap();
     let mut runs = vec![];
+    let mut ends = vec![];
+    let kind = if db.starts_with("postgres") { "PostgreSQL" } else { "SQLite" };
+    let started = std::time::Instant::now();
     for i in 0..3 {
         let file = dir.join(format!("slice{i}.csv"));
         slice_of_real_file(i * 20_000, 20_000, &file);
         let out = dir.join(format!("slice{i}.enriched.csv"));
         let args = local_args(&file, &db, &server.url(), &out, &[]);
-        runs.push((file, out, tokio::spawn(local(args))));
+        runs.push((file, out, tokio::spawn(timed(local(args), started))));
     }
     for (file, out, run) in runs {
-        let o = run.await.unwrap();
+        let (o, took) = run.await.unwrap();
+        ends.push(format!("{:.1} s", took.as_secs_f64()));
         assert!(o.status.success(), "{}", file.display());
         let reference = dir.join(format!(
             "{}.offline.csv",
@@ -183,9 +187,14 @@ async fn three_imports_share_one_api_quota(db: String, dir: std::path::PathBuf) 
         }
     }
     let st = server.state.stats();
+    // A row of BENCHMARKS.md section 6 (bench/run.sh collects the `BENCH three|` lines).
     eprintln!(
-        "three imports: {} requests, busiest second {}, {:?}",
-        st.requests, st.max_per_second, st.by_status
+        "BENCH three| {kind} | {} | {} | {} | {:.1} s | {:?} |",
+        ends.join(" / "),
+        st.requests,
+        st.max_per_second,
+        st.requests as f64 / 20.0,
+        st.by_status
     );
     assert_eq!(st.by_status.get(&429), None, "{:?}", st.by_status);
     assert!(
@@ -206,6 +215,111 @@ async fn three_imports_share_one_api_quota_on_sqlite() {
 async fn three_imports_share_one_api_quota_on_postgres() {
     let dir = temp_dir("share-pg");
     three_imports_share_one_api_quota(fresh_pg().await, dir).await;
+}
+
+/// `run`'s output and the time from `started` to its end.
+async fn timed<T>(
+    run: impl std::future::Future<Output = T>,
+    started: std::time::Instant,
+) -> (T, std::time::Duration) {
+    let out = run.await;
+    (out, started.elapsed())
+}
+
+/// Benchmark for BENCHMARKS.md (not CI; needs the real file): 1, 3 and 10
+/// imports of disjoint 2,000-row slices started together on one SQLite
+/// database, one API quota of 20 requests/s, against a server limiting at
+/// 20/s: requests, 429s, busiest second and wall time against the floor
+/// (requests / quota).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --release -p postcode-operator --test api_citizen -- --ignored bench_"]
+async fn bench_imports_sharing_one_quota() {
+    for n in [1, 3, 10] {
+        let dir = temp_dir(&format!("bench-share-{n}"));
+        let db = dir.join("t.db").to_string_lossy().to_string();
+        let limit = postcodes_io_test_server::Faults {
+            rate_limit: Some(20),
+            retry_after_s: Some(1),
+            ..Default::default()
+        };
+        let server = postcodes_io_test_server::TestServer::start(nspl(), limit)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut runs = vec![];
+        for i in 0..n {
+            let file = dir.join(format!("slice{i}.csv"));
+            slice_of_real_file(i * 2_000, 2_000, &file);
+            let out = dir.join(format!("slice{i}.enriched.csv"));
+            let args = local_args(&file, &db, &server.url(), &out, &[]);
+            runs.push(tokio::spawn(timed(local(args), started)));
+        }
+        let mut ends = vec![];
+        for run in runs {
+            let (o, took) = run.await.unwrap();
+            assert!(o.status.success());
+            ends.push(took.as_secs_f64());
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let st = server.state.stats();
+        let floor = st.requests as f64 / 20.0;
+        // A row of BENCHMARKS.md section 6 (bench/run.sh collects the `BENCH share|` lines).
+        eprintln!(
+            "BENCH share| {n} | 2,000 | {} | {} | {} | {wall:.1} s | {floor:.1} s | {:.2} | {:.1} s / {:.1} s |",
+            st.requests,
+            st.by_status.get(&429).copied().unwrap_or(0),
+            st.max_per_second,
+            wall / floor,
+            ends.iter().copied().fold(f64::MAX, f64::min),
+            ends.iter().copied().fold(0.0, f64::max),
+        );
+    }
+}
+
+/// Benchmark for BENCHMARKS.md (not CI; needs the real file): the first
+/// 5,000 real rows with default settings against a server in capacity mode
+/// at 20 coordinates/s: failed rows, wasted work, and the time against the
+/// floor (coordinates the server worked on / capacity).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --release -p postcode-operator --test api_citizen -- --ignored bench_"]
+async fn bench_slow_server_5000_rows() {
+    let dir = temp_dir("bench-capacity");
+    let faults = postcodes_io_test_server::Faults {
+        capacity: Some(20),
+        ..Default::default()
+    };
+    let server = postcodes_io_test_server::TestServer::start(nspl(), faults)
+        .await
+        .unwrap();
+    let input = head_of_real_file(5_000, &dir);
+    let out = dir.join("out.csv");
+    let started = std::time::Instant::now();
+    let o = local(vec![
+        input.to_string_lossy().to_string(),
+        "--db".into(),
+        dir.join("t.db").to_string_lossy().to_string(),
+        "--api-url".into(),
+        server.url(),
+        "--out".into(),
+        out.to_string_lossy().to_string(),
+    ])
+    .await;
+    let wall = started.elapsed().as_secs_f64();
+    assert!(o.status.success());
+    let (_, rows) = read_output(&out);
+    let st = server.state.stats();
+    // A row of BENCHMARKS.md section 6 (bench/run.sh collects the `BENCH capacity|` lines).
+    eprintln!(
+        "BENCH capacity| 5,000 | {} | {wall:.1} s | {:.1} s | {:.2} | {} | {} ({:.1} %) | {} | {} |",
+        st.requests,
+        st.worked_coordinates as f64 / 20.0,
+        wall / (st.worked_coordinates as f64 / 20.0),
+        st.worked_coordinates,
+        st.wasted_coordinates,
+        100.0 * st.wasted_coordinates as f64 / st.worked_coordinates.max(1) as f64,
+        by_status(&rows).get("failed").copied().unwrap_or(0),
+        st.max_queued_requests
+    );
 }
 
 /// A slow server (capacity mode, 20 coordinates/s; requests queue, work on

@@ -483,6 +483,12 @@ async fn a_restarted_operator_reattaches_and_a_killed_pod_is_retried() {
         .await;
     // Let it finish some batches first: wait until the server has answered 10.
     answered(&server, 10).await;
+    // The import's current share of the API shows in its status: alone on
+    // the API, its own quota.
+    wait_for(&api, "sturdy", Duration::from_secs(60), |o| {
+        o.data.pointer("/status/apiShareRps").and_then(Value::as_f64) == Some(8.0)
+    })
+    .await;
     // The operator dies mid-run; a new one takes over.
     op.kill();
     let before = server.state.stats().requests;
@@ -499,6 +505,11 @@ async fn a_restarted_operator_reattaches_and_a_killed_pod_is_retried() {
         "{:#?}\n{}",
         done.data["status"],
         op2.log()
+    );
+    assert_eq!(
+        done.data.pointer("/status/apiShareRps"),
+        None,
+        "a share is shown only while enriching"
     );
     assert_eq!(pods.runs("sturdy-reader"), 1, "the reader ran twice");
     assert_eq!(pods.runs("sturdy-enricher-0"), 1, "a Job was created again");

@@ -8,13 +8,14 @@
 //! ([`crate::provider`], [`crate::ladder`]): a provider that answers locally
 //! climbs the whole ladder at once, and on SQLite answers the shard while
 //! planning it; one asked by request is asked one stage a request, each
-//! request within the quota ([`crate::quota`]) and retried by
-//! [`crate::retry`]'s rules.
+//! request within the quota ([`crate::quota`]) and the API's concurrency limit
+//! and timeout ([`crate::concurrency`]), and retried by [`crate::retry`]'s rules.
 
 use std::{sync::Arc, time::Duration};
 
 use crate::{
     answer_cache::{now_s, AnswerCache},
+    concurrency::{Concurrency, ConcurrencyConfig},
     geo::LatLon,
     ladder::{self, stage_to_claim},
     lookup::SearchPlan,
@@ -35,6 +36,9 @@ pub struct ShardConfig {
     /// Answers reused from earlier imports and kept for later ones (a
     /// provider asked by request only); `None` disables both.
     pub cache: Option<AnswerCache>,
+    /// The API's concurrency limit and adaptive timeouts (a provider asked by
+    /// request); `None`: requests are bounded by the client's timeout alone.
+    pub concurrency: Option<ConcurrencyConfig>,
 }
 
 /// How an enricher run ended.
@@ -85,6 +89,7 @@ pub async fn run_shard(
     let mut pace = Pacing {
         quota: Quota::new(store, cfg.import_id),
         budget: RetryBudget::default(),
+        concurrency: cfg.concurrency.as_ref().map(|c| Concurrency::new(store, c)),
     };
     let batch = provider.batch_size() as i64;
     let pending = |stage, cap| store.pending_at_stage(cfg.import_id, cfg.shard, stage, cap);
@@ -140,11 +145,53 @@ async fn plan(store: &Store, provider: &Arc<dyn Provider>, cfg: &ShardConfig) ->
     Ok(())
 }
 
-/// What paces one enricher's requests: the quota (import and API) and the
-/// retry budget ([`RetryBudget`]).
+/// What paces one enricher's requests: the quota (import and API), the
+/// retry budget ([`RetryBudget`]) and the API's concurrency limit.
 struct Pacing<'a> {
     quota: Quota<'a, Store>,
     budget: RetryBudget,
+    concurrency: Option<Concurrency<'a>>,
+}
+
+impl Pacing<'_> {
+    /// Sends one request within the API's concurrency limit and timeout (when
+    /// set): a lease first, then the quota's slot (a slot must not wait for a
+    /// lease, or its send would be late). `None` when the request budget is
+    /// spent; with the answer, how long a retry must wait at least (a
+    /// timed-out request's server is still busy with it).
+    async fn send(
+        &mut self,
+        provider: &dyn Provider,
+        ats: &[LatLon],
+        radius: crate::lookup::Radius,
+    ) -> anyhow::Result<Option<(Result<Vec<Answer>, CallError>, Duration)>> {
+        let Some(c) = self.concurrency.as_mut() else {
+            if self.quota.acquire().await? == Acquired::Exhausted {
+                return Ok(None);
+            }
+            return Ok(Some((provider.answer(ats, radius).await, Duration::ZERO)));
+        };
+        let lease = c.acquire().await?;
+        if self.quota.acquire().await? == Acquired::Exhausted {
+            c.failed(lease).await?;
+            return Ok(None);
+        }
+        let timeout = c.timeout();
+        let sent = tokio::time::Instant::now();
+        let answer = match tokio::time::timeout(timeout, provider.answer(ats, radius)).await {
+            Err(_) => {
+                let wait = c.timed_out(lease, timeout).await?;
+                let msg = format!("timeout: no answer within {:.1} s", timeout.as_secs_f64());
+                return Ok(Some((Err(CallError::Transient(msg)), wait)));
+            }
+            Ok(answer) => answer,
+        };
+        match &answer {
+            Err(CallError::Transient(_)) => c.failed(lease).await?,
+            _ => c.answered(lease, sent.elapsed()).await?,
+        }
+        Ok(Some((answer, Duration::ZERO)))
+    }
 }
 
 /// Asks a provider that answers by request for one batch at `stage`: each
@@ -169,15 +216,15 @@ async fn ask(
     let radius = cfg.plan.radius(stage);
     let mut tries = Tries::new(cfg.retry);
     let answer = loop {
-        if pace.quota.acquire().await? == Acquired::Exhausted {
-            count_tries(store, cfg, &tries, stats).await?;
-            return Ok(None);
-        }
         pace.budget
             .sent(tokio::time::Instant::now(), tries.requests() > 0);
+        let Some((answer, busy)) = pace.send(provider, &ats, radius).await? else {
+            count_tries(store, cfg, &tries, stats).await?;
+            return Ok(None);
+        };
         tries.sent();
         stats.requests += 1;
-        let err = match provider.answer(&ats, radius).await {
+        let err = match answer {
             Ok(answers) => break Ok(answers),
             Err(e) => e,
         };
@@ -191,7 +238,8 @@ async fn ask(
             }
             // Over the retry budget, a retry waits for it (a failing server is not stormed).
             None => wait.max(pace.budget.wait_for_retry(tokio::time::Instant::now())),
-        };
+        }
+        .max(busy);
         stats.retries += 1;
         tracing::warn!(shard = cfg.shard, stage = stage.as_i16(), attempt = tries.attempts(), error = %err, "request failed; retrying in {:.2}s", wait.as_secs_f64());
         tokio::time::sleep(wait).await;

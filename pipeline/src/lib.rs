@@ -9,6 +9,7 @@
 
 pub mod answer_cache;
 pub mod areas;
+pub mod concurrency;
 pub mod csv_input;
 pub mod degrees;
 pub mod egress;

@@ -99,6 +99,7 @@ async fn enrich(
         plan: SearchPlan::default(),
         retry,
         cache: None,
+        concurrency: None,
     };
     run_shard(store, provider, &cfg, |_| {}).await.unwrap()
 }

@@ -248,6 +248,7 @@ async fn four_shards_share_one_quota_and_finish_every_row() {
             plan: SearchPlan::default(),
             retry: RetryPolicy::default(),
             cache: None,
+            concurrency: None,
         };
         tasks.push(tokio::spawn(async move {
             run_shard(&store, provider, &cfg, |_| {}).await.unwrap()
@@ -328,6 +329,7 @@ async fn enriched_offline(store: &pipeline::store::Store, text: &str, shards: i3
                 plan,
                 retry: RetryPolicy::default(),
                 cache: None,
+                concurrency: None,
             };
             run_shard(store, grid_index(), &cfg, |_| {}).await.unwrap();
         }

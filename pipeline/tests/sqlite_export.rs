@@ -103,6 +103,7 @@ async fn the_join_in_memory_gives_the_views_rows() {
         plan,
         retry: RetryPolicy::default(),
         cache: None,
+        concurrency: None,
     };
     assert_eq!(
         run_shard(&store, index(), &cfg, |_| {}).await.unwrap(),

@@ -34,6 +34,7 @@ pub const FINALIZER: &str = "postcodes.dev/cleanup";
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Rows","type":"integer","jsonPath":".status.rowsTotal"}"#,
     printcolumn = r#"{"name":"Enriched","type":"integer","jsonPath":".status.rowsEnriched"}"#,
+    printcolumn = r#"{"name":"Share","type":"number","jsonPath":".status.apiShareRps","description":"API requests/second this import may use now: its quota, or its equal share of the API's quota"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("has(self.source.uploadId) != has(self.source.url)").message("exactly one of source.uploadId and source.url must be set"))]
@@ -358,6 +359,12 @@ pub struct PostcodeImportStatus {
     pub api_retries: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throttled: Option<i64>,
+    /// While enriching with an API: the rate of API requests this import may
+    /// use now (requests/second), its `spec.quota.requestsPerSecond` or less,
+    /// an equal share of the API's quota among the imports using it at the
+    /// time. Absent once enriching ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_share_rps: Option<f64>,
     /// Per-shard progress, keyed by `index`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["index"]))]

@@ -4,7 +4,8 @@
 //! Tables: `uploads`/`upload_chunks` (CSV bytes), `imports`, `points` (every
 //! input row, its fields and load status), `lookups` (one per distinct coordinate:
 //! the unit of enrichment work and its result), `shard_plans`, `quotas` (the
-//! shared request quota), `answers` (finished answers reused across imports,
+//! shared request quota), `api_quotas` and `api_leases` (each upstream API's
+//! quota and concurrency limit, `leases.rs`), `answers` (finished answers reused across imports,
 //! `answers.rs`). The view `point_results` gives every row with its
 //! final status.
 //!
@@ -24,6 +25,7 @@ mod answers;
 mod claims;
 mod columns;
 mod imports;
+mod leases;
 pub mod pg_connect;
 mod postgres;
 mod postgres_answered;

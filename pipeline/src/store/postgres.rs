@@ -18,7 +18,7 @@ use crate::{
     geo::shard_of,
     lookup::Area,
     model::{ImportPhase, RowStatus, Stage},
-    quota::interval_s,
+    quota::{interval_s, share_rps, ACTIVE_WINDOW_S},
 };
 
 // ---------------------------------------------------------------- load
@@ -144,32 +144,44 @@ pub(super) fn copy_text(buf: &mut String, value: &str) {
 /// the budget is spent. The import's row first (its lock orders every
 /// reservation of the import), then its API's ([`super::quota::API_SLOT`]).
 pub(super) async fn reserve(pool: &PgPool, import_id: i64) -> anyhow::Result<Option<(f64, f64)>> {
-    const IMPORT: &str = "UPDATE quotas q SET requests = q.requests + 1
+    const IMPORT: &str = "UPDATE quotas q SET requests = q.requests + 1, active_at = c.now
          FROM (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) c
          WHERE q.import_id = $1 AND (q.max_requests IS NULL OR q.requests < q.max_requests)
-         RETURNING GREATEST(c.now, q.next_at, q.paused_until), c.now, q.api_url";
+         RETURNING GREATEST(c.now, q.next_at, q.paused_until), c.now, q.api_url, q.requests_per_second * 1.0";
     let mut tx = pool.begin().await?;
-    let Some((earliest, now, api)): Option<(f64, f64, Option<String>)> = sqlx::query_as(IMPORT)
+    let Some((earliest, now, api, own_rps)): Option<(f64, f64, Option<String>, f64)> = sqlx::query_as(IMPORT)
         .bind(import_id)
         .fetch_optional(&mut *tx)
         .await?
     else {
         return Ok(None);
     };
-    let at = match api {
-        Some(api) => sqlx::query_as(super::quota::API_SLOT.as_str())
-            .bind(api)
-            .bind(earliest)
-            .bind(interval_s(1.0))
-            .fetch_optional(&mut *tx)
-            .await?
-            .map_or(earliest, |(at,): (f64,)| at),
-        None => earliest,
+    let (at, share) = match api {
+        Some(api) => {
+            let active: Vec<f64> = sqlx::query_scalar(super::quota::API_ACTIVE)
+                .bind(&api)
+                .bind(now - ACTIVE_WINDOW_S)
+                .fetch_all(&mut *tx)
+                .await?;
+            let slot: Option<(f64, f64)> = sqlx::query_as(super::quota::API_SLOT.as_str())
+                .bind(api)
+                .bind(earliest)
+                .bind(interval_s(1.0))
+                .fetch_optional(&mut *tx)
+                .await?;
+            let rate = slot.map(|(_, rate)| rate);
+            (
+                slot.map_or(earliest, |(at, _)| at),
+                share_rps(own_rps, rate, &active),
+            )
+        }
+        None => (earliest, own_rps),
     };
     sqlx::query(super::quota::IMPORT_NEXT)
         .bind(import_id)
         .bind(at)
-        .bind(interval_s(1.0))
+        .bind(interval_s(share))
+        .bind(share)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;

@@ -11,20 +11,28 @@ const API_RATE: &str = "(CASE WHEN operator_rps IS NULL THEN local_rps WHEN loca
 
 /// Takes the API's next slot no earlier than the import's: `$1` API URL, `$2`
 /// the import's earliest slot, `$3` [`crate::quota::SPACING_MARGIN`]; returns
-/// the slot. No row (or no rate) when the API has no quota.
+/// the slot and the API's rate (`* 1.0`: SQLite may hand back a whole REAL as
+/// an INTEGER). No row (or no rate) when the API has no quota.
 pub(super) static API_SLOT: LazyLock<String> = LazyLock::new(|| {
     let free = "(CASE WHEN next_at > paused_until THEN next_at ELSE paused_until END)";
     format!(
         "UPDATE api_quotas SET next_at = (CASE WHEN $2 > {free} THEN $2 ELSE {free} END) + $3 / {API_RATE}
          WHERE api_url = $1 AND {API_RATE} > 0
-         RETURNING next_at - $3 / {API_RATE}"
+         RETURNING next_at - $3 / {API_RATE}, {API_RATE} * 1.0"
     )
 });
 
-/// Moves the import's `next_at` one interval past the slot taken: `$1`
-/// import, `$2` slot, `$3` [`crate::quota::SPACING_MARGIN`].
+/// The own quotas (requests/second) of the imports using the API `$1` that
+/// reserved a slot after `$2` (now minus [`crate::quota::ACTIVE_WINDOW_S`]):
+/// those its rate is shared among ([`crate::quota::share_rps`]).
+pub(super) const API_ACTIVE: &str =
+    "SELECT requests_per_second * 1.0 FROM quotas WHERE api_url = $1 AND active_at > $2";
+
+/// Moves the import's `next_at` one interval past the slot taken and records
+/// the rate it was spaced at: `$1` import, `$2` slot, `$3` interval (seconds),
+/// `$4` the import's share (requests/second).
 pub(super) const IMPORT_NEXT: &str =
-    "UPDATE quotas SET next_at = $2 + $3 / requests_per_second WHERE import_id = $1";
+    "UPDATE quotas SET next_at = $2 + $3, share_rps = $4 WHERE import_id = $1";
 
 /// Who writes an API's quota ([`Store::set_api_quota`]); the lower of the two stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,14 +153,15 @@ impl Store {
 
     /// The import's request counters (zero when it has no quota row).
     pub async fn quota_counters(&self, import_id: i64) -> anyhow::Result<QuotaCounters> {
-        const SQL: &str = "SELECT requests, retries, throttled FROM quotas WHERE import_id = $1";
-        let row: Option<(i64, i64, i64)> =
+        const SQL: &str = "SELECT requests, retries, throttled, share_rps FROM quotas WHERE import_id = $1";
+        let row: Option<(i64, i64, i64, Option<f64>)> =
             on_pool!(self, p => sqlx::query_as(SQL).bind(import_id).fetch_optional(p).await)?;
         Ok(row
-            .map(|(requests, retries, throttled)| QuotaCounters {
+            .map(|(requests, retries, throttled, share_rps)| QuotaCounters {
                 requests,
                 retries,
                 throttled,
+                share_rps,
             })
             .unwrap_or_default())
     }

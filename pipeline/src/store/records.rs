@@ -288,11 +288,15 @@ impl From<(i32, i64, i64, i64)> for ShardCounts {
 }
 
 /// The import's request counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct QuotaCounters {
     pub requests: i64,
     pub retries: i64,
     pub throttled: i64,
+    /// The rate the import's last request slot was spaced at (requests/second):
+    /// its quota, or less while it shares its API's quota with other imports
+    /// ([`crate::quota::share_rps`]); `None` before its first request.
+    pub share_rps: Option<f64>,
 }
 
 /// The lookups of one planned shard.

@@ -17,7 +17,7 @@ use super::records::{Claim, Claimed, LoadCounts, LoadEnd, LoadStart, ResultBatch
 use crate::{
     csv_input::Row,
     model::{ImportPhase, Stage},
-    quota::interval_s,
+    quota::{interval_s, share_rps, ACTIVE_WINDOW_S},
 };
 
 /// The database file behind a sqlx SQLite pool.
@@ -110,12 +110,12 @@ pub(super) async fn load(
 /// from its start (no deferred read to upgrade); then the API's slot
 /// ([`super::quota::API_SLOT`]).
 pub(super) async fn reserve(pool: &SqlitePool, import_id: i64) -> anyhow::Result<Option<(f64, f64)>> {
-    const IMPORT: &str = "UPDATE quotas SET requests = requests + 1
+    const IMPORT: &str = "UPDATE quotas SET requests = requests + 1, active_at = $2
          WHERE import_id = $1 AND (max_requests IS NULL OR requests < max_requests)
-         RETURNING max($2, next_at, paused_until), api_url";
+         RETURNING max($2, next_at, paused_until), api_url, requests_per_second * 1.0";
     let now = now_s();
     let mut tx = pool.begin().await?;
-    let Some((earliest, api)): Option<(f64, Option<String>)> = sqlx::query_as(IMPORT)
+    let Some((earliest, api, own_rps)): Option<(f64, Option<String>, f64)> = sqlx::query_as(IMPORT)
         .bind(import_id)
         .bind(now)
         .fetch_optional(&mut *tx)
@@ -123,20 +123,32 @@ pub(super) async fn reserve(pool: &SqlitePool, import_id: i64) -> anyhow::Result
     else {
         return Ok(None);
     };
-    let at = match api {
-        Some(api) => sqlx::query_as(super::quota::API_SLOT.as_str())
-            .bind(api)
-            .bind(earliest)
-            .bind(interval_s(1.0))
-            .fetch_optional(&mut *tx)
-            .await?
-            .map_or(earliest, |(at,): (f64,)| at),
-        None => earliest,
+    let (at, share) = match api {
+        Some(api) => {
+            let active: Vec<f64> = sqlx::query_scalar(super::quota::API_ACTIVE)
+                .bind(&api)
+                .bind(now - ACTIVE_WINDOW_S)
+                .fetch_all(&mut *tx)
+                .await?;
+            let slot: Option<(f64, f64)> = sqlx::query_as(super::quota::API_SLOT.as_str())
+                .bind(api)
+                .bind(earliest)
+                .bind(interval_s(1.0))
+                .fetch_optional(&mut *tx)
+                .await?;
+            let rate = slot.map(|(_, rate)| rate);
+            (
+                slot.map_or(earliest, |(at, _)| at),
+                share_rps(own_rps, rate, &active),
+            )
+        }
+        None => (earliest, own_rps),
     };
     sqlx::query(super::quota::IMPORT_NEXT)
         .bind(import_id)
         .bind(at)
-        .bind(interval_s(1.0))
+        .bind(interval_s(share))
+        .bind(share)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;

@@ -21,6 +21,6 @@ FROM scratch
 COPY --from=builder /out/rootfs/ /
 ENV PATH=/usr/local/bin
 USER 65532:65532
-EXPOSE 8080
+EXPOSE 8080 9090
 ENTRYPOINT ["postcode-operator"]
 CMD ["run"]

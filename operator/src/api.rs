@@ -1,11 +1,16 @@
 //! The upload API (axum): `POST /v1/imports` stores a CSV in the database and
 //! creates its `PostcodeImport`; `GET /v1/imports/{ns}/{name}` and
-//! `…/results.csv` read it back; `/healthz`, `/readyz`, `/metrics`.
+//! `…/results.csv` read it back; `DELETE /v1/imports/{ns}/{name}` deletes it.
+//! `/metrics`, `/healthz` and `/readyz` are served on their own port
+//! ([`metrics_router`]), never on the upload port.
 //!
-//! Uploads stream into the database in 1 MiB chunks (never whole in memory),
-//! with a size limit (413 past it) and a SHA-256. Names and namespaces are
-//! checked against Kubernetes naming rules before they reach the API server,
-//! and every SQL query binds its values.
+//! Every `/v1` request is authenticated and each action authorized
+//! ([`crate::auth`]: by default a TokenReview and a SubjectAccessReview on the
+//! caller's behalf). Uploads stream into the database in 1 MiB chunks (never
+//! whole in memory), with a size limit (413 past it) and a SHA-256. Names and
+//! namespaces are checked against Kubernetes naming rules before they reach
+//! the API server, and every SQL query binds its values. Errors:
+//! [`crate::error`].
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,17 +21,23 @@ use axum::{
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
-    Json, Router,
+    Extension, Json, Router,
 };
 use futures::StreamExt;
-use kube::{api::PostParams, Api, Client, ResourceExt};
+use kube::{
+    api::{DeleteParams, PostParams},
+    Api, Client, ResourceExt,
+};
 use metrics_exporter_prometheus::PrometheusHandle;
 use pipeline::{export::LineEncoder, model::ImportPhase, store::Store};
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
+use crate::{
+    auth::{Authorizer, Caller, Verb},
+    error::{self, ApiError},
+};
 use postcode_resource::{limits, CsvSpec, ImportSource, PostcodeImport, PostcodeImportSpec, QuotaSpec};
 
 /// Upload API settings.
@@ -34,8 +45,6 @@ use postcode_resource::{limits, CsvSpec, ImportSource, PostcodeImport, PostcodeI
 pub struct ApiConfig {
     /// Largest accepted CSV, bytes.
     pub max_upload_bytes: u64,
-    /// Bearer token required on `/v1/*` when set.
-    pub token: Option<String>,
     /// Namespace of imports created without one.
     pub default_namespace: String,
     pub default_shards: u32,
@@ -53,6 +62,8 @@ pub struct AppState {
     pub client: Client,
     pub store: Store,
     pub config: Arc<ApiConfig>,
+    /// Who may do what on `/v1`.
+    pub auth: Arc<Authorizer>,
     pub metrics: PrometheusHandle,
     /// True once the database has answered and is migrated: until then
     /// `/readyz` is 503 and `/v1/*` waits up to 10 s, then answers 503.
@@ -63,32 +74,6 @@ impl AppState {
     fn database_ready(&self) -> bool {
         *self.database_ready.borrow()
     }
-}
-
-/// An error answered as `{"error": …}` with a status code.
-pub struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": self.1}))).into_response()
-    }
-}
-
-impl From<kube::Error> for ApiError {
-    fn from(e: kube::Error) -> Self {
-        match e {
-            kube::Error::Api(s) => ApiError(
-                StatusCode::from_u16(s.code).unwrap_or(StatusCode::BAD_GATEWAY),
-                s.message,
-            ),
-            other => ApiError(StatusCode::BAD_GATEWAY, other.to_string()),
-        }
-    }
-}
-
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    tracing::error!("upload API: {e}");
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
 /// A DNS-1123 label (Kubernetes namespace, and our import names, which end up in
@@ -103,15 +88,22 @@ pub fn valid_label(s: &str, max: usize) -> bool {
         && !s.ends_with('-')
 }
 
-/// The routes of the upload API.
+/// The routes of the upload API (its port serves nothing else).
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new()
+    Router::new()
         .route("/v1/imports", post(create_import))
-        .route("/v1/imports/{ns}/{name}", get(get_import))
+        .route("/v1/imports/{ns}/{name}", get(get_import).delete(delete_import))
         .route("/v1/imports/{ns}/{name}/results.csv", get(results_csv))
-        .layer(middleware::from_fn_with_state(state.clone(), auth))
-        .layer(middleware::from_fn_with_state(state.clone(), database_ready))
-        .layer(axum::extract::DefaultBodyLimit::disable());
+        // (route_layer: an unknown path is a plain 404, whoever asks)
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route_layer(middleware::from_fn_with_state(state.clone(), database_ready))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(error::request_id))
+        .with_state(state)
+}
+
+/// The metrics and probe routes, for their own port (`METRICS_ADDR`).
+pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -119,27 +111,24 @@ pub fn router(state: AppState) -> Router {
             "/metrics",
             get(|State(s): State<AppState>| async move { s.metrics.render() }),
         )
-        .merge(v1)
         .with_state(state)
 }
 
-async fn auth(State(s): State<AppState>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    if let Some(token) = &s.config.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            None => {
-                return ApiError(StatusCode::UNAUTHORIZED, "bearer token required".into()).into_response()
-            }
-            Some(t) if !bool::from(t.as_bytes().ct_eq(token.as_bytes())) => {
-                return ApiError(StatusCode::FORBIDDEN, "invalid token".into()).into_response()
-            }
-            Some(_) => {}
+/// Authenticates the caller of `/v1/*` (401/403 otherwise) and hands it to
+/// the handlers, which authorize their action.
+async fn authenticate(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    match s.auth.authenticate(&headers).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
         }
+        Err(e) => e.into_response(),
     }
-    next.run(req).await
 }
 
 /// `/v1/*` while the operator still waits for the database: a request
@@ -153,7 +142,7 @@ async fn database_ready(State(s): State<AppState>, req: Request, next: Next) -> 
         Ok(Ok(_))
     );
     if !is_ready {
-        return ApiError(
+        return ApiError::Client(
             StatusCode::SERVICE_UNAVAILABLE,
             "the database is not reachable yet; retry later".into(),
         )
@@ -209,7 +198,7 @@ impl<'a> UploadWriter<'a> {
         self.size += data.len() as u64;
         if self.size > self.max {
             let _ = self.store.delete_upload(&self.id).await;
-            return Err(ApiError(
+            return Err(ApiError::Client(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("upload larger than the limit of {} bytes", self.max),
             ));
@@ -222,7 +211,7 @@ impl<'a> UploadWriter<'a> {
             self.store
                 .append_upload_chunk(&self.id, self.seq, &chunk)
                 .await
-                .map_err(internal)?;
+                .map_err(ApiError::internal)?;
             self.seq += 1;
         }
         Ok(())
@@ -234,13 +223,13 @@ impl<'a> UploadWriter<'a> {
             self.store
                 .append_upload_chunk(&self.id, self.seq, &chunk)
                 .await
-                .map_err(internal)?;
+                .map_err(ApiError::internal)?;
         }
         let sha = hex::encode(self.sha.finalize());
         self.store
             .finish_upload(&self.id, self.size as i64, &sha)
             .await
-            .map_err(internal)?;
+            .map_err(ApiError::internal)?;
         Ok((self.size, sha))
     }
 }
@@ -252,15 +241,15 @@ fn validate(opts: &CreateOptions, config: &ApiConfig) -> Result<(String, String)
         .clone()
         .unwrap_or_else(|| config.default_namespace.clone());
     if !valid_label(&ns, 63) {
-        return Err(ApiError(
+        return Err(ApiError::Client(
             StatusCode::BAD_REQUEST,
-            format!("invalid namespace {ns:?}"),
+            format!("invalid namespace {ns:?}: 1 to 63 lower-case letters, digits or '-'"),
         ));
     }
     let name = match &opts.name {
         Some(n) if valid_label(n, 40) => n.clone(),
         Some(n) => {
-            return Err(ApiError(
+            return Err(ApiError::Client(
                 StatusCode::BAD_REQUEST,
                 format!("invalid name {n:?}: 1 to 40 lower-case letters, digits or '-'"),
             ))
@@ -268,15 +257,15 @@ fn validate(opts: &CreateOptions, config: &ApiConfig) -> Result<(String, String)
         None => format!("import-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
     };
     if opts.shards.is_some_and(|sh| !limits::shards_allowed(sh)) {
-        return Err(ApiError(
+        return Err(ApiError::Client(
             StatusCode::BAD_REQUEST,
             format!("shards must be {}..={}", limits::MIN_SHARDS, limits::MAX_SHARDS),
         ));
     }
     if opts.quota_rps.is_some_and(|q| !(q > 0.0 && q.is_finite())) {
-        return Err(ApiError(
+        return Err(ApiError::Client(
             StatusCode::BAD_REQUEST,
-            "quotaRps must be positive".into(),
+            "quotaRps must be a positive number of requests per second".into(),
         ));
     }
     check_egress(opts, config)?;
@@ -285,7 +274,7 @@ fn validate(opts: &CreateOptions, config: &ApiConfig) -> Result<(String, String)
 
 /// `apiUrl` and `offlinePostcodes` against the Jobs' egress policy (400 when refused).
 fn check_egress(opts: &CreateOptions, config: &ApiConfig) -> Result<(), ApiError> {
-    let refused = |e: pipeline::egress::EgressError| ApiError(StatusCode::BAD_REQUEST, e.to_string());
+    let refused = |e: pipeline::egress::EgressError| ApiError::Client(StatusCode::BAD_REQUEST, e.to_string());
     if let Some(url) = &opts.api_url {
         config.egress.check_api_url(url).map_err(refused)?;
     }
@@ -299,7 +288,7 @@ fn check_egress(opts: &CreateOptions, config: &ApiConfig) -> Result<(), ApiError
 }
 
 fn stalled(idle: Duration) -> ApiError {
-    ApiError(
+    ApiError::Client(
         StatusCode::REQUEST_TIMEOUT,
         format!("the upload stalled: nothing received for {}s", idle.as_secs()),
     )
@@ -307,10 +296,12 @@ fn stalled(idle: Duration) -> ApiError {
 
 /// Streams the `file` field of a multipart upload into `w`.
 async fn stream_multipart(req: Request, w: &mut UploadWriter<'_>, idle: Duration) -> Result<(), ApiError> {
-    let bad = |e: axum::extract::multipart::MultipartError| ApiError(StatusCode::BAD_REQUEST, e.body_text());
+    let bad = |e: axum::extract::multipart::MultipartError| {
+        ApiError::Client(StatusCode::BAD_REQUEST, e.body_text())
+    };
     let mut mp = Multipart::from_request(req, &())
         .await
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+        .map_err(|e| ApiError::Client(StatusCode::BAD_REQUEST, e.body_text()))?;
     let mut got = false;
     while let Some(mut field) = mp.next_field().await.map_err(bad)? {
         if field.name() != Some("file") {
@@ -326,7 +317,7 @@ async fn stream_multipart(req: Request, w: &mut UploadWriter<'_>, idle: Duration
         }
     }
     if !got {
-        return Err(ApiError(
+        return Err(ApiError::Client(
             StatusCode::BAD_REQUEST,
             "multipart upload without a `file` field".into(),
         ));
@@ -341,8 +332,9 @@ async fn stream_body(req: Request, w: &mut UploadWriter<'_>, idle: Duration) -> 
         .await
         .map_err(|_| stalled(idle))?
     {
-        let chunk = chunk
-            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading the upload failed: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            ApiError::Client(StatusCode::BAD_REQUEST, format!("reading the upload failed: {e}"))
+        })?;
         w.push(&chunk).await?;
     }
     Ok(())
@@ -351,7 +343,10 @@ async fn stream_body(req: Request, w: &mut UploadWriter<'_>, idle: Duration) -> 
 /// Stores the request's CSV as upload `upload_id`; its size in bytes and SHA-256.
 /// A failed or empty upload is deleted.
 async fn store_upload(s: &AppState, upload_id: &str, req: Request) -> Result<(u64, String), ApiError> {
-    s.store.create_upload(upload_id).await.map_err(internal)?;
+    s.store
+        .create_upload(upload_id)
+        .await
+        .map_err(ApiError::internal)?;
     let mut w = UploadWriter {
         store: &s.store,
         id: upload_id.to_string(),
@@ -372,7 +367,7 @@ async fn store_upload(s: &AppState, upload_id: &str, req: Request) -> Result<(u6
         stream_body(req, &mut w, s.config.idle_timeout).await
     };
     let streamed = streamed.and_then(|()| match w.size {
-        0 => Err(ApiError(
+        0 => Err(ApiError::Client(
             StatusCode::BAD_REQUEST,
             "the upload is empty: send the CSV as the request body or a multipart `file` field".into(),
         )),
@@ -414,10 +409,13 @@ fn spec_for(opts: &CreateOptions, config: &ApiConfig, upload_id: &str) -> Postco
 
 async fn create_import(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Query(opts): Query<CreateOptions>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (ns, name) = validate(&opts, &s.config)?;
+    // Before a byte is stored: may the caller create imports there?
+    s.auth.authorize(&caller, Verb::Create, &ns, None).await?;
     let upload_id = uuid::Uuid::new_v4().to_string();
     let (bytes, sha256) = store_upload(&s, &upload_id, req).await?;
     let imp = PostcodeImport::new(&name, spec_for(&opts, &s.config, &upload_id));
@@ -429,20 +427,33 @@ async fn create_import(
             return Err(e.into());
         }
     };
+    tracing::info!(namespace = %ns, name = %name, caller = %caller.name(), bytes, "upload API: import created");
     let body = json!({"namespace": ns, "name": created.name_any(), "uid": created.uid(), "uploadId": upload_id, "bytes": bytes, "sha256": sha256});
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
+/// Checks `ns`/`name` of a path (400 saying what a valid one is) and that
+/// the caller may `verb` the import.
+async fn check_path(s: &AppState, caller: &Caller, verb: Verb, ns: &str, name: &str) -> Result<(), ApiError> {
+    if !valid_label(ns, 63) {
+        return Err(ApiError::bad_request(format!(
+            "invalid namespace {ns:?}: 1 to 63 lower-case letters, digits or '-'"
+        )));
+    }
+    if !valid_label(name, 63) {
+        return Err(ApiError::bad_request(format!(
+            "invalid import name {name:?}: 1 to 63 lower-case letters, digits or '-'"
+        )));
+    }
+    s.auth.authorize(caller, verb, ns, Some(name)).await
+}
+
 async fn get_import(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    if !valid_label(&ns, 63) || !valid_label(&name, 63) {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "invalid namespace or name".into(),
-        ));
-    }
+    check_path(&s, &caller, Verb::Get, &ns, &name).await?;
     let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
     let imp = api.get(&name).await?;
     Ok(
@@ -453,24 +464,43 @@ async fn get_import(
     )
 }
 
-async fn results_csv(
+/// `DELETE /v1/imports/{ns}/{name}`: 202 while its finalizer deletes its
+/// rows, 200 once gone.
+async fn delete_import(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    if !valid_label(&ns, 63) || !valid_label(&name, 63) {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "invalid namespace or name".into(),
-        ));
-    }
+    check_path(&s, &caller, Verb::Delete, &ns, &name).await?;
+    let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
+    let deleting = api.delete(&name, &DeleteParams::default()).await?.is_left();
+    tracing::info!(namespace = %ns, name = %name, caller = %caller.name(), "upload API: import deleted");
+    let code = if deleting {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        code,
+        Json(json!({"namespace": ns, "name": name, "deleted": true})),
+    )
+        .into_response())
+}
+
+async fn results_csv(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_path(&s, &caller, Verb::Get, &ns, &name).await?;
     let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
     let imp = api.get(&name).await?;
     let uid = imp.uid().unwrap_or_default();
-    let record = s.store.import(&uid).await.map_err(internal)?;
+    let record = s.store.import(&uid).await.map_err(ApiError::internal)?;
     let Some(record) = record.filter(|r| r.phase == ImportPhase::Loaded) else {
-        return Err(ApiError(
+        return Err(ApiError::Client(
             StatusCode::CONFLICT,
-            format!("import {ns}/{name} has not loaded yet"),
+            format!("import {ns}/{name} has not loaded yet: ask again once its phase is Enriching or later"),
         ));
     };
     let store = s.store.clone();
@@ -504,7 +534,7 @@ async fn results_csv(
             format!("attachment; filename=\"{name}.enriched.csv\""),
         )
         .body(Body::from_stream(stream))
-        .map_err(internal)
+        .map_err(ApiError::internal)
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! upload API, and the `local` runner that runs the same Jobs on one machine.
 
 mod api;
+mod auth;
 mod controller;
+mod error;
 mod jobs;
 mod lifecycle;
 mod local;

@@ -12,7 +12,8 @@ use pipeline::store::{QuotaWriter, Store};
 use postcode_resource::limits;
 
 use crate::{
-    api::{router, ApiConfig, AppState},
+    api::{metrics_router, router, ApiConfig, AppState},
+    auth::{AuthMode, Authorizer},
     controller::{self, Context},
     jobs::{DatabaseCa, EgressSettings, JobSettings, PodSettings},
 };
@@ -20,9 +21,12 @@ use crate::{
 /// Options of `postcode-operator run`.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// Upload API and probes listen here.
+    /// The upload API listens here (nothing else is served on it).
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// `/metrics`, `/healthz` and `/readyz` listen here.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
     /// PostgreSQL URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
@@ -102,9 +106,17 @@ pub struct RunArgs {
     /// and no mode); passed to the Job pods too.
     #[arg(long, env = "PGSSLMODE")]
     pub database_sslmode: Option<String>,
-    /// Bearer token required by the upload API (none when empty).
+    /// How the upload API authenticates callers: `kubernetes` (a TokenReview
+    /// of the caller's bearer token, a SubjectAccessReview per action),
+    /// `token` (the shared UPLOAD_TOKEN) or `none` (anyone who reaches it).
+    #[arg(long, env = "UPLOAD_AUTH", default_value = "kubernetes")]
+    pub upload_auth: String,
+    /// The shared bearer token of `UPLOAD_AUTH=token`.
     #[arg(long, env = "UPLOAD_TOKEN", default_value = "", hide_env_values = true)]
     pub upload_token: String,
+    /// Seconds a TokenReview or SubjectAccessReview answer is reused (0: never).
+    #[arg(long, env = "UPLOAD_AUTH_CACHE_S", default_value_t = 10.0)]
+    pub upload_auth_cache_s: f64,
     /// Largest accepted upload, bytes.
     #[arg(long, env = "MAX_UPLOAD_BYTES", default_value_t = 2 << 30)]
     pub max_upload_bytes: u64,
@@ -174,12 +186,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let (database_ready, ready_rx) = tokio::sync::watch::channel(false);
 
+    let auth_mode = AuthMode::from_settings(&args.upload_auth, &args.upload_token)?;
+    let cache = Duration::try_from_secs_f64(args.upload_auth_cache_s)
+        .context("UPLOAD_AUTH_CACHE_S must be a number of seconds, 0 or more")?;
     let api_state = AppState {
         client: client.clone(),
         store: store.clone(),
+        auth: Arc::new(Authorizer::new(auth_mode, client.clone(), cache)),
         config: Arc::new(ApiConfig {
             max_upload_bytes: args.max_upload_bytes,
-            token: (!args.upload_token.is_empty()).then(|| args.upload_token.clone()),
             default_namespace: args.pod_namespace.clone(),
             default_shards: args.default_shards,
             default_quota_rps: args.default_quota_rps,
@@ -192,12 +207,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics,
         database_ready: ready_rx,
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!("upload API listening on http://{}", listener.local_addr()?);
-    let app = router(api_state).layer(tower_http::trace::TraceLayer::new_for_http());
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = serve(args.listen, "upload API", router(api_state.clone())).await?;
+    let metrics_server = serve(args.metrics_addr, "metrics and probes", metrics_router(api_state)).await?;
 
     wait_for_database(&store).await;
     database_ready.send_replace(true);
@@ -214,9 +225,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         controller::run(ctx, namespace).await;
     }
-    server.abort();
-    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    for s in [server, metrics_server] {
+        s.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(1), s).await;
+    }
     Ok(())
+}
+
+/// Serves `app` on `addr` in a task; logs `<what> listening on http://ADDR`.
+async fn serve(
+    addr: SocketAddr,
+    what: &str,
+    app: axum::Router,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{what}: listening on {addr}"))?;
+    tracing::info!("{what} listening on http://{}", listener.local_addr()?);
+    let app = app.layer(tower_http::trace::TraceLayer::new_for_http());
+    Ok(tokio::spawn(async move { axum::serve(listener, app).await }))
 }
 
 /// `--api-quotas`: `(base URL, requests per second)` pairs from

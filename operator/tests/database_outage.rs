@@ -104,9 +104,9 @@ async fn an_operator_started_before_its_database_waits_then_imports() {
 
     // Nothing listens on the port: the operator starts anyway.
     let mut op = Operator::start(&ns, &db, &[]);
-    let (code, _) = get(&format!("{}/healthz", op.url)).await;
+    let (code, _) = get(&format!("{}/healthz", op.metrics_url)).await;
     assert_eq!(code, 200, "/healthz while the database is down");
-    let (code, body) = get(&format!("{}/readyz", op.url)).await;
+    let (code, body) = get(&format!("{}/readyz", op.metrics_url)).await;
     assert_eq!((code, &body["database"]), (503, &json!(false)), "/readyz: {body}");
     let upload = reqwest::Client::new()
         .post(format!("{}/v1/imports?name=early&namespace={ns}", op.url))
@@ -141,12 +141,12 @@ async fn an_operator_started_before_its_database_waits_then_imports() {
         "the operator exited without its database:\n{}",
         op.log()
     );
-    let (code, _) = get(&format!("{}/readyz", op.url)).await;
+    let (code, _) = get(&format!("{}/readyz", op.metrics_url)).await;
     assert_eq!(code, 503, "still not ready");
 
     // The database starts on that port: the operator becomes ready by itself.
     let _pg = Postgres::start(&temp_dir("late-pg"), port);
-    let url = op.url.clone();
+    let url = op.metrics_url.clone();
     poll(
         &op,
         Duration::from_secs(120),

@@ -55,6 +55,9 @@ async fn any_upload_gets_201_or_a_4xx_and_the_server_stays_up() {
         .arg("run")
         .envs([
             ("LISTEN_ADDR", "127.0.0.1:0"),
+            ("METRICS_ADDR", "127.0.0.1:0"),
+            // Options and bodies are fuzzed here; access control is upload_auth.rs'.
+            ("UPLOAD_AUTH", "none"),
             ("DATABASE_URL", db.as_str()),
             ("POD_NAMESPACE", ns.as_str()),
             ("WATCH_NAMESPACE", ns.as_str()),
@@ -68,14 +71,25 @@ async fn any_upload_gets_201_or_a_4xx_and_the_server_stays_up() {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("listening on http://") {
-                let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
+            for what in ["upload API listening on ", "metrics and probes listening on "] {
+                if let Some(i) = line.find(what) {
+                    let _ = tx.send((what, line[i + what.len()..].trim().to_string()));
+                }
             }
         }
     });
-    let url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("operator started");
+    let mut url = String::new();
+    let mut metrics_url = String::new();
+    while url.is_empty() || metrics_url.is_empty() {
+        let (what, u) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("operator started");
+        if what.starts_with("upload") {
+            url = u;
+        } else {
+            metrics_url = u;
+        }
+    }
     let cases: u32 = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -129,7 +143,7 @@ async fn any_upload_gets_201_or_a_4xx_and_the_server_stays_up() {
                 prop_assert!(!text.is_empty(), "a refusal says why");
             }
             let healthy = handle.block_on(async {
-                http.get(format!("{url}/healthz"))
+                http.get(format!("{metrics_url}/healthz"))
                     .send()
                     .await
                     .map(|r| r.status().as_u16())

@@ -499,11 +499,17 @@ fn check_operator(docs: &[Value], ns: &str, full: &str, replicas: i64) -> BTreeM
         .find(|p| s(p, "name") == "http")
         .expect("port http");
     assert_eq!(at(port, "containerPort").as_i64(), Some(8080));
+    let metrics_port = seq(c, "ports")
+        .iter()
+        .find(|p| s(p, "name") == "metrics")
+        .expect("port metrics");
+    assert_eq!(at(metrics_port, "containerPort").as_i64(), Some(9090));
+    // The probes use the metrics port: the upload port serves only /v1.
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         assert_eq!(s(c, &format!("{probe}.httpGet.path")), path, "{probe}");
         let p = at(c, &format!("{probe}.httpGet.port"));
         assert!(
-            p.as_str() == Some("http") || p.as_i64() == Some(8080),
+            p.as_str() == Some("metrics") || p.as_i64() == Some(9090),
             "{probe} port {p:?}"
         );
     }
@@ -525,6 +531,11 @@ fn check_operator(docs: &[Value], ns: &str, full: &str, replicas: i64) -> BTreeM
     assert_eq!(env_value(&env, "DATABASE_SECRET_NAME"), db_secret);
     assert_eq!(env_value(&env, "DATABASE_SECRET_KEY"), db_key);
     assert_eq!(env_value(&env, "LISTEN_ADDR"), "0.0.0.0:8080");
+    assert_eq!(env_value(&env, "METRICS_ADDR"), "0.0.0.0:9090");
+    assert!(
+        ["kubernetes", "token", "none"].contains(&env_value(&env, "UPLOAD_AUTH")),
+        "UPLOAD_AUTH"
+    );
     assert_eq!(
         env_value(&env, "JOB_IMAGE"),
         s(c, "image"),
@@ -560,7 +571,9 @@ fn check_operator(docs: &[Value], ns: &str, full: &str, replicas: i64) -> BTreeM
     get(docs, "ServiceAccount", ns, sa);
     let svc = get(docs, "Service", ns, full);
     assert_eq!(s(svc, "spec.type"), "ClusterIP");
-    let sp = &seq(svc, "spec.ports")[0];
+    let ports = seq(svc, "spec.ports");
+    assert_eq!(ports.len(), 1, "the upload Service exposes the upload port only");
+    let sp = &ports[0];
     assert_eq!(
         (s(sp, "name"), at(sp, "port").as_i64(), s(sp, "targetPort")),
         ("http", Some(80), "http")
@@ -593,6 +606,20 @@ fn check_operator(docs: &[Value], ns: &str, full: &str, replicas: i64) -> BTreeM
 /// PostcodeImport grants apply (`*` = cluster-wide).
 fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str], job_namespaces: &[&str]) {
     let by_scope = grants_of_sa(docs, ns, sa);
+    // upload.auth.mode=kubernetes: TokenReviews and SubjectAccessReviews
+    // (cluster-scoped), nothing else.
+    let (_, c) = operator(docs, ns, sa);
+    let kube_auth = env_value(&env_of(c), "UPLOAD_AUTH") == "kubernetes";
+    let auth = grants(&[
+        ("authentication.k8s.io", "tokenreviews", &["create"]),
+        ("authorization.k8s.io", "subjectaccessreviews", &["create"]),
+    ]);
+    if kube_auth {
+        assert!(
+            by_scope.get("*").is_some_and(|g| auth.is_subset(g)),
+            "kubernetes upload auth needs tokenreviews and subjectaccessreviews: {by_scope:?}"
+        );
+    }
     // No `update` of imports or their status: the operator only patches them.
     let main = grants(&[
         (
@@ -668,6 +695,9 @@ fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str]
         if scope == ns {
             allowed.extend(lease.iter().chain(&secret_get).cloned());
         }
+        if scope == "*" && kube_auth {
+            allowed.extend(auth.iter().cloned());
+        }
         let extra: Vec<_> = g.difference(&allowed).collect();
         assert!(
             extra.is_empty(),
@@ -680,6 +710,7 @@ fn check_operator_rbac(docs: &[Value], ns: &str, sa: &str, watch_scopes: &[&str]
         .chain(job_namespaces)
         .copied()
         .chain([ns])
+        .chain(kube_auth.then_some("*"))
         .collect();
     assert_eq!(scopes, expected, "operator grant scopes");
     check_named_rbac(docs, ns, sa);
@@ -833,9 +864,14 @@ fn chart_crd_is_the_generated_one() {
 #[test]
 fn helm_lint_is_clean() {
     lint(&[]);
-    lint(&["postgresql.enabled=true", "upload.auth.token=lint-token"]);
+    lint(&[
+        "postgresql.enabled=true",
+        "upload.auth.mode=token",
+        "upload.auth.token=lint-token",
+    ]);
     lint(&[
         "database.existingSecret=db",
+        "upload.auth.mode=token",
         "upload.auth.existingSecret=up",
         "replicas=2",
         "jobNamespaces={a,b}",
@@ -862,6 +898,20 @@ fn helm_rejects_contradictory_or_invalid_values() {
         (
             &["upload.auth.token=a", "upload.auth.existingSecret=s"][..],
             "only one of upload.auth.token",
+        ),
+        (
+            &["upload.auth.token=a"][..],
+            "only used with upload.auth.mode=token",
+        ),
+        (&["upload.auth.mode=token"][..], "needs upload.auth.token"),
+        (&["upload.auth.mode=off"][..], "/upload/auth/mode"),
+        (
+            &["upload.auth.mode=none", "service.type=LoadBalancer"][..],
+            "needs service.type=ClusterIP",
+        ),
+        (
+            &["upload.auth.mode=none", "service.type=NodePort"][..],
+            "needs service.type=ClusterIP",
         ),
         (&["defaults.shards=65"][..], "/defaults/shards"),
         (&["jobNamespaces={Not_A_Namespace}"][..], "/jobNamespaces"),
@@ -916,7 +966,11 @@ fn postgresql_and_upload_auth_variant() {
     let docs = template(
         "demo",
         ns,
-        &["postgresql.enabled=true", &format!("upload.auth.token={token}")],
+        &[
+            "postgresql.enabled=true",
+            "upload.auth.mode=token",
+            &format!("upload.auth.token={token}"),
+        ],
     );
     check_namespaces(&docs, &[ns]);
     check_workloads(&docs);
@@ -996,6 +1050,7 @@ fn database_url_and_existing_secrets_stay_in_secrets() {
         &[
             "database.existingSecret=my-db",
             "database.secretKey=dsn",
+            "upload.auth.mode=token",
             "upload.auth.existingSecret=my-up",
             "upload.auth.secretKey=tok",
         ],
@@ -1108,8 +1163,13 @@ fn job_namespaces_get_the_job_service_account() {
     assert_eq!(env_value(&env, "WATCH_NAMESPACE"), "w");
     check_job_rbac(&docs, env_value(&env, "JOB_SERVICE_ACCOUNT"), &[ns, "w", "a"]);
     check_operator_rbac(&docs, ns, full, &["w"], &[ns, "w", "a"]);
+    // (but TokenReviews and SubjectAccessReviews, which are cluster-scoped,
+    // for upload.auth.mode=kubernetes: check_operator_rbac allows nothing more)
+    let delegator = format!("{full}-auth-delegator");
     assert!(
-        all(&docs, "ClusterRoleBinding").iter().all(|b| is_hook(b)),
+        all(&docs, "ClusterRoleBinding")
+            .iter()
+            .all(|b| is_hook(b) || name(b) == delegator),
         "no cluster-wide binding for the operator"
     );
     // The uninstall hook deletes only the imports this release watches.
@@ -1439,6 +1499,20 @@ fn job_egress_settings_and_network_policy_render_as_configured() {
     check_job_network_policy(&docs, ns, full, &["10.96.12.0/24", "192.168.7.7"], true);
 
     let off = template("t", ns, &["networkPolicy.enabled=false"]);
+    let left: Vec<&str> = all(&off, "NetworkPolicy").into_iter().map(name).collect();
+    assert_eq!(
+        left,
+        [full],
+        "only the operator pod's own policy (operatorNetworkPolicy) is left"
+    );
+    let off = template(
+        "t",
+        ns,
+        &[
+            "networkPolicy.enabled=false",
+            "operatorNetworkPolicy.enabled=false",
+        ],
+    );
     assert!(all(&off, "NetworkPolicy").is_empty());
     assert!(template_raw("t", ns, &["egress.allowSourceCidrs={not-a-cidr}"], &[]).is_err());
 }
@@ -1456,6 +1530,7 @@ fn server_side_dry_run_accepts_every_variant() {
         vec![],
         vec![
             "postgresql.enabled=true".into(),
+            "upload.auth.mode=token".into(),
             "upload.auth.token=dry-run-token".into(),
             "replicas=2".into(),
             jobs.clone(),
@@ -1468,6 +1543,7 @@ fn server_side_dry_run_accepts_every_variant() {
         ],
         vec![
             "database.existingSecret=db".into(),
+            "upload.auth.mode=token".into(),
             "upload.auth.existingSecret=up".into(),
             "leaderElection.enabled=true".into(),
         ],
@@ -1536,6 +1612,11 @@ fn rbac_is_enforced_as_intended_by_the_api_server() {
         (op, "patch", "jobs.batch", o, true),
         (op, "create", "events.events.k8s.io", o, true), (op, "patch", "events.events.k8s.io", o, true),
         (op, "list", "pods", o, true),
+        // upload.auth.mode=kubernetes: ask who a token is and what its holder may do
+        (op, "create", "tokenreviews.authentication.k8s.io", None, true),
+        (op, "create", "subjectaccessreviews.authorization.k8s.io", None, true),
+        (op, "create", "localsubjectaccessreviews.authorization.k8s.io", o, false),
+        (op, "create", "serviceaccounts/token", o, false),
         // Secrets: create the copies in the Job namespaces, read only the database Secret, by name
         (op, "create", "secrets", an, true), (op, "create", "secrets", hm, true),
         (op, "get", &db_secret, hm, true),
@@ -1614,5 +1695,156 @@ fn rbac_is_enforced_as_intended_by_the_api_server() {
         got,
         [true, true, true, true, false, false, false, false],
         "operator grants with watchNamespace={a}"
+    );
+}
+
+#[test]
+fn metrics_port_network_policy_pdb_and_service_monitor_render_as_configured() {
+    let (ns, full) = ("pco", "t-postcode-operator");
+    let docs = template("t", ns, &[]);
+    let (d, _) = operator(&docs, ns, full);
+    let pod_labels = at(d, "spec.template.metadata.labels");
+    let selects_pods = |sel: &Value| {
+        let m = sel.as_mapping().expect("a selector");
+        !m.is_empty() && m.iter().all(|(k, v)| pod_labels.get(k) == Some(v))
+    };
+    // metrics: a Service of its own, on the metrics port only
+    let msvc = get(&docs, "Service", ns, &format!("{full}-metrics"));
+    assert_eq!(s(msvc, "spec.type"), "ClusterIP");
+    let ports = seq(msvc, "spec.ports");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(
+        (s(&ports[0], "targetPort"), at(&ports[0], "port").as_i64()),
+        ("metrics", Some(9090))
+    );
+    assert!(selects_pods(at(msvc, "spec.selector")));
+    assert!(
+        all(&docs, "ServiceMonitor").is_empty(),
+        "no ServiceMonitor by default"
+    );
+    assert!(
+        all(&docs, "PodDisruptionBudget").is_empty(),
+        "no PDB for one replica"
+    );
+
+    // NetworkPolicy: the upload port from anyone, the metrics port from the monitoring namespace
+    let np = get(&docs, "NetworkPolicy", ns, full);
+    assert!(selects_pods(at(np, "spec.podSelector.matchLabels")));
+    let types: Vec<&str> = seq(np, "spec.policyTypes")
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert_eq!(types, ["Ingress"]);
+    let rules = seq(np, "spec.ingress");
+    let rule_for = |port: &str| {
+        rules
+            .iter()
+            .find(|r| seq(r, "ports").iter().any(|p| s(p, "port") == port))
+            .unwrap_or_else(|| panic!("no ingress rule for port {port}"))
+    };
+    assert!(
+        at(rule_for("http"), "from").is_null(),
+        "upload port: from anywhere"
+    );
+    let from = seq(rule_for("metrics"), "from");
+    assert_eq!(from.len(), 1);
+    assert_eq!(
+        at(&from[0], "namespaceSelector.matchLabels")
+            .get("kubernetes.io/metadata.name")
+            .and_then(Value::as_str),
+        Some("monitoring")
+    );
+    assert!(
+        rules.iter().all(|r| seq(r, "ports").len() == 1),
+        "each rule opens one port"
+    );
+
+    // configured: upload from one namespace, scrapers elsewhere, a ServiceMonitor, two replicas
+    let docs = template(
+        "t",
+        ns,
+        &[
+            "operatorNetworkPolicy.uploadFrom[0].namespaceSelector.matchLabels.team=analysts",
+            "operatorNetworkPolicy.monitoringNamespaceSelector.matchLabels.name=prom",
+            "metrics.serviceMonitor.enabled=true",
+            "metrics.serviceMonitor.labels.release=kube-prometheus",
+            "replicas=2",
+        ],
+    );
+    let np = get(&docs, "NetworkPolicy", ns, full);
+    let rules = seq(np, "spec.ingress");
+    let upload = rules
+        .iter()
+        .find(|r| seq(r, "ports").iter().any(|p| s(p, "port") == "http"))
+        .unwrap();
+    assert_eq!(
+        s(&seq(upload, "from")[0], "namespaceSelector.matchLabels.team"),
+        "analysts"
+    );
+    let metrics = rules
+        .iter()
+        .find(|r| seq(r, "ports").iter().any(|p| s(p, "port") == "metrics"))
+        .unwrap();
+    assert_eq!(
+        s(&seq(metrics, "from")[0], "namespaceSelector.matchLabels.name"),
+        "prom"
+    );
+    let sm = get(&docs, "ServiceMonitor", ns, full);
+    assert_eq!(s(sm, "metadata.labels.release"), "kube-prometheus");
+    let ep = &seq(sm, "spec.endpoints")[0];
+    assert_eq!((s(ep, "port"), s(ep, "path")), ("metrics", "/metrics"));
+    let msvc = get(&docs, "Service", ns, &format!("{full}-metrics"));
+    for (k, v) in at(sm, "spec.selector.matchLabels").as_mapping().unwrap() {
+        assert_eq!(
+            at(msvc, "metadata.labels").get(k),
+            Some(v),
+            "ServiceMonitor selects the metrics Service"
+        );
+    }
+    assert!(
+        at(get(&docs, "Service", ns, full), "metadata.labels")
+            .get("app.kubernetes.io/component")
+            .and_then(Value::as_str)
+            != Some("metrics"),
+        "the ServiceMonitor does not select the upload Service"
+    );
+    let pdb = get(&docs, "PodDisruptionBudget", ns, full);
+    assert_eq!(at(pdb, "spec.minAvailable").as_i64(), Some(1));
+    let (d, _) = operator(&docs, ns, full);
+    let pod_labels = at(d, "spec.template.metadata.labels");
+    for (k, v) in at(pdb, "spec.selector.matchLabels").as_mapping().unwrap() {
+        assert_eq!(pod_labels.get(k), Some(v), "the PDB selects the operator pods");
+    }
+
+    // upload.auth.mode=none: only behind a ClusterIP Service, and no review rights
+    let docs = template("t", ns, &["upload.auth.mode=none"]);
+    let (_, c) = operator(&docs, ns, full);
+    assert_eq!(env_value(&env_of(c), "UPLOAD_AUTH"), "none");
+    assert!(
+        find(&docs, "ClusterRole", "", &format!("{full}-auth-delegator")).is_none(),
+        "no TokenReview/SubjectAccessReview rights without kubernetes auth"
+    );
+    for t in ["LoadBalancer", "NodePort"] {
+        let err = template_raw(
+            "t",
+            ns,
+            &["upload.auth.mode=none", &format!("service.type={t}")],
+            &[],
+        )
+        .expect_err("mode none with a non-ClusterIP Service");
+        assert!(err.contains("needs service.type=ClusterIP"), "{err}");
+    }
+    // the default is kubernetes, with exactly the review rights
+    let docs = template("t", ns, &[]);
+    let (_, c) = operator(&docs, ns, full);
+    assert_eq!(env_value(&env_of(c), "UPLOAD_AUTH"), "kubernetes");
+    assert_eq!(env_value(&env_of(c), "UPLOAD_AUTH_CACHE_S"), "10");
+    let delegator = get(&docs, "ClusterRole", "", &format!("{full}-auth-delegator"));
+    assert_eq!(
+        rules_of(delegator),
+        grants(&[
+            ("authentication.k8s.io", "tokenreviews", &["create"]),
+            ("authorization.k8s.io", "subjectaccessreviews", &["create"]),
+        ])
     );
 }

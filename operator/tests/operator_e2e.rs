@@ -627,6 +627,7 @@ async fn upload_api_checks_tokens_sizes_and_names() {
         &ns,
         &db,
         &[
+            ("UPLOAD_AUTH", "token"),
             ("UPLOAD_TOKEN", "s3cret"),
             ("MAX_UPLOAD_BYTES", "1000"),
             ("UPLOAD_IDLE_TIMEOUT_S", "1"),
@@ -734,8 +735,9 @@ async fn upload_api_checks_tokens_sizes_and_names() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    // The probes and metrics are on their own port, and only there.
     assert_eq!(
-        http.get(format!("{}/healthz", op.url))
+        http.get(format!("{}/healthz", op.metrics_url))
             .send()
             .await
             .unwrap()
@@ -743,10 +745,14 @@ async fn upload_api_checks_tokens_sizes_and_names() {
             .as_u16(),
         200
     );
-    let ready = http.get(format!("{}/readyz", op.url)).send().await.unwrap();
+    let ready = http
+        .get(format!("{}/readyz", op.metrics_url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status().as_u16(), 200, "{}", ready.text().await.unwrap());
     let metrics = http
-        .get(format!("{}/metrics", op.url))
+        .get(format!("{}/metrics", op.metrics_url))
         .send()
         .await
         .unwrap()
@@ -757,6 +763,45 @@ async fn upload_api_checks_tokens_sizes_and_names() {
         metrics.contains("postcode_operator_reconciles_total"),
         "{metrics}"
     );
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let r = http.get(format!("{}{path}", op.url)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 404, "{path} on the upload port");
+    }
+    // Delete through the API (the shared token may do everything).
+    let r = http
+        .delete(format!("{}/v1/imports/{ns}/multi", op.url))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        [200, 202].contains(&r.status().as_u16()),
+        "{}",
+        r.text().await.unwrap()
+    );
+    // gone once the operator's finalizer has run
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = http
+            .get(format!("{}/v1/imports/{ns}/multi", op.url))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.headers().contains_key("x-request-id"),
+            "every answer has a request id"
+        );
+        if r.status().as_u16() == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still there: {}",
+            r.text().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(!op.log().contains("s3cret"), "the token leaked into the log");
 }
 
@@ -1364,8 +1409,8 @@ async fn an_import_in_a_namespace_with_a_compute_quota_succeeds() {
 }
 
 /// The operator's `postcode_operator_reconciles_total`.
-async fn reconciles(op_url: &str) -> u64 {
-    let text = reqwest::get(format!("{op_url}/metrics"))
+async fn reconciles(metrics_url: &str) -> u64 {
+    let text = reqwest::get(format!("{metrics_url}/metrics"))
         .await
         .unwrap()
         .text()
@@ -1379,10 +1424,10 @@ async fn reconciles(op_url: &str) -> u64 {
 
 /// Waits until the operator has reconciled `n` more times (it looks at a
 /// loading import every few seconds).
-async fn reconciled_n_more(op_url: &str, n: u64) {
-    let start = reconciles(op_url).await;
+async fn reconciled_n_more(metrics_url: &str, n: u64) {
+    let start = reconciles(metrics_url).await;
     tokio::time::timeout(Duration::from_secs(60), async {
-        while reconciles(op_url).await < start + n {
+        while reconciles(metrics_url).await < start + n {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
@@ -1431,7 +1476,7 @@ async fn jobs_held_by_a_queue_stay_suspended_until_it_releases_them() {
         j.spec.as_ref().and_then(|s| s.suspend) == Some(true)
     })
     .await;
-    reconciled_n_more(&op.url, 3).await;
+    reconciled_n_more(&op.metrics_url, 3).await;
     let reader = jobs.get("queued-reader").await.unwrap();
     assert_eq!(
         reader.spec.unwrap().suspend,

@@ -100,8 +100,9 @@ expected to be created by the user).
 {{- end }}
 
 {{/* Whether UPLOAD_TOKEN is set at all. */}}
+{{/* "true" when the upload API uses the shared token (upload.auth.mode=token). */}}
 {{- define "postcode-operator.uploadAuth" -}}
-{{- if or .Values.upload.auth.existingSecret .Values.upload.auth.token }}true{{ end }}
+{{- if eq .Values.upload.auth.mode "token" }}true{{ end }}
 {{- end }}
 
 {{- define "postcode-operator.uploadSecretName" -}}
@@ -132,6 +133,19 @@ expected to be created by the user).
 {{- end }}
 {{- if and .Values.upload.auth.token .Values.upload.auth.existingSecret }}
 {{- fail "set only one of upload.auth.token and upload.auth.existingSecret" }}
+{{- end }}
+{{- $mode := .Values.upload.auth.mode }}
+{{- if not (has $mode (list "kubernetes" "token" "none")) }}
+{{- fail (printf "upload.auth.mode %q: use kubernetes (the default: Kubernetes tokens and RBAC), token (one shared token) or none" $mode) }}
+{{- end }}
+{{- if and (eq $mode "token") (not (or .Values.upload.auth.token .Values.upload.auth.existingSecret)) }}
+{{- fail "upload.auth.mode=token needs upload.auth.token or upload.auth.existingSecret" }}
+{{- end }}
+{{- if and (ne $mode "token") (or .Values.upload.auth.token .Values.upload.auth.existingSecret) }}
+{{- fail (printf "upload.auth.token/existingSecret are only used with upload.auth.mode=token (the mode is %s): set the mode, or remove the token" $mode) }}
+{{- end }}
+{{- if and (eq $mode "none") (ne .Values.service.type "ClusterIP") }}
+{{- fail (printf "upload.auth.mode=none lets anyone who reaches the upload API create imports: it needs service.type=ClusterIP, not %s" .Values.service.type) }}
 {{- end }}
 {{- end }}
 

@@ -16,17 +16,25 @@ pub struct Operator {
     pub child: Child,
     /// The upload API's base URL (`http://127.0.0.1:PORT`).
     pub url: String,
+    /// The base URL of `/metrics`, `/healthz` and `/readyz` (their own port).
+    pub metrics_url: String,
     log: PathBuf,
 }
 
 impl Operator {
     /// Starts it for namespace `ns` and database `db`, with `extra_env`
     /// after the defaults (later values win); waits until it listens.
+    ///
+    /// The upload API runs with `UPLOAD_AUTH=none` unless `extra_env` says
+    /// otherwise: the tests of access control (`upload_auth.rs`, the shared
+    /// token in `operator_e2e.rs`) choose their mode; the rest test imports.
     pub fn start(ns: &str, db: &str, extra_env: &[(&str, &str)]) -> Self {
         let log = temp_dir("operator").join("operator.log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_postcode-operator"))
             .arg("run")
             .env("LISTEN_ADDR", "127.0.0.1:0")
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("UPLOAD_AUTH", "none")
             .env("DATABASE_URL", db)
             .env("POD_NAMESPACE", ns)
             .env("WATCH_NAMESPACE", ns)
@@ -50,20 +58,35 @@ impl Operator {
             use std::io::Write;
             let mut f = std::fs::File::create(&log_path).unwrap();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(i) = line.find("listening on http://") {
-                    let _ = tx.send(line[i + "listening on ".len()..].trim().to_string());
+                for (port, what) in [
+                    (0, "upload API listening on "),
+                    (1, "metrics and probes listening on "),
+                ] {
+                    if let Some(i) = line.find(what) {
+                        let _ = tx.send((port, line[i + what.len()..].trim().to_string()));
+                    }
                 }
                 let _ = writeln!(f, "{line}");
                 let _ = f.flush();
             }
         });
-        let url = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!(
-                "operator did not start; log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            )
-        });
-        Self { child, url, log }
+        let mut urls = [None, None];
+        while urls.iter().any(Option::is_none) {
+            let (port, url) = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+                panic!(
+                    "operator did not start; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+            urls[port] = Some(url);
+        }
+        let [url, metrics_url] = urls.map(Option::unwrap);
+        Self {
+            child,
+            url,
+            metrics_url,
+            log,
+        }
     }
 
     pub fn kill(mut self) {

@@ -147,7 +147,11 @@ async fn three_imports_share_one_api_quota(db: String, dir: std::path::PathBuf) 
         .unwrap();
     let mut runs = vec![];
     let mut ends = vec![];
-    let kind = if db.starts_with("postgres") { "PostgreSQL" } else { "SQLite" };
+    let kind = if db.starts_with("postgres") {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
     let started = std::time::Instant::now();
     for i in 0..3 {
         let file = dir.join(format!("slice{i}.csv"));

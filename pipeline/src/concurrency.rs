@@ -20,7 +20,10 @@
 //! Timeouts ([`Timeouts`]) are three times the 90th percentile of this
 //! process's last [`LATENCY_WINDOW`] latencies, at least [`MIN_TIMEOUT`] and at
 //! most the configured maximum (`--timeout-s`), doubled for each timeout in a
-//! row. A request that timed out keeps its lease for one more timeout (the
+//! row; until [`MIN_SAMPLES`] latencies are known, the maximum. (A percentile
+//! of a few samples misleads: a shard whose first answer came from the front
+//! of the server's queue timed its next request out at the back of it, 100
+//! coordinates of wasted work in 1,097 in a test.) A request that timed out keeps its lease for one more timeout (the
 //! server is presumably still working on it), and its retry waits as long,
 //! so timed-out work is never sent again while the server is busy with it.
 //!
@@ -48,6 +51,8 @@ pub const BETA: f64 = 4.0;
 pub const MIN_DRIFT: f64 = 1.01;
 /// Latencies a client keeps for its timeout.
 pub const LATENCY_WINDOW: usize = 64;
+/// Latencies a client needs before its timeout follows them.
+pub const MIN_SAMPLES: usize = 16;
 /// The shortest timeout, whatever the latencies.
 pub const MIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A lease whose holder vanished (a killed pod) ends this long after its
@@ -110,8 +115,8 @@ pub struct Timeouts {
 }
 
 impl Timeouts {
-    /// `max`: the longest timeout (`--timeout-s`), also the first one, before
-    /// any latency is known.
+    /// `max`: the longest timeout (`--timeout-s`), also the one used until
+    /// [`MIN_SAMPLES`] latencies are known.
     pub fn new(max: Duration) -> Self {
         Self {
             max,
@@ -146,7 +151,7 @@ impl Timeouts {
     }
 
     fn p90(&self) -> Option<f64> {
-        if self.latencies.is_empty() {
+        if self.latencies.len() < MIN_SAMPLES {
             return None;
         }
         let mut v: Vec<f64> = self.latencies.iter().copied().collect();
@@ -278,6 +283,10 @@ mod tests {
     fn timeouts_track_three_times_the_p90_within_bounds_and_double_per_timeout() {
         let mut t = Timeouts::new(Duration::from_secs(120));
         assert_eq!(t.current(), Duration::from_secs(120), "no latency known yet");
+        for _ in 0..MIN_SAMPLES - 10 {
+            t.record(Ended::Answered { latency_s: 0.5 });
+        }
+        assert_eq!(t.current(), Duration::from_secs(120), "too few latencies known");
         for i in 1..=10 {
             t.record(Ended::Answered {
                 latency_s: f64::from(i),
@@ -293,7 +302,9 @@ mod tests {
         t.record(Ended::Answered { latency_s: 0.1 });
         assert_eq!(t.current(), Duration::from_secs(27));
         let mut fast = Timeouts::new(Duration::from_secs(120));
-        fast.record(Ended::Answered { latency_s: 0.2 });
+        for _ in 0..MIN_SAMPLES {
+            fast.record(Ended::Answered { latency_s: 0.2 });
+        }
         assert_eq!(fast.current(), MIN_TIMEOUT);
         let short = Timeouts::new(Duration::from_secs(5));
         assert_eq!(

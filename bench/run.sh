@@ -46,7 +46,7 @@ trap '.ci/postgres.sh stop "$pg_dir"' EXIT
 log=$work/api-citizen.log
 TEST_DATABASE_URL=$url cargo test --release -p postcode-operator --test api_citizen -- \
   --include-ignored --test-threads=1 --nocapture bench_ three_imports_share_one_api_quota 2>"$log"
-rows() { grep "^BENCH $1|" "$log" | cut -d'|' -f2-; }
+rows() { grep "^BENCH $1|" "$log" | cut -d'|' -f2- | sed 's/^/|/'; }
 {
   echo
   echo "## 6. Sharing an API, a slow server"

@@ -158,17 +158,20 @@ impl Pacing<'_> {
     /// set): a lease first, then the quota's slot (a slot must not wait for a
     /// lease, or its send would be late). `None` when the request budget is
     /// spent; with the answer, how long a retry must wait at least (a
-    /// timed-out request's server is still busy with it).
+    /// timed-out request's server is still busy with it). The retry budget
+    /// counts the request when it is sent (`retry`: it re-sends a failed one).
     async fn send(
         &mut self,
         provider: &dyn Provider,
         ats: &[LatLon],
         radius: crate::lookup::Radius,
+        retry: bool,
     ) -> anyhow::Result<Option<(Result<Vec<Answer>, CallError>, Duration)>> {
         let Some(c) = self.concurrency.as_mut() else {
             if self.quota.acquire().await? == Acquired::Exhausted {
                 return Ok(None);
             }
+            self.budget.sent(tokio::time::Instant::now(), retry);
             return Ok(Some((provider.answer(ats, radius).await, Duration::ZERO)));
         };
         let lease = c.acquire().await?;
@@ -176,6 +179,7 @@ impl Pacing<'_> {
             c.failed(lease).await?;
             return Ok(None);
         }
+        self.budget.sent(tokio::time::Instant::now(), retry);
         let timeout = c.timeout();
         let sent = tokio::time::Instant::now();
         let answer = match tokio::time::timeout(timeout, provider.answer(ats, radius)).await {
@@ -216,9 +220,8 @@ async fn ask(
     let radius = cfg.plan.radius(stage);
     let mut tries = Tries::new(cfg.retry);
     let answer = loop {
-        pace.budget
-            .sent(tokio::time::Instant::now(), tries.requests() > 0);
-        let Some((answer, busy)) = pace.send(provider, &ats, radius).await? else {
+        let retry = tries.requests() > 0;
+        let Some((answer, busy)) = pace.send(provider, &ats, radius, retry).await? else {
             count_tries(store, cfg, &tries, stats).await?;
             return Ok(None);
         };

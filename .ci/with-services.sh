@@ -41,10 +41,15 @@ TEST_DATABASE_URL=$("$repo/.ci/postgres.sh" start "$pg_dir" "$port")
 export TEST_DATABASE_URL
 echo "PostgreSQL for tests: $TEST_DATABASE_URL"
 
-if ! command -v runc >/dev/null 2>&1; then
-  echo "installing runc from Debian packages" >&2
+# runc for the pods; headless Chromium and its WebDriver for the web page's test.
+missing=()
+command -v runc >/dev/null 2>&1 || missing+=(runc)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+if ((${#missing[@]})); then
+  echo "installing ${missing[*]} from Debian packages" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >&2 && apt-get install -y -qq runc >&2
+  apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
 
 cargo build --release --workspace --bins

@@ -71,4 +71,20 @@ rows() { grep "^BENCH $1|" "$log" | cut -d'|' -f2- | sed 's/^/|/'; }
   echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   rows capacity
 } >> BENCHMARKS.md
+
+# Section 7: uploads under load (issue 14), on the test cluster's API server
+# (.ci/with-services.sh starts it and its own PostgreSQL).
+log=$work/upload-load.log
+.ci/with-services.sh cargo test --release -p postcode-operator --test upload_load -- \
+  --ignored --nocapture bench_uploads_under_load 2>"$log" >&2
+{
+  echo
+  echo "## 7. Uploads under load"
+  echo
+  echo "Twenty 10 MB uploads and one of 1 GB sent at once over loopback to the upload API, each streamed into PostgreSQL in 1 MiB chunks; every upload is then read back from the database and its SHA-256 and line count checked. Memory is the operator's resident set (VmRSS before, VmHWM at the peak); \`/healthz\` (metrics port) polled every 20 ms throughout (\`bench_uploads_under_load\` in \`operator/tests/upload_load.rs\`)."
+  echo
+  echo "| uploads | bytes | wall | throughput | RSS before | peak | growth | /healthz p50 | p99 | max | probes |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  rows upload
+} >> BENCHMARKS.md
 echo "BENCHMARKS.md written"

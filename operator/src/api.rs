@@ -1,6 +1,8 @@
 //! The upload API (axum): `POST /v1/imports` stores a CSV in the database and
 //! creates its `PostcodeImport`; `GET /v1/imports/{ns}/{name}` and
-//! `…/results.csv` read it back; `DELETE /v1/imports/{ns}/{name}` deletes it.
+//! `…/results.csv` read it back; `DELETE /v1/imports/{ns}/{name}` deletes it;
+//! `GET /v1/imports` lists what the caller may see and `…/points` samples an
+//! import's points for a picture. `/` serves the web page ([`crate::web`]).
 //! `/metrics`, `/healthz` and `/readyz` are served on their own port
 //! ([`metrics_router`]), never on the upload port.
 //!
@@ -52,8 +54,13 @@ pub struct ApiConfig {
     pub default_api_url: String,
     /// An upload that sends nothing for this long is refused with 408.
     pub idle_timeout: std::time::Duration,
+    /// Uploads streamed at once (`UPLOAD_CONCURRENCY`); the rest wait.
+    pub upload_concurrency: usize,
     /// What the Jobs may reach: `apiUrl` and `offlinePostcodes` it refuses are refused with 400.
     pub egress: pipeline::egress::EgressPolicy,
+    /// The one namespace the operator watches (`WATCH_NAMESPACE`); `None`:
+    /// all. `GET /v1/imports` lists imports from these namespaces only.
+    pub watch_namespace: Option<String>,
 }
 
 /// Shared state of the handlers.
@@ -68,6 +75,8 @@ pub struct AppState {
     /// True once the database has answered and is migrated: until then
     /// `/readyz` is 503 and `/v1/*` waits up to 10 s, then answers 503.
     pub database_ready: tokio::sync::watch::Receiver<bool>,
+    /// One permit per upload being streamed ([`ApiConfig::upload_concurrency`]).
+    pub upload_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -91,12 +100,16 @@ pub fn valid_label(s: &str, max: usize) -> bool {
 /// The routes of the upload API (its port serves nothing else).
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/imports", post(create_import))
+        .route("/v1/imports", post(create_import).get(list_imports))
         .route("/v1/imports/{ns}/{name}", get(get_import).delete(delete_import))
         .route("/v1/imports/{ns}/{name}/results.csv", get(results_csv))
+        .route("/v1/imports/{ns}/{name}/points", get(points))
         // (route_layer: an unknown path is a plain 404, whoever asks)
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .route_layer(middleware::from_fn_with_state(state.clone(), database_ready))
+        // The web page: static files, no secret in them; what it shows
+        // comes from `/v1`, with the token its user types in.
+        .merge(crate::web::router())
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(middleware::from_fn(error::request_id))
         .with_state(state)
@@ -194,7 +207,9 @@ struct UploadWriter<'a> {
 }
 
 impl<'a> UploadWriter<'a> {
-    async fn push(&mut self, data: &[u8]) -> Result<(), ApiError> {
+    /// Adds `data`, storing each full chunk as it fills: the buffer is
+    /// allocated once at [`CHUNK`] bytes and never grows.
+    async fn push(&mut self, mut data: &[u8]) -> Result<(), ApiError> {
         self.size += data.len() as u64;
         if self.size > self.max {
             let _ = self.store.delete_upload(&self.id).await;
@@ -204,15 +219,18 @@ impl<'a> UploadWriter<'a> {
             ));
         }
         self.sha.update(data);
-        self.buf.extend_from_slice(data);
-        while self.buf.len() >= CHUNK {
-            let rest = self.buf.split_off(CHUNK);
-            let chunk = std::mem::replace(&mut self.buf, rest);
-            self.store
-                .append_upload_chunk(&self.id, self.seq, &chunk)
-                .await
-                .map_err(ApiError::internal)?;
-            self.seq += 1;
+        while !data.is_empty() {
+            let take = (CHUNK - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.buf.len() == CHUNK {
+                self.store
+                    .append_upload_chunk(&self.id, self.seq, &self.buf)
+                    .await
+                    .map_err(ApiError::internal)?;
+                self.buf.clear();
+                self.seq += 1;
+            }
         }
         Ok(())
     }
@@ -342,7 +360,12 @@ async fn stream_body(req: Request, w: &mut UploadWriter<'_>, idle: Duration) -> 
 
 /// Stores the request's CSV as upload `upload_id`; its size in bytes and SHA-256.
 /// A failed or empty upload is deleted.
+///
+/// Waits for one of the [`AppState::upload_slots`] first, so memory stays
+/// bounded however many uploads arrive at once; the body is not read
+/// meanwhile.
 async fn store_upload(s: &AppState, upload_id: &str, req: Request) -> Result<(u64, String), ApiError> {
+    let _slot = s.upload_slots.acquire().await.map_err(ApiError::internal)?;
     s.store
         .create_upload(upload_id)
         .await
@@ -487,22 +510,104 @@ async fn delete_import(
         .into_response())
 }
 
+/// `GET /v1/imports`: the imports the caller may see — those of each
+/// namespace the operator watches where a SubjectAccessReview allows the
+/// caller to `list postcodeimports` — newest first, with their progress.
+/// `{"imports": [{namespace, name, phase, rowsTotal, rowsEnriched, …}],
+/// "namespaces": [the namespaces listed]}`.
+async fn list_imports(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    let all = match &s.config.watch_namespace {
+        Some(ns) => Api::<PostcodeImport>::namespaced(s.client.clone(), ns),
+        None => Api::<PostcodeImport>::all(s.client.clone()),
+    }
+    .list(&Default::default())
+    .await?;
+    let mut namespaces: Vec<String> = all.items.iter().filter_map(|i| i.namespace()).collect();
+    namespaces.sort();
+    namespaces.dedup();
+    let mut listed = vec![];
+    for ns in namespaces {
+        if s.auth.allowed(&caller, Verb::List, &ns, None).await?.0 {
+            listed.push(ns);
+        }
+    }
+    let mut items: Vec<&PostcodeImport> = all
+        .items
+        .iter()
+        .filter(|i| i.namespace().is_some_and(|ns| listed.contains(&ns)))
+        .collect();
+    items.sort_by_key(|i| std::cmp::Reverse(i.creation_timestamp()));
+    let imports: Vec<_> = items
+        .iter()
+        .map(|i| {
+            let st = i.status.clone().unwrap_or_default();
+            json!({
+                "namespace": i.namespace(), "name": i.name_any(),
+                "created": i.creation_timestamp().map(|t| t.0.to_string()),
+                "phase": st.phase, "rowsTotal": st.rows_total, "rowsEnriched": st.rows_enriched,
+                "rowsFailed": st.rows_failed, "rowsPending": st.rows_pending,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"imports": imports, "namespaces": listed})).into_response())
+}
+
+/// Options of `GET /v1/imports/{ns}/{name}/points`.
+#[derive(Debug, Deserialize)]
+struct PointsOptions {
+    /// Most points answered (default 5,000, at most 50,000).
+    max: Option<i64>,
+}
+
+/// `GET /v1/imports/{ns}/{name}/points?max=N`: up to N of the import's points
+/// spread over its rows, for a picture: `{"rowsTotal": n, "points":
+/// [[latitude, longitude, status], …]}` (WGS84 degrees;
+/// [`Store::point_sample`]). 409 until the rows are loaded.
+async fn points(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(opts): Query<PointsOptions>,
+) -> Result<Response, ApiError> {
+    check_path(&s, &caller, Verb::Get, &ns, &name).await?;
+    let max = opts.max.unwrap_or(5_000).clamp(1, 50_000);
+    let record = loaded_record(&s, &ns, &name).await?;
+    let points = s
+        .store
+        .point_sample(record.id, record.rows_total, max)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({"rowsTotal": record.rows_total, "points": points})).into_response())
+}
+
+/// The database record of import `ns`/`name` once its rows are loaded (409 before).
+async fn loaded_record(
+    s: &AppState,
+    ns: &str,
+    name: &str,
+) -> Result<pipeline::store::ImportRecord, ApiError> {
+    let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), ns);
+    let imp = api.get(name).await?;
+    let uid = imp.uid().unwrap_or_default();
+    let record = s.store.import(&uid).await.map_err(ApiError::internal)?;
+    record.filter(|r| r.phase == ImportPhase::Loaded).ok_or_else(|| {
+        ApiError::Client(
+            StatusCode::CONFLICT,
+            format!("import {ns}/{name} has not loaded yet: ask again once its phase is Enriching or later"),
+        )
+    })
+}
+
 async fn results_csv(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path((ns, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     check_path(&s, &caller, Verb::Get, &ns, &name).await?;
-    let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
-    let imp = api.get(&name).await?;
-    let uid = imp.uid().unwrap_or_default();
-    let record = s.store.import(&uid).await.map_err(ApiError::internal)?;
-    let Some(record) = record.filter(|r| r.phase == ImportPhase::Loaded) else {
-        return Err(ApiError::Client(
-            StatusCode::CONFLICT,
-            format!("import {ns}/{name} has not loaded yet: ask again once its phase is Enriching or later"),
-        ));
-    };
+    let record = loaded_record(&s, &ns, &name).await?;
     let store = s.store.clone();
     let header = LineEncoder::default().header(&record);
     // Pages of rows by primary key: memory stays flat whatever the import size.

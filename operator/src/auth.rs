@@ -69,6 +69,7 @@ impl AuthMode {
 pub enum Verb {
     Create,
     Get,
+    List,
     Delete,
 }
 
@@ -77,6 +78,7 @@ impl Verb {
         match self {
             Self::Create => "create",
             Self::Get => "get",
+            Self::List => "list",
             Self::Delete => "delete",
         }
     }
@@ -231,6 +233,28 @@ impl Authorizer {
         }
     }
 
+    /// Whether `caller` may `verb` postcodeimports (named `name`) in `ns`, and
+    /// the API server's reason (cached for the cache's time). Errors only when
+    /// the SubjectAccessReview itself fails.
+    pub async fn allowed(
+        &self,
+        caller: &Caller,
+        verb: Verb,
+        ns: &str,
+        name: Option<&str>,
+    ) -> Result<(bool, String), ApiError> {
+        let Caller::User { user, token_sha } = caller else {
+            return Ok((true, String::new()));
+        };
+        let key = (*token_sha, verb, ns.to_string(), name.map(str::to_string));
+        if let Some(d) = cached(&self.decisions, &key) {
+            return Ok(d);
+        }
+        let d = self.access_review(user, verb, ns, name).await?;
+        remember(&self.decisions, self.ttl, key, d.clone());
+        Ok(d)
+    }
+
     /// 403 unless `caller` may `verb` postcodeimports (named `name`) in `ns`.
     pub async fn authorize(
         &self,
@@ -239,18 +263,7 @@ impl Authorizer {
         ns: &str,
         name: Option<&str>,
     ) -> Result<(), ApiError> {
-        let Caller::User { user, token_sha } = caller else {
-            return Ok(());
-        };
-        let key = (*token_sha, verb, ns.to_string(), name.map(str::to_string));
-        let (allowed, reason) = match cached(&self.decisions, &key) {
-            Some(d) => d,
-            None => {
-                let d = self.access_review(user, verb, ns, name).await?;
-                remember(&self.decisions, self.ttl, key, d.clone());
-                d
-            }
-        };
+        let (allowed, reason) = self.allowed(caller, verb, ns, name).await?;
         if allowed {
             return Ok(());
         }

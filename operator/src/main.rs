@@ -11,6 +11,7 @@ mod local;
 mod plan;
 mod readiness;
 mod run;
+mod web;
 
 use clap::{Parser, Subcommand};
 

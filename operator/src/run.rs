@@ -129,6 +129,12 @@ pub struct RunArgs {
     /// Seconds an upload may send nothing before it is refused (408).
     #[arg(long, env = "UPLOAD_IDLE_TIMEOUT_S", default_value_t = 60)]
     pub upload_idle_timeout_s: u64,
+    /// Uploads streamed into the database at once; more wait their turn
+    /// (unread, so their senders are held back by TCP). Each holds a 1 MiB
+    /// buffer: the upload path's memory is bounded by this, whatever the
+    /// number of uploads.
+    #[arg(long, env = "UPLOAD_CONCURRENCY", default_value_t = 4)]
+    pub upload_concurrency: usize,
     /// Quota of an upstream API for every import on this database, as
     /// `BASE_URL=REQUESTS_PER_SECOND`, comma-separated (chart value
     /// `apiQuotas`); a `local --quota-rps` on the same database that is lower stands.
@@ -200,12 +206,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             default_quota_rps: args.default_quota_rps,
             default_api_url: args.default_api_url.clone(),
             idle_timeout: Duration::from_secs(args.upload_idle_timeout_s.max(1)),
+            upload_concurrency: args.upload_concurrency.max(1),
             egress: egress_settings(&args)
                 .policy()
                 .context("the Jobs' egress settings (JOB_EGRESS_*)")?,
+            watch_namespace: (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone()),
         }),
         metrics,
         database_ready: ready_rx,
+        upload_slots: Arc::new(tokio::sync::Semaphore::new(args.upload_concurrency.max(1))),
     };
     let server = serve(args.listen, "upload API", router(api_state.clone())).await?;
     let metrics_server = serve(args.metrics_addr, "metrics and probes", metrics_router(api_state)).await?;

@@ -343,3 +343,248 @@ async fn an_internal_error_answers_a_request_id_and_not_the_database_error() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// chromedriver (Debian's `chromium-driver`) on a free port, killed on drop.
+struct ChromeDriver {
+    child: std::process::Child,
+    url: String,
+}
+
+impl ChromeDriver {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver (Debian package chromium-driver; .ci/with-services.sh installs it)");
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// A headless Chromium session saving downloads in `downloads`.
+    async fn session(&self, downloads: &std::path::Path) -> fantoccini::Client {
+        let caps = json!({"goog:chromeOptions": {
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,1900"],
+            "prefs": {"download.default_directory": downloads, "download.prompt_for_download": false},
+        }});
+        let Value::Object(caps) = caps else { unreachable!() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // (chromedriver listens moments after it starts)
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match fantoccini::ClientBuilder::new(connector)
+                .capabilities(caps.clone())
+                .connect(&self.url)
+                .await
+            {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("chromedriver not ready: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("no Chromium session: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The web page at `/`, driven in headless Chromium as a person would use
+/// it: types a ServiceAccount token, chooses `samples/trips.csv`, uploads,
+/// watches the import reach Succeeded, sees it in the list and the picture,
+/// downloads the results — which are the `results.csv` endpoint's, byte for
+/// byte. Screenshots before and after are kept in `target/test-artefacts/`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_page_uploads_follows_and_downloads_an_import() {
+    use fantoccini::Locator;
+    let client = test_client().await;
+    let ns = fresh_namespace(&client).await;
+    let db = fresh_pg().await;
+    database_secret(&client, &ns, &db).await;
+    create_job_service_account(&client, &ns, JOB_SA).await;
+    let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
+    let op = Operator::start(&ns, &db, &[("UPLOAD_AUTH", "kubernetes")]);
+    let analyst = service_account_token(&client, &ns, "analyst").await;
+    grant(&client, &ns, "analyst", "analyst", &["create", "get", "list"]).await;
+    let artefacts = repo().join("target/test-artefacts");
+    std::fs::create_dir_all(&artefacts).unwrap();
+    let downloads = tempfile_dir("web-downloads");
+
+    let driver = ChromeDriver::start();
+    let c = driver.session(&downloads).await;
+    c.goto(&format!("{}/", op.url)).await.unwrap();
+    assert_eq!(c.title().await.unwrap(), "postcode-operator");
+    let trips = repo().join("samples/trips.csv");
+    let api_url = server.url().replace("127.0.0.1", "localhost");
+    for (id, value) in [
+        ("#token", analyst.as_str()),
+        ("#file", trips.to_str().unwrap()),
+        ("#namespace", ns.as_str()),
+        ("#shards", "2"),
+        ("#apiUrl", api_url.as_str()),
+    ] {
+        c.find(Locator::Css(id))
+            .await
+            .unwrap()
+            .send_keys(value)
+            .await
+            .unwrap();
+    }
+    let name = c.find(Locator::Css("#name")).await.unwrap();
+    assert_eq!(
+        name.prop("value").await.unwrap().as_deref(),
+        Some("trips"),
+        "named after the file"
+    );
+    std::fs::write(
+        artefacts.join("web-page-before.png"),
+        c.screenshot().await.unwrap(),
+    )
+    .unwrap();
+
+    // RBAC follows the RoleBinding within moments: upload until it is taken
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.find(Locator::Css("#upload"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let state = c
+            .wait()
+            .at_most(Duration::from_secs(60))
+            .for_element(Locator::XPath(
+                "//*[@id='upload-state'][starts-with(., 'stored')] | //*[@id='upload-error'][string-length(.) > 0]",
+            ))
+            .await
+            .unwrap();
+        let said = state.text().await.unwrap();
+        if said.starts_with("stored") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && said.starts_with("403"),
+            "upload: {said}"
+        );
+        c.execute("document.getElementById('upload-error').textContent = ''", vec![])
+            .await
+            .unwrap();
+    }
+    let phase = c
+        .wait()
+        .at_most(Duration::from_secs(300))
+        .for_element(Locator::XPath(
+            "//*[@id='phase'][. = 'Succeeded' or . = 'Failed']",
+        ))
+        .await
+        .unwrap();
+    let errors = c
+        .find(Locator::Css("#errors"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(phase.text().await.unwrap(), "Succeeded", "{errors}");
+    assert_eq!(errors, "", "a successful import shows no problem");
+    let cell = |id: &'static str| {
+        let c = c.clone();
+        async move { c.find(Locator::Id(id)).await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(cell("rows-total").await, "48");
+    assert_eq!(cell("rows-pending").await, "0");
+    assert_ne!(cell("api-requests").await, "–");
+    assert_eq!(
+        c.find_all(Locator::Css("#shards-table tbody tr"))
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "a row per shard"
+    );
+    // the picture: a legend once the points are drawn, every row accounted for
+    let legend = c
+        .wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::XPath("//*[@id='map-legend'][contains(., 'rows drawn')]"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        legend.contains("enriched") && legend.contains("of 48 rows drawn"),
+        "{legend}"
+    );
+    // the list shows it
+    c.find(Locator::Css("#refresh"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(30))
+        .for_element(Locator::XPath("//table[@id='imports']//td[. = 'trips']"))
+        .await
+        .unwrap();
+
+    c.find(Locator::Css("#download"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let saved = downloads.join("trips.enriched.csv");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // (a download has no event to await from here: the file appears whole,
+    // Chromium renames it from .crdownload when done)
+    while !saved.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing downloaded to {}",
+            downloads.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(
+        artefacts.join("web-page-after.png"),
+        c.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    c.close().await.unwrap();
+
+    let (code, endpoint) = get_as(&op, &format!("/v1/imports/{ns}/trips/results.csv"), &analyst).await;
+    assert_eq!(code, 200, "{endpoint}");
+    assert_eq!(std::fs::read_to_string(&saved).unwrap(), endpoint);
+    assert_eq!(endpoint.lines().count(), 49);
+}
+
+/// A new empty directory under the system's temporary directory.
+fn tempfile_dir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{what}-{}-{:x}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}

@@ -301,8 +301,13 @@ fn grid_index() -> Arc<OfflineIndex> {
 
 /// Loads `text` into a new import of `shards` shards on `store`, enriches every
 /// shard with the offline index (twice: the second run finds each shard
-/// planned) and returns the enriched CSV.
-async fn enriched_offline(store: &pipeline::store::Store, text: &str, shards: i32) -> Vec<u8> {
+/// planned) and returns the enriched CSV and a sample of 100 points
+/// ([`pipeline::store::Store::point_sample`]).
+async fn enriched_offline(
+    store: &pipeline::store::Store,
+    text: &str,
+    shards: i32,
+) -> (Vec<u8>, Vec<(f64, f64, String)>) {
     let f = csv_file(text);
     let imp = store
         .ensure_import("offline", "t", f.0.to_str().unwrap(), shards)
@@ -339,7 +344,9 @@ async fn enriched_offline(store: &pipeline::store::Store, text: &str, shards: i3
     assert_eq!(counts.rows_pending, 0, "{counts:?}");
     let mut out = vec![];
     pipeline::export::write_csv(store, &imp, &mut out).await.unwrap();
-    out
+    let rows_total = counts.rows_total;
+    let sample = store.point_sample(imp.id, rows_total, 100).await.unwrap();
+    (out, sample)
 }
 
 #[tokio::test]
@@ -360,16 +367,22 @@ async fn offline_shards_answered_in_one_pass_match_sqlite_byte_for_byte() {
         text.push_str(&format!("{k},{lat},{lon},\"n\t{k} \\ é, \"\"q\"\"\"\n"));
     }
     let pg = fresh_pg().await;
-    let on_pg = enriched_offline(&pg, &text, 4).await;
+    let (on_pg, pg_sample) = enriched_offline(&pg, &text, 4).await;
     let db = std::env::temp_dir().join(format!("pg-store-offline-{}.db", std::process::id()));
     let _ = std::fs::remove_file(&db);
     let lite = pipeline::store::Store::connect(db.to_str().unwrap())
         .await
         .unwrap();
     lite.migrate().await.unwrap();
-    let on_lite = enriched_offline(&lite, &text, 4).await;
+    let (on_lite, lite_sample) = enriched_offline(&lite, &text, 4).await;
     let _ = std::fs::remove_file(&db);
     assert_eq!(String::from_utf8_lossy(&on_pg), String::from_utf8_lossy(&on_lite));
+    // every 30th of the 3,000 rows, less those whose coordinate did not parse
+    assert_eq!(pg_sample, lite_sample);
+    assert!((80..=100).contains(&pg_sample.len()), "{}", pg_sample.len());
+    for status in ["enriched", "no_match"] {
+        assert!(pg_sample.iter().any(|p| p.2 == status), "{status}: {pg_sample:?}");
+    }
     let out = String::from_utf8(on_pg).unwrap();
     assert_eq!(out.lines().count(), 3001);
     for status in [",enriched,", ",no_match,", ",invalid,"] {

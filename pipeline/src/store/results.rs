@@ -118,4 +118,22 @@ impl Store {
         let rows = on_pool!(self, p => sqlx::query_as(SQL.as_str()).bind(import_id).bind(after).bind(limit).fetch_all(p).await?);
         Ok(rows)
     }
+
+    /// About `max` of the import's points, spread evenly over its rows (every
+    /// `ceil(rows_total / max)`-th row, in row order): WGS84 latitude and
+    /// longitude in degrees with the row's status (`enriched`, `no_match`,
+    /// `failed`, `pending`, `invalid`), for a picture of the import. Rows
+    /// whose coordinate did not parse have none and are left out.
+    pub async fn point_sample(
+        &self,
+        import_id: i64,
+        rows_total: i64,
+        max: i64,
+    ) -> anyhow::Result<Vec<(f64, f64, String)>> {
+        const SQL: &str = "SELECT lat, lon, status FROM point_results WHERE import_id = $1 AND lat IS NOT NULL AND lon IS NOT NULL AND row_number % $2 = 0 ORDER BY row_number LIMIT $3";
+        let max = max.max(1);
+        let stride = ((rows_total.max(1) + max - 1) / max).max(1);
+        let rows = on_pool!(self, p => sqlx::query_as(SQL).bind(import_id).bind(stride).bind(max).fetch_all(p).await?);
+        Ok(rows)
+    }
 }

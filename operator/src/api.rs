@@ -54,8 +54,6 @@ pub struct ApiConfig {
     pub default_api_url: String,
     /// An upload that sends nothing for this long is refused with 408.
     pub idle_timeout: std::time::Duration,
-    /// Uploads streamed at once (`UPLOAD_CONCURRENCY`); the rest wait.
-    pub upload_concurrency: usize,
     /// What the Jobs may reach: `apiUrl` and `offlinePostcodes` it refuses are refused with 400.
     pub egress: pipeline::egress::EgressPolicy,
     /// The one namespace the operator watches (`WATCH_NAMESPACE`); `None`:
@@ -75,7 +73,7 @@ pub struct AppState {
     /// True once the database has answered and is migrated: until then
     /// `/readyz` is 503 and `/v1/*` waits up to 10 s, then answers 503.
     pub database_ready: tokio::sync::watch::Receiver<bool>,
-    /// One permit per upload being streamed ([`ApiConfig::upload_concurrency`]).
+    /// One permit per upload being streamed at once (`UPLOAD_CONCURRENCY`); the rest wait.
     pub upload_slots: Arc<tokio::sync::Semaphore>,
 }
 

@@ -206,7 +206,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             default_quota_rps: args.default_quota_rps,
             default_api_url: args.default_api_url.clone(),
             idle_timeout: Duration::from_secs(args.upload_idle_timeout_s.max(1)),
-            upload_concurrency: args.upload_concurrency.max(1),
             egress: egress_settings(&args)
                 .policy()
                 .context("the Jobs' egress settings (JOB_EGRESS_*)")?,

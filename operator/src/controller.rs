@@ -1,8 +1,9 @@
 //! The reconciler of `PostcodeImport`s: Pending → Loading (reader Job) →
 //! Enriching (one enricher Job per shard) → Succeeded | Failed.
 //!
-//! State is read back from the API (Jobs, by deterministic name) and the
-//! database (the import's load phase and row counts), so a restarted operator
+//! State is read back from the API (Jobs, by deterministic name, from the
+//! watch cache the controller keeps: a steady reconcile sends the API server
+//! no request for them) and the database (the import's load phase and row counts), so a restarted operator
 //! re-attaches instead of resubmitting. Status is written by server-side apply
 //! under the field manager [`MANAGER`]; the enricher Jobs own `status.shards`
 //! entries under managers of their own. Conditions are the source of truth and
@@ -54,6 +55,10 @@ pub struct Context {
     /// Namespace and name of the database Secret the Job pods' copies come from.
     pub database_secret: (String, String),
     pub recorder: Recorder,
+    /// The operator's Jobs (label [`MANAGED_BY`]) as the controller's watch
+    /// last saw them: a reconcile reads its Jobs here instead of asking the
+    /// API server for each. Filled by [`run`].
+    pub job_cache: reflector::Store<Job>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +90,10 @@ impl Error {
 
 type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Runs the controller until the process ends. `namespace` limits it to one namespace.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+/// Runs the controller until the process ends. `namespace` limits it to one
+/// namespace. `job_cache` is the writer of [`Context::job_cache`]: the watch
+/// of the operator's Jobs that triggers reconciles also keeps it current.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, job_cache: reflector::store::Writer<Job>) {
     let client = ctx.client.clone();
     let imports: Api<PostcodeImport> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -115,8 +122,12 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
             Default::default(),
         );
     let owned = watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+    let job_events = watcher(jobs, owned)
+        .default_backoff()
+        .reflect(job_cache)
+        .touched_objects();
     Controller::for_stream(trigger, reader)
-        .owns(jobs, owned)
+        .owns_stream(job_events)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
@@ -312,6 +323,20 @@ async fn create_job(jobs: &Api<Job>, j: &Job) -> Result<()> {
     }
 }
 
+/// The Job `name` of `jobs`' namespace: from [`Context::job_cache`] when it
+/// is there (no request), else from the API server — a Job not created yet,
+/// one created moments ago that the watch has not brought yet, or one
+/// without the operator's label (someone else's, [`JobState::NotOurs`]).
+async fn get_job(jobs: &Api<Job>, ctx: &Context, ns: &str, name: &str) -> Result<Option<Job>> {
+    let key = reflector::ObjectRef::new(name).within(ns);
+    if let Some(job) = ctx.job_cache.get(&key) {
+        metrics::counter!("postcode_operator_job_reads_total", "from" => "cache").increment(1);
+        return Ok(Some(Job::clone(&job)));
+    }
+    metrics::counter!("postcode_operator_job_reads_total", "from" => "api").increment(1);
+    Ok(jobs.get_opt(name).await?)
+}
+
 /// The state of the Job `name`, `None` when it does not exist. A failed
 /// Job's message says why its last pod ended ([`last_pod_failure`]); a Job
 /// the import does not own is [`JobState::NotOurs`]. The Job itself is
@@ -322,7 +347,8 @@ async fn job_state_of(
     imp: &PostcodeImport,
     name: &str,
 ) -> Result<Option<(JobState, Job)>> {
-    let Some(job) = jobs.get_opt(name).await? else {
+    let ns = imp.namespace().unwrap_or_default();
+    let Some(job) = get_job(jobs, ctx, &ns, name).await? else {
         return Ok(None);
     };
     if !crate::jobs::is_owned_by(&job, imp) {

@@ -7,7 +7,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
-use kube::Client;
+use k8s_openapi::api::batch::v1::Job;
+use kube::{runtime::reflector, Client};
 use pipeline::store::{QuotaWriter, Store};
 use postcode_resource::limits;
 
@@ -225,13 +226,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(api = %url, requests_per_second = rps, "API quota written");
     }
 
-    let ctx = context(&client, store, &args, pods)?;
+    let (ctx, job_cache) = context(&client, store, &args, pods)?;
     let namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
 
     if args.leader_election {
-        lead_then_reconcile(&client, &args, ctx, namespace).await?;
+        lead_then_reconcile(&client, &args, ctx, namespace, job_cache).await?;
     } else {
-        controller::run(ctx, namespace).await;
+        controller::run(ctx, namespace, job_cache).await;
     }
     for s in [server, metrics_server] {
         s.abort();
@@ -330,8 +331,15 @@ fn database_ca(args: &RunArgs) -> anyhow::Result<Option<DatabaseCa>> {
 }
 
 /// The controller's context from the flags.
-fn context(client: &Client, store: Store, args: &RunArgs, pods: PodSettings) -> anyhow::Result<Arc<Context>> {
-    Ok(Arc::new(Context {
+/// The reconcilers' context, and the writer of its Job cache for [`controller::run`].
+fn context(
+    client: &Client,
+    store: Store,
+    args: &RunArgs,
+    pods: PodSettings,
+) -> anyhow::Result<(Arc<Context>, reflector::store::Writer<Job>)> {
+    let (job_cache, job_writer) = reflector::store();
+    let ctx = Arc::new(Context {
         client: client.clone(),
         store,
         jobs: JobSettings {
@@ -347,7 +355,9 @@ fn context(client: &Client, store: Store, args: &RunArgs, pods: PodSettings) -> 
         },
         database_secret: (args.pod_namespace.clone(), args.database_secret_name.clone()),
         recorder: controller::recorder(client.clone()),
-    }))
+        job_cache,
+    });
+    Ok((ctx, job_writer))
 }
 
 /// Waits for the leader Lease, then reconciles until the Lease is lost; a
@@ -358,6 +368,7 @@ async fn lead_then_reconcile(
     args: &RunArgs,
     ctx: Arc<Context>,
     namespace: Option<String>,
+    job_cache: reflector::store::Writer<Job>,
 ) -> anyhow::Result<()> {
     let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.leader_election_lease)
         .with_namespace(&args.pod_namespace)
@@ -374,7 +385,7 @@ async fn lead_then_reconcile(
     }
     tracing::info!(identity = %args.pod_name, "leading: starting the controller");
     tokio::select! {
-        () = controller::run(ctx, namespace) => Ok(()),
+        () = controller::run(ctx, namespace, job_cache) => Ok(()),
         () = async {
             while leader.changed().await.is_ok() && *leader.borrow() {}
         } => {

@@ -1408,8 +1408,10 @@ async fn an_import_in_a_namespace_with_a_compute_quota_succeeds() {
     op.kill();
 }
 
-/// The operator's `postcode_operator_reconciles_total`.
-async fn reconciles(metrics_url: &str) -> u64 {
+/// The value of one series of the operator's `/metrics` (its name with its
+/// labels, as printed: `postcode_operator_job_reads_total{from="cache"}`); 0
+/// before it is first counted.
+async fn metric(metrics_url: &str, series: &str) -> u64 {
     let text = reqwest::get(format!("{metrics_url}/metrics"))
         .await
         .unwrap()
@@ -1417,9 +1419,14 @@ async fn reconciles(metrics_url: &str) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("postcode_operator_reconciles_total "))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(0.0) as u64
+}
+
+/// The operator's `postcode_operator_reconciles_total`.
+async fn reconciles(metrics_url: &str) -> u64 {
+    metric(metrics_url, "postcode_operator_reconciles_total").await
 }
 
 /// Waits until the operator has reconciled `n` more times (it looks at a
@@ -1476,7 +1483,30 @@ async fn jobs_held_by_a_queue_stay_suspended_until_it_releases_them() {
         j.spec.as_ref().and_then(|s| s.suspend) == Some(true)
     })
     .await;
+    // Steady reconciles read the reader Job from the watch cache, never from
+    // the API server (issue 17: the operator's cost per import).
+    reconciled_n_more(&op.metrics_url, 1).await;
+    let job_reads = |from: &'static str| {
+        let url = op.metrics_url.clone();
+        async move {
+            metric(
+                &url,
+                &format!("postcode_operator_job_reads_total{{from=\"{from}\"}}"),
+            )
+            .await
+        }
+    };
+    let (from_api, from_cache) = (job_reads("api").await, job_reads("cache").await);
     reconciled_n_more(&op.metrics_url, 3).await;
+    assert!(
+        job_reads("cache").await >= from_cache + 3,
+        "reconciles read the Job from the cache"
+    );
+    assert_eq!(
+        job_reads("api").await,
+        from_api,
+        "a steady reconcile asks the API server for no Job"
+    );
     let reader = jobs.get("queued-reader").await.unwrap();
     assert_eq!(
         reader.spec.unwrap().suspend,

@@ -193,6 +193,10 @@ pub struct CreateOptions {
 
 const CHUNK: usize = 1 << 20;
 
+/// Longest wait for an upload slot before 503 (a slot may be held by a slow
+/// sender for as long as it keeps sending within the idle timeout).
+const SLOT_WAIT: Duration = Duration::from_secs(300);
+
 /// Streams bytes into an upload; 413 past the limit (the partial upload is deleted).
 struct UploadWriter<'a> {
     store: &'a Store,
@@ -359,11 +363,30 @@ async fn stream_body(req: Request, w: &mut UploadWriter<'_>, idle: Duration) -> 
 /// Stores the request's CSV as upload `upload_id`; its size in bytes and SHA-256.
 /// A failed or empty upload is deleted.
 ///
-/// Waits for one of the [`AppState::upload_slots`] first, so memory stays
-/// bounded however many uploads arrive at once; the body is not read
-/// meanwhile.
+/// Waits for one of the [`AppState::upload_slots`] first (503 after
+/// [`SLOT_WAIT`]), so memory stays bounded however many uploads arrive at
+/// once; the body is not read meanwhile. Each wait is counted in
+/// `postcode_operator_upload_slot_waits_total`.
 async fn store_upload(s: &AppState, upload_id: &str, req: Request) -> Result<(u64, String), ApiError> {
-    let _slot = s.upload_slots.acquire().await.map_err(ApiError::internal)?;
+    let _slot = match s.upload_slots.try_acquire() {
+        Ok(slot) => slot,
+        Err(_) => {
+            metrics::counter!("postcode_operator_upload_slot_waits_total").increment(1);
+            tokio::time::timeout(SLOT_WAIT, s.upload_slots.acquire())
+                .await
+                .map_err(|_| {
+                    ApiError::Client(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "the upload API is storing as many uploads as it may at once \
+                             (UPLOAD_CONCURRENCY) and none ended within {}s: retry later",
+                            SLOT_WAIT.as_secs()
+                        ),
+                    )
+                })?
+                .map_err(ApiError::internal)?
+        }
+    };
     s.store
         .create_upload(upload_id)
         .await

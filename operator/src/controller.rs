@@ -59,7 +59,15 @@ pub struct Context {
     /// last saw them: a reconcile reads its Jobs here instead of asking the
     /// API server for each. Filled by [`run`].
     pub job_cache: reflector::Store<Job>,
+    /// Jobs this operator deleted lately (namespace, name → when): the watch
+    /// may not have brought their deletion yet, so for [`RECENTLY_DELETED`]
+    /// they are read from the API server, never from [`Context::job_cache`]
+    /// (a retried shard's old Failed Job must not fail the import again).
+    pub deleted_jobs: std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
 }
+
+/// How long a deleted Job is read from the API server instead of the cache.
+const RECENTLY_DELETED: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -124,6 +132,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, job_cache: reflec
     let owned = watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
     let job_events = watcher(jobs, owned)
         .default_backoff()
+        .modify(|j| j.managed_fields_mut().clear())
         .reflect(job_cache)
         .touched_objects();
     Controller::for_stream(trigger, reader)
@@ -325,11 +334,17 @@ async fn create_job(jobs: &Api<Job>, j: &Job) -> Result<()> {
 
 /// The Job `name` of `jobs`' namespace: from [`Context::job_cache`] when it
 /// is there (no request), else from the API server — a Job not created yet,
-/// one created moments ago that the watch has not brought yet, or one
-/// without the operator's label (someone else's, [`JobState::NotOurs`]).
+/// one created moments ago that the watch has not brought yet, one without
+/// the operator's label (someone else's, [`JobState::NotOurs`]), or one the
+/// operator deleted lately ([`Context::deleted_jobs`]).
 async fn get_job(jobs: &Api<Job>, ctx: &Context, ns: &str, name: &str) -> Result<Option<Job>> {
     let key = reflector::ObjectRef::new(name).within(ns);
-    if let Some(job) = ctx.job_cache.get(&key) {
+    let deleted_lately = {
+        let mut deleted = ctx.deleted_jobs.lock().unwrap();
+        deleted.retain(|_, at| at.elapsed() < RECENTLY_DELETED);
+        deleted.contains_key(&(ns.to_string(), name.to_string()))
+    };
+    if let Some(job) = ctx.job_cache.get(&key).filter(|_| !deleted_lately) {
         metrics::counter!("postcode_operator_job_reads_total", "from" => "cache").increment(1);
         return Ok(Some(Job::clone(&job)));
     }
@@ -479,6 +494,11 @@ async fn act(
         }
     }
     for name in &d.delete {
+        let ns = imp.namespace().unwrap_or_default();
+        ctx.deleted_jobs
+            .lock()
+            .unwrap()
+            .insert((ns, name.clone()), std::time::Instant::now());
         match jobs.delete(name, &DeleteParams::background()).await {
             Ok(_) => {}
             Err(kube::Error::Api(s)) if s.code == 404 => {}

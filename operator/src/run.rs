@@ -356,6 +356,7 @@ fn context(
         database_secret: (args.pod_namespace.clone(), args.database_secret_name.clone()),
         recorder: controller::recorder(client.clone()),
         job_cache,
+        deleted_jobs: Default::default(),
     });
     Ok((ctx, job_writer))
 }

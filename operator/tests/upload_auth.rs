@@ -357,8 +357,11 @@ impl ChromeDriver {
             .local_addr()
             .unwrap()
             .port();
+        use std::os::unix::process::CommandExt;
         let child = std::process::Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            // its own process group: dropped, it is killed with its Chromiums
+            .process_group(0)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -398,7 +401,8 @@ impl ChromeDriver {
 
 impl Drop for ChromeDriver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: kill(2) on the process group this driver leads.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
@@ -417,7 +421,11 @@ async fn the_web_page_uploads_follows_and_downloads_an_import() {
     database_secret(&client, &ns, &db).await;
     create_job_service_account(&client, &ns, JOB_SA).await;
     let server = TestServer::start(nspl(), Faults::default()).await.unwrap();
-    let op = Operator::start(&ns, &db, &[("UPLOAD_AUTH", "kubernetes")]);
+    let op = Operator::start(
+        &ns,
+        &db,
+        &[("UPLOAD_AUTH", "kubernetes"), ("UPLOAD_AUTH_CACHE_S", "1")],
+    );
     let analyst = service_account_token(&client, &ns, "analyst").await;
     grant(&client, &ns, "analyst", "analyst", &["create", "get", "list"]).await;
     let artefacts = repo().join("target/test-artefacts");
@@ -517,11 +525,11 @@ async fn the_web_page_uploads_follows_and_downloads_an_import() {
         2,
         "a row per shard"
     );
-    // the picture: a legend once the points are drawn, every row accounted for
+    // the picture as drawn once the import finished, every row accounted for
     let legend = c
         .wait()
         .at_most(Duration::from_secs(30))
-        .for_element(Locator::XPath("//*[@id='map-legend'][contains(., 'rows drawn')]"))
+        .for_element(Locator::XPath("//*[@id='map-legend'][@data-phase='Succeeded']"))
         .await
         .unwrap()
         .text()

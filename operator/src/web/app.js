@@ -11,7 +11,10 @@ const COLOURS = {
 // Conditions that report a problem, and the status that means one
 // (README: Running in Kubernetes); the others report progress.
 const PROBLEM_WHEN = { Failed: "True", QuotaExhausted: "True", RowsFailed: "True", JobsReady: "False" };
-let current = null; // {namespace, name, timer, pointsFor}
+let current = null; // {namespace, name, timer, pointsFor, drawn}
+// Polling stops on these answers (the import is gone, or the token no longer
+// works: a new token or a click on the list starts it again).
+const STOP_POLLING = new Set([401, 403, 404]);
 
 function token() { return $("token").value.trim(); }
 
@@ -31,9 +34,14 @@ async function errorText(resp) {
   return text;
 }
 
+// The answer's JSON; an error carries the HTTP status as `status`.
 async function getJson(path) {
   const resp = await fetch(path, { headers: authHeaders() });
-  if (!resp.ok) throw new Error(await errorText(resp));
+  if (!resp.ok) {
+    const err = new Error(await errorText(resp));
+    err.status = resp.status;
+    throw err;
+  }
   return resp.json();
 }
 
@@ -101,6 +109,7 @@ function upload() {
     if (xhr.status === 201) {
       $("progress").value = 100;
       text("upload-state", "stored: " + body.bytes.toLocaleString() + " bytes, SHA-256 " + body.sha256.slice(0, 12) + "…");
+      $("name").value = ""; // the next upload needs a name of its own
       show(body.namespace, body.name);
       refreshList();
     } else {
@@ -122,12 +131,17 @@ function upload() {
 
 function show(namespace, name) {
   if (current && current.timer) clearTimeout(current.timer);
-  current = { namespace, name, timer: null, pointsFor: null };
+  current = { namespace, name, timer: null, pointsFor: null, drawn: 0 };
   $("import").hidden = false;
   text("import-name", namespace + "/" + name);
   text("phase", "…");
   $("download").hidden = true;
   text("download-state", "");
+  text("phase-message", "");
+  for (const id of ["rows-total", "rows-enriched", "rows-no-match", "rows-failed", "rows-invalid",
+    "rows-pending", "api-requests", "api-retries", "api-share"]) text(id, null);
+  $("shards-table").tBodies[0].replaceChildren();
+  $("errors").replaceChildren();
   const ctx = $("map").getContext("2d");
   ctx.clearRect(0, 0, $("map").width, $("map").height);
   text("map-legend", "");
@@ -148,6 +162,7 @@ async function poll() {
   } catch (e) {
     if (mine !== current) return;
     $("errors").replaceChildren(item(e.message));
+    if (STOP_POLLING.has(e.status)) return;
   }
   if (!TERMINAL.has(phase)) mine.timer = setTimeout(poll, 1000);
 }
@@ -184,8 +199,10 @@ function render(st) {
   });
   $("shards-table").tBodies[0].replaceChildren(...rows);
   const problems = [];
-  if (phase === "Failed" && st.message) problems.push(item("Failed: " + st.message));
-  for (const c of st.conditions || []) {
+  const conditions = st.conditions || [];
+  const failedCondition = conditions.some((c) => c.type === "Failed" && c.status === "True");
+  if (phase === "Failed" && st.message && !failedCondition) problems.push(item("Failed: " + st.message));
+  for (const c of conditions) {
     if (PROBLEM_WHEN[c.type] === c.status) {
       problems.push(item(c.type + ": " + (c.reason || "") + " " + (c.message || "")));
     }
@@ -203,14 +220,16 @@ function render(st) {
 // Fetches results.csv with the token and saves it (a link cannot send the header).
 async function download(e) {
   e.preventDefault();
+  const name = current.name;
+  const path = importPath() + "/results.csv";
   text("download-state", "downloading…");
   try {
-    const resp = await fetch(importPath() + "/results.csv", { headers: authHeaders() });
+    const resp = await fetch(path, { headers: authHeaders() });
     if (!resp.ok) throw new Error(await errorText(resp));
     const blob = await resp.blob();
     const a = document.createElement("a");
     a.href = URL.createObjectURL(blob);
-    a.download = current.name + ".enriched.csv";
+    a.download = name + ".enriched.csv";
     document.body.appendChild(a);
     a.click();
     a.remove();
@@ -228,13 +247,15 @@ async function download(e) {
 // bounding box drawn for reference: swapped columns or (0,0) rows stand apart.
 async function drawPoints() {
   const mine = current;
+  const seq = ++mine.drawn; // a later draw wins, whichever answer comes first
+  const phase = mine.pointsFor;
   let answer;
   try {
     answer = await getJson(importPath() + "/points?max=5000");
   } catch (e) {
     return;
   }
-  if (mine !== current) return;
+  if (mine !== current || seq !== mine.drawn) return;
   const pts = answer.points;
   const uk = { s: 49.8, n: 60.9, w: -8.7, e: 1.8 };
   let s = uk.s, n = uk.n, w = uk.w, e = uk.e;
@@ -269,6 +290,7 @@ async function drawPoints() {
   const note = document.createElement("span");
   note.textContent = pts.length.toLocaleString() + " of " + answer.rowsTotal.toLocaleString() + " rows drawn; dashed: the UK";
   $("map-legend").replaceChildren(...legend, note);
+  $("map-legend").dataset.phase = phase; // which look at the import it shows
 }
 
 // ---- the list ------------------------------------------------------------------
@@ -304,5 +326,5 @@ document.addEventListener("DOMContentLoaded", () => {
   $("download").addEventListener("click", download);
   $("refresh").addEventListener("click", refreshList);
   refreshList();
-  setInterval(refreshList, 10000);
+  setInterval(() => { if (!document.hidden) refreshList(); }, 10000);
 });

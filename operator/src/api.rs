@@ -460,10 +460,21 @@ async fn create_import(
     let (ns, name) = validate(&opts, &s.config)?;
     // Before a byte is stored: may the caller create imports there?
     s.auth.authorize(&caller, Verb::Create, &ns, None).await?;
+    let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
+    // A taken name is refused before a byte is stored (the create below
+    // still refuses a name taken meanwhile).
+    if opts.name.is_some() && api.get_opt(&name).await?.is_some() {
+        return Err(ApiError::Client(
+            StatusCode::CONFLICT,
+            format!(
+                "an import named {name} already exists in namespace {ns}: choose another name, \
+                 or delete the existing import first"
+            ),
+        ));
+    }
     let upload_id = uuid::Uuid::new_v4().to_string();
     let (bytes, sha256) = store_upload(&s, &upload_id, req).await?;
     let imp = PostcodeImport::new(&name, spec_for(&opts, &s.config, &upload_id));
-    let api: Api<PostcodeImport> = Api::namespaced(s.client.clone(), &ns);
     let created = match api.create(&PostParams::default(), &imp).await {
         Ok(c) => c,
         Err(e) => {

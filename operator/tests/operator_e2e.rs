@@ -713,6 +713,21 @@ async fn upload_api_checks_tokens_sizes_and_names() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
+    // a taken name: 409 before the file is stored
+    let r = http
+        .post(format!("{}/v1/imports?name=multi&namespace={ns}", op.url))
+        .bearer_auth("s3cret")
+        .header("content-type", "text/csv")
+        .body(small.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    let msg = r.text().await.unwrap();
+    assert!(
+        msg.contains("already exists") && msg.contains("another name"),
+        "{msg}"
+    );
     let store = pipeline::store::Store::connect(&db).await.unwrap();
     let pipeline::store::Store::Postgres(pool) = &store else {
         unreachable!()

@@ -14,7 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{kube_harness::*, operator::Operator, *};
+use common::{
+    kube_harness::*,
+    operator::{metric, Operator},
+    *,
+};
 use futures::StreamExt;
 use k8s_openapi::api::{batch::v1::Job, core::v1::Secret};
 use kube::{
@@ -1421,22 +1425,6 @@ async fn an_import_in_a_namespace_with_a_compute_quota_succeeds() {
     let done = finished(&client, &ns, "quoted", Duration::from_secs(180)).await;
     assert_eq!(phase(&done), "Succeeded", "{:#?}", done.data["status"]);
     op.kill();
-}
-
-/// The value of one series of the operator's `/metrics` (its name with its
-/// labels, as printed: `postcode_operator_job_reads_total{from="cache"}`); 0
-/// before it is first counted.
-async fn metric(metrics_url: &str, series: &str) -> u64 {
-    let text = reqwest::get(format!("{metrics_url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
 }
 
 /// The operator's `postcode_operator_reconciles_total`.

@@ -12,7 +12,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{kube_harness::*, operator::Operator, *};
+use common::{
+    kube_harness::*,
+    operator::{metric, Operator},
+    *,
+};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -146,20 +150,6 @@ async fn upload_only_operator(slots: usize) -> (Operator, String, String) {
     (op, ns, db)
 }
 
-/// `postcode_operator_upload_slot_waits_total` (0 before the first wait).
-async fn slot_waits(op: &Operator) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", op.metrics_url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("postcode_operator_upload_slot_waits_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_uploads_are_each_stored_whole() {
     let (op, ns, db) = upload_only_operator(2).await;
@@ -167,7 +157,8 @@ async fn concurrent_uploads_are_each_stored_whole() {
     let sizes: Vec<u64> = (0..8).map(|i| (4 << 20) + i * 77_777).collect();
     upload_all(&op, &ns, &db, &sizes).await;
     // eight at once through two slots: some waited their turn, and all were stored
-    assert!(slot_waits(&op).await > 0, "no upload waited for a slot");
+    let waits = metric(&op.metrics_url, "postcode_operator_upload_slot_waits_total").await;
+    assert!(waits > 0, "no upload waited for a slot");
 }
 
 /// Kibibytes of a /proc/PID/status field (`VmRSS`, `VmHWM`).

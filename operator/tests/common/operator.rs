@@ -111,3 +111,20 @@ impl Drop for Operator {
         let _ = self.child.wait();
     }
 }
+
+/// The value of one series of an operator's `/metrics` at `metrics_url` (its
+/// name with its labels, as printed:
+/// `postcode_operator_job_reads_total{from="cache"}`); 0 before it is first
+/// counted.
+pub async fn metric(metrics_url: &str, series: &str) -> u64 {
+    let text = reqwest::get(format!("{metrics_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}

@@ -196,6 +196,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let auth_mode = AuthMode::from_settings(&args.upload_auth, &args.upload_token)?;
     let cache = Duration::try_from_secs_f64(args.upload_auth_cache_s)
         .context("UPLOAD_AUTH_CACHE_S must be a number of seconds, 0 or more")?;
+    // The one namespace watched, `None`: all.
+    let namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
     let api_state = AppState {
         client: client.clone(),
         store: store.clone(),
@@ -210,7 +212,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             egress: egress_settings(&args)
                 .policy()
                 .context("the Jobs' egress settings (JOB_EGRESS_*)")?,
-            watch_namespace: (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone()),
+            watch_namespace: namespace.clone(),
         }),
         metrics,
         database_ready: ready_rx,
@@ -227,7 +229,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let (ctx, job_cache) = context(&client, store, &args, pods)?;
-    let namespace = (!args.watch_namespace.is_empty()).then(|| args.watch_namespace.clone());
 
     if args.leader_election {
         lead_then_reconcile(&client, &args, ctx, namespace, job_cache).await?;
@@ -330,8 +331,7 @@ fn database_ca(args: &RunArgs) -> anyhow::Result<Option<DatabaseCa>> {
     }))
 }
 
-/// The controller's context from the flags.
-/// The reconcilers' context, and the writer of its Job cache for [`controller::run`].
+/// The reconcilers' context from the flags, and the writer of its Job cache for [`controller::run`].
 fn context(
     client: &Client,
     store: Store,

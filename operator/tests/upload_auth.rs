@@ -430,7 +430,7 @@ async fn the_web_page_uploads_follows_and_downloads_an_import() {
     grant(&client, &ns, "analyst", "analyst", &["create", "get", "list"]).await;
     let artefacts = repo().join("target/test-artefacts");
     std::fs::create_dir_all(&artefacts).unwrap();
-    let downloads = tempfile_dir("web-downloads");
+    let downloads = temp_dir("web-downloads");
 
     let driver = ChromeDriver::start();
     let c = driver.session(&downloads).await;
@@ -581,18 +581,4 @@ async fn the_web_page_uploads_follows_and_downloads_an_import() {
     assert_eq!(code, 200, "{endpoint}");
     assert_eq!(std::fs::read_to_string(&saved).unwrap(), endpoint);
     assert_eq!(endpoint.lines().count(), 49);
-}
-
-/// A new empty directory under the system's temporary directory.
-fn tempfile_dir(what: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("{what}-{}-{:x}", std::process::id(), rand_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }

@@ -59,13 +59,28 @@ impl Generated {
 
     /// SHA-256 (hex) and number of `\n` of the whole.
     fn digest(&self) -> (String, u64) {
-        let mut sha = Sha256::new();
-        let mut lines = 0;
-        for c in self.chunks() {
-            lines += c.iter().filter(|&&b| b == b'\n').count() as u64;
-            sha.update(&c);
-        }
-        (hex::encode(sha.finalize()), lines)
+        let mut t = Tally::default();
+        self.chunks().for_each(|c| t.add(&c));
+        t.finish()
+    }
+}
+
+/// SHA-256 and `\n` count of bytes seen in pieces.
+#[derive(Default)]
+struct Tally {
+    sha: Sha256,
+    lines: u64,
+}
+
+impl Tally {
+    fn add(&mut self, piece: &[u8]) {
+        self.lines += piece.iter().filter(|&&b| b == b'\n').count() as u64;
+        self.sha.update(piece);
+    }
+
+    /// SHA-256 (hex) and line count.
+    fn finish(self) -> (String, u64) {
+        (hex::encode(self.sha.finalize()), self.lines)
     }
 }
 
@@ -87,15 +102,13 @@ async fn upload(op_url: &str, ns: &str, g: &Generated) -> Value {
 
 /// SHA-256 and line count of upload `id` as stored, read back chunk by chunk.
 async fn stored(store: &pipeline::store::Store, id: &str) -> (String, u64) {
-    let mut sha = Sha256::new();
-    let mut lines = 0;
+    let mut t = Tally::default();
     let mut seq = 0;
     while let Some(c) = store.upload_chunk(id, seq).await.unwrap() {
-        lines += c.iter().filter(|&&b| b == b'\n').count() as u64;
-        sha.update(&c);
+        t.add(&c);
         seq += 1;
     }
-    (hex::encode(sha.finalize()), lines)
+    t.finish()
 }
 
 /// Uploads `sizes` at once; checks each is stored whole. Returns the wall time.

@@ -23,15 +23,18 @@ function authHeaders() {
   return t ? { Authorization: "Bearer " + t } : {};
 }
 
-// The message of an error answer ({"error": …, "requestId": …}) or its status line.
-async function errorText(resp) {
-  let text = resp.status + " " + resp.statusText;
-  try {
-    const body = await resp.json();
-    if (body.error) text = resp.status + ": " + body.error;
-    if (body.requestId) text += " (request id " + body.requestId + ")";
-  } catch (_) { /* not JSON */ }
+// The message of an error answer: its `error` and `requestId` when the body
+// is the API's JSON error, else the status line.
+function describe(status, statusText, bodyText) {
+  let body = {};
+  try { body = JSON.parse(bodyText); } catch (_) { /* not JSON */ }
+  let text = body.error ? status + ": " + body.error : status + " " + statusText;
+  if (body.requestId) text += " (request id " + body.requestId + ")";
   return text;
+}
+
+async function errorText(resp) {
+  return describe(resp.status, resp.statusText, await resp.text());
 }
 
 // The answer's JSON; an error carries the HTTP status as `status`.
@@ -104,9 +107,8 @@ function upload() {
   });
   xhr.addEventListener("load", () => {
     $("upload").disabled = false;
-    let body = {};
-    try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
     if (xhr.status === 201) {
+      const body = JSON.parse(xhr.responseText);
       $("progress").value = 100;
       text("upload-state", "stored: " + body.bytes.toLocaleString() + " bytes, SHA-256 " + body.sha256.slice(0, 12) + "…");
       $("name").value = ""; // the next upload needs a name of its own
@@ -114,9 +116,7 @@ function upload() {
       refreshList();
     } else {
       text("upload-state", "");
-      let msg = xhr.status + ": " + (body.error || xhr.statusText);
-      if (body.requestId) msg += " (request id " + body.requestId + ")";
-      text("upload-error", msg);
+      text("upload-error", describe(xhr.status, xhr.statusText, xhr.responseText));
     }
   });
   xhr.addEventListener("error", () => {

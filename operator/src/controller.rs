@@ -64,6 +64,10 @@ pub struct Context {
     /// they are read from the API server, never from [`Context::job_cache`]
     /// (a retried shard's old Failed Job must not fail the import again).
     pub deleted_jobs: std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
+    /// Each import's failure cause (database id → failed rows when read, the
+    /// cause): read again only when the number of failed rows changes, as the
+    /// query groups all the import's failed lookups.
+    pub failure_causes: std::sync::Mutex<std::collections::HashMap<i64, (i64, Option<String>)>>,
 }
 
 /// How long a deleted Job is read from the API server instead of the cache.
@@ -449,10 +453,26 @@ async fn observe(
     o.budget_spent = ctx.store.budget_spent(r.id).await?;
     o.counts = ctx.store.counts(r).await?;
     if o.counts.rows_failed > 0 {
-        o.failure_cause = ctx.store.failure_cause(r.id).await?;
+        o.failure_cause = failure_cause(ctx, r.id, o.counts.rows_failed).await?;
     }
     o.shard_pending = pending_by_shard(plan.shards, &ctx.store.shard_counts(r.id).await?);
     Ok((o, record))
+}
+
+/// [`Store::failure_cause`] of the import, from [`Context::failure_causes`]
+/// while its failed rows stay `rows_failed`.
+async fn failure_cause(ctx: &Context, import_id: i64, rows_failed: i64) -> Result<Option<String>> {
+    if let Some((n, cause)) = ctx.failure_causes.lock().unwrap().get(&import_id) {
+        if *n == rows_failed {
+            return Ok(cause.clone());
+        }
+    }
+    let cause = ctx.store.failure_cause(import_id).await?;
+    ctx.failure_causes
+        .lock()
+        .unwrap()
+        .insert(import_id, (rows_failed, cause.clone()));
+    Ok(cause)
 }
 
 async fn apply(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {

@@ -180,12 +180,59 @@ pub fn pod_settings(args: &RunArgs) -> anyhow::Result<PodSettings> {
     })
 }
 
+/// The Kubernetes client of [`Client::try_default`], counting every request
+/// it sends in `postcode_operator_kube_requests_total{verb}` (`get`, `list`,
+/// `watch`, `create`, `patch`, `delete`, …), the operator's cost to the API
+/// server (BENCHMARKS.md, operator cost).
+async fn counted_client() -> anyhow::Result<Client> {
+    let config = kube::Config::infer().await?;
+    let count = tower::util::MapRequestLayer::new(|req: http::Request<kube::client::Body>| {
+        metrics::counter!("postcode_operator_kube_requests_total", "verb" => kube_verb(&req)).increment(1);
+        req
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&count)
+        .build())
+}
+
+/// The Kubernetes verb of a request: its HTTP method, with `GET` split into
+/// `get`, `list` (a collection) and `watch` (`?watch=true`).
+fn kube_verb<B>(req: &http::Request<B>) -> &'static str {
+    let watch = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    match *req.method() {
+        http::Method::GET if watch => "watch",
+        http::Method::GET => {
+            // /api/v1/[namespaces/NS/]KIND[/NAME[/SUB]] and the same under
+            // /apis/GROUP/VERSION: a name after the kind is a get, a bare kind a list.
+            let segments: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+            let prefix = if segments.first() == Some(&"api") { 2 } else { 3 };
+            let mut rest = segments.get(prefix..).unwrap_or_default();
+            if rest.len() >= 3 && rest[0] == "namespaces" {
+                rest = &rest[2..];
+            }
+            if rest.len() >= 2 {
+                "get"
+            } else {
+                "list"
+            }
+        }
+        http::Method::POST => "create",
+        http::Method::PATCH => "patch",
+        http::Method::PUT => "update",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    }
+}
+
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pods = pod_settings(&args)?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let client = Client::try_default().await.context("connecting to Kubernetes")?;
+    let client = counted_client().await.context("connecting to Kubernetes")?;
     // Lazy: the probes and the API answer while the database is still down.
     let store = Store::connect_lazy(&args.database_url).await?;
     if !store.is_postgres() {
@@ -357,6 +404,7 @@ fn context(
         recorder: controller::recorder(client.clone()),
         job_cache,
         deleted_jobs: Default::default(),
+        failure_causes: Default::default(),
     });
     Ok((ctx, job_writer))
 }
@@ -393,5 +441,43 @@ async fn lead_then_reconcile(
             tracing::error!("lost the leader Lease; exiting");
             std::process::exit(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kube_verb;
+
+    fn verb(method: &str, uri: &str) -> &'static str {
+        let req = http::Request::builder().method(method).uri(uri).body(()).unwrap();
+        kube_verb(&req)
+    }
+
+    #[test]
+    fn requests_are_counted_by_their_kubernetes_verb() {
+        assert_eq!(verb("GET", "/apis/batch/v1/namespaces/ns/jobs/imp-reader"), "get");
+        assert_eq!(
+            verb("GET", "/apis/batch/v1/namespaces/ns/jobs?labelSelector=a"),
+            "list"
+        );
+        assert_eq!(
+            verb("GET", "/apis/batch/v1/jobs?watch=true&resourceVersion=1"),
+            "watch"
+        );
+        assert_eq!(
+            verb("GET", "/apis/postcodes.dev/v1alpha1/postcodeimports"),
+            "list"
+        );
+        assert_eq!(verb("GET", "/api/v1/namespaces/ns/pods/p/log"), "get");
+        assert_eq!(verb("GET", "/api/v1/namespaces/ns"), "get");
+        assert_eq!(
+            verb(
+                "PATCH",
+                "/apis/postcodes.dev/v1alpha1/namespaces/ns/postcodeimports/x/status"
+            ),
+            "patch"
+        );
+        assert_eq!(verb("POST", "/apis/batch/v1/namespaces/ns/jobs"), "create");
+        assert_eq!(verb("DELETE", "/apis/batch/v1/namespaces/ns/jobs/j"), "delete");
     }
 }

@@ -1852,3 +1852,228 @@ async fn job_pods_connect_to_a_tls_only_database_with_the_operators_ca() {
     op.kill();
     let _ = std::fs::remove_dir_all(&certs);
 }
+
+/// The sum of every series of `name` on an operator's `/metrics` (all labels).
+async fn metric_sum(metrics_url: &str, name: &str) -> u64 {
+    let text = reqwest::get(format!("{metrics_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// The operator's CPU time so far (user + system), from `/proc/PID/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5): 11 and 12 after the name.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Duration::from_secs_f64(ticks as f64 / hz)
+}
+
+/// `(transactions, blocks read or hit, tuples returned)` of database `db` so
+/// far, from `pg_stat_database` (every statement the operator sends outside a
+/// transaction is one).
+async fn database_work(db: &str) -> (i64, i64, i64) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(db).await.unwrap();
+    // The statistics of other backends reach the view within a second or so;
+    // this connection's own are left out by reading before it does anything.
+    sqlx::query_as("SELECT (xact_commit + xact_rollback)::int8, (blks_hit + blks_read)::int8, tup_returned::int8 FROM pg_stat_database WHERE datname = current_database()")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// What the counts cost before issue 17 on the import `id`: the two `GROUP BY`
+/// statements over its lookups each reconcile ran, from `EXPLAIN (ANALYZE,
+/// BUFFERS)`, against the statements reading the tallies now.
+async fn group_by_cost(db: &str, id: i64) -> String {
+    use sqlx::Connection;
+    async fn explain(conn: &mut sqlx::PgConnection, id: i64, sql: &str) -> (i64, f64) {
+        {
+            let lines: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "EXPLAIN (ANALYZE, BUFFERS) {}",
+                sql.replace("$1", &id.to_string())
+            )))
+            .fetch_all(conn)
+            .await
+            .unwrap();
+            // The first `Buffers:` line is the top node's (it counts its children).
+            let number = |line: &str, key: &str| -> f64 {
+                line.split(key)
+                    .nth(1)
+                    .and_then(|v| v.split(|c: char| !(c.is_ascii_digit() || c == '.')).next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0.0)
+            };
+            let buffers = lines.iter().find(|(l,)| l.trim_start().starts_with("Buffers:"));
+            let blocks = buffers.map_or(0.0, |(l,)| number(l, "hit=") + number(l, "read="));
+            let time = lines
+                .iter()
+                .find(|(l,)| l.starts_with("Execution Time:"))
+                .map_or(0.0, |(l,)| number(l, "Time: "));
+            (blocks as i64, time)
+        }
+    }
+    let mut conn = sqlx::PgConnection::connect(db).await.unwrap();
+    let conn = &mut conn;
+    let before = [
+        explain(conn, id, "SELECT status, COUNT(*), COALESCE(SUM(rows)::int8, 0) FROM lookups WHERE import_id = $1 GROUP BY status").await,
+        explain(conn, id, "SELECT shard, COALESCE(SUM(rows)::int8, 0), COALESCE(SUM(CASE WHEN status <> 'pending' THEN rows ELSE 0 END)::int8, 0), COALESCE(SUM(CASE WHEN status = 'failed' THEN rows ELSE 0 END)::int8, 0) FROM lookups WHERE import_id = $1 GROUP BY shard ORDER BY shard").await,
+    ];
+    let after = [
+        explain(conn, id, "SELECT status, CAST(SUM(coordinates) AS BIGINT), CAST(SUM(rows) AS BIGINT) FROM lookup_tallies WHERE import_id = $1 GROUP BY status").await,
+        explain(conn, id, "SELECT shard, CAST(SUM(rows) AS BIGINT), CAST(SUM(CASE WHEN status <> 'pending' THEN rows ELSE 0 END) AS BIGINT), CAST(SUM(CASE WHEN status = 'failed' THEN rows ELSE 0 END) AS BIGINT) FROM lookup_tallies WHERE import_id = $1 GROUP BY shard ORDER BY shard").await,
+    ];
+    let sum = |c: &[(i64, f64)]| {
+        (
+            c.iter().map(|x| x.0).sum::<i64>(),
+            c.iter().map(|x| x.1).sum::<f64>(),
+        )
+    };
+    let ((bb, bt), (ab, at)) = (sum(&before), sum(&after));
+    format!("{bb} blocks, {bt:.1} ms|{ab} blocks, {at:.2} ms|")
+}
+
+/// Benchmark (BENCHMARKS.md §8, `make bench`): the operator's steady cost per
+/// import in `Enriching`, with 1, 10 and 50 imports in flight and with one
+/// import of 1,000,000 rows. The enricher Jobs are held suspended by a
+/// stand-in queue (as Kueue would) and their API URL never answers, so the
+/// only work is the operator's polling. Over a 60 s window each: reconciles,
+/// requests to the API server (the operator's own count, by verb), database
+/// transactions and blocks touched (`pg_stat_database` of the test's own
+/// database), and the operator's CPU time, all per import per minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by bench/run.sh (make bench)"]
+async fn bench_operator_cost_per_import_in_flight() {
+    // An API that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://localhost:{}", silent.local_addr().unwrap().port());
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let (client, ns, db, _pods) = setup().await;
+    let op = Operator::start(&ns, &db, &[]);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let holder = {
+        let jobs = jobs.clone();
+        tokio::spawn(async move {
+            let stream = kube::runtime::watcher(jobs.clone(), Default::default()).applied_objects();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(j)) = stream.next().await {
+                let suspended = j.spec.as_ref().and_then(|s| s.suspend) == Some(true);
+                if j.name_any().contains("-enricher-") && !suspended {
+                    let patch = kube::api::Patch::Merge(json!({"spec": {"suspend": true}}));
+                    let _ = jobs.patch(&j.name_any(), &Default::default(), &patch).await;
+                }
+            }
+        })
+    };
+    let small = serve_file(repo().join("samples/trips.csv")).await;
+    let dir = temp_dir("cost");
+    std::fs::write(dir.join("large.csv"), synthetic_input(1_000_000)).unwrap();
+    let large = serve_file(dir.join("large.csv")).await;
+    let api = imports_api(&client, &ns);
+    let create = |name: String, source: String| {
+        let (api, ns, url) = (api.clone(), ns.clone(), silent_url.clone());
+        async move {
+            let obj: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "postcodes.dev/v1alpha1", "kind": "PostcodeImport",
+                "metadata": {"name": name, "namespace": ns, "labels": {"kueue.x-k8s.io/queue-name": "held"}},
+                "spec": {"source": {"url": source}, "api": {"baseUrl": url}, "shards": 4,
+                         "quota": {"requestsPerSecond": 5}},
+            }))
+            .unwrap();
+            api.create(&PostParams::default(), &obj).await.unwrap();
+            wait_for(&api, &name, Duration::from_secs(600), |o| phase(o) == "Enriching").await;
+        }
+    };
+    let mut in_flight = 0;
+    let mut lines = Vec::new();
+    for (label, tag, n, source) in [
+        ("samples/trips.csv", "small", 1, &small),
+        ("samples/trips.csv", "small", 10, &small),
+        ("samples/trips.csv", "small", 50, &small),
+        ("1,000,000 rows", "large", 1, &large),
+    ] {
+        if tag == "large" {
+            api.delete_collection(&DeleteParams::default(), &ListParams::default())
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(600), async {
+                while !api.list(&ListParams::default()).await.unwrap().items.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            })
+            .await
+            .expect("imports deleted");
+            in_flight = 0;
+        }
+        let names: Vec<String> = (in_flight..n).map(|i| format!("cost-{tag}-{i}")).collect();
+        futures::future::join_all(names.iter().map(|name| create(name.clone(), source.clone()))).await;
+        in_flight = n;
+        if tag == "large" {
+            // Its shards planned, as its enrichers would at their start: about
+            // 900,000 pending lookups for the counts to be read over.
+            let store = pipeline::store::Store::connect(&db).await.unwrap();
+            let uid = api.get(&names[0]).await.unwrap().uid().unwrap();
+            let record = store.import(&uid).await.unwrap().unwrap();
+            for shard in 0..4 {
+                store.plan_shard(record.id, shard).await.unwrap();
+            }
+            eprintln!("BENCH before|{}", group_by_cost(&db, record.id).await);
+        }
+        // Settle: the last import's first looks (Job creation, status) are
+        // done, and no vacuum of the load is left for the window.
+        reconciled_n_more(&op.metrics_url, 2 * n as u64).await;
+        {
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&db).await.unwrap();
+            sqlx::query("VACUUM (ANALYZE)").execute(&mut conn).await.unwrap();
+        }
+        let window = Duration::from_secs(60);
+        let pid = op.child.id();
+        let (r0, k0, c0, d0) = (
+            reconciles(&op.metrics_url).await,
+            metric_sum(&op.metrics_url, "postcode_operator_kube_requests_total").await,
+            cpu_time(pid),
+            database_work(&db).await,
+        );
+        tokio::time::sleep(window).await; // the measurement window itself
+        let (r1, k1, c1, d1) = (
+            reconciles(&op.metrics_url).await,
+            metric_sum(&op.metrics_url, "postcode_operator_kube_requests_total").await,
+            cpu_time(pid),
+            database_work(&db).await,
+        );
+        let per = |x: f64| x / n as f64 / (window.as_secs_f64() / 60.0);
+        let reconciles_n = (r1 - r0) as f64;
+        let line = format!(
+            "|{label}|{n}|{:.1}|{:.1}|{:.1}|{:.0}|{:.0}|{:.2} s|{:.1} %|",
+            per(reconciles_n),
+            per((k1 - k0) as f64),
+            per((d1.0 - d0.0) as f64),
+            per((d1.1 - d0.1) as f64),
+            (d1.1 - d0.1) as f64 / reconciles_n.max(1.0),
+            per((c1 - c0).as_secs_f64()),
+            100.0 * (c1 - c0).as_secs_f64() / window.as_secs_f64(),
+        );
+        eprintln!("BENCH cost{line}");
+        lines.push(line);
+        assert!(r1 > r0, "the operator kept polling");
+    }
+    holder.abort();
+    op.kill();
+    println!("{}", lines.join("\n"));
+}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::fresh_pg;
+use common::{counted, fresh_pg};
 
 use std::{sync::Arc, time::Duration};
 
@@ -119,7 +119,7 @@ async fn survives(script: &[&str], faults: Faults, requests: u64) -> postcodes_i
         enrich(&store, &imp, &server.url(), Duration::from_secs(2), fast_retry()).await,
         Finish::Done
     );
-    let c = store.counts(&imp).await.unwrap();
+    let c = counted(&store, &imp).await;
     let mut errors = std::collections::BTreeSet::new();
     store
         .for_each_result(imp.id, |r| {
@@ -236,7 +236,7 @@ async fn http_429_with_retry_after_pauses_every_request() {
     );
     let q = store.quota_counters(imp.id).await.unwrap();
     assert_eq!(q.throttled, 1);
-    assert_eq!(store.counts(&imp).await.unwrap().rows_pending, 0);
+    assert_eq!(counted(&store, &imp).await.rows_pending, 0);
 }
 
 #[tokio::test]
@@ -270,7 +270,7 @@ async fn an_unreachable_api_fails_rows_with_the_reason_and_they_can_be_retried()
     )
     .await;
     assert_eq!(finish, Finish::Done);
-    let c = store.counts(&imp).await.unwrap();
+    let c = counted(&store, &imp).await;
     assert_eq!(c.rows_failed, 150, "{c:?}");
     let mut reasons = vec![];
     store
@@ -291,7 +291,7 @@ async fn an_unreachable_api_fails_rows_with_the_reason_and_they_can_be_retried()
     assert_eq!(store.requeue_failed(imp.id).await.unwrap(), 150);
     let server = TestServer::start(grid_index(), Faults::default()).await.unwrap();
     enrich(&store, &imp, &server.url(), Duration::from_secs(2), fast_retry()).await;
-    let c = store.counts(&imp).await.unwrap();
+    let c = counted(&store, &imp).await;
     assert_eq!((c.rows_enriched, c.rows_failed), (150, 0));
     assert_eq!(server.state.stats().requests, 2);
 }
@@ -306,7 +306,7 @@ async fn a_spent_budget_stops_with_rows_pending_and_resumes_when_raised() {
         enrich(&store, &imp, &server.url(), Duration::from_secs(2), fast_retry()).await,
         Finish::QuotaExhausted
     );
-    let c = store.counts(&imp).await.unwrap();
+    let c = counted(&store, &imp).await;
     assert_eq!((c.rows_enriched, c.rows_pending), (200, 250), "{c:?}");
     assert_eq!(server.state.stats().requests, 2, "the budget is a hard limit");
     store.set_quota(imp.id, 200.0, Some(10)).await.unwrap();
@@ -314,6 +314,79 @@ async fn a_spent_budget_stops_with_rows_pending_and_resumes_when_raised() {
         enrich(&store, &imp, &server.url(), Duration::from_secs(2), fast_retry()).await,
         Finish::Done
     );
-    assert_eq!(store.counts(&imp).await.unwrap().rows_enriched, 450);
+    assert_eq!(counted(&store, &imp).await.rows_enriched, 450);
     assert_eq!(server.state.stats().repeated_queries, 0);
+}
+
+/// The counts are read from tallies that every write keeps (issue 17): after
+/// rows fail, are requeued, are answered by a retry, and after a second import
+/// of the same points answered from the kept answers, the tallies equal a
+/// recount of the lookups, on both databases.
+#[tokio::test]
+async fn tallies_follow_every_write_on_both_databases() {
+    use pipeline::answer_cache::AnswerCache;
+    let dir = std::env::temp_dir().join(format!("faults-tallies-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lite = Store::connect(dir.join("tallies.db").to_str().unwrap())
+        .await
+        .unwrap();
+    lite.migrate().await.unwrap();
+    for store in [fresh_pg().await, lite] {
+        let with_cache = |imp: &ImportRecord, url: &str| {
+            let cfg = ShardConfig {
+                import_id: imp.id,
+                shard: 0,
+                plan: SearchPlan::default(),
+                retry: fast_retry(),
+                cache: AnswerCache::for_api(url, &SearchPlan::default(), 30),
+                concurrency: None,
+            };
+            let (store, url) = (store.clone(), url.to_string());
+            async move {
+                let provider = Arc::new(PostcodesIo::new(&url, Duration::from_secs(2)));
+                run_shard(&store, provider, &cfg, |_| {}).await.unwrap()
+            }
+        };
+        let imp = import(&store, 150).await;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        with_cache(&imp, &format!("http://{closed}")).await;
+        assert_eq!(counted(&store, &imp).await.rows_failed, 150);
+        assert_eq!(store.requeue_failed(imp.id).await.unwrap(), 150);
+        let c = counted(&store, &imp).await;
+        assert_eq!((c.rows_failed, c.rows_pending), (0, 150), "{c:?}");
+        // A failed request, then one answering part of its batch: saves that
+        // keep coordinates pending (a retry), then answers.
+        let server = TestServer::start(
+            grid_index(),
+            Faults {
+                script: vec!["500".into(), "fewer".into()],
+                ..Faults::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(with_cache(&imp, &server.url()).await, Finish::Done);
+        let c = counted(&store, &imp).await;
+        assert_eq!(
+            (c.rows_enriched, c.rows_pending, c.coordinates_done),
+            (150, 0, 150),
+            "{c:?}"
+        );
+        let requests = server.state.stats().requests;
+        let again = import(&store, 150).await;
+        assert_eq!(with_cache(&again, &server.url()).await, Finish::Done);
+        assert_eq!(
+            server.state.stats().requests,
+            requests,
+            "answered from the kept answers"
+        );
+        let c = counted(&store, &again).await;
+        assert_eq!((c.rows_enriched, c.rows_pending), (150, 0), "{c:?}");
+        let shards = store.shard_counts(again.id).await.unwrap();
+        assert_eq!(shards.len(), 1);
+        assert_eq!((shards[0].rows, shards[0].done, shards[0].failed), (150, 150, 0));
+    }
 }

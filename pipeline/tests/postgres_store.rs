@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::fresh_pg;
+use common::{counted, fresh_pg};
 
 use std::{io::Write, sync::Arc};
 
@@ -99,7 +99,7 @@ async fn copy_load_counts_every_row_and_a_reload_replaces() {
         (imp.phase, imp.rows_total, imp.rows_invalid),
         (ImportPhase::Loaded, 25_001, 1)
     );
-    let counts = store.counts(&imp).await.unwrap();
+    let counts = counted(&store, &imp).await;
     assert_eq!(
         (counts.rows_pending, counts.coordinates_total),
         (25_000, 0),
@@ -113,7 +113,7 @@ async fn copy_load_counts_every_row_and_a_reload_replaces() {
         planned.rows += p.rows;
     }
     assert_eq!((planned.coordinates, planned.rows), (1000, 25_000));
-    let counts = store.counts(&imp).await.unwrap();
+    let counts = counted(&store, &imp).await;
     assert_eq!((counts.rows_pending, counts.coordinates_total), (25_000, 1000));
     // the user's fields survive COPY escaping
     let mut first = None;
@@ -260,7 +260,7 @@ async fn four_shards_share_one_quota_and_finish_every_row() {
     let st = server.state.stats();
     assert_eq!(st.by_status.get(&429), None, "{st:?}");
     assert!(st.max_per_second <= 10, "{st:?}");
-    let counts = store.counts(&imp).await.unwrap();
+    let counts = counted(&store, &imp).await;
     assert_eq!(counts.rows_pending, 0);
     assert_eq!(counts.rows_enriched + counts.rows_no_match, 4_000);
     assert_eq!(
@@ -340,7 +340,7 @@ async fn enriched_offline(
         }
     }
     let imp = store.import("offline").await.unwrap().unwrap();
-    let counts = store.counts(&imp).await.unwrap();
+    let counts = counted(store, &imp).await;
     assert_eq!(counts.rows_pending, 0, "{counts:?}");
     let mut out = vec![];
     pipeline::export::write_csv(store, &imp, &mut out).await.unwrap();

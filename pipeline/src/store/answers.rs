@@ -3,8 +3,8 @@
 
 use std::sync::LazyLock;
 
-use super::{on_pool, Store};
-use crate::{answer_cache::AnswerCache, lookup::Area};
+use super::{on_pool, sqlite, tallies, Store};
+use crate::{answer_cache::AnswerCache, lookup::Area, model::RowStatus};
 
 /// The answer columns an `answers` row holds, in this order.
 static KEPT: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
@@ -15,7 +15,8 @@ static KEPT: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
 });
 
 /// Pending lookups of one shard take a kept answer: `$1` import, `$2` shard,
-/// `$3` provider, `$4` search, `$5` oldest `answered_at` reused.
+/// `$3` provider, `$4` search, `$5` oldest `answered_at` reused. Run with
+/// the tallies moved ([`tallies`]).
 static REUSE: LazyLock<String> = LazyLock::new(|| {
     let set: Vec<String> = KEPT.iter().map(|c| format!("{c} = a.{c}")).collect();
     format!(
@@ -55,10 +56,33 @@ impl Store {
         now: f64,
     ) -> anyhow::Result<u64> {
         let oldest = cache.oldest_reused(now);
-        let n = on_pool!(self, p => sqlx::query(REUSE.as_str())
-            .bind(import_id).bind(shard).bind(&cache.provider).bind(&cache.search).bind(oldest)
-            .execute(p).await?.rows_affected());
-        Ok(n)
+        match self {
+            Store::Postgres(p) => {
+                static SQL: LazyLock<String> =
+                    LazyLock::new(|| tallies::pg_moving(&REUSE, "lookups", RowStatus::Pending));
+                let (n,): (i64,) = sqlx::query_as(SQL.as_str())
+                    .bind(import_id)
+                    .bind(shard)
+                    .bind(&cache.provider)
+                    .bind(&cache.search)
+                    .bind(oldest)
+                    .fetch_one(p)
+                    .await?;
+                Ok(n as u64)
+            }
+            Store::Sqlite(p) => {
+                use rusqlite::types::Value;
+                let sql = format!("{} {}", *REUSE, tallies::SQLITE_RETURNING);
+                let params = vec![
+                    Value::Integer(import_id),
+                    Value::Integer(shard.into()),
+                    Value::Text(cache.provider.clone()),
+                    Value::Text(cache.search.clone()),
+                    Value::Real(oldest),
+                ];
+                sqlite::moving(p, import_id, sql, params, RowStatus::Pending).await
+            }
+        }
     }
 
     /// Keeps the shard's final answers (`enriched`, `no_match`) in `cache`,

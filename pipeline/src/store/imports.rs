@@ -52,9 +52,10 @@ impl Store {
 
     /// Deletes the import and everything stored for it (rows, lookups, quota).
     pub async fn delete_import(&self, uid: &str) -> anyhow::Result<()> {
-        const SQL: [&str; 5] = [
+        const SQL: [&str; 6] = [
             "DELETE FROM points WHERE import_id = $1",
             "DELETE FROM lookups WHERE import_id = $1",
+            super::tallies::DELETE_IMPORT,
             "DELETE FROM shard_plans WHERE import_id = $1",
             "DELETE FROM quotas WHERE import_id = $1",
             "DELETE FROM imports WHERE id = $1",

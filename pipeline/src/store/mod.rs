@@ -6,7 +6,8 @@
 //! the unit of enrichment work and its result), `shard_plans`, `quotas` (the
 //! shared request quota), `api_quotas` and `api_leases` (each upstream API's
 //! quota and concurrency limit, `leases.rs`), `answers` (finished answers reused across imports,
-//! `answers.rs`). The view `point_results` gives every row with its
+//! `answers.rs`), `lookup_tallies` (each shard's lookups counted by status, kept
+//! by every write, `tallies.rs`). The view `point_results` gives every row with its
 //! final status.
 //!
 //! [`Store`] is the one type callers use. Its methods are grouped by concern:
@@ -34,6 +35,7 @@ mod quota;
 mod records;
 mod results;
 pub mod sqlite;
+mod tallies;
 mod uploads;
 pub use quota::{api_key, QuotaWriter};
 pub use uploads::UploadMissing;
@@ -47,7 +49,7 @@ use sqlx::{
 
 pub use records::{
     Claim, Claimed, Counts, ImportRecord, LoadCounts, LoadEnd, Outcome, QuotaCounters, ResultBatch,
-    ResultRef, ResultRow, Saved, ShardCounts, ShardPlan,
+    ResultRef, ResultRow, Saved, ShardCounts, ShardPlan, TallyMismatch,
 };
 
 fn is_postgres_url(url: &str) -> bool {

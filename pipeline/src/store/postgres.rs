@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use super::{
     columns,
     records::{AnswerColumns, Claim, Claimed, LoadCounts, LoadEnd, LoadStart, ResultRow, Saved, ShardPlan},
+    tallies,
 };
 use crate::{
     csv_input::Row,
@@ -31,9 +32,10 @@ pub(super) async fn load(
     mut rows: mpsc::Receiver<Vec<Row>>,
 ) -> anyhow::Result<LoadCounts> {
     const START: &str = "UPDATE imports SET phase = $7, error = NULL, delimiter = $2, header = $3, width = $4, lat_index = $5, lon_index = $6, rows_total = 0, rows_invalid = 0 WHERE id = $1";
-    const DELETES: [&str; 3] = [
+    const DELETES: [&str; 4] = [
         "DELETE FROM points WHERE import_id = $1",
         "DELETE FROM lookups WHERE import_id = $1",
+        tallies::DELETE_IMPORT,
         "DELETE FROM shard_plans WHERE import_id = $1",
     ];
     const DONE: &str = "UPDATE imports SET phase = $5, rows_total = $2, rows_invalid = $3, source_sha256 = $4, warnings = $6 WHERE id = $1";
@@ -210,8 +212,6 @@ pub(super) async fn plan_shard(pool: &PgPool, import_id: i64, shard: i32) -> any
     const LOCK: &str = "SELECT pg_advisory_xact_lock($1, $2)";
     const PLANNED: &str = "SELECT coordinates, rows FROM shard_plans WHERE import_id = $1 AND shard = $2";
     const PLAN: &str = "INSERT INTO lookups (import_id, lat, lon, shard, rows) SELECT import_id, lat, lon, shard, COUNT(*) FROM points WHERE import_id = $1 AND shard = $2 AND status = 'pending' GROUP BY import_id, shard, lat, lon ON CONFLICT DO NOTHING";
-    const COUNT: &str =
-        "SELECT COUNT(*), COALESCE(SUM(rows)::int8, 0) FROM lookups WHERE import_id = $1 AND shard = $2";
     const RECORD: &str = "INSERT INTO shard_plans (import_id, shard, coordinates, rows) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
     let mut tx = pool.begin().await?;
     sqlx::query(LOCK)
@@ -232,7 +232,14 @@ pub(super) async fn plan_shard(pool: &PgPool, import_id: i64, shard: i32) -> any
         .bind(shard)
         .execute(&mut *tx)
         .await?;
-    let (coordinates, rows): (i64, i64) = sqlx::query_as(COUNT)
+    for sql in tallies::RECOUNT_SHARD {
+        sqlx::query(sql)
+            .bind(import_id)
+            .bind(shard)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let (coordinates, rows): (i64, i64) = sqlx::query_as(tallies::SHARD_TOTAL)
         .bind(import_id)
         .bind(shard)
         .fetch_one(&mut *tx)
@@ -278,7 +285,9 @@ pub(super) async fn claim(
 
 /// [`super::Store::save`]: one `UPDATE … FROM unnest(…)` of arrays per 5000
 /// results, in the claim's transaction: $1 import, $2 lat, $3 lon, $4
-/// attempts, $5 stage, then [`columns::ANSWER`] from $6.
+/// attempts, $5 stage, then [`columns::ANSWER`] from $6. Only pending
+/// lookups change, and their tallies move in the same statement
+/// ([`tallies::pg_moving`]).
 static SAVE: LazyLock<String> = LazyLock::new(|| {
     let answer = &*columns::ANSWER;
     let pg_type = |c: &str| if c == "distance_m" { "float8" } else { "text" };
@@ -288,12 +297,13 @@ static SAVE: LazyLock<String> = LazyLock::new(|| {
         .enumerate()
         .map(|(i, c)| format!("${}::{}[]", 6 + i, pg_type(c)))
         .collect();
-    format!(
-        "UPDATE lookups l SET stage = COALESCE(v.stage, l.stage), attempts = v.attempts, {} FROM unnest($2::float8[], $3::float8[], $4::int4[], $5::int2[], {}) AS v(lat, lon, attempts, stage, {}) WHERE l.import_id = $1 AND l.lat = v.lat AND l.lon = v.lon",
+    let update = format!(
+        "UPDATE lookups l SET stage = COALESCE(v.stage, l.stage), attempts = v.attempts, {} FROM unnest($2::float8[], $3::float8[], $4::int4[], $5::int2[], {}) AS v(lat, lon, attempts, stage, {}) WHERE l.import_id = $1 AND l.lat = v.lat AND l.lon = v.lon AND l.status = 'pending'",
         set.join(", "),
         arrays.join(", "),
         answer.join(", ")
-    )
+    );
+    tallies::pg_moving(&update, "l", RowStatus::Pending)
 });
 
 pub(super) async fn save(pool: &PgPool, claim: Claim, results: &[Saved]) -> anyhow::Result<()> {
@@ -336,18 +346,6 @@ fn texts<'a>(
 }
 
 // ---------------------------------------------------------------- results
-
-/// `(status, coordinates, rows)` of the import's lookups, by status.
-pub(super) async fn status_groups(pool: &PgPool, import_id: i64) -> anyhow::Result<Vec<(String, i64, i64)>> {
-    const SQL: &str = "SELECT status, COUNT(*), COALESCE(SUM(rows)::int8, 0) FROM lookups WHERE import_id = $1 GROUP BY status";
-    Ok(sqlx::query_as(SQL).bind(import_id).fetch_all(pool).await?)
-}
-
-/// `(shard, rows, finished rows, failed rows)` of the import's lookups, by shard.
-pub(super) async fn shard_counts(pool: &PgPool, import_id: i64) -> anyhow::Result<Vec<(i32, i64, i64, i64)>> {
-    const SQL: &str = "SELECT shard, COALESCE(SUM(rows)::int8, 0), COALESCE(SUM(CASE WHEN status <> 'pending' THEN rows ELSE 0 END)::int8, 0), COALESCE(SUM(CASE WHEN status = 'failed' THEN rows ELSE 0 END)::int8, 0) FROM lookups WHERE import_id = $1 GROUP BY shard ORDER BY shard";
-    Ok(sqlx::query_as(SQL).bind(import_id).fetch_all(pool).await?)
-}
 
 /// Pending lookups of the import, of one shard or all.
 pub(super) async fn pending_lookups(

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use super::{
     columns,
     records::{AnswerColumns, Claimed, Saved, ShardPlan},
+    tallies::{self, Tally},
 };
 use crate::{lookup::Area, model::Stage};
 
@@ -78,9 +79,24 @@ pub(super) async fn plan_shard_answered(
         anyhow::Ok(())
     };
     let (read, copied) = tokio::join!(read, copy);
-    let plan = encoder.await??; // the encoder's error first: it explains a closed channel
+    let (plan, tally) = encoder.await??; // the encoder's error first: it explains a closed channel
     read?;
     copied?;
+    sqlx::query(tallies::RECOUNT_SHARD[0])
+        .bind(import_id)
+        .bind(shard)
+        .execute(&mut *tx)
+        .await?;
+    for (shard, status, coordinates, rows) in tally.entries() {
+        sqlx::query(tallies::ADD)
+            .bind(import_id)
+            .bind(shard)
+            .bind(status)
+            .bind(coordinates)
+            .bind(rows)
+            .execute(&mut *tx)
+            .await?;
+    }
     sqlx::query(RECORD)
         .bind(import_id)
         .bind(shard)
@@ -141,15 +157,15 @@ fn copy_sql() -> String {
 }
 
 /// On a blocking thread: answers each batch and encodes its lookups as `COPY`
-/// text; returns the plan's counts.
+/// text; returns the plan's counts and the shard's tallies.
 fn encode(
     import_id: i64,
     shard: i32,
     answer: impl Fn(&[Claimed]) -> Vec<Saved>,
     mut batches: mpsc::Receiver<Batch>,
     out: mpsc::Sender<String>,
-) -> anyhow::Result<ShardPlan> {
-    let mut plan = ShardPlan::default();
+) -> anyhow::Result<(ShardPlan, Tally)> {
+    let (mut plan, mut tally) = (ShardPlan::default(), Tally::default());
     while let Some((coords, rows)) = batches.blocking_recv() {
         let results = answer(&coords);
         anyhow::ensure!(results.len() == coords.len(), "an answer for every coordinate");
@@ -158,12 +174,13 @@ fn encode(
         let mut text = String::with_capacity(coords.len() * 160);
         for (s, n) in results.iter().zip(&rows) {
             push_lookup(&mut text, import_id, shard, *n, s);
+            tally.add(shard, AnswerColumns::of(s).status, 1, *n);
         }
         if out.blocking_send(text).is_err() {
             break; // the COPY failed; its error is reported
         }
     }
-    Ok(plan)
+    Ok((plan, tally))
 }
 
 /// Appends one finished lookup as a `COPY` text line.

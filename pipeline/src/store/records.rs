@@ -287,6 +287,16 @@ impl From<(i32, i64, i64, i64)> for ShardCounts {
     }
 }
 
+/// A tally that differs from a recount of the lookups
+/// ([`super::Store::tally_mismatches`]): `(coordinates, rows)` each way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TallyMismatch {
+    pub shard: i32,
+    pub status: String,
+    pub tallied: (i64, i64),
+    pub counted: (i64, i64),
+}
+
 /// The import's request counters.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct QuotaCounters {

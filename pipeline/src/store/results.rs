@@ -1,20 +1,22 @@
-//! [`Store`]: progress (counts by status, per shard, pending work), the retry
+//! [`Store`]: progress (counts by status, per shard, pending work, read from
+//! the tallies of `tallies.rs`), the retry
 //! of failed work, and the rows of the enriched output in row order.
+
+use std::sync::LazyLock;
 
 use super::{
     columns, on_pool, postgres, postgres_export,
-    records::{Counts, ImportRecord, ResultBatch, ResultRow, ShardCounts},
-    sqlite, Store,
+    records::{Counts, ImportRecord, ResultBatch, ResultRow, ShardCounts, TallyMismatch},
+    sqlite, tallies, Store,
 };
+use crate::model::RowStatus;
 
 impl Store {
     /// Row and coordinate counts of the import by status.
     pub async fn counts(&self, import: &ImportRecord) -> anyhow::Result<Counts> {
         const TOTALS: &str = "SELECT rows_total, rows_invalid FROM imports WHERE id = $1";
-        let groups = match self {
-            Store::Postgres(p) => postgres::status_groups(p, import.id).await?,
-            Store::Sqlite(p) => sqlite::status_groups(p, import.id).await?,
-        };
+        let groups: Vec<(String, i64, i64)> =
+            on_pool!(self, p => sqlx::query_as(tallies::BY_STATUS).bind(import.id).fetch_all(p).await)?;
         let totals: (i64, i64) =
             on_pool!(self, p => sqlx::query_as(TOTALS).bind(import.id).fetch_one(p).await)?;
         Counts::of(totals, groups)
@@ -32,11 +34,28 @@ impl Store {
 
     /// Rows, finished rows and failed rows per shard.
     pub async fn shard_counts(&self, import_id: i64) -> anyhow::Result<Vec<ShardCounts>> {
-        let rows = match self {
-            Store::Postgres(p) => postgres::shard_counts(p, import_id).await?,
-            Store::Sqlite(p) => sqlite::shard_counts(p, import_id).await?,
-        };
+        let rows: Vec<(i32, i64, i64, i64)> =
+            on_pool!(self, p => sqlx::query_as(tallies::BY_SHARD).bind(import_id).fetch_all(p).await)?;
         Ok(rows.into_iter().map(ShardCounts::from).collect())
+    }
+
+    /// Where the import's tallies (which [`Store::counts`] and
+    /// [`Store::shard_counts`] read) differ from a recount of its lookups, as
+    /// `(shard, status, tallied (coordinates, rows), counted (coordinates,
+    /// rows))`; empty when they agree, as they must. A full scan of the
+    /// import's lookups: for tests and diagnosis, not for polling.
+    pub async fn tally_mismatches(&self, import_id: i64) -> anyhow::Result<Vec<TallyMismatch>> {
+        let rows: Vec<(i32, String, i64, i64, i64, i64)> =
+            on_pool!(self, p => sqlx::query_as(tallies::MISMATCHES).bind(import_id).fetch_all(p).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(shard, status, tc, tr, cc, cr)| TallyMismatch {
+                shard,
+                status,
+                tallied: (tc, tr),
+                counted: (cc, cr),
+            })
+            .collect())
     }
 
     /// Number of pending coordinates in the shard (all of them when `shard` is
@@ -62,9 +81,23 @@ impl Store {
     /// Puts the import's `failed` coordinates back to `pending` (attempts reset,
     /// search stage kept) and returns how many; finished work is never touched.
     pub async fn requeue_failed(&self, import_id: i64) -> anyhow::Result<u64> {
-        const SQL: &str = "UPDATE lookups SET status = 'pending', attempts = 0, error = NULL WHERE import_id = $1 AND status = 'failed'";
-        let r = on_pool!(self, p => sqlx::query(SQL).bind(import_id).execute(p).await?.rows_affected());
-        Ok(r)
+        const SQL: &str = "UPDATE lookups SET status = 'pending', attempts = 0, error = NULL WHERE lookups.import_id = $1 AND lookups.status = 'failed'";
+        match self {
+            Store::Postgres(p) => {
+                static MOVING: LazyLock<String> =
+                    LazyLock::new(|| tallies::pg_moving(SQL, "lookups", RowStatus::Failed));
+                let (n,): (i64,) = sqlx::query_as(MOVING.as_str())
+                    .bind(import_id)
+                    .fetch_one(p)
+                    .await?;
+                Ok(n as u64)
+            }
+            Store::Sqlite(p) => {
+                let sql = format!("{SQL} {}", tallies::SQLITE_RETURNING);
+                let params = vec![rusqlite::types::Value::Integer(import_id)];
+                sqlite::moving(p, import_id, sql, params, RowStatus::Failed).await
+            }
+        }
     }
 
     /// Streams the import's rows in row order to `sink`; returns how many.

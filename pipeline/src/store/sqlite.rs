@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use super::records::{Claim, Claimed, LoadCounts, LoadEnd, LoadStart, ResultBatch, Saved, ShardPlan};
 use crate::{
     csv_input::Row,
-    model::{ImportPhase, Stage},
+    model::{ImportPhase, RowStatus, Stage},
     quota::{interval_s, share_rps, ACTIVE_WINDOW_S},
 };
 
@@ -74,9 +74,10 @@ pub(super) async fn load(
     rows: mpsc::Receiver<Vec<Row>>,
 ) -> anyhow::Result<LoadCounts> {
     const START: &str = "UPDATE imports SET phase = ?7, error = NULL, delimiter = ?2, header = ?3, width = ?4, lat_index = ?5, lon_index = ?6, rows_total = 0, rows_invalid = 0 WHERE id = ?1";
-    const DELETES: [&str; 3] = [
+    const DELETES: [&str; 4] = [
         "DELETE FROM points WHERE import_id = ?1",
         "DELETE FROM lookups WHERE import_id = ?1",
+        "DELETE FROM lookup_tallies WHERE import_id = ?1",
         "DELETE FROM shard_plans WHERE import_id = ?1",
     ];
     let id = start.id;
@@ -223,26 +224,21 @@ pub(super) async fn save(pool: &SqlitePool, import_id: i64, results: &[Saved]) -
     blocking(move || bulk::save(&path, import_id, &results)).await
 }
 
+/// An `UPDATE lookups … RETURNING lookups.shard, lookups.status, lookups.rows`
+/// of lookups whose status was `from`, with `params`, run with
+/// [`bulk::moving`]; returns how many lookups changed.
+pub(super) async fn moving(
+    pool: &SqlitePool,
+    import_id: i64,
+    sql: String,
+    params: Vec<rusqlite::types::Value>,
+    from: RowStatus,
+) -> anyhow::Result<u64> {
+    let path = path_of(pool);
+    blocking(move || bulk::moving(&path, import_id, &sql, params, from)).await
+}
+
 // ---------------------------------------------------------------- results
-
-/// `(status, coordinates, rows)` of the import's lookups, by status.
-pub(super) async fn status_groups(
-    pool: &SqlitePool,
-    import_id: i64,
-) -> anyhow::Result<Vec<(String, i64, i64)>> {
-    const SQL: &str =
-        "SELECT status, COUNT(*), COALESCE(SUM(rows), 0) FROM lookups WHERE import_id = ?1 GROUP BY status";
-    Ok(sqlx::query_as(SQL).bind(import_id).fetch_all(pool).await?)
-}
-
-/// `(shard, rows, finished rows, failed rows)` of the import's lookups, by shard.
-pub(super) async fn shard_counts(
-    pool: &SqlitePool,
-    import_id: i64,
-) -> anyhow::Result<Vec<(i32, i64, i64, i64)>> {
-    const SQL: &str = "SELECT shard, COALESCE(SUM(rows), 0), COALESCE(SUM(CASE WHEN status <> 'pending' THEN rows ELSE 0 END), 0), COALESCE(SUM(CASE WHEN status = 'failed' THEN rows ELSE 0 END), 0) FROM lookups WHERE import_id = ?1 GROUP BY shard ORDER BY shard";
-    Ok(sqlx::query_as(SQL).bind(import_id).fetch_all(pool).await?)
-}
 
 /// Pending lookups of the import, of one shard or all.
 pub(super) async fn pending_lookups(

@@ -1,6 +1,6 @@
 //! Shared by the storage tests: a fresh, migrated PostgreSQL database per test.
 
-use pipeline::store::Store;
+use pipeline::store::{Counts, ImportRecord, Store};
 use sqlx::Connection;
 
 /// A new database on the test server (`TEST_DATABASE_URL`, set by `make test`),
@@ -26,4 +26,13 @@ pub async fn fresh_pg() -> Store {
         .unwrap();
     store.migrate().await.unwrap();
     store
+}
+
+/// The import's counts, once the tallies they are read from are checked
+/// against a recount of its lookups (`Store::tally_mismatches`).
+#[allow(dead_code)] // not every test file counts
+pub async fn counted(store: &Store, imp: &ImportRecord) -> Counts {
+    let off = store.tally_mismatches(imp.id).await.unwrap();
+    assert!(off.is_empty(), "tallies differ from the lookups: {off:?}");
+    store.counts(imp).await.unwrap()
 }

@@ -18,6 +18,7 @@ use crate::{
     store::{
         columns,
         records::{AnswerColumns, Claimed, LoadCounts, LoadEnd, Saved, ShardPlan},
+        tallies::{self, Tally},
     },
 };
 
@@ -192,8 +193,6 @@ fn bind_point(
 /// (a deferred one could not wait for the write lock it upgrades to).
 pub(super) fn plan_shard(path: &Path, import_id: i64, shard: i32) -> anyhow::Result<ShardPlan> {
     const PLAN: &str = "INSERT INTO lookups (import_id, lat, lon, shard, rows) SELECT import_id, lat, lon, shard, COUNT(*) FROM points WHERE import_id = ?1 AND shard = ?2 AND status = 'pending' GROUP BY import_id, shard, lat, lon ON CONFLICT DO NOTHING";
-    const COUNT: &str =
-        "SELECT COUNT(*), COALESCE(SUM(rows), 0) FROM lookups WHERE import_id = ?1 AND shard = ?2";
     let mut conn = open(path)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let planned = tx
@@ -203,8 +202,13 @@ pub(super) fn plan_shard(path: &Path, import_id: i64, shard: i32) -> anyhow::Res
         return Ok(ShardPlan { coordinates, rows });
     }
     tx.execute(PLAN, params![import_id, shard])?;
+    for sql in tallies::RECOUNT_SHARD {
+        tx.execute(sql, params![import_id, shard])?;
+    }
     let (coordinates, rows): (i64, i64) =
-        tx.query_row(COUNT, params![import_id, shard], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        tx.query_row(tallies::SHARD_TOTAL, params![import_id, shard], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     tx.execute(RECORD_PLAN, params![import_id, shard, coordinates, rows])?;
     tx.commit()?;
     Ok(ShardPlan { coordinates, rows })
@@ -319,6 +323,7 @@ impl<F: Fn(&[Claimed]) -> Vec<Saved>> AnsweredWriter<F> {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
+            let mut tally = Tally::default();
             let mut ins = tx.prepare_cached(&self.sql)?;
             for (s, n) in results.iter().zip(self.rows.iter()) {
                 ins.raw_bind_parameter(1, self.import_id)?;
@@ -327,9 +332,14 @@ impl<F: Fn(&[Claimed]) -> Vec<Saved>> AnsweredWriter<F> {
                 ins.raw_bind_parameter(4, s.lon)?;
                 ins.raw_bind_parameter(5, n)?;
                 ins.raw_bind_parameter(6, s.attempts)?;
-                bind_answer(&mut ins, 7, &AnswerColumns::of(s))?;
-                ins.raw_execute()?;
+                let c = AnswerColumns::of(s);
+                bind_answer(&mut ins, 7, &c)?;
+                // 0 for a lookup an earlier, killed pass wrote (and tallied)
+                if ins.raw_execute()? == 1 {
+                    tally.add(self.shard, c.status, 1, *n);
+                }
             }
+            tally.write_sqlite(&tx, self.import_id)?;
         }
         tx.commit()?;
         self.batch.clear();
@@ -361,6 +371,36 @@ impl<F: Fn(&[Claimed]) -> Vec<Saved>> AnsweredWriter<F> {
         tx.commit()?;
         Ok(plan)
     }
+}
+
+/// Runs `sql`, an `UPDATE lookups … RETURNING lookups.shard, lookups.status,
+/// lookups.rows` that changes only lookups whose status is `from`, with
+/// `params`, and moves their tallies, in one `BEGIN IMMEDIATE` transaction;
+/// returns how many lookups changed.
+pub(super) fn moving(
+    path: &Path,
+    import_id: i64,
+    sql: &str,
+    params: Vec<rusqlite::types::Value>,
+    from: RowStatus,
+) -> anyhow::Result<u64> {
+    let mut conn = open(path)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut n = 0;
+    {
+        let mut tally = Tally::default();
+        let mut stmt = tx.prepare(sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+        while let Some(r) = rows.next()? {
+            let to: String = r.get(1)?;
+            tally.moved(r.get(0)?, from, to.parse()?, r.get(2)?);
+            n += 1;
+        }
+        drop(rows);
+        tally.write_sqlite(&tx, import_id)?;
+    }
+    tx.commit()?;
+    Ok(n)
 }
 
 /// Rows of a shard whose coordinates [`shard_coordinates`] sorts in memory
@@ -411,7 +451,9 @@ fn shard_coordinates(
 
 // ---------------------------------------------------------------- save
 
-/// Writes a batch of results in one transaction (one prepared UPDATE a coordinate).
+/// Writes a batch of results in one transaction (one prepared UPDATE a
+/// coordinate). Only pending lookups change (a second answer for a coordinate
+/// finished meanwhile is dropped); their tallies move in the same transaction.
 pub(super) fn save(path: &Path, import_id: i64, results: &[Saved]) -> anyhow::Result<()> {
     // ?1 import, ?2 lat, ?3 lon, ?4 attempts, ?5 stage, then the answer from ?6.
     let assignments: Vec<String> = columns::ANSWER
@@ -420,12 +462,13 @@ pub(super) fn save(path: &Path, import_id: i64, results: &[Saved]) -> anyhow::Re
         .map(|(i, c)| format!("{c} = ?{}", 6 + i))
         .collect();
     let sql = format!(
-        "UPDATE lookups SET stage = COALESCE(?5, stage), attempts = ?4, {} WHERE import_id = ?1 AND lat = ?2 AND lon = ?3",
+        "UPDATE lookups SET stage = COALESCE(?5, stage), attempts = ?4, {} WHERE import_id = ?1 AND lat = ?2 AND lon = ?3 AND status = 'pending' RETURNING shard, rows",
         assignments.join(", ")
     );
     let mut conn = open(path)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     {
+        let mut tally = Tally::default();
         let mut stmt = tx.prepare(&sql)?;
         for s in results {
             let c = AnswerColumns::of(s);
@@ -435,8 +478,12 @@ pub(super) fn save(path: &Path, import_id: i64, results: &[Saved]) -> anyhow::Re
             stmt.raw_bind_parameter(4, s.attempts)?;
             stmt.raw_bind_parameter(5, c.stage())?;
             bind_answer(&mut stmt, 6, &c)?;
-            stmt.raw_execute()?;
+            let mut changed = stmt.raw_query();
+            if let Some(row) = changed.next()? {
+                tally.moved(row.get(0)?, RowStatus::Pending, c.status, row.get(1)?);
+            }
         }
+        tally.write_sqlite(&tx, import_id)?;
     }
     tx.commit()?;
     Ok(())

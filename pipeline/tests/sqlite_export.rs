@@ -16,7 +16,7 @@ use pipeline::{
     offline::OfflineIndex,
     retry::RetryPolicy,
     store::{
-        sqlite::export::{results, JOIN_BUDGET_BYTES},
+        sqlite::export::{results, results_by_view, results_in_chunks, JOIN_BUDGET_BYTES},
         ImportRecord, ResultRow, Store,
     },
 };
@@ -86,6 +86,46 @@ fn rows(db: &str, import_id: i64, budget: usize) -> Vec<ResultRow> {
     out
 }
 
+/// The rows by the `point_results` view, the reference.
+fn rows_by_view(db: &str, import_id: i64) -> Vec<ResultRow> {
+    let mut out = Vec::new();
+    let conn = rusqlite::Connection::open(db).unwrap();
+    results_by_view(&conn, import_id, |r| {
+        out.push(ResultRow::from(r));
+        Ok(true)
+    })
+    .unwrap();
+    out
+}
+
+/// The rows joined `chunk_rows` at a time.
+fn rows_in_chunks(db: &str, import_id: i64, chunk_rows: usize) -> Vec<ResultRow> {
+    let mut out = Vec::new();
+    results_in_chunks(std::path::Path::new(db), import_id, chunk_rows, |r| {
+        out.push(ResultRow::from(r));
+        Ok(true)
+    })
+    .unwrap();
+    out
+}
+
+/// Every way of joining gives the view's rows: in memory, and chunk by chunk
+/// (one row a chunk, chunks that end mid-run of equal coordinates, and the
+/// default through a budget too small for memory).
+fn assert_every_join_gives_the_views_rows(db: &str, import_id: i64) -> Vec<ResultRow> {
+    let by_view = rows_by_view(db, import_id);
+    assert_eq!(rows(db, import_id, JOIN_BUDGET_BYTES), by_view, "in memory");
+    assert_eq!(rows(db, import_id, 0), by_view, "in chunks (over the budget)");
+    for chunk_rows in [1, 7, 64, 599, 600] {
+        assert_eq!(
+            rows_in_chunks(db, import_id, chunk_rows),
+            by_view,
+            "{chunk_rows} rows a chunk"
+        );
+    }
+    by_view
+}
+
 #[tokio::test]
 async fn the_join_in_memory_gives_the_views_rows() {
     let db = temp("store.db").to_string_lossy().to_string();
@@ -117,10 +157,8 @@ async fn the_join_in_memory_gives_the_views_rows() {
     )
     .unwrap();
 
-    let by_view = rows(&db, imp.id, 0);
-    let in_memory = rows(&db, imp.id, JOIN_BUDGET_BYTES);
+    let by_view = assert_every_join_gives_the_views_rows(&db, imp.id);
     assert_eq!(by_view.len(), 600);
-    assert_eq!(in_memory, by_view);
     let statuses: std::collections::HashSet<RowStatus> = by_view.iter().map(|r| r.status).collect();
     assert_eq!(statuses, RowStatus::ALL.iter().copied().collect());
     assert!(by_view
@@ -135,13 +173,16 @@ async fn the_join_in_memory_gives_the_views_rows() {
         (1..=600).collect::<Vec<_>>()
     );
 
-    // An error over 64 KiB cannot be packed: the export still gives the view's rows.
+    // An error over 64 KiB (packed columns once ended at u16 offsets).
     conn.execute(
         "UPDATE lookups SET error = ?1 WHERE status = 'failed'",
         [&"x".repeat(70_000)],
     )
     .unwrap();
-    assert_eq!(rows(&db, imp.id, JOIN_BUDGET_BYTES), rows(&db, imp.id, 0));
+    let by_view = assert_every_join_gives_the_views_rows(&db, imp.id);
+    assert!(by_view
+        .iter()
+        .any(|r| r.error.as_ref().is_some_and(|e| e.len() == 70_000)));
     store.close().await;
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{db}{suffix}"));

@@ -16,7 +16,7 @@ use std::{
 
 use common::{
     kube_harness::*,
-    operator::{metric, Operator},
+    operator::{metric, metric_sum, Operator},
     *,
 };
 use futures::StreamExt;
@@ -1851,20 +1851,6 @@ async fn job_pods_connect_to_a_tls_only_database_with_the_operators_ca() {
     assert!(plain.is_err(), "the test database accepts plaintext");
     op.kill();
     let _ = std::fs::remove_dir_all(&certs);
-}
-
-/// The sum of every series of `name` on an operator's `/metrics` (all labels).
-async fn metric_sum(metrics_url: &str, name: &str) -> u64 {
-    let text = reqwest::get(format!("{metrics_url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 /// The operator's CPU time so far (user + system), from `/proc/PID/stat`.

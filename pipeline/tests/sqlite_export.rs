@@ -17,7 +17,7 @@ use pipeline::{
     retry::RetryPolicy,
     store::{
         sqlite::export::{results, results_by_view, results_in_chunks, JOIN_BUDGET_BYTES},
-        ImportRecord, ResultRow, Store,
+        ImportRecord, ResultRef, ResultRow, Store,
     },
 };
 
@@ -76,37 +76,32 @@ async fn loaded(store: &Store, db: &str) -> ImportRecord {
     store.import(&imp.uid).await.unwrap().unwrap()
 }
 
-fn rows(db: &str, import_id: i64, budget: usize) -> Vec<ResultRow> {
+/// The rows one of the export's joins gives, through `join`'s callback.
+fn collect(
+    join: impl FnOnce(&mut dyn FnMut(&ResultRef<'_>) -> anyhow::Result<bool>) -> anyhow::Result<()>,
+) -> Vec<ResultRow> {
     let mut out = Vec::new();
-    results(std::path::Path::new(db), import_id, budget, |r| {
+    join(&mut |r| {
         out.push(ResultRow::from(r));
         Ok(true)
     })
     .unwrap();
     out
+}
+
+fn rows(db: &str, import_id: i64, budget: usize) -> Vec<ResultRow> {
+    collect(|emit| results(std::path::Path::new(db), import_id, budget, emit))
 }
 
 /// The rows by the `point_results` view, the reference.
 fn rows_by_view(db: &str, import_id: i64) -> Vec<ResultRow> {
-    let mut out = Vec::new();
     let conn = rusqlite::Connection::open(db).unwrap();
-    results_by_view(&conn, import_id, |r| {
-        out.push(ResultRow::from(r));
-        Ok(true)
-    })
-    .unwrap();
-    out
+    collect(|emit| results_by_view(&conn, import_id, emit))
 }
 
 /// The rows joined `chunk_rows` at a time.
 fn rows_in_chunks(db: &str, import_id: i64, chunk_rows: usize) -> Vec<ResultRow> {
-    let mut out = Vec::new();
-    results_in_chunks(std::path::Path::new(db), import_id, chunk_rows, |r| {
-        out.push(ResultRow::from(r));
-        Ok(true)
-    })
-    .unwrap();
-    out
+    collect(|emit| results_in_chunks(std::path::Path::new(db), import_id, chunk_rows, emit))
 }
 
 /// Every way of joining gives the view's rows: in memory, and chunk by chunk

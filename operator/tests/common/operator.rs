@@ -117,14 +117,31 @@ impl Drop for Operator {
 /// `postcode_operator_job_reads_total{from="cache"}`); 0 before it is first
 /// counted.
 pub async fn metric(metrics_url: &str, series: &str) -> u64 {
-    let text = reqwest::get(format!("{metrics_url}/metrics"))
+    metrics_text(metrics_url)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// The sum of every series of metric `name` (all its labels) on an
+/// operator's `/metrics` at `metrics_url`.
+#[allow(dead_code)] // used by some of the test crates that include this module
+pub async fn metric_sum(metrics_url: &str, name: &str) -> u64 {
+    metrics_text(metrics_url)
+        .await
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn metrics_text(metrics_url: &str) -> String {
+    reqwest::get(format!("{metrics_url}/metrics"))
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+        .unwrap()
 }

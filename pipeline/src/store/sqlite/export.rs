@@ -325,6 +325,36 @@ fn text<'a>(r: &'a rusqlite::Row<'_>, i: usize) -> anyhow::Result<Option<&'a str
     })
 }
 
+/// A row of the output, as `point_results` gives it, from its point's columns
+/// (`invalid`: the point's status is `invalid`; `error`: the point's) and
+/// its coordinate's answer and distance (NaN for none), if found.
+fn result_row<'a>(
+    row_number: i64,
+    fields: &'a str,
+    invalid: bool,
+    error: Option<&'a str>,
+    found: Option<&'a (Answer<'a>, f64)>,
+) -> anyhow::Result<ResultRef<'a>> {
+    let column = |i: usize| found.and_then(|(a, _)| a.column(i));
+    let mut area = [None; Area::COLUMNS.len()];
+    for (i, v) in area.iter_mut().enumerate() {
+        *v = column(2 + i);
+    }
+    Ok(ResultRef {
+        row_number,
+        fields,
+        status: if invalid {
+            RowStatus::Invalid
+        } else {
+            status(column(0))?
+        },
+        postcode: column(1),
+        distance_m: found.map(|(_, d)| *d).filter(|d| !d.is_nan()),
+        area,
+        error: error.or(column(PACKED - 1)),
+    })
+}
+
 /// A stored status (`None`, a row without a lookup, is pending).
 fn status(text: Option<&str>) -> anyhow::Result<RowStatus> {
     Ok(text.map(str::parse).transpose()?.unwrap_or(RowStatus::Pending))
@@ -362,25 +392,15 @@ pub fn results(
             (Some(lat), Some(lon)) => lookups.get(lat, lon),
             _ => None,
         };
-        let column = |i: usize| found.as_ref().and_then(|(a, _)| a.column(i));
-        let point_status = status(text(r, 2)?)?;
-        let mut area = [None; Area::COLUMNS.len()];
-        for (i, v) in area.iter_mut().enumerate() {
-            *v = column(2 + i);
-        }
-        let row = ResultRef {
-            row_number: r.get(0)?,
-            fields: text(r, 1)?.unwrap_or(""),
-            status: match point_status {
-                RowStatus::Invalid => RowStatus::Invalid,
-                _ => status(column(0))?,
-            },
-            postcode: column(1),
-            distance_m: found.as_ref().map(|(_, d)| *d).filter(|d| !d.is_nan()),
-            area,
-            error: text(r, 3)?.or(column(PACKED - 1)),
-        };
-        if !emit(&row)? {
+        let invalid = status(text(r, 2)?)? == RowStatus::Invalid;
+        let fields = text(r, 1)?.unwrap_or("");
+        if !emit(&result_row(
+            r.get(0)?,
+            fields,
+            invalid,
+            text(r, 3)?,
+            found.as_ref(),
+        )?)? {
             break;
         }
     }
@@ -529,25 +549,10 @@ pub fn results_in_chunks(
         more = chunk.fill(&mut rows, chunk_rows)?;
         let answers = ChunkAnswers::look_up(&chunk, &mut probe, import_id)?;
         for (i, row) in chunk.rows.iter().enumerate() {
+            let fields = &chunk.text[row.fields.clone()];
+            let error = row.error.clone().map(|e| &chunk.text[e]);
             let found = answers.get(i);
-            let column = |i: usize| found.as_ref().and_then(|(a, _)| a.column(i));
-            let mut area = [None; Area::COLUMNS.len()];
-            for (i, v) in area.iter_mut().enumerate() {
-                *v = column(2 + i);
-            }
-            let result = ResultRef {
-                row_number: row.row_number,
-                fields: &chunk.text[row.fields.clone()],
-                status: if row.invalid {
-                    RowStatus::Invalid
-                } else {
-                    status(column(0))?
-                },
-                postcode: column(1),
-                distance_m: found.as_ref().map(|(_, d)| *d).filter(|d| !d.is_nan()),
-                area,
-                error: row.error.clone().map(|e| &chunk.text[e]).or(column(PACKED - 1)),
-            };
+            let result = result_row(row.row_number, fields, row.invalid, error, found.as_ref())?;
             if !emit(&result)? {
                 return Ok(());
             }

@@ -66,7 +66,9 @@ pub struct Context {
     pub deleted_jobs: std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
     /// Each import's failure cause (database id → failed rows when read, the
     /// cause): read again only when the number of failed rows changes, as the
-    /// query groups all the import's failed lookups.
+    /// query groups all the import's failed lookups. Dropped when no row has
+    /// failed, on a retry of the failed rows, while the import loads and when
+    /// it is deleted.
     pub failure_causes: std::sync::Mutex<std::collections::HashMap<i64, (i64, Option<String>)>>,
 }
 
@@ -430,6 +432,9 @@ async fn observe(
     }
     let record = ctx.store.import(&plan.uid).await?;
     if record.as_ref().is_none_or(|r| r.phase != ImportPhase::Loaded) {
+        if let Some(r) = &record {
+            ctx.failure_causes.lock().unwrap().remove(&r.id); // a reload starts over
+        }
         o.load = Load::NotLoaded {
             error: record.as_ref().and_then(|r| r.error.clone()),
         };
@@ -454,6 +459,8 @@ async fn observe(
     o.counts = ctx.store.counts(r).await?;
     if o.counts.rows_failed > 0 {
         o.failure_cause = failure_cause(ctx, r.id, o.counts.rows_failed).await?;
+    } else {
+        ctx.failure_causes.lock().unwrap().remove(&r.id);
     }
     o.shard_pending = pending_by_shard(plan.shards, &ctx.store.shard_counts(r.id).await?);
     Ok((o, record))
@@ -509,6 +516,8 @@ async fn act(
                 .await?;
         }
         if d.requeue_failed {
+            // The rows that fail again may fail for another cause, as many of them.
+            ctx.failure_causes.lock().unwrap().remove(&r.id);
             let n = ctx.store.requeue_failed(r.id).await?;
             tracing::info!(import = %imp.name_any(), "{n} failed coordinates requeued");
         }
@@ -699,6 +708,11 @@ fn record_metrics(imp: &PostcodeImport, c: &pipeline::store::Counts, q: &pipelin
 /// nothing was ever created.
 async fn cleanup(imp: Arc<PostcodeImport>, ctx: &Context) -> Result<Action> {
     stop_jobs(&imp, ctx).await?;
+    if let Some(uid) = imp.uid() {
+        if let Some(r) = ctx.store.import(&uid).await? {
+            ctx.failure_causes.lock().unwrap().remove(&r.id);
+        }
+    }
     if !imp.spec.keep_results {
         if let Some(uid) = imp.uid() {
             ctx.store.delete_import(&uid).await?;

@@ -182,7 +182,7 @@ pub fn pod_settings(args: &RunArgs) -> anyhow::Result<PodSettings> {
 
 /// The Kubernetes client of [`Client::try_default`], counting every request
 /// it sends in `postcode_operator_kube_requests_total{verb}` (`get`, `list`,
-/// `watch`, `create`, `patch`, `delete`, …), the operator's cost to the API
+/// `watch`, `create`, `patch`, `delete`, `deletecollection`, …), the operator's cost to the API
 /// server (BENCHMARKS.md, operator cost).
 async fn counted_client() -> anyhow::Result<Client> {
     let config = kube::Config::infer().await?;
@@ -204,27 +204,28 @@ fn kube_verb<B>(req: &http::Request<B>) -> &'static str {
         .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
     match *req.method() {
         http::Method::GET if watch => "watch",
-        http::Method::GET => {
-            // /api/v1/[namespaces/NS/]KIND[/NAME[/SUB]] and the same under
-            // /apis/GROUP/VERSION: a name after the kind is a get, a bare kind a list.
-            let segments: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
-            let prefix = if segments.first() == Some(&"api") { 2 } else { 3 };
-            let mut rest = segments.get(prefix..).unwrap_or_default();
-            if rest.len() >= 3 && rest[0] == "namespaces" {
-                rest = &rest[2..];
-            }
-            if rest.len() >= 2 {
-                "get"
-            } else {
-                "list"
-            }
-        }
+        http::Method::GET if is_collection(req.uri().path()) => "list",
+        http::Method::GET => "get",
         http::Method::POST => "create",
         http::Method::PATCH => "patch",
         http::Method::PUT => "update",
+        http::Method::DELETE if is_collection(req.uri().path()) => "deletecollection",
         http::Method::DELETE => "delete",
         _ => "other",
     }
+}
+
+/// Whether an API path names a collection: /api/v1/[namespaces/NS/]KIND and
+/// the same under /apis/GROUP/VERSION, where a name after the kind (and any
+/// subresource after it) names one object.
+fn is_collection(path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let prefix = if segments.first() == Some(&"api") { 2 } else { 3 };
+    let mut rest = segments.get(prefix..).unwrap_or_default();
+    if rest.len() >= 3 && rest[0] == "namespaces" {
+        rest = &rest[2..];
+    }
+    rest.len() < 2
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -479,5 +480,9 @@ mod tests {
         );
         assert_eq!(verb("POST", "/apis/batch/v1/namespaces/ns/jobs"), "create");
         assert_eq!(verb("DELETE", "/apis/batch/v1/namespaces/ns/jobs/j"), "delete");
+        assert_eq!(
+            verb("DELETE", "/apis/batch/v1/namespaces/ns/jobs"),
+            "deletecollection"
+        );
     }
 }

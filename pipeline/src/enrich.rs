@@ -124,6 +124,7 @@ pub async fn run_shard(
             .keep_answers(cfg.import_id, cfg.shard, cache, now_s())
             .await?;
     }
+    store.settle_shard_tallies(cfg.import_id, cfg.shard).await?;
     Ok(Finish::Done)
 }
 

@@ -39,6 +39,36 @@ impl Store {
         Ok(rows.into_iter().map(ShardCounts::from).collect())
     }
 
+    /// Once the shard has no pending lookup left: when its tallies still count
+    /// pending coordinates, which only a writer that did not keep them can
+    /// cause (an enricher of a version before the tallies, still running
+    /// through an upgrade), they are counted again from its lookups. Returns
+    /// whether they were. One row read when they agree.
+    pub async fn settle_shard_tallies(&self, import_id: i64, shard: i32) -> anyhow::Result<bool> {
+        const PENDING: &str = "SELECT CAST(COALESCE(SUM(coordinates), 0) AS BIGINT) FROM lookup_tallies WHERE import_id = $1 AND shard = $2 AND status = 'pending'";
+        let (pending,): (i64,) =
+            on_pool!(self, p => sqlx::query_as(PENDING).bind(import_id).bind(shard).fetch_one(p).await)?;
+        if pending == 0 {
+            return Ok(false);
+        }
+        // Each statement sees what committed before it (PostgreSQL) or holds
+        // the write lock (SQLite): a save committing meanwhile is counted once.
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            for sql in tallies::RECOUNT_SHARD {
+                sqlx::query(sql).bind(import_id).bind(shard).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        });
+        tracing::warn!(
+            import_id,
+            shard,
+            pending,
+            "shard tallies counted again: they were not kept by every writer"
+        );
+        Ok(true)
+    }
+
     /// Where the import's tallies (which [`Store::counts`] and
     /// [`Store::shard_counts`] read) differ from a recount of its lookups, as
     /// `(shard, status, tallied (coordinates, rows), counted (coordinates,

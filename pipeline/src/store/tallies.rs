@@ -18,6 +18,11 @@
 //! | requeueing failed work | moved from `failed` to `pending` the same way |
 //! | a reload or a deleted import | the import's tallies deleted with its lookups |
 //!
+//! A writer that does not keep them (an enricher of an earlier version, still
+//! running through an upgrade) leaves a shard's tallies counting pending work
+//! that is done; the shard's next enricher finds nothing to claim and counts
+//! them again ([`super::Store::settle_shard_tallies`]).
+//!
 //! A save only changes `pending` lookups (a second answer for a coordinate
 //! finished meanwhile is dropped), so each update moves a coordinate from a
 //! known status. [`super::Store::tally_mismatches`] recounts and compares;

@@ -12,7 +12,7 @@
 //!
 //! | write | how the tallies follow |
 //! |---|---|
-//! | planning a shard (pending lookups) | the shard's tallies recounted under the plan's lock, in the statement that counted the plan |
+//! | planning a shard (pending lookups) | the shard's tallies counted from its new lookups under the plan's lock, in the plan's transaction |
 //! | planning and answering a shard at once | the shard's tallies set from the pass's own counts |
 //! | saving results, reusing kept answers | coordinates moved out of `pending`: on PostgreSQL in the same statement (a CTE over the `UPDATE … RETURNING`, [`pg_moving`]), on SQLite from the rows the `UPDATE … RETURNING` changed ([`Tally`]) |
 //! | requeueing failed work | moved from `failed` to `pending` the same way |
@@ -26,7 +26,7 @@
 //! A save only changes `pending` lookups (a second answer for a coordinate
 //! finished meanwhile is dropped), so each update moves a coordinate from a
 //! known status. [`super::Store::tally_mismatches`] recounts and compares;
-//! the property and fault tests call it after every run.
+//! the fault and store tests call it after every run.
 
 use std::collections::BTreeMap;
 

@@ -205,9 +205,20 @@ launch_bin() {
   local name=$1 path=$2
   shift 2
   "$path" "$@" </dev/null >"$DIR/$name.log" 2>&1 &
-  echo $! >"$DIR/$name.pid"
+  local pid=$! exe i
+  echo "$pid" >"$DIR/$name.pid"
   STARTED+=("$name")
-  log "started $name (pid $!)"
+  # Until it execs, the child is a copy of this shell, whose command line
+  # pid_alive does not recognise: a check in that window (seen on a loaded CI
+  # machine) took a starting component for an exited one. Wait for the exec,
+  # or for the child to go.
+  exe=$(readlink -f "$path")
+  for ((i = 0; i < 400; i++)); do
+    [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == "$exe" ]] && break
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.025
+  done
+  log "started $name (pid $pid)"
 }
 
 cmd_start() {

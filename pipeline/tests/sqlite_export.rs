@@ -1,8 +1,13 @@
-//! The SQLite export's in-memory join gives exactly the `point_results` view's
-//! rows: invalid rows, rows of an unplanned shard, failed and no_match
-//! lookups, answers with commas, quotes and NULLs, shared answers, and an
-//! answer too long to pack (which sends the export back to the view).
+//! The exports' joins give exactly the `point_results` view's rows: invalid
+//! rows, rows of an unplanned shard, failed and no_match lookups, answers with
+//! commas, quotes, tabs, newlines, backslashes and NULLs, shared answers, and
+//! an answer too long to pack. SQLite's in-memory and chunked joins are
+//! compared with its view; PostgreSQL's in-memory join (at budgets that fit,
+//! that fail before reading and that run out while reading) with its
+//! server-side join and with SQLite's rows for the same input.
 #![allow(clippy::too_many_lines)] // the 80-line limit is for non-test code
+
+mod common;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -16,6 +21,7 @@ use pipeline::{
     offline::OfflineIndex,
     retry::RetryPolicy,
     store::{
+        postgres_export::{results_within, PIECE_BYTES},
         sqlite::export::{results, results_by_view, results_in_chunks, JOIN_BUDGET_BYTES},
         ImportRecord, ResultRef, ResultRow, Store,
     },
@@ -76,6 +82,43 @@ async fn loaded(store: &Store, db: &str) -> ImportRecord {
     store.import(&imp.uid).await.unwrap().unwrap()
 }
 
+/// Enriches shard 0 offline (without widesearch, so the far rows end
+/// no_match); shard 1 is never planned.
+async fn enrich_shard_0(store: &Store, imp: &ImportRecord) {
+    let plan = SearchPlan {
+        widesearch: false,
+        ..SearchPlan::default()
+    };
+    let cfg = ShardConfig {
+        import_id: imp.id,
+        shard: 0,
+        plan,
+        retry: RetryPolicy::default(),
+        cache: None,
+        concurrency: None,
+    };
+    assert_eq!(
+        run_shard(store, index(), &cfg, |_| {}).await.unwrap(),
+        Finish::Done
+    );
+}
+
+/// Lookups made to fail, and area values that need quoting or escaping: the
+/// same statements on both databases (`chr` is SQLite's `char`).
+fn damage(chr: &str) -> [String; 2] {
+    [
+        "UPDATE lookups SET status = 'failed', postcode = NULL, distance_m = NULL, outcode = NULL, incode = NULL, \
+         error = 'HTTP 500, \"oops\"' WHERE (lat, lon) IN \
+         (SELECT lat, lon FROM lookups WHERE status = 'enriched' ORDER BY lat, lon LIMIT 3)"
+            .to_string(),
+        format!(
+            "UPDATE lookups SET region = 'London, \"Greater\"', parish = '', \
+             msoa = 'tab' || {chr}(9) || 'back\\slash' || {chr}(10) || 'line' || {chr}(13) \
+             WHERE postcode IN ('T0 0AA', 'T1 1AA')"
+        ),
+    ]
+}
+
 /// The rows one of the export's joins gives, through `join`'s callback.
 fn collect(
     join: impl FnOnce(&mut dyn FnMut(&ResultRef<'_>) -> anyhow::Result<bool>) -> anyhow::Result<()>,
@@ -127,30 +170,12 @@ async fn the_join_in_memory_gives_the_views_rows() {
     let store = Store::connect(&db).await.unwrap();
     store.migrate().await.unwrap();
     let imp = loaded(&store, &db).await;
-    // Shard 0 enriched offline (without widesearch, so the far rows end no_match); shard 1 never planned.
-    let plan = SearchPlan {
-        widesearch: false,
-        ..SearchPlan::default()
-    };
-    let cfg = ShardConfig {
-        import_id: imp.id,
-        shard: 0,
-        plan,
-        retry: RetryPolicy::default(),
-        cache: None,
-        concurrency: None,
-    };
-    assert_eq!(
-        run_shard(&store, index(), &cfg, |_| {}).await.unwrap(),
-        Finish::Done
-    );
+    enrich_shard_0(&store, &imp).await;
     // Some lookups failed, some with area data that needs quoting, sharing one answer.
     let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute_batch(
-        "UPDATE lookups SET status = 'failed', postcode = NULL, distance_m = NULL, outcode = NULL, incode = NULL, error = 'HTTP 500, \"oops\"' WHERE (lat, lon) IN (SELECT lat, lon FROM lookups WHERE status = 'enriched' LIMIT 3);
-         UPDATE lookups SET region = 'London, \"Greater\"', parish = '' WHERE postcode IN ('T0 0AA', 'T1 1AA');",
-    )
-    .unwrap();
+    for sql in damage("char") {
+        conn.execute(&sql, []).unwrap();
+    }
 
     let by_view = assert_every_join_gives_the_views_rows(&db, imp.id);
     assert_eq!(by_view.len(), 600);
@@ -159,7 +184,8 @@ async fn the_join_in_memory_gives_the_views_rows() {
     assert!(by_view
         .iter()
         .any(|r| r.area.region.as_deref() == Some("London, \"Greater\"")
-            && r.area.parish.as_deref() == Some("")));
+            && r.area.parish.as_deref() == Some("")
+            && r.area.msoa.as_deref() == Some("tab\tback\\slash\nline\r")));
     assert!(by_view
         .iter()
         .all(|r| r.row_number >= 1 && r.fields.contains("with \"\"quotes\"\"")));
@@ -179,6 +205,94 @@ async fn the_join_in_memory_gives_the_views_rows() {
         .iter()
         .any(|r| r.error.as_ref().is_some_and(|e| e.len() == 70_000)));
     store.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{db}{suffix}"));
+    }
+}
+
+/// The rows of PostgreSQL's export with a join budget of `budget` bytes, its
+/// copies cut in pieces of `piece_bytes`.
+async fn pg_rows(store: &Store, import_id: i64, budget: usize, piece_bytes: usize) -> Vec<ResultRow> {
+    let Store::Postgres(pool) = store else {
+        panic!("not PostgreSQL")
+    };
+    let mut out = Vec::new();
+    results_within(pool, import_id, budget, piece_bytes, |page: Vec<ResultRow>| {
+        out.extend(page);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    out
+}
+
+/// PostgreSQL's joins (in memory within the budget, by the server beyond it,
+/// and the fall back when the budget runs out mid-read) give the rows
+/// SQLite's view gives for the same input and the same changes.
+#[tokio::test]
+async fn the_postgres_joins_give_sqlites_rows() {
+    let db = temp("pg-reference.db").to_string_lossy().to_string();
+    let sqlite = Store::connect(&db).await.unwrap();
+    sqlite.migrate().await.unwrap();
+    let pg = common::fresh_pg().await;
+    let (s_imp, p_imp) = (loaded(&sqlite, &db).await, loaded(&pg, &db).await);
+    enrich_shard_0(&sqlite, &s_imp).await;
+    enrich_shard_0(&pg, &p_imp).await;
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let Store::Postgres(pool) = &pg else {
+        unreachable!()
+    };
+    for (s_sql, p_sql) in damage("char").into_iter().zip(damage("chr")) {
+        conn.execute(&s_sql, []).unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(p_sql))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+
+    let mut reference = rows_by_view(&db, s_imp.id);
+    for long_error in [false, true] {
+        if long_error {
+            // An error over 64 KiB, a value COPY sends in many messages.
+            let e = "x".repeat(70_000);
+            conn.execute("UPDATE lookups SET error = ?1 WHERE status = 'failed'", [&e])
+                .unwrap();
+            sqlx::query("UPDATE lookups SET error = $1 WHERE status = 'failed'")
+                .bind(&e)
+                .execute(pool)
+                .await
+                .unwrap();
+            reference = rows_by_view(&db, s_imp.id);
+        }
+        assert_eq!(reference.len(), 600);
+        // Budgets: ample; none (the server joins); just over the coordinate
+        // table, so that the answers run out of room while being read.
+        // Pieces: a tuple each (both decoders take lookups and rows, rows
+        // decoded out of turn wait for the ones before), 1,000 bytes, the default.
+        for budget in [JOIN_BUDGET_BYTES, 0, 5_000, 10_000, 20_000, 40_000, 80_000] {
+            for piece_bytes in [1, 1_000, PIECE_BYTES] {
+                assert_eq!(
+                    pg_rows(&pg, p_imp.id, budget, piece_bytes).await,
+                    reference,
+                    "budget {budget}, pieces of {piece_bytes} bytes, long error {long_error}"
+                );
+            }
+        }
+    }
+    assert!(reference
+        .iter()
+        .any(|r| r.area.msoa.as_deref() == Some("tab\tback\\slash\nline\r")));
+    // A sink that fails (a client gone) ends the export with its error, on either join.
+    for budget in [JOIN_BUDGET_BYTES, 0] {
+        let err = results_within(pool, p_imp.id, budget, 1, |_: Vec<ResultRow>| {
+            anyhow::bail!("the client went away")
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(err.to_string(), "the client went away");
+    }
+    sqlite.close().await;
+    pg.close().await;
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{db}{suffix}"));
     }

@@ -3,7 +3,7 @@
 //! LOCKED`, advisory locks, `unnest` arrays) and the bulk paths (`COPY` load,
 //! streamed results). Called by the [`super::Store`] facade only.
 
-use std::{fmt::Write as _, future::Future, sync::LazyLock};
+use std::{future::Future, sync::LazyLock};
 
 use futures::TryStreamExt;
 use sqlx::{postgres::PgPool, Postgres, Transaction};
@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use super::{
     columns,
+    pg_binary::Tuples,
     records::{AnswerColumns, Claim, Claimed, LoadCounts, LoadEnd, LoadStart, ResultRow, Saved, ShardPlan},
     tallies,
 };
@@ -69,75 +70,60 @@ pub(super) async fn load(
     Ok(counts)
 }
 
-/// `COPY`s every row received on `rows` into `points`, in text format, about 1 MiB a message.
+/// `COPY`s every row received on `rows` into `points`, in the binary format
+/// (`pg_binary.rs`), about 1 MiB a message.
 async fn copy_points(
     tx: &mut Transaction<'static, Postgres>,
     id: i64,
     shards: u32,
     rows: &mut mpsc::Receiver<Vec<Row>>,
 ) -> anyhow::Result<LoadCounts> {
-    const COPY: &str = "COPY points (import_id, row_number, line, fields, lat, lon, shard, status, error) FROM STDIN WITH (FORMAT text)";
+    const COPY: &str = "COPY points (import_id, row_number, line, fields, lat, lon, shard, status, error) FROM STDIN (FORMAT binary)";
     let mut counts = LoadCounts::default();
     let mut copy = tx.copy_in_raw(COPY).await?;
-    let mut buf = String::with_capacity(1 << 20);
+    let mut out = Tuples::new((1 << 20) + (1 << 16));
     while let Some(batch) = rows.recv().await {
         for r in &batch {
             counts.rows += 1;
             if r.coordinate.is_err() {
                 counts.invalid += 1;
             }
-            copy_line(&mut buf, id, shards, r);
+            copy_tuple(&mut out, id, shards, r)?;
         }
-        if buf.len() >= 1 << 20 {
-            copy.send(buf.as_bytes()).await?;
-            buf.clear();
+        if out.len() >= 1 << 20 {
+            copy.send(out.take()).await?;
         }
     }
-    if !buf.is_empty() {
-        copy.send(buf.as_bytes()).await?;
-    }
+    copy.send(out.finish()).await?;
     copy.finish().await?;
     Ok(counts)
 }
 
-pub(super) const PG_TEXT_NULL: &str = "\\N";
-
-/// Appends one row of `points` as a `COPY` text-format line.
-fn copy_line(buf: &mut String, id: i64, shards: u32, r: &Row) {
-    let _ = write!(buf, "{id}\t{}\t{}\t", r.row_number, r.line);
-    copy_text(buf, &r.fields);
+/// Appends one row of `points` as a binary `COPY` tuple. Errors: a row or
+/// line number past `BIGINT`.
+fn copy_tuple(out: &mut Tuples, id: i64, shards: u32, r: &Row) -> anyhow::Result<()> {
+    out.tuple(9);
+    out.int8(id);
+    out.int8(i64::try_from(r.row_number)?);
+    out.int8(i64::try_from(r.line)?);
+    out.text(Some(&r.fields));
     match &r.coordinate {
         Ok((lat, lon)) => {
-            let _ = writeln!(
-                buf,
-                "\t{lat}\t{lon}\t{}\t{}\t{PG_TEXT_NULL}",
-                shard_of(*lat, *lon, shards),
-                RowStatus::Pending
-            );
+            out.float8(Some(*lat));
+            out.float8(Some(*lon));
+            out.int4(shard_of(*lat, *lon, shards) as i32);
+            out.text(Some(RowStatus::Pending.as_str()));
+            out.null();
         }
         Err(e) => {
-            let _ = write!(
-                buf,
-                "\t{PG_TEXT_NULL}\t{PG_TEXT_NULL}\t{PG_TEXT_NULL}\t{}\t",
-                RowStatus::Invalid
-            );
-            copy_text(buf, e);
-            buf.push('\n');
+            out.float8(None);
+            out.float8(None);
+            out.null();
+            out.text(Some(RowStatus::Invalid.as_str()));
+            out.text(Some(e));
         }
     }
-}
-
-/// Appends a value to a PostgreSQL COPY text-format line, escaped.
-pub(super) fn copy_text(buf: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => buf.push_str("\\\\"),
-            '\t' => buf.push_str("\\t"),
-            '\n' => buf.push_str("\\n"),
-            '\r' => buf.push_str("\\r"),
-            c => buf.push(c),
-        }
-    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- quota
@@ -379,16 +365,4 @@ pub(super) async fn for_each_result(
         n += 1;
     }
     Ok(n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::copy_text;
-
-    #[test]
-    fn copy_text_escapes_what_copy_would_misread() {
-        let mut s = String::new();
-        copy_text(&mut s, "a\tb\\c\nd\re");
-        assert_eq!(s, "a\\tb\\\\c\\nd\\re");
-    }
 }

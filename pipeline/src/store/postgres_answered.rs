@@ -17,14 +17,13 @@
 //! the next run starts the pass again. With the offline index a shard's pass
 //! takes seconds, so losing one is cheap.
 
-use std::fmt::Write as _;
-
 use futures::TryStreamExt;
 use sqlx::postgres::PgPool;
 use tokio::sync::mpsc;
 
 use super::{
     columns,
+    pg_binary::Tuples,
     records::{AnswerColumns, Claimed, Saved, ShardPlan},
     tallies::{self, Tally},
 };
@@ -67,13 +66,13 @@ pub(super) async fn plan_shard_answered(
         .execute(&mut *tx)
         .await?;
     let (coords_tx, coords_rx) = mpsc::channel(2);
-    let (text_tx, mut text_rx) = mpsc::channel::<String>(2);
+    let (text_tx, mut text_rx) = mpsc::channel::<Vec<u8>>(2);
     let encoder = tokio::task::spawn_blocking(move || encode(import_id, shard, answer, coords_rx, text_tx));
     let read = read_coordinates(pool, import_id, shard, coords_tx);
     let copy = async {
         let mut copy = tx.copy_in_raw(&copy_sql()).await?;
-        while let Some(text) = text_rx.recv().await {
-            copy.send(text.as_bytes()).await?;
+        while let Some(bytes) = text_rx.recv().await {
+            copy.send(bytes).await?;
         }
         copy.finish().await?;
         anyhow::Ok(())
@@ -151,93 +150,88 @@ async fn read_coordinates(
 /// `COPY lookups (import_id, shard, lat, lon, rows, attempts, stage, <answer>) FROM STDIN`.
 fn copy_sql() -> String {
     format!(
-        "COPY lookups (import_id, shard, lat, lon, rows, attempts, stage, {}) FROM STDIN WITH (FORMAT text)",
+        "COPY lookups (import_id, shard, lat, lon, rows, attempts, stage, {}) FROM STDIN (FORMAT binary)",
         columns::ANSWER.join(", ")
     )
 }
 
-/// On a blocking thread: answers each batch and encodes its lookups as `COPY`
-/// text; returns the plan's counts and the shard's tallies.
+/// On a blocking thread: answers each batch and encodes its lookups as
+/// binary `COPY` tuples (`pg_binary.rs`); returns the plan's counts and the
+/// shard's tallies.
 fn encode(
     import_id: i64,
     shard: i32,
     answer: impl Fn(&[Claimed]) -> Vec<Saved>,
     mut batches: mpsc::Receiver<Batch>,
-    out: mpsc::Sender<String>,
+    out: mpsc::Sender<Vec<u8>>,
 ) -> anyhow::Result<(ShardPlan, Tally)> {
     let (mut plan, mut tally) = (ShardPlan::default(), Tally::default());
+    let mut tuples = Tuples::new(BATCH * 200);
     while let Some((coords, rows)) = batches.blocking_recv() {
         let results = answer(&coords);
         anyhow::ensure!(results.len() == coords.len(), "an answer for every coordinate");
         plan.coordinates += coords.len() as i64;
         plan.rows += rows.iter().sum::<i64>();
-        let mut text = String::with_capacity(coords.len() * 160);
         for (s, n) in results.iter().zip(&rows) {
-            push_lookup(&mut text, import_id, shard, *n, s);
+            push_lookup(&mut tuples, import_id, shard, *n, s);
             tally.add(shard, AnswerColumns::of(s).status, 1, *n);
         }
-        if out.blocking_send(text).is_err() {
-            break; // the COPY failed; its error is reported
+        if out.blocking_send(tuples.take()).is_err() {
+            return Ok((plan, tally)); // the COPY failed; its error is reported
         }
     }
+    let _ = out.blocking_send(tuples.finish());
     Ok((plan, tally))
 }
 
-/// Appends one finished lookup as a `COPY` text line.
-fn push_lookup(b: &mut String, import_id: i64, shard: i32, rows: i64, s: &Saved) {
+/// Appends one finished lookup as a binary `COPY` tuple of [`copy_sql`]'s columns.
+fn push_lookup(t: &mut Tuples, import_id: i64, shard: i32, rows: i64, s: &Saved) {
     let c = AnswerColumns::of(s);
-    let stage = c.stage().unwrap_or(Stage::Radius.as_i16());
-    let _ = write!(
-        b,
-        "{import_id}\t{shard}\t{}\t{}\t{rows}\t{}\t{stage}\t{}\t",
-        s.lat,
-        s.lon,
-        s.attempts,
-        c.status.as_str()
-    );
-    push_text(b, c.postcode());
-    b.push('\t');
-    match c.distance_m() {
-        Some(d) => {
-            let _ = write!(b, "{d}");
-        }
-        None => b.push_str(super::postgres::PG_TEXT_NULL),
-    }
-    for v in [c.raw(), c.error]
-        .into_iter()
-        .chain((0..Area::COLUMNS.len()).map(|i| c.area(i)))
-    {
-        b.push('\t');
-        push_text(b, v);
-    }
-    b.push('\n');
-}
-
-/// A text value or `\N`, escaped for `COPY`.
-fn push_text(b: &mut String, v: Option<&str>) {
-    match v {
-        Some(v) => super::postgres::copy_text(b, v),
-        None => b.push_str(super::postgres::PG_TEXT_NULL),
+    t.tuple(7 + columns::ANSWER.len() as i16);
+    t.int8(import_id);
+    t.int4(shard);
+    t.float8(Some(s.lat));
+    t.float8(Some(s.lon));
+    t.int8(rows);
+    t.int4(s.attempts);
+    t.int2(c.stage().unwrap_or(Stage::Radius.as_i16()));
+    t.text(Some(c.status.as_str()));
+    t.text(c.postcode());
+    t.float8(c.distance_m());
+    t.text(c.raw());
+    t.text(c.error);
+    for i in 0..Area::COLUMNS.len() {
+        t.text(c.area(i));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Outcome;
+    use crate::store::{pg_binary, Outcome};
 
     #[test]
-    fn a_line_has_a_value_for_every_copied_column() {
+    fn a_tuple_has_a_value_for_every_copied_column() {
         let s = Saved {
             lat: 51.5,
             lon: -0.25,
             attempts: 0,
             outcome: Outcome::NoMatch,
         };
-        let mut b = String::new();
-        push_lookup(&mut b, 7, 2, 3, &s);
+        let mut t = Tuples::new(0);
+        t.take(); // the header
+        push_lookup(&mut t, 7, 2, 3, &s);
         let columns = copy_sql().matches(", ").count() + 1;
-        assert_eq!(b.trim_end_matches('\n').split('\t').count(), columns);
-        assert!(b.starts_with("7\t2\t51.5\t-0.25\t3\t0\t0\tno_match\t\\N\t\\N\t"));
+        let mut seen = 0;
+        pg_binary::each_tuple(&t.buf, columns, |v| {
+            seen += 1;
+            assert_eq!(pg_binary::integer(v[0])?, 7);
+            assert_eq!((pg_binary::float(v[2])?, pg_binary::float(v[3])?), (51.5, -0.25));
+            assert_eq!(pg_binary::text(v[7])?, Some("no_match"));
+            assert_eq!((v[8], v[9]), (None, None));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, 1);
     }
 }

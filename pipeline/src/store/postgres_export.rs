@@ -1,183 +1,359 @@
 //! [`super::Store::results_in_batches`] on PostgreSQL: the import's rows in
-//! row order, read with `COPY (SELECT … FROM point_results …) TO STDOUT` and
-//! parsed here.
+//! row order with their coordinates' lookups, as `point_results` gives them,
+//! read with `COPY … TO STDOUT (FORMAT binary)` and decoded here.
 //!
-//! Read as a query, 1M rows took about 10 s, most of it in sqlx decoding 24
-//! columns a row (`Row::try_get`, an allocation per text value) while the
-//! server's join took 2–4 s; the join itself spilled (a 16-batch hash join and
-//! an external sort at the default `work_mem` of 4 MiB). Now the server sends
-//! text lines and this parses them in place (borrowing every value that has no
-//! escape), and the join runs with [`WORK_MEM`] in a transaction of its own.
+//! History (issue 17). Read as a query, 1M rows took about 10 s, most of it in
+//! sqlx decoding 24 columns a row while the server's join took 2–4 s. Then the
+//! server sent the joined rows as `COPY` text: a hash join and a sort by row
+//! number that spilled 80 MiB at 1M rows even with [`WORK_MEM`], 2.4 s of
+//! export where SQLite took 1.6 s, all of the client's work on one task.
+//!
+//! Now, as on SQLite, the join is made here when the import's lookups fit
+//! [`JOIN_BUDGET_BYTES`] (`store/joined.rs`): the lookups are copied once into
+//! a hash table, then the points are copied in row order (the primary key's
+//! order: no sort on the server) and joined against it. Both copies read one
+//! snapshot (a `REPEATABLE READ` transaction), so an export during enrichment
+//! is one moment. Larger imports are joined by the server as before. The
+//! copies are binary: the server's text output of a `float8` (shortest
+//! round trip) and its parsing here cost more than the join. The stages
+//! overlap: this task receives the copies' tuples and passes them on in
+//! 256 KiB pieces; two blocking threads decode the pieces (the lookups into two
+//! tables; the rows, joined and gathered into batches: CSV is encoded there);
+//! this task hands the batches to the sink in the rows' order.
 
-use std::borrow::Cow;
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, Ordering::Relaxed},
+        Arc,
+    },
+};
 
 use futures::TryStreamExt;
-use sqlx::postgres::PgPool;
+use sqlx::{postgres::PgPool, PgConnection};
+use tokio::sync::mpsc;
 
 use super::{
     columns,
+    joined::{self, result_row, Answers, JOIN_BUDGET_BYTES},
+    pg_binary::{each_tuple, float, integer, text, SIGNATURE},
     records::{ResultBatch, ResultRef},
 };
 use crate::{lookup::Area, model::RowStatus};
 
-/// `work_mem` of the export's transaction: the hash of the lookups and the
-/// row-order sort in memory (about 85 MiB and 3 × 40 MiB at 1M rows, in the
-/// server's processes); larger imports spill, as before, but in fewer batches.
+/// `work_mem` of the server's join (imports over the join budget): the hash
+/// of the lookups and the row-order sort in memory (about 85 MiB and 3 × 40
+/// MiB at 1M rows, in the server's processes); larger imports spill, but in
+/// fewer batches than at the default 4 MiB.
 const WORK_MEM: &str = "SET LOCAL work_mem = '96MB'";
 
-/// The columns of [`columns::RESULT`]: row_number, fields, status, postcode, distance_m, the area, error.
-const COLUMNS: usize = 5 + Area::COLUMNS.len() + 1;
+/// Bytes of `COPY` output passed to the decoding thread at a time.
+pub const PIECE_BYTES: usize = 256 << 10;
 
-/// [`super::Store::results_in_batches`] on PostgreSQL.
+/// The columns of [`columns::RESULT`]: row_number, fields, status, postcode, distance_m, the area, error.
+const RESULT_COLUMNS: usize = 5 + Area::COLUMNS.len() + 1;
+/// The lookups' columns copied for the join: lat, lon, distance_m, [`columns::PACKED`].
+const LOOKUP_COLUMNS: usize = 3 + joined::PACKED;
+/// The points' columns copied for the join.
+const POINTS: &str = "row_number, fields, status, error, lat, lon";
+
+/// [`super::Store::results_in_batches`] on PostgreSQL: joined here within
+/// [`JOIN_BUDGET_BYTES`], else by the server. Errors: the database's, or
+/// `COPY` output that does not decode.
 pub(super) async fn results_in_batches<B: ResultBatch>(
     pool: &PgPool,
     import_id: i64,
-    mut sink: impl FnMut(B) -> anyhow::Result<()>,
+    sink: impl FnMut(B) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let sql = format!(
-        "COPY ({}) TO STDOUT WITH (FORMAT text)",
-        columns::select_results(&import_id.to_string(), "ORDER BY row_number")
-    );
+    results_within(pool, import_id, JOIN_BUDGET_BYTES, PIECE_BYTES, sink).await
+}
+
+/// Threads that decode a copy's pieces.
+const DECODERS: usize = 2;
+
+/// A piece of a copy's output: whole tuples, numbered in the copy's order.
+type Piece = (u64, Vec<u8>);
+
+/// [`results_in_batches`] with a join budget of `budget` bytes (0: always the
+/// server's join) and pieces of `piece_bytes` (1: a tuple a piece); the tests
+/// compare the joins and the ways of cutting.
+///
+/// The lookups' copy is decoded by [`DECODERS`] threads, each into its own
+/// [`Answers`] (a coordinate is in one of them); the rows' copy by as many,
+/// each piece's rows gathered into batches that are handed to `sink` in the
+/// pieces' order.
+pub async fn results_within<B: ResultBatch>(
+    pool: &PgPool,
+    import_id: i64,
+    budget: usize,
+    piece_bytes: usize,
+    sink: impl FnMut(B) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let mut tx = pool.begin().await?;
-    sqlx::query(WORK_MEM).execute(&mut *tx).await?;
-    let (mut batch, mut unsent) = (B::empty(), false);
-    {
-        let mut stream = tx.copy_out_raw(&sql).await?;
-        let mut carry: Vec<u8> = Vec::new();
-        while let Some(bytes) = stream.try_next().await? {
-            carry.extend_from_slice(&bytes);
-            let Some(last) = carry.iter().rposition(|&b| b == b'\n') else {
-                continue;
-            };
-            for line in carry[..last].split(|&b| b == b'\n') {
-                unsent = !batch.push(&parse_line(line)?.as_ref());
-                if !unsent {
-                    sink(std::mem::replace(&mut batch, B::empty()))?;
-                }
-            }
-            carry.drain(..=last);
-        }
-        anyhow::ensure!(carry.is_empty(), "COPY output ended within a line");
-    }
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT COALESCE(SUM(coordinates), 0)::BIGINT FROM lookup_tallies WHERE import_id = $1",
+    )
+    .bind(import_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let answers = read_answers(&mut tx, import_id, n as usize, budget, piece_bytes).await?;
+    tracing::debug!(
+        fits = answers.is_some(),
+        seconds = started.elapsed().as_secs_f64(),
+        "lookups read for the export"
+    );
+    let sql = if answers.is_some() {
+        format!("SELECT {POINTS} FROM points WHERE import_id = {import_id} ORDER BY row_number")
+    } else {
+        tracing::debug!(
+            budget,
+            lookups = n,
+            "lookups exceed the join budget: the server joins"
+        );
+        sqlx::query(WORK_MEM).execute(&mut *tx).await?;
+        columns::select_results(&import_id.to_string(), "ORDER BY row_number")
+    };
+    copy_rows(&mut tx, &sql, answers, piece_bytes, sink).await?;
     tx.commit().await?;
-    if unsent {
-        sink(batch)?;
-    }
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "export read");
     Ok(())
 }
 
-/// A row's values as parsed from a `COPY` text line (borrowed unless escaped).
-struct Parsed<'a> {
-    row_number: i64,
-    status: RowStatus,
-    distance_m: Option<f64>,
-    texts: [Option<Cow<'a, str>>; COLUMNS],
+/// The import's `n` lookups in [`DECODERS`] tables, or `None` when they would
+/// take more than `budget` bytes (checked before reading, then as read).
+/// Errors: the database's, or output that does not decode.
+async fn read_answers(
+    conn: &mut PgConnection,
+    import_id: i64,
+    n: usize,
+    budget: usize,
+    piece_bytes: usize,
+) -> anyhow::Result<Option<Arc<Vec<Answers>>>> {
+    // Each decoder's share of the table, with room for an uneven split.
+    let share = n / DECODERS + n / 16 + 1;
+    if joined::coordinate_table_bytes(share) > budget / DECODERS {
+        return Ok(None);
+    }
+    let (pieces_tx, pieces) = flume::bounded::<Piece>(8);
+    let readers: Vec<_> = (0..DECODERS)
+        .map(|_| {
+            let pieces = pieces.clone();
+            tokio::task::spawn_blocking(move || read_share(&pieces, share, budget / DECODERS))
+        })
+        .collect();
+    drop(pieces);
+    let copied = copy_pieces(conn, &lookups_sql(import_id), piece_bytes, pieces_tx).await;
+    let mut tables = Vec::with_capacity(DECODERS);
+    for reader in readers {
+        tables.push(reader.await??); // a decoder's error first: it explains the copy's
+    }
+    anyhow::ensure!(copied?, "the export's decoding ended early");
+    let Some(tables) = tables.into_iter().collect::<Option<Vec<Answers>>>() else {
+        return Ok(None);
+    };
+    let (coordinates, answers, areas) = tables
+        .iter()
+        .map(Answers::sizes)
+        .fold((0, 0, 0), |t, s| (t.0 + s.0, t.1 + s.1, t.2 + s.2));
+    tracing::debug!(coordinates, answers, areas, "lookups in memory");
+    Ok(Some(Arc::new(tables)))
 }
 
-impl Parsed<'_> {
-    fn as_ref(&self) -> ResultRef<'_> {
-        let text = |i: usize| self.texts[i].as_deref();
-        let mut area = [None; Area::COLUMNS.len()];
-        for (i, v) in area.iter_mut().enumerate() {
-            *v = text(5 + i);
+/// Copies the rows of `sql` (the points when `answers` holds the lookups, the
+/// server's join otherwise), decodes them on [`DECODERS`] threads and hands
+/// them to `sink` in batches, in the copy's order. Errors: the database's,
+/// `sink`'s, or output that does not decode.
+async fn copy_rows<B: ResultBatch>(
+    conn: &mut PgConnection,
+    sql: &str,
+    answers: Option<Arc<Vec<Answers>>>,
+    piece_bytes: usize,
+    mut sink: impl FnMut(B) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let abort = Arc::new(AtomicBool::new(false));
+    let (pieces_tx, pieces) = flume::bounded::<Piece>(8);
+    let (rows_tx, mut rows) = mpsc::channel::<(u64, Vec<B>)>(8);
+    let decoders: Vec<_> = (0..DECODERS)
+        .map(|_| {
+            let (pieces, rows_tx, abort, answers) =
+                (pieces.clone(), rows_tx.clone(), abort.clone(), answers.clone());
+            tokio::task::spawn_blocking(move || {
+                decode_rows(&pieces, answers.as_deref().map(Vec::as_slice), &rows_tx, &abort)
+                    .inspect_err(|_| abort.store(true, Relaxed))
+            })
+        })
+        .collect();
+    drop((pieces, rows_tx));
+    let copy_sql = format!("COPY ({sql}) TO STDOUT (FORMAT binary)");
+    let copy = copy_pieces(conn, &copy_sql, piece_bytes, pieces_tx);
+    // Owns the receiver: when the sink fails, the decoders' sends fail too.
+    let drain = async move {
+        // Pieces decoded out of turn wait here for the ones before them.
+        let (mut waiting, mut next) = (BTreeMap::new(), 0u64);
+        while let Some((seq, batches)) = rows.recv().await {
+            waiting.insert(seq, batches);
+            while let Some(batches) = waiting.remove(&next) {
+                batches.into_iter().try_for_each(&mut sink)?;
+                next += 1;
+            }
         }
-        ResultRef {
-            row_number: self.row_number,
-            fields: text(1).unwrap_or(""),
-            status: self.status,
-            postcode: text(3),
-            distance_m: self.distance_m,
-            area,
-            error: text(COLUMNS - 1),
+        anyhow::Ok(waiting.is_empty())
+    };
+    let (copied, drained) = tokio::join!(copy, drain);
+    let drained = drained.inspect_err(|_| abort.store(true, Relaxed));
+    let mut decoded = Ok(());
+    for decoder in decoders {
+        decoded = decoded.and(decoder.await?);
+    }
+    // The first cause: a stage that ends early makes the others end too.
+    let drained = drained?;
+    decoded?;
+    anyhow::ensure!(copied? && drained, "the export's copy ended early");
+    Ok(())
+}
+
+fn lookups_sql(import_id: i64) -> String {
+    format!(
+        "COPY (SELECT lat, lon, distance_m, {} FROM lookups WHERE import_id = {import_id}) TO STDOUT (FORMAT binary)",
+        *columns::PACKED
+    )
+}
+
+/// Runs a `COPY … TO STDOUT (FORMAT binary)` and passes its tuples on in
+/// numbered pieces of about `piece_bytes` (the server sends a tuple a
+/// message; the header, which comes with the first, is checked and left
+/// out, as is the end marker). `Ok(false)` when the decoders have gone (they
+/// say why). Errors: the database's, or output that is not the format.
+async fn copy_pieces(
+    conn: &mut PgConnection,
+    sql: &str,
+    piece_bytes: usize,
+    to: flume::Sender<Piece>,
+) -> anyhow::Result<bool> {
+    let mut stream = conn.copy_out_raw(sql).await?;
+    let (mut piece, mut seq) = (Vec::with_capacity(piece_bytes + 4096), 0u64);
+    let (mut header, mut ended) = (false, false);
+    while let Some(bytes) = stream.try_next().await? {
+        let mut bytes = &bytes[..];
+        if !header {
+            anyhow::ensure!(
+                bytes.len() >= 19 && bytes.starts_with(SIGNATURE),
+                "not binary COPY output"
+            );
+            let extension = u32::from_be_bytes(bytes[15..19].try_into()?) as usize;
+            bytes = bytes
+                .get(19 + extension..)
+                .ok_or_else(|| anyhow::anyhow!("a cut COPY header"))?;
+            header = true;
         }
-    }
-}
-
-/// Parses one `COPY` text line of [`columns::RESULT`]'s columns.
-fn parse_line(line: &[u8]) -> anyhow::Result<Parsed<'_>> {
-    let line = std::str::from_utf8(line)?;
-    let mut texts: [Option<Cow<'_, str>>; COLUMNS] = std::array::from_fn(|_| None);
-    let mut fields = line.split('\t');
-    for t in texts.iter_mut() {
-        let v = fields
-            .next()
-            .ok_or_else(|| anyhow::anyhow!("a COPY line with fewer than {COLUMNS} columns"))?;
-        *t = unescape(v);
-    }
-    anyhow::ensure!(
-        fields.next().is_none(),
-        "a COPY line with more than {COLUMNS} columns"
-    );
-    let number = |i: usize| texts[i].as_deref();
-    let row_number: i64 = number(0)
-        .ok_or_else(|| anyhow::anyhow!("a row without a number"))?
-        .parse()?;
-    let status: RowStatus = number(2)
-        .ok_or_else(|| anyhow::anyhow!("a row without a status"))?
-        .parse()?;
-    let distance_m = number(4).map(str::parse::<f64>).transpose()?;
-    Ok(Parsed {
-        row_number,
-        status,
-        distance_m,
-        texts,
-    })
-}
-
-/// A `COPY` text value: `\N` is NULL; backslash escapes decoded.
-fn unescape(v: &str) -> Option<Cow<'_, str>> {
-    if v == "\\N" {
-        return None;
-    }
-    if !v.contains('\\') {
-        return Some(Cow::Borrowed(v));
-    }
-    let mut out = String::with_capacity(v.len());
-    let mut chars = v.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
+        anyhow::ensure!(!ended, "COPY output after its end");
+        if bytes == (-1i16).to_be_bytes() {
+            ended = true;
             continue;
         }
-        match chars.next() {
-            Some('n') => out.push('\n'),
-            Some('t') => out.push('\t'),
-            Some('r') => out.push('\r'),
-            Some('b') => out.push('\u{8}'),
-            Some('f') => out.push('\u{c}'),
-            Some('v') => out.push('\u{b}'),
-            Some(c) => out.push(c), // `\\` and any other escaped character
-            None => out.push('\\'),
+        piece.extend_from_slice(bytes);
+        if piece.len() >= piece_bytes {
+            let full = std::mem::replace(&mut piece, Vec::with_capacity(piece_bytes + 4096));
+            if to.send_async((seq, full)).await.is_err() {
+                return Ok(false);
+            }
+            seq += 1;
         }
     }
-    Some(Cow::Owned(out))
+    anyhow::ensure!(ended, "COPY output without its end");
+    Ok(piece.is_empty() || to.send_async((seq, piece)).await.is_ok())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unescape_reads_what_copy_writes() {
-        assert_eq!(unescape("\\N"), None);
-        assert_eq!(unescape("a,b").as_deref(), Some("a,b"));
-        assert_eq!(unescape("a\\tb\\\\c\\nd\\re").as_deref(), Some("a\tb\\c\nd\re"));
-    }
-
-    #[test]
-    fn a_line_becomes_a_row() {
-        let mut line = String::from("7\t1.5,\"x\\ty\"\tenriched\tAB1 2CD\t12.25");
-        for _ in 0..Area::COLUMNS.len() {
-            line.push_str("\t\\N");
+/// A decoder's share of the lookups: the pieces it takes, in an [`Answers`]
+/// with room for `n` coordinates within `budget` bytes; `None` when they do
+/// not fit (the rest of its pieces are taken and dropped). Errors: output
+/// that does not decode.
+fn read_share(pieces: &flume::Receiver<Piece>, n: usize, budget: usize) -> anyhow::Result<Option<Answers>> {
+    let mut table = Answers::with_capacity(n, budget).expect("checked by the caller");
+    let mut room = true;
+    for (_, piece) in pieces.iter() {
+        if room {
+            each_tuple(&piece, LOOKUP_COLUMNS, |t| {
+                if room {
+                    let coordinate = (float(t[0])?, float(t[1])?);
+                    let distance_m = t[2].map(|_| float(t[2])).transpose()?;
+                    room = table.insert(coordinate, distance_m, |c| text(t[3 + c]))?;
+                }
+                Ok(())
+            })?;
         }
-        line.push_str("\t\\N");
-        let p = parse_line(line.as_bytes()).unwrap();
-        let r = p.as_ref();
-        assert_eq!(r.row_number, 7);
-        assert_eq!(r.fields, "1.5,\"x\ty\"");
-        assert_eq!(r.status, RowStatus::Enriched);
-        assert_eq!(r.postcode, Some("AB1 2CD"));
-        assert_eq!(r.distance_m, Some(12.25));
-        assert_eq!(r.error, None);
     }
+    Ok(room.then_some(table))
+}
+
+/// A decoder of the rows' copy: each piece it takes becomes batches of rows
+/// (joined against `answers`, or as the server joined them when `None`), sent
+/// with the piece's number. Ends when the pieces end, the rows' receiver has
+/// gone or another stage failed (`abort`). Errors: output that does not decode.
+fn decode_rows<B: ResultBatch>(
+    pieces: &flume::Receiver<Piece>,
+    answers: Option<&[Answers]>,
+    rows: &mpsc::Sender<(u64, Vec<B>)>,
+    abort: &AtomicBool,
+) -> anyhow::Result<()> {
+    for (seq, piece) in pieces.iter() {
+        if abort.load(Relaxed) {
+            return Ok(());
+        }
+        let (mut batches, mut batch, mut unsent) = (Vec::new(), B::empty(), false);
+        let mut push = |row: &ResultRef<'_>| {
+            unsent = !batch.push(row);
+            if !unsent {
+                batches.push(std::mem::replace(&mut batch, B::empty()));
+            }
+        };
+        match answers {
+            Some(answers) => each_tuple(&piece, 6, |t| {
+                let found = match (t[4], t[5]) {
+                    (Some(_), Some(_)) => {
+                        let (lat, lon) = (float(t[4])?, float(t[5])?);
+                        answers.iter().find_map(|a| a.get(lat, lon))
+                    }
+                    _ => None,
+                };
+                let invalid = joined::status(text(t[2])?)? == RowStatus::Invalid;
+                let fields = text(t[1])?.unwrap_or("");
+                push(&result_row(
+                    integer(t[0])?,
+                    fields,
+                    invalid,
+                    text(t[3])?,
+                    found.as_ref(),
+                )?);
+                Ok(())
+            })?,
+            None => each_tuple(&piece, RESULT_COLUMNS, |t| {
+                let mut area = [None; Area::COLUMNS.len()];
+                for (i, v) in area.iter_mut().enumerate() {
+                    *v = text(t[5 + i])?;
+                }
+                push(&ResultRef {
+                    row_number: integer(t[0])?,
+                    fields: text(t[1])?.unwrap_or(""),
+                    status: joined::status(text(t[2])?)?,
+                    postcode: text(t[3])?,
+                    distance_m: t[4].map(|_| float(t[4])).transpose()?,
+                    area,
+                    error: text(t[RESULT_COLUMNS - 1])?,
+                });
+                Ok(())
+            })?,
+        }
+        if unsent {
+            batches.push(batch);
+        }
+        if rows.blocking_send((seq, batches)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
 }

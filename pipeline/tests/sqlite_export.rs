@@ -21,7 +21,7 @@ use pipeline::{
     offline::OfflineIndex,
     retry::RetryPolicy,
     store::{
-        postgres_export::{results_within, PIECE_BYTES},
+        postgres_export::{results_within, Join, PIECE_BYTES},
         sqlite::export::{results, results_by_view, results_in_chunks, JOIN_BUDGET_BYTES},
         ImportRecord, ResultRef, ResultRow, Store,
     },
@@ -211,19 +211,19 @@ async fn the_join_in_memory_gives_the_views_rows() {
 }
 
 /// The rows of PostgreSQL's export with a join budget of `budget` bytes, its
-/// copies cut in pieces of `piece_bytes`.
-async fn pg_rows(store: &Store, import_id: i64, budget: usize, piece_bytes: usize) -> Vec<ResultRow> {
+/// copies cut in pieces of `piece_bytes`, and where they were joined.
+async fn pg_rows(store: &Store, import_id: i64, budget: usize, piece_bytes: usize) -> (Vec<ResultRow>, Join) {
     let Store::Postgres(pool) = store else {
         panic!("not PostgreSQL")
     };
     let mut out = Vec::new();
-    results_within(pool, import_id, budget, piece_bytes, |page: Vec<ResultRow>| {
+    let join = results_within(pool, import_id, budget, piece_bytes, |page: Vec<ResultRow>| {
         out.extend(page);
         Ok(())
     })
     .await
     .unwrap();
-    out
+    (out, join)
 }
 
 /// PostgreSQL's joins (in memory within the budget, by the server beyond it,
@@ -253,7 +253,7 @@ async fn the_postgres_joins_give_sqlites_rows() {
     let mut reference = rows_by_view(&db, s_imp.id);
     for long_error in [false, true] {
         if long_error {
-            // An error over 64 KiB, a value COPY sends in many messages.
+            // An error over 64 KiB (packed columns once ended at u16 offsets).
             let e = "x".repeat(70_000);
             conn.execute("UPDATE lookups SET error = ?1 WHERE status = 'failed'", [&e])
                 .unwrap();
@@ -269,15 +269,26 @@ async fn the_postgres_joins_give_sqlites_rows() {
         // table, so that the answers run out of room while being read.
         // Pieces: a tuple each (both decoders take lookups and rows, rows
         // decoded out of turn wait for the ones before), 1,000 bytes, the default.
+        let mut joins = std::collections::HashSet::new();
         for budget in [JOIN_BUDGET_BYTES, 0, 5_000, 10_000, 20_000, 40_000, 80_000] {
             for piece_bytes in [1, 1_000, PIECE_BYTES] {
+                let (rows, join) = pg_rows(&pg, p_imp.id, budget, piece_bytes).await;
                 assert_eq!(
-                    pg_rows(&pg, p_imp.id, budget, piece_bytes).await,
-                    reference,
+                    rows, reference,
                     "budget {budget}, pieces of {piece_bytes} bytes, long error {long_error}"
                 );
+                match budget {
+                    JOIN_BUDGET_BYTES => assert_eq!(join, Join::InMemory),
+                    0 => assert_eq!(join, Join::ServerOverBudget),
+                    _ => {}
+                }
+                joins.insert(join);
             }
         }
+        assert!(
+            joins.contains(&Join::ServerOutOfRoom),
+            "some budget runs out while the lookups are read: {joins:?}"
+        );
     }
     assert!(reference
         .iter()
@@ -290,6 +301,9 @@ async fn the_postgres_joins_give_sqlites_rows() {
         .await
         .unwrap_err();
         assert_eq!(err.to_string(), "the client went away");
+        // The pool's next user finds its connection as new (a copy left
+        // unread would have left messages on it).
+        assert_eq!(pg_rows(&pg, p_imp.id, budget, PIECE_BYTES).await.0, reference);
     }
     sqlite.close().await;
     pg.close().await;

@@ -251,6 +251,14 @@ impl Answers {
         else {
             return Ok(false);
         };
+        if self.coordinates.len() == self.coordinates.capacity() {
+            // More coordinates than room was made for: the table doubles,
+            // the old one held until the new is filled.
+            self.bytes += coordinate_table_bytes(self.coordinates.len() + 1);
+            if self.bytes > self.budget {
+                return Ok(false);
+            }
+        }
         self.coordinates
             .insert(key(lat, lon), (o, a, distance_m.unwrap_or(f64::NAN)));
         Ok(true)

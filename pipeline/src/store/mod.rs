@@ -16,8 +16,10 @@
 //! rows), `uploads.rs`. A statement both dialects read alike is written there
 //! once and run on either pool; what differs is written out in full in
 //! `postgres.rs` and `sqlite.rs` (PostgreSQL's offline plan-and-answer pass in
-//! `postgres_answered.rs` and its `COPY` export in `postgres_export.rs`;
-//! SQLite's bulk paths on rusqlite in `sqlite/bulk.rs` and `sqlite/export.rs`). `records.rs` holds the types read and written,
+//! `postgres_answered.rs`, its `COPY` export in `postgres_export.rs` and the
+//! binary `COPY` format both use in `pg_binary.rs`; SQLite's bulk paths on
+//! rusqlite in `sqlite/bulk.rs` and `sqlite/export.rs`). Both exports join in
+//! memory with `joined.rs`. `records.rs` holds the types read and written,
 //! `columns.rs` the column lists built from [`crate::lookup::Area::COLUMNS`].
 //!
 //! Module dependencies run one way: the facade → the dialects → records, columns.

@@ -30,8 +30,8 @@ use std::{
 };
 
 use futures::TryStreamExt;
-use sqlx::{postgres::PgPool, PgConnection};
-use tokio::sync::mpsc;
+use sqlx::{postgres::PgPool, Connection, PgConnection};
+use tokio::sync::{mpsc, Semaphore};
 
 use super::{
     columns,
@@ -65,32 +65,67 @@ pub(super) async fn results_in_batches<B: ResultBatch>(
     import_id: i64,
     sink: impl FnMut(B) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    results_within(pool, import_id, JOIN_BUDGET_BYTES, PIECE_BYTES, sink).await
+    results_within(pool, import_id, JOIN_BUDGET_BYTES, PIECE_BYTES, sink).await?;
+    Ok(())
 }
 
 /// Threads that decode a copy's pieces.
 const DECODERS: usize = 2;
 
+/// Pieces of the rows' copy between the copy and the sink at most (queued,
+/// being decoded, or decoded and waiting for an earlier piece): about 4 MiB
+/// of copy and 16 batches.
+const PIECES_IN_FLIGHT: usize = 16;
+
 /// A piece of a copy's output: whole tuples, numbered in the copy's order.
 type Piece = (u64, Vec<u8>);
 
+/// Where an export's rows were joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Join {
+    /// Here, against the lookups held in memory.
+    InMemory,
+    /// By the server: the tallies' count of coordinates is over the budget.
+    ServerOverBudget,
+    /// By the server: the lookups were read but their answers ran out of room.
+    ServerOutOfRoom,
+}
+
 /// [`results_in_batches`] with a join budget of `budget` bytes (0: always the
-/// server's join) and pieces of `piece_bytes` (1: a tuple a piece); the tests
-/// compare the joins and the ways of cutting.
+/// server's join) and pieces of `piece_bytes` (1: a tuple a piece); returns
+/// where the rows were joined. The tests compare the joins and the ways of
+/// cutting.
 ///
 /// The lookups' copy is decoded by [`DECODERS`] threads, each into its own
 /// [`Answers`] (a coordinate is in one of them); the rows' copy by as many,
 /// each piece's rows gathered into batches that are handed to `sink` in the
-/// pieces' order.
+/// pieces' order. On an error the connection is closed, not returned to the
+/// pool: a copy left unread would leave its messages for the next user.
 pub async fn results_within<B: ResultBatch>(
     pool: &PgPool,
     import_id: i64,
     budget: usize,
     piece_bytes: usize,
     sink: impl FnMut(B) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Join> {
+    let mut conn = pool.acquire().await?;
+    let joined = export_on(&mut conn, import_id, budget, piece_bytes, sink).await;
+    if joined.is_err() {
+        conn.close_on_drop();
+    }
+    joined
+}
+
+/// [`results_within`] on one connection.
+async fn export_on<B: ResultBatch>(
+    conn: &mut PgConnection,
+    import_id: i64,
+    budget: usize,
+    piece_bytes: usize,
+    sink: impl FnMut(B) -> anyhow::Result<()>,
+) -> anyhow::Result<Join> {
     let started = std::time::Instant::now();
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
@@ -100,43 +135,41 @@ pub async fn results_within<B: ResultBatch>(
     .bind(import_id)
     .fetch_one(&mut *tx)
     .await?;
-    let answers = read_answers(&mut tx, import_id, n as usize, budget, piece_bytes).await?;
+    let (join, answers) = read_answers(&mut tx, import_id, n as usize, budget, piece_bytes).await?;
     tracing::debug!(
-        fits = answers.is_some(),
+        ?join,
         seconds = started.elapsed().as_secs_f64(),
         "lookups read for the export"
     );
     let sql = if answers.is_some() {
         format!("SELECT {POINTS} FROM points WHERE import_id = {import_id} ORDER BY row_number")
     } else {
-        tracing::debug!(
-            budget,
-            lookups = n,
-            "lookups exceed the join budget: the server joins"
-        );
+        tracing::debug!(budget, lookups = n, "the server joins");
         sqlx::query(WORK_MEM).execute(&mut *tx).await?;
         columns::select_results(&import_id.to_string(), "ORDER BY row_number")
     };
     copy_rows(&mut tx, &sql, answers, piece_bytes, sink).await?;
     tx.commit().await?;
     tracing::debug!(seconds = started.elapsed().as_secs_f64(), "export read");
-    Ok(())
+    Ok(join)
 }
 
-/// The import's `n` lookups in [`DECODERS`] tables, or `None` when they would
-/// take more than `budget` bytes (checked before reading, then as read).
-/// Errors: the database's, or output that does not decode.
+/// The import's `n` lookups in [`DECODERS`] tables, each within a share of
+/// `budget` bytes (checked before reading, then as read, the tables' growth
+/// counted); `None` when they do not fit. Errors: the database's, or output
+/// that does not decode.
 async fn read_answers(
     conn: &mut PgConnection,
     import_id: i64,
     n: usize,
     budget: usize,
     piece_bytes: usize,
-) -> anyhow::Result<Option<Arc<Vec<Answers>>>> {
-    // Each decoder's share of the table, with room for an uneven split.
+) -> anyhow::Result<(Join, Option<Arc<Vec<Answers>>>)> {
+    // Each decoder's share of the table, with room for an uneven split (a
+    // decoder that takes more grows its table, and counts the growth).
     let share = n / DECODERS + n / 16 + 1;
     if joined::coordinate_table_bytes(share) > budget / DECODERS {
-        return Ok(None);
+        return Ok((Join::ServerOverBudget, None));
     }
     let (pieces_tx, pieces) = flume::bounded::<Piece>(8);
     let readers: Vec<_> = (0..DECODERS)
@@ -146,27 +179,29 @@ async fn read_answers(
         })
         .collect();
     drop(pieces);
-    let copied = copy_pieces(conn, &lookups_sql(import_id), piece_bytes, pieces_tx).await;
+    let copied = copy_pieces(conn, &lookups_sql(import_id), piece_bytes, pieces_tx, None).await;
     let mut tables = Vec::with_capacity(DECODERS);
     for reader in readers {
         tables.push(reader.await??); // a decoder's error first: it explains the copy's
     }
     anyhow::ensure!(copied?, "the export's decoding ended early");
     let Some(tables) = tables.into_iter().collect::<Option<Vec<Answers>>>() else {
-        return Ok(None);
+        return Ok((Join::ServerOutOfRoom, None));
     };
     let (coordinates, answers, areas) = tables
         .iter()
         .map(Answers::sizes)
         .fold((0, 0, 0), |t, s| (t.0 + s.0, t.1 + s.1, t.2 + s.2));
     tracing::debug!(coordinates, answers, areas, "lookups in memory");
-    Ok(Some(Arc::new(tables)))
+    Ok((Join::InMemory, Some(Arc::new(tables))))
 }
 
 /// Copies the rows of `sql` (the points when `answers` holds the lookups, the
 /// server's join otherwise), decodes them on [`DECODERS`] threads and hands
-/// them to `sink` in batches, in the copy's order. Errors: the database's,
-/// `sink`'s, or output that does not decode.
+/// them to `sink` in batches, in the copy's order, with at most
+/// [`PIECES_IN_FLIGHT`] pieces between the copy and the sink. Errors: the
+/// database's, `sink`'s, a decoder's (a panic included), or output that
+/// does not decode.
 async fn copy_rows<B: ResultBatch>(
     conn: &mut PgConnection,
     sql: &str,
@@ -175,36 +210,49 @@ async fn copy_rows<B: ResultBatch>(
     mut sink: impl FnMut(B) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let abort = Arc::new(AtomicBool::new(false));
-    let (pieces_tx, pieces) = flume::bounded::<Piece>(8);
-    let (rows_tx, mut rows) = mpsc::channel::<(u64, Vec<B>)>(8);
+    // A permit a piece, taken before it is sent and given back when the sink
+    // has its rows; closed when a stage fails, which ends the copy.
+    let room = Arc::new(Semaphore::new(PIECES_IN_FLIGHT));
+    let (pieces_tx, pieces) = flume::bounded::<Piece>(PIECES_IN_FLIGHT);
+    let (rows_tx, mut rows) = mpsc::channel::<(u64, Vec<B>)>(PIECES_IN_FLIGHT);
     let decoders: Vec<_> = (0..DECODERS)
         .map(|_| {
-            let (pieces, rows_tx, abort, answers) =
-                (pieces.clone(), rows_tx.clone(), abort.clone(), answers.clone());
+            let (pieces, rows_tx, answers) = (pieces.clone(), rows_tx.clone(), answers.clone());
+            let mut failed = OnFailure::new(&abort, &room);
             tokio::task::spawn_blocking(move || {
-                decode_rows(&pieces, answers.as_deref().map(Vec::as_slice), &rows_tx, &abort)
-                    .inspect_err(|_| abort.store(true, Relaxed))
+                let decoded = decode_rows(
+                    &pieces,
+                    answers.as_deref().map(Vec::as_slice),
+                    &rows_tx,
+                    &failed.abort,
+                );
+                if decoded.is_ok() {
+                    failed.disarm(); // only an error or a panic stops the others
+                }
+                decoded
             })
         })
         .collect();
     drop((pieces, rows_tx));
     let copy_sql = format!("COPY ({sql}) TO STDOUT (FORMAT binary)");
-    let copy = copy_pieces(conn, &copy_sql, piece_bytes, pieces_tx);
+    let copy = copy_pieces(conn, &copy_sql, piece_bytes, pieces_tx, Some(&room));
     // Owns the receiver: when the sink fails, the decoders' sends fail too.
-    let drain = async move {
-        // Pieces decoded out of turn wait here for the ones before them.
-        let (mut waiting, mut next) = (BTreeMap::new(), 0u64);
-        while let Some((seq, batches)) = rows.recv().await {
-            waiting.insert(seq, batches);
-            while let Some(batches) = waiting.remove(&next) {
-                batches.into_iter().try_for_each(&mut sink)?;
-                next += 1;
+    let drain = {
+        // Dropped when the drain ends: by then the decoders have ended, unless the sink failed.
+        let ended = OnFailure::new(&abort, &room);
+        async move {
+            let room = &ended.room;
+            let mut in_order = InOrder::default();
+            while let Some((seq, batches)) = rows.recv().await {
+                for batches in in_order.put(seq, batches) {
+                    batches.into_iter().try_for_each(&mut sink)?;
+                    room.add_permits(1);
+                }
             }
+            anyhow::Ok(in_order.is_empty())
         }
-        anyhow::Ok(waiting.is_empty())
     };
     let (copied, drained) = tokio::join!(copy, drain);
-    let drained = drained.inspect_err(|_| abort.store(true, Relaxed));
     let mut decoded = Ok(());
     for decoder in decoders {
         decoded = decoded.and(decoder.await?);
@@ -214,6 +262,70 @@ async fn copy_rows<B: ResultBatch>(
     decoded?;
     anyhow::ensure!(copied? && drained, "the export's copy ended early");
     Ok(())
+}
+
+/// Dropped while armed: a stage failed or panicked. Tells the decoders to
+/// stop and closes the copy's room, which ends the copy.
+struct OnFailure {
+    abort: Arc<AtomicBool>,
+    room: Arc<Semaphore>,
+    armed: bool,
+}
+
+impl OnFailure {
+    fn new(abort: &Arc<AtomicBool>, room: &Arc<Semaphore>) -> Self {
+        OnFailure {
+            abort: abort.clone(),
+            room: room.clone(),
+            armed: true,
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for OnFailure {
+    fn drop(&mut self) {
+        if self.armed {
+            self.abort.store(true, Relaxed);
+            self.room.close();
+        }
+    }
+}
+
+/// Items numbered 0, 1, 2, … arriving in any order, given back in order.
+struct InOrder<T> {
+    waiting: BTreeMap<u64, T>,
+    next: u64,
+}
+
+impl<T> Default for InOrder<T> {
+    fn default() -> Self {
+        InOrder {
+            waiting: BTreeMap::new(),
+            next: 0,
+        }
+    }
+}
+
+impl<T> InOrder<T> {
+    /// Adds item `seq`; returns the items now due, in order.
+    fn put(&mut self, seq: u64, item: T) -> Vec<T> {
+        self.waiting.insert(seq, item);
+        let mut due = Vec::new();
+        while let Some(item) = self.waiting.remove(&self.next) {
+            due.push(item);
+            self.next += 1;
+        }
+        due
+    }
+
+    /// No item waits for an earlier one.
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
 }
 
 fn lookups_sql(import_id: i64) -> String {
@@ -233,6 +345,7 @@ async fn copy_pieces(
     sql: &str,
     piece_bytes: usize,
     to: flume::Sender<Piece>,
+    room: Option<&Semaphore>,
 ) -> anyhow::Result<bool> {
     let mut stream = conn.copy_out_raw(sql).await?;
     let (mut piece, mut seq) = (Vec::with_capacity(piece_bytes + 4096), 0u64);
@@ -258,14 +371,26 @@ async fn copy_pieces(
         piece.extend_from_slice(bytes);
         if piece.len() >= piece_bytes {
             let full = std::mem::replace(&mut piece, Vec::with_capacity(piece_bytes + 4096));
-            if to.send_async((seq, full)).await.is_err() {
+            if !send(&to, room, (seq, full)).await {
                 return Ok(false);
             }
             seq += 1;
         }
     }
     anyhow::ensure!(ended, "COPY output without its end");
-    Ok(piece.is_empty() || to.send_async((seq, piece)).await.is_ok())
+    Ok(piece.is_empty() || send(&to, room, (seq, piece)).await)
+}
+
+/// Sends a piece once `room` (if any) has a permit for it; `false` when the
+/// decoders have gone or the room was closed.
+async fn send(to: &flume::Sender<Piece>, room: Option<&Semaphore>, piece: Piece) -> bool {
+    if let Some(room) = room {
+        match room.acquire().await {
+            Ok(permit) => permit.forget(), // given back by the sink
+            Err(_) => return false,
+        }
+    }
+    to.send_async(piece).await.is_ok()
 }
 
 /// A decoder's share of the lookups: the pieces it takes, in an [`Answers`]
@@ -293,7 +418,7 @@ fn read_share(pieces: &flume::Receiver<Piece>, n: usize, budget: usize) -> anyho
 /// A decoder of the rows' copy: each piece it takes becomes batches of rows
 /// (joined against `answers`, or as the server joined them when `None`), sent
 /// with the piece's number. Ends when the pieces end, the rows' receiver has
-/// gone or another stage failed (`abort`). Errors: output that does not decode.
+/// gone or a stage failed (`abort`). Errors: output that does not decode.
 fn decode_rows<B: ResultBatch>(
     pieces: &flume::Receiver<Piece>,
     answers: Option<&[Answers]>,
@@ -356,4 +481,23 @@ fn decode_rows<B: ResultBatch>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_come_back_in_order_whatever_order_they_arrive_in() {
+        let mut in_order = InOrder::default();
+        let mut out = Vec::new();
+        for seq in [3u64, 1, 0, 2, 5, 6, 4, 7] {
+            out.extend(in_order.put(seq, seq));
+            assert_eq!(out, (0..out.len() as u64).collect::<Vec<_>>());
+        }
+        assert_eq!(out, (0..8).collect::<Vec<_>>());
+        assert!(in_order.is_empty());
+        assert!(in_order.put(9, 9).is_empty(), "8 missing: 9 waits");
+        assert!(!in_order.is_empty());
+    }
 }

@@ -47,7 +47,7 @@ use crate::{lookup::Area, model::RowStatus};
 /// fewer batches than at the default 4 MiB.
 const WORK_MEM: &str = "SET LOCAL work_mem = '96MB'";
 
-/// Bytes of `COPY` output passed to the decoding thread at a time.
+/// Bytes of `COPY` output passed to a decoding thread at a time.
 pub const PIECE_BYTES: usize = 256 << 10;
 
 /// The columns of [`columns::RESULT`]: row_number, fields, status, postcode, distance_m, the area, error.

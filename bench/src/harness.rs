@@ -717,7 +717,7 @@ fn shapes_table(ctx: &Ctx, rows: u64, input: &Path, python: &Measured, md: &mut 
         } else {
             python_e2e(ctx, file, &format!("{name}-{tag}"))?.0
         };
-        let same = std::fs::read(&s_out)? == std::fs::read(&p_out)?;
+        let same = files_equal(&s_out, &p_out)?;
         let (r_pg, r_py) = (pg.seconds / sqlite.seconds, sqlite.seconds / script.seconds);
         writeln!(
             md,
@@ -808,7 +808,7 @@ fn memory_section(
     Ok(())
 }
 
-/// Whether two files hold the same bytes, read a block at a time (10M-row outputs are GBs).
+/// Whether two files hold the same bytes, read a block at a time (10M-row outputs are GBs); both end-to-end tables compare outputs with it.
 fn files_equal(a: &Path, b: &Path) -> Result<bool> {
     use std::io::Read;
     let (mut a, mut b) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
